@@ -1,0 +1,76 @@
+use serde::{Deserialize, Serialize};
+
+/// Hyperparameters of a llama-family decoder, named as in a Hugging Face `config.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+impl LlamaConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Number of parameters (embeddings counted once when tied).
+    pub fn n_params(&self) -> usize {
+        let d = self.hidden_size;
+        let hd = self.head_dim();
+        let kv = self.num_key_value_heads * hd;
+        let per_layer = d * d * 2 + d * kv * 2 + 3 * d * self.intermediate_size + 2 * d;
+        let emb = self.vocab_size * d;
+        let head = if self.tie_word_embeddings { 0 } else { emb };
+        emb + head + d + per_layer * self.num_hidden_layers
+    }
+
+    /// Checks the shape rules the model relies on.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.num_key_value_heads == 0
+            || self.num_attention_heads % self.num_key_value_heads != 0
+        {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!("head_dim {} must be even for RoPE", self.head_dim()));
+        }
+        if self.vocab_size == 0 || self.num_hidden_layers == 0 {
+            return Err("vocab_size and num_hidden_layers must be positive".into());
+        }
+        Ok(())
+    }
+}

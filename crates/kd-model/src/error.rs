@@ -1,0 +1,55 @@
+use std::path::PathBuf;
+
+/// Errors from loading or running a model. Every file-related variant names its file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a readable GGUF file: {source}")]
+    Gguf {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+    #[error("{path}: missing metadata field `{field}`")]
+    MissingField { path: PathBuf, field: String },
+    #[error("{path}: field `{field}`: {what}")]
+    BadField {
+        path: PathBuf,
+        field: String,
+        what: String,
+    },
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    TensorShape {
+        path: PathBuf,
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("{path}: unsupported architecture `{arch}` (supported: llama)")]
+    Architecture { path: PathBuf, arch: String },
+    #[error("{path}: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: {source}")]
+    Tokenizer {
+        path: PathBuf,
+        source: kd_tokenizer::Error,
+    },
+    #[error("{path}: no model found (expected a .gguf file or a directory with config.json, *.safetensors and tokenizer.json)")]
+    NotAModel { path: PathBuf },
+    #[error("sequence of {len} tokens exceeds the model's context of {max} tokens")]
+    TooLong { len: usize, max: usize },
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,30 @@
+//! Llama-family models for the distillation pipeline.
+//!
+//! [`load`] opens a teacher from a GGUF file (F32, F16, Q4_0, Q4_1, Q8_0, … as candle reads
+//! them) or from a Hugging Face directory (`config.json`, `*.safetensors`, `tokenizer.json`).
+//! By default weights are dequantized and every product is computed in f32
+//! ([`Precision::Exact`]): the cache must hold the teacher's real distribution, and candle's
+//! quantized CPU kernels quantize activations to 8 bits. [`Llama::prefill`] returns hidden
+//! states at every position of a right-padded batch (scoring and prefill),
+//! [`Llama::step`] decodes one token per row with a [`KvCache`], and [`Llama::logits_at`]
+//! applies the output head only where logits are needed.
+//!
+//! ```no_run
+//! use kd_model::{load, Precision};
+//! let m = load("data/models/SmolLM2-135M-Instruct.Q4_1.gguf".as_ref(), Precision::Exact,
+//!              &candle_core::Device::Cpu).unwrap();
+//! let ids = m.tokenizer.encode("The capital of France is", false);
+//! let (hidden, _) = m.model.prefill(&[&ids], false).unwrap();
+//! let logits = m.model.logits_at(&hidden, &[(0, ids.len() - 1)]).unwrap();
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod llama;
+pub mod loader;
+pub mod testing;
+
+pub use config::LlamaConfig;
+pub use error::{Error, Result};
+pub use llama::{KvCache, Layer, Linear, Llama, log_softmax_f64, top_k};
+pub use loader::{LoadedModel, ModelIdentity, Precision, load, sha256_file};

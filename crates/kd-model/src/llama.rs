@@ -1,0 +1,353 @@
+//! The inference-side llama decoder: full-sequence hidden states for scoring and prefill,
+//! and a batched KV cache for decoding rows of different lengths without padding artefacts.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::error::Result;
+
+/// A linear map `y = x Wᵀ`: dense f32 (exact) or candle's quantized kernel (approximate:
+/// activations are quantized to 8 bits inside its CPU dot products).
+pub enum Linear {
+    Dense(Tensor),
+    Quant(QMatMul),
+}
+
+impl Linear {
+    /// `x` is `[n, in]`, the result `[n, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Dense(w) => x.matmul(&w.t()?)?,
+            Linear::Quant(q) => q.forward(x)?,
+        })
+    }
+}
+
+pub struct Layer {
+    pub attn_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub ffn_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// A llama-family decoder ready for inference.
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    /// `[vocab, hidden]` f32 embedding table.
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+    /// Whether q/k use the interleaved (GGUF) or the half-split (Hugging Face) RoPE layout.
+    pub rope_interleaved: bool,
+    cos: Tensor,
+    sin: Tensor,
+    pub device: Device,
+}
+
+/// Per-layer keys and values for a batch of rows, plus what is valid in each row.
+///
+/// After a right-padded prefill to length `gap_end`, row `b` holds real tokens in
+/// `[0, valid[b])` and padding in `[valid[b], gap_end)`; every decoded token is appended after
+/// `gap_end` for all rows. The padding slots are masked out of attention, so a row's results
+/// do not depend on which other rows share its batch.
+pub struct KvCache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    valid: Vec<usize>,
+    gap_end: usize,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn batch_size(&self) -> usize {
+        self.valid.len()
+    }
+
+    /// Position (RoPE index) of the next token of row `b`.
+    pub fn next_position(&self, b: usize) -> usize {
+        self.valid[b] + (self.len - self.gap_end)
+    }
+
+    /// Keeps only the given rows (in that order), e.g. after some rows finished.
+    pub fn retain_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.len() == self.valid.len() && rows.iter().enumerate().all(|(i, &r)| i == r) {
+            return Ok(());
+        }
+        let dev = match self.kv.iter().flatten().next() {
+            Some((k, _)) => k.device().clone(),
+            None => Device::Cpu,
+        };
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            &dev,
+        )?;
+        for slot in self.kv.iter_mut().flatten() {
+            slot.0 = slot.0.index_select(&idx, 0)?;
+            slot.1 = slot.1.index_select(&idx, 0)?;
+        }
+        self.valid = rows.iter().map(|&r| self.valid[r]).collect();
+        Ok(())
+    }
+}
+
+impl Llama {
+    pub fn new(
+        cfg: LlamaConfig,
+        embed: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: Linear,
+        rope_interleaved: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = cfg.head_dim() / 2;
+        let max = cfg.max_position_embeddings;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32)
+            .collect();
+        let mut cos = Vec::with_capacity(max * half);
+        let mut sin = Vec::with_capacity(max * half);
+        for p in 0..max {
+            for &f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max, half), device)?;
+        let sin = Tensor::from_vec(sin, (max, half), device)?;
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope_interleaved,
+            cos,
+            sin,
+            device: device.clone(),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn check_ids(&self, rows: &[&[u32]]) -> Result<()> {
+        for r in rows {
+            if r.len() > self.max_len() {
+                return Err(crate::Error::TooLong {
+                    len: r.len(),
+                    max: self.max_len(),
+                });
+            }
+            if let Some(&id) = r.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                return Err(crate::Error::TokenOutOfRange {
+                    id,
+                    vocab: self.cfg.vocab_size,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a right-padded batch of whole sequences and returns the final-norm hidden states
+    /// `[batch, max_len, hidden]`. With `cache`, fills a new KV cache for decoding.
+    pub fn prefill(&self, rows: &[&[u32]], want_cache: bool) -> Result<(Tensor, Option<KvCache>)> {
+        self.check_ids(rows)?;
+        let b = rows.len();
+        let l = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+        let mut ids = Vec::with_capacity(b * l);
+        let mut pos = Vec::with_capacity(b * l);
+        let mut mask = vec![0f32; b * l * l];
+        for (bi, r) in rows.iter().enumerate() {
+            for t in 0..l {
+                ids.push(r.get(t).copied().unwrap_or(0));
+                pos.push(t as u32);
+                for j in 0..l {
+                    if j > t || j >= r.len() {
+                        mask[(bi * l + t) * l + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let ids = Tensor::from_vec(ids, (b, l), &self.device)?;
+        let pos = Tensor::from_vec(pos, b * l, &self.device)?;
+        let mask = Tensor::from_vec(mask, (b, 1, l, l), &self.device)?;
+        let mut cache = want_cache.then(|| KvCache {
+            kv: (0..self.layers.len()).map(|_| None).collect(),
+            valid: rows.iter().map(|r| r.len()).collect(),
+            gap_end: l,
+            len: 0,
+        });
+        let h = self.forward(&ids, &pos, &mask, cache.as_mut())?;
+        if let Some(c) = cache.as_mut() {
+            c.len = l;
+        }
+        Ok((h, cache))
+    }
+
+    /// Decodes one token per row; returns the final-norm hidden states `[batch, hidden]`.
+    pub fn step(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Tensor> {
+        let b = tokens.len();
+        assert_eq!(b, cache.batch_size(), "one token per cached row");
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(crate::Error::TokenOutOfRange {
+                id,
+                vocab: self.cfg.vocab_size,
+            });
+        }
+        let lk = cache.len + 1;
+        let pos: Vec<u32> = (0..b).map(|r| cache.next_position(r) as u32).collect();
+        if let Some(&p) = pos.iter().max()
+            && p as usize >= self.max_len()
+        {
+            return Err(crate::Error::TooLong {
+                len: p as usize + 1,
+                max: self.max_len(),
+            });
+        }
+        let mut mask = vec![0f32; b * lk];
+        for r in 0..b {
+            for j in cache.valid[r]..cache.gap_end {
+                mask[r * lk + j] = f32::NEG_INFINITY;
+            }
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
+        let pos = Tensor::from_vec(pos, b, &self.device)?;
+        let mask = Tensor::from_vec(mask, (b, 1, 1, lk), &self.device)?;
+        let h = self.forward(&ids, &pos, &mask, Some(cache))?;
+        cache.len = lk;
+        Ok(h.squeeze(1)?)
+    }
+
+    /// `ids` `[b, l]`, `pos` `[b*l]` RoPE positions, `mask` `[b, 1, l, lk]` additive.
+    fn forward(
+        &self,
+        ids: &Tensor,
+        pos: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+        let rep = nh / nkv;
+        let eps = cfg.rms_norm_eps as f32;
+        let cos = self.cos.index_select(pos, 0)?.reshape((b, l, hd / 2))?;
+        let sin = self.sin.index_select(pos, 0)?.reshape((b, l, hd / 2))?;
+        let lk = mask.dim(3)?;
+        // Queries of the `rep` heads sharing one kv head are stacked along the row axis, so the
+        // mask is repeated to match: [b, 1, rep*l, lk].
+        let mask = if rep > 1 {
+            mask.repeat((1, 1, rep, 1))?
+        } else {
+            mask.clone()
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*l, d]
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let q = layer.q.forward(&h)?;
+            let k = layer.k.forward(&h)?;
+            let v = layer.v.forward(&h)?;
+            let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let (q, k) = if self.rope_interleaved {
+                (
+                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+                )
+            } else {
+                (
+                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                )
+            };
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => {
+                    let kv = match c.kv[li].take() {
+                        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                        None => (k, v),
+                    };
+                    c.kv[li] = Some(kv.clone());
+                    kv
+                }
+                None => (k, v),
+            };
+            debug_assert_eq!(k.dim(2)?, lk);
+            // [b, nkv, rep*l, hd] x [b, nkv, hd, lk]
+            let q = q.reshape((b, nkv, rep * l, hd))?;
+            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&v)?; // [b, nkv, rep*l, hd]
+            let y = y
+                .reshape((b, nh, l, hd))?
+                .transpose(1, 2)?
+                .reshape((b * l, nh * hd))?;
+            x = (x + layer.o.forward(&y)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let g = layer.gate.forward(&h)?;
+            let u = layer.up.forward(&h)?;
+            let m = (candle_nn::ops::silu(&g)? * u)?;
+            x = (x + layer.down.forward(&m)?)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        Ok(x.reshape((b, l, cfg.hidden_size))?)
+    }
+
+    /// Logits `[n, vocab]` (f32) for hidden states `[n, hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// Logits for selected positions: `sel` holds `(row, position)` pairs into a
+    /// `[batch, len, hidden]` prefill output. Returns `[sel.len(), vocab]`.
+    pub fn logits_at(&self, hidden: &Tensor, sel: &[(usize, usize)]) -> Result<Tensor> {
+        let (_, l, d) = hidden.dims3()?;
+        let flat = hidden.reshape(((), d))?;
+        let idx: Vec<u32> = sel.iter().map(|&(r, t)| (r * l + t) as u32).collect();
+        let idx = Tensor::from_vec(idx, sel.len(), &self.device)?;
+        self.logits(&flat.index_select(&idx, 0)?)
+    }
+}
+
+/// Log-softmax of one row of logits in f64 (the teacher's exact T=1 log-probabilities).
+pub fn log_softmax_f64(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+    let lse = max + sum.ln();
+    logits.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// The `k` largest entries of `logprobs` as `(id, value)`, sorted by value descending, ties by
+/// smaller id first (deterministic).
+pub fn top_k(logprobs: &[f64], k: usize) -> Vec<(u32, f64)> {
+    let k = k.min(logprobs.len());
+    let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
+    let cmp = |a: &u32, b: &u32| {
+        logprobs[*b as usize]
+            .total_cmp(&logprobs[*a as usize])
+            .then(a.cmp(b))
+    };
+    if k < idx.len() && k > 0 {
+        idx.select_nth_unstable_by(k - 1, cmp);
+        idx.truncate(k);
+    }
+    idx.sort_by(cmp);
+    idx.truncate(k);
+    idx.into_iter().map(|i| (i, logprobs[i as usize])).collect()
+}
+

@@ -1,0 +1,430 @@
+//! Loading a llama-family model from a GGUF file or a Hugging Face directory.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QMatMul, gguf_file};
+use candle_core::{DType, Device, Tensor};
+use kd_tokenizer::Tokenizer;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::llama::{Layer, Linear, Llama};
+
+/// How the teacher computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// f32 arithmetic on dequantized weights: the teacher's real distribution (default).
+    Exact,
+    /// candle's quantized kernels on the GGUF blocks. Faster, but activations are quantized to
+    /// 8 bits inside each dot product, which moves log-probs (see the README for measured error).
+    Quantized,
+}
+
+/// What identifies a loaded model: recorded in manifests so a cache names its teacher.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelIdentity {
+    pub architecture: String,
+    pub format: String,
+    pub path: String,
+    pub weights_sha256: String,
+    pub file_type: Option<String>,
+    pub n_params: usize,
+    pub config: LlamaConfig,
+    pub precision: Precision,
+}
+
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub identity: ModelIdentity,
+}
+
+/// Loads a model from a `.gguf` file or a directory with `config.json`, `*.safetensors` and
+/// `tokenizer.json`.
+pub fn load(path: &Path, precision: Precision, device: &Device) -> Result<LoadedModel> {
+    if path.is_dir() {
+        load_hf_dir(path, precision, device)
+    } else if path.exists() {
+        load_gguf(path, precision, device)
+    } else {
+        Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        })
+    }
+}
+
+/// Streaming sha256 of a file, lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads only the GGUF header (metadata and tensor index).
+pub fn read_gguf_header(path: &Path) -> Result<gguf_file::Content> {
+    let mut f = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    gguf_file::Content::read(&mut f).map_err(|source| Error::Gguf {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn meta<'a>(c: &'a gguf_file::Content, path: &Path, key: &str) -> Result<&'a gguf_file::Value> {
+    c.metadata.get(key).ok_or_else(|| Error::MissingField {
+        path: path.to_path_buf(),
+        field: key.to_string(),
+    })
+}
+
+fn meta_usize(c: &gguf_file::Content, path: &Path, key: &str) -> Result<usize> {
+    let v = meta(c, path, key)?;
+    v.to_u64()
+        .or_else(|_| v.to_u32().map(u64::from))
+        .or_else(|_| v.to_i32().map(|x| x.max(0) as u64))
+        .map(|x| x as usize)
+        .map_err(|e| Error::BadField {
+            path: path.to_path_buf(),
+            field: key.to_string(),
+            what: e.to_string(),
+        })
+}
+
+fn meta_f64(c: &gguf_file::Content, path: &Path, key: &str) -> Result<f64> {
+    let v = meta(c, path, key)?;
+    v.to_f32()
+        .map(f64::from)
+        .or_else(|_| v.to_f64())
+        .map_err(|e| Error::BadField {
+            path: path.to_path_buf(),
+            field: key.to_string(),
+            what: e.to_string(),
+        })
+}
+
+/// The llama hyperparameters stored in a GGUF header.
+pub fn gguf_config(c: &gguf_file::Content, path: &Path) -> Result<LlamaConfig> {
+    let arch = meta(c, path, "general.architecture")?
+        .to_string()
+        .map_err(|e| Error::BadField {
+            path: path.to_path_buf(),
+            field: "general.architecture".into(),
+            what: e.to_string(),
+        })?
+        .clone();
+    if arch != "llama" {
+        return Err(Error::Architecture {
+            path: path.to_path_buf(),
+            arch,
+        });
+    }
+    let p = "llama.";
+    let vocab_size = match meta_usize(c, path, "llama.vocab_size") {
+        Ok(v) => v,
+        Err(_) => meta(c, path, "tokenizer.ggml.tokens")?
+            .to_vec()
+            .map(|v| v.len())
+            .unwrap_or(0),
+    };
+    let hidden = meta_usize(c, path, &format!("{p}embedding_length"))?;
+    let heads = meta_usize(c, path, &format!("{p}attention.head_count"))?;
+    let cfg = LlamaConfig {
+        vocab_size,
+        hidden_size: hidden,
+        intermediate_size: meta_usize(c, path, &format!("{p}feed_forward_length"))?,
+        num_hidden_layers: meta_usize(c, path, &format!("{p}block_count"))?,
+        num_attention_heads: heads,
+        num_key_value_heads: meta_usize(c, path, &format!("{p}attention.head_count_kv"))
+            .unwrap_or(heads),
+        rms_norm_eps: meta_f64(c, path, &format!("{p}attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-5),
+        rope_theta: meta_f64(c, path, &format!("{p}rope.freq_base")).unwrap_or(10000.0),
+        max_position_embeddings: meta_usize(c, path, &format!("{p}context_length"))
+            .unwrap_or(2048),
+        tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
+        bos_token_id: meta_usize(c, path, "tokenizer.ggml.bos_token_id")
+            .ok()
+            .map(|x| x as u32),
+        eos_token_id: meta_usize(c, path, "tokenizer.ggml.eos_token_id")
+            .ok()
+            .map(|x| serde_json::json!(x)),
+    };
+    cfg.validate().map_err(|what| Error::BadField {
+        path: path.to_path_buf(),
+        field: "llama.*".into(),
+        what,
+    })?;
+    Ok(cfg)
+}
+
+fn load_gguf(path: &Path, precision: Precision, device: &Device) -> Result<LoadedModel> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let content = gguf_file::Content::read(&mut f).map_err(|source| Error::Gguf {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let cfg = gguf_config(&content, path)?;
+    let tokenizer = Tokenizer::from_gguf(&content).map_err(|source| Error::Tokenizer {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut get = |name: &str, expected: &[usize]| -> Result<candle_core::quantized::QTensor> {
+        if !content.tensor_infos.contains_key(name) {
+            return Err(Error::MissingTensor {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+            });
+        }
+        let t = content
+            .tensor(&mut f, name, device)
+            .map_err(|source| Error::Gguf {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let found = t.shape().dims().to_vec();
+        if found != expected {
+            return Err(Error::TensorShape {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+                found,
+                expected: expected.to_vec(),
+            });
+        }
+        Ok(t)
+    };
+    let lin = |t: candle_core::quantized::QTensor| -> Result<Linear> {
+        Ok(match precision {
+            Precision::Quantized if !matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16) => {
+                Linear::Quant(QMatMul::from_qtensor(t)?)
+            }
+            _ => Linear::Dense(t.dequantize(device)?),
+        })
+    };
+    let d = cfg.hidden_size;
+    let kvd = cfg.num_key_value_heads * cfg.head_dim();
+    let ff = cfg.intermediate_size;
+    let v = cfg.vocab_size;
+    let embed_q = get("token_embd.weight", &[v, d])?;
+    let embed = embed_q.dequantize(device)?;
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let n = |s: &str| format!("blk.{i}.{s}.weight");
+        layers.push(Layer {
+            attn_norm: get(&n("attn_norm"), &[d])?.dequantize(device)?,
+            q: lin(get(&n("attn_q"), &[d, d])?)?,
+            k: lin(get(&n("attn_k"), &[kvd, d])?)?,
+            v: lin(get(&n("attn_v"), &[kvd, d])?)?,
+            o: lin(get(&n("attn_output"), &[d, d])?)?,
+            ffn_norm: get(&n("ffn_norm"), &[d])?.dequantize(device)?,
+            gate: lin(get(&n("ffn_gate"), &[ff, d])?)?,
+            up: lin(get(&n("ffn_up"), &[ff, d])?)?,
+            down: lin(get(&n("ffn_down"), &[d, ff])?)?,
+        });
+    }
+    let norm = get("output_norm.weight", &[d])?.dequantize(device)?;
+    let lm_head = if cfg.tie_word_embeddings {
+        lin(embed_q)?
+    } else {
+        lin(get("output.weight", &[v, d])?)?
+    };
+    let file_type = content
+        .metadata
+        .get("general.file_type")
+        .and_then(|v| v.to_u32().ok())
+        .map(file_type_name);
+    let identity = ModelIdentity {
+        architecture: "llama".into(),
+        format: "gguf".into(),
+        path: path.display().to_string(),
+        weights_sha256: sha256_file(path)?,
+        file_type,
+        n_params: cfg.n_params(),
+        config: cfg.clone(),
+        precision,
+    };
+    let model = Llama::new(cfg, embed, layers, norm, lm_head, true, device)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        identity,
+    })
+}
+
+fn file_type_name(t: u32) -> String {
+    match t {
+        0 => "F32".into(),
+        1 => "F16".into(),
+        2 => "Q4_0".into(),
+        3 => "Q4_1".into(),
+        7 => "Q8_0".into(),
+        8 => "Q5_0".into(),
+        9 => "Q5_1".into(),
+        other => format!("type-{other}"),
+    }
+}
+
+/// The safetensors files of a Hugging Face directory, sorted by name.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Reads `config.json` of a Hugging Face directory.
+pub fn read_hf_config(dir: &Path) -> Result<LlamaConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.clone(),
+        source,
+    })?;
+    if let Some(mt) = v.get("model_type").and_then(|m| m.as_str())
+        && mt != "llama"
+    {
+        return Err(Error::Architecture {
+            path,
+            arch: mt.to_string(),
+        });
+    }
+    let cfg: LlamaConfig = serde_json::from_value(v).map_err(|source| Error::Json {
+        path: path.clone(),
+        source,
+    })?;
+    cfg.validate().map_err(|what| Error::BadField {
+        path,
+        field: "config".into(),
+        what,
+    })?;
+    Ok(cfg)
+}
+
+/// Loads every tensor of a Hugging Face directory as f32.
+pub fn load_hf_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let files = safetensors_files(dir)?;
+    if files.is_empty() {
+        return Err(Error::NotAModel {
+            path: dir.to_path_buf(),
+        });
+    }
+    let mut all = HashMap::new();
+    for f in &files {
+        let ts = candle_core::safetensors::load(f, device).map_err(|source| Error::Gguf {
+            path: f.clone(),
+            source,
+        })?;
+        for (k, t) in ts {
+            all.insert(k, t.to_dtype(DType::F32)?);
+        }
+    }
+    Ok(all)
+}
+
+fn load_hf_dir(dir: &Path, precision: Precision, device: &Device) -> Result<LoadedModel> {
+    let cfg = read_hf_config(dir)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_tokenizer_json(&tok_path).map_err(|source| Error::Tokenizer {
+        path: tok_path.clone(),
+        source,
+    })?;
+    let mut ts = load_hf_tensors(dir, device)?;
+    let mut take = |name: &str, expected: &[usize]| -> Result<Tensor> {
+        let t = ts.remove(name).ok_or_else(|| Error::MissingTensor {
+            path: dir.to_path_buf(),
+            name: name.to_string(),
+        })?;
+        if t.dims() != expected {
+            return Err(Error::TensorShape {
+                path: dir.to_path_buf(),
+                name: name.to_string(),
+                found: t.dims().to_vec(),
+                expected: expected.to_vec(),
+            });
+        }
+        Ok(t)
+    };
+    let d = cfg.hidden_size;
+    let kvd = cfg.num_key_value_heads * cfg.head_dim();
+    let ff = cfg.intermediate_size;
+    let v = cfg.vocab_size;
+    let embed = take("model.embed_tokens.weight", &[v, d])?;
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let mut dense = |n: &str, shape: &[usize]| take(&format!("{p}.{n}.weight"), shape);
+        layers.push(Layer {
+            attn_norm: dense("input_layernorm", &[d])?,
+            q: Linear::Dense(dense("self_attn.q_proj", &[d, d])?),
+            k: Linear::Dense(dense("self_attn.k_proj", &[kvd, d])?),
+            v: Linear::Dense(dense("self_attn.v_proj", &[kvd, d])?),
+            o: Linear::Dense(dense("self_attn.o_proj", &[d, d])?),
+            ffn_norm: dense("post_attention_layernorm", &[d])?,
+            gate: Linear::Dense(dense("mlp.gate_proj", &[ff, d])?),
+            up: Linear::Dense(dense("mlp.up_proj", &[ff, d])?),
+            down: Linear::Dense(dense("mlp.down_proj", &[d, ff])?),
+        });
+    }
+    let norm = take("model.norm.weight", &[d])?;
+    let lm_head = if cfg.tie_word_embeddings {
+        Linear::Dense(embed.clone())
+    } else {
+        Linear::Dense(take("lm_head.weight", &[v, d])?)
+    };
+    let mut h = Sha256::new();
+    for f in safetensors_files(dir)? {
+        h.update(sha256_file(&f)?.as_bytes());
+    }
+    let identity = ModelIdentity {
+        architecture: "llama".into(),
+        format: "safetensors".into(),
+        path: dir.display().to_string(),
+        weights_sha256: hex(&h.finalize()),
+        file_type: None,
+        n_params: cfg.n_params(),
+        config: cfg.clone(),
+        precision,
+    };
+    let model = Llama::new(cfg, embed, layers, norm, lm_head, false, device)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        identity,
+    })
+}

@@ -1,0 +1,211 @@
+//! Atomic publication of files and streaming hashes.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// The temporary name a file is written under before it is renamed into place:
+/// `<final>.tmp-<pid>`, in the same directory so that the rename cannot cross filesystems.
+pub fn tmp_path(final_path: &Path) -> PathBuf {
+    let mut name = final_path.as_os_str().to_owned();
+    name.push(format!(".tmp-{}", std::process::id()));
+    PathBuf::from(name)
+}
+
+/// Lower-case hex of a byte string.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Hex sha256 of the whole file, read in 1 MiB chunks (never the whole file in memory).
+pub fn hash_file(path: &Path) -> Result<String> {
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// Hex sha256 of a byte string.
+pub fn hash_bytes(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// A writer that hashes and counts what passes through it.
+pub(crate) struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub(crate) fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            len: 0,
+        }
+    }
+
+    /// The inner writer, the hex sha256 and the byte count of everything written.
+    pub(crate) fn finish(self) -> (W, String, u64) {
+        (self.inner, hex(&self.hasher.finalize()), self.len)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// fsync a directory so that a rename inside it is durable. A no-op where directories
+/// cannot be opened (non-Unix).
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        let d = File::open(dir).map_err(|e| Error::io(dir, e))?;
+        d.sync_all().map_err(|e| Error::io(dir, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Writes `final_path` atomically: `fill` writes into `<final>.tmp-<pid>`, which is then
+/// flushed, fsynced, renamed over `final_path`, and the directory fsynced. Readers see either
+/// the old file (or none) or the complete new one. On error the temporary file is removed.
+///
+/// `fill` receives a buffered file; its error is returned as is.
+pub(crate) fn write_atomic<T>(
+    final_path: &Path,
+    fill: impl FnOnce(BufWriter<File>) -> Result<(BufWriter<File>, T)>,
+) -> Result<T> {
+    let dir = match final_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let tmp = tmp_path(final_path);
+    let result = (|| {
+        let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let (w, out) = fill(BufWriter::with_capacity(1 << 20, f))?;
+        let f = w
+            .into_inner()
+            .map_err(|e| Error::io(&tmp, e.into_error()))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        drop(f);
+        std::fs::rename(&tmp, final_path).map_err(|e| Error::io(final_path, e))?;
+        Ok(out)
+    })();
+    match result {
+        Ok(out) => {
+            fsync_dir(&dir)?;
+            Ok(out)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Checks that a shard's `file` is a plain relative path below the manifest directory
+/// (no root, no `..`, no empty name) and returns it joined onto `dir`.
+pub(crate) fn safe_join(dir: &Path, file: &str) -> Result<PathBuf> {
+    let rel = Path::new(file);
+    let bad = |what: &str| Error::InvalidPath {
+        path: dir.join(file),
+        what: what.to_string(),
+    };
+    if file.is_empty() {
+        return Err(bad("empty file name"));
+    }
+    if file.contains('\\') {
+        return Err(bad("use '/' as the separator"));
+    }
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) => {}
+            Component::CurDir => return Err(bad("'.' component")),
+            Component::ParentDir => return Err(bad("'..' component")),
+            Component::RootDir | Component::Prefix(_) => return Err(bad("absolute path")),
+        }
+    }
+    if file.ends_with('/') {
+        return Err(bad("ends with '/'"));
+    }
+    Ok(dir.join(rel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_file_matches_known_vector() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("abc");
+        std::fs::write(&p, b"abc").unwrap();
+        assert_eq!(
+            hash_file(&p).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(hash_bytes(b"abc"), hash_file(&p).unwrap());
+        assert!(matches!(
+            hash_file(&d.path().join("missing")),
+            Err(Error::Io { .. })
+        ));
+    }
+
+    #[test]
+    fn safe_join_rejects_escapes() {
+        let d = Path::new("/data/cache");
+        assert_eq!(
+            safe_join(d, "part-0/shard-00000.parquet").unwrap(),
+            d.join("part-0/shard-00000.parquet")
+        );
+        for bad in ["", "../x.parquet", "/etc/x.parquet", "a/../../x", "./x", "a/", "a\\b"] {
+            assert!(
+                matches!(safe_join(d, bad), Err(Error::InvalidPath { .. })),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn write_atomic_removes_tmp_on_error() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f.json");
+        let r: Result<()> = write_atomic(&p, |mut w| {
+            w.write_all(b"partial").unwrap();
+            Err(Error::corrupt(&p, "boom"))
+        });
+        assert!(matches!(r, Err(Error::Corrupt { .. })));
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,291 @@
+//! Reading shards: memory-mapped file, Parquet's Arrow reader, rows out.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, ArrayRef, AsArray, ListArray, RecordBatch, StringArray};
+use arrow::datatypes::{ArrowPrimitiveType, DataType, Float32Type, UInt32Type};
+use bytes::Bytes;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+
+use crate::schema::{META_FORMAT_VERSION, META_TOP_K, check_arrow_schema};
+use crate::{Error, FORMAT_VERSION, Result, Row, Source};
+
+/// What a shard's footer says about it, without decoding any rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardMeta {
+    /// `kd.format_version` from the Parquet key-value metadata.
+    pub format_version: u32,
+    /// `kd.top_k` from the Parquet key-value metadata.
+    pub k: usize,
+    /// Number of rows according to the footer.
+    pub rows: u64,
+    /// Number of Parquet row groups.
+    pub row_groups: usize,
+    /// The writer's `created_by` string.
+    pub created_by: Option<String>,
+}
+
+/// Rows decoded per Arrow batch; bounds the reader's working memory.
+const BATCH_ROWS: usize = 64;
+
+/// Maps `path` read-only into memory.
+///
+/// This is the crate's only `unsafe`. Mapping a file is sound only while no one truncates or
+/// rewrites it in place: a change would alter memory Rust treats as immutable, and a
+/// truncation raises SIGBUS. Shards satisfy this by construction: the writer publishes a
+/// shard by renaming a complete temporary file over the final name, and a published shard is
+/// never opened for writing again (a rewrite replaces the directory entry; an existing map
+/// keeps the old inode's bytes). Do not point this reader at files that other programs edit
+/// in place.
+fn map_file(path: &Path) -> Result<Bytes> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len == 0 {
+        // Zero-length maps are an error on some platforms; Parquet reports the empty file.
+        return Ok(Bytes::new());
+    }
+    // SAFETY: see the function's documentation: published shards are immutable.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok(Bytes::from_owner(map))
+}
+
+fn kv<'a>(kvs: &'a [parquet::file::metadata::KeyValue], key: &str) -> Option<&'a str> {
+    kvs.iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_deref())
+}
+
+/// A streaming reader over the rows of one shard: checks the footer, schema and metadata on
+/// [`ShardReader::open`], then decodes [`BATCH_ROWS`] rows at a time. After the first error
+/// the iterator ends.
+pub struct ShardReader {
+    path: PathBuf,
+    meta: ShardMeta,
+    batches: ParquetRecordBatchReader,
+    current: std::vec::IntoIter<Row>,
+    done: bool,
+}
+
+impl std::fmt::Debug for ShardReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardReader")
+            .field("path", &self.path)
+            .field("meta", &self.meta)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShardReader {
+    /// Opens `path`: maps it, parses the footer, checks the schema and the `kd.*` metadata.
+    /// A newer format version gives [`Error::UnsupportedVersion`].
+    pub fn open(path: &Path) -> Result<ShardReader> {
+        let bytes = map_file(path)?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(|e| Error::parquet(path, e))?;
+        let md = builder.metadata().clone();
+        let fmd = md.file_metadata();
+        let kvs: &[_] = fmd.key_value_metadata().map_or(&[], |v| v.as_slice());
+        let version_s = kv(kvs, META_FORMAT_VERSION).ok_or_else(|| {
+            Error::schema(path, format!("missing Parquet metadata key {META_FORMAT_VERSION}"))
+        })?;
+        let format_version: u32 = version_s.trim().parse().map_err(|_| {
+            Error::schema(path, format!("{META_FORMAT_VERSION} = {version_s:?} is not an integer"))
+        })?;
+        if format_version > FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                path: path.to_path_buf(),
+                found: format_version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        if format_version == 0 {
+            return Err(Error::schema(path, format!("{META_FORMAT_VERSION} is 0")));
+        }
+        let k_s = kv(kvs, META_TOP_K).ok_or_else(|| {
+            Error::schema(path, format!("missing Parquet metadata key {META_TOP_K}"))
+        })?;
+        let k: usize = match k_s.trim().parse() {
+            Ok(k) if k > 0 => k,
+            _ => {
+                return Err(Error::schema(
+                    path,
+                    format!("{META_TOP_K} = {k_s:?} is not a positive integer"),
+                ));
+            }
+        };
+        check_arrow_schema(path, builder.schema())?;
+        let rows = u64::try_from(fmd.num_rows())
+            .map_err(|_| Error::corrupt(path, format!("negative row count {}", fmd.num_rows())))?;
+        let meta = ShardMeta {
+            format_version,
+            k,
+            rows,
+            row_groups: md.num_row_groups(),
+            created_by: fmd.created_by().map(str::to_string),
+        };
+        let batches = builder
+            .with_batch_size(BATCH_ROWS)
+            .build()
+            .map_err(|e| Error::parquet(path, e))?;
+        Ok(ShardReader {
+            path: path.to_path_buf(),
+            meta,
+            batches,
+            current: Vec::new().into_iter(),
+            done: false,
+        })
+    }
+
+    /// The footer's facts about this shard.
+    pub fn meta(&self) -> &ShardMeta {
+        &self.meta
+    }
+
+    /// The shard's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Iterator for ShardReader {
+    type Item = Result<Row>;
+
+    fn next(&mut self) -> Option<Result<Row>> {
+        loop {
+            if let Some(r) = self.current.next() {
+                return Some(Ok(r));
+            }
+            if self.done {
+                return None;
+            }
+            let batch = match self.batches.next() {
+                None => {
+                    self.done = true;
+                    return None;
+                }
+                Some(Err(source)) => Err(Error::Arrow {
+                    path: self.path.clone(),
+                    source,
+                }),
+                Some(Ok(b)) => decode_batch(&self.path, &b),
+            };
+            match batch {
+                Ok(rows) => self.current = rows.into_iter(),
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// Reads the footer of `path` (schema, `kd.*` metadata, row count) without decoding rows.
+pub fn read_shard_meta(path: &Path) -> Result<ShardMeta> {
+    Ok(ShardReader::open(path)?.meta)
+}
+
+/// Reads every row of the shard at `path` into memory; see [`ShardReader`] for streaming.
+///
+/// The file is memory-mapped (published shards are never rewritten) and decoded with
+/// Parquet's Arrow reader. Corrupt or foreign files give an error naming `path`, never a
+/// panic.
+pub fn read_shard(path: &Path) -> Result<Vec<Row>> {
+    ShardReader::open(path)?.collect()
+}
+
+fn utf8_column(path: &Path, name: &str, col: &ArrayRef) -> Result<StringArray> {
+    let arr = if matches!(col.data_type(), DataType::Utf8) {
+        col.clone()
+    } else {
+        arrow::compute::cast(col, &DataType::Utf8).map_err(|source| Error::Arrow {
+            path: path.to_path_buf(),
+            source,
+        })?
+    };
+    arr.as_string_opt::<i32>()
+        .cloned()
+        .ok_or_else(|| Error::schema(path, format!("column {name} is not utf8")))
+}
+
+struct ListCol<'a, T: ArrowPrimitiveType> {
+    offsets: &'a [i32],
+    values: &'a [T::Native],
+}
+
+impl<'a, T: ArrowPrimitiveType> ListCol<'a, T> {
+    fn new(path: &Path, name: &str, col: &'a ArrayRef) -> Result<Self> {
+        let list: &ListArray = col
+            .as_list_opt::<i32>()
+            .ok_or_else(|| Error::schema(path, format!("column {name} is not a list")))?;
+        if list.null_count() > 0 {
+            return Err(Error::corrupt(path, format!("column {name} has null lists")));
+        }
+        let values = list
+            .values()
+            .as_primitive_opt::<T>()
+            .ok_or_else(|| Error::schema(path, format!("column {name} has the wrong item type")))?;
+        if values.null_count() > 0 {
+            return Err(Error::corrupt(path, format!("column {name} has null items")));
+        }
+        Ok(ListCol {
+            offsets: list.value_offsets(),
+            values: values.values(),
+        })
+    }
+
+    fn get(&self, path: &Path, name: &str, i: usize) -> Result<Vec<T::Native>> {
+        let bad = || Error::corrupt(path, format!("column {name}: bad list offsets at row {i}"));
+        let a = *self.offsets.get(i).ok_or_else(bad)?;
+        let b = *self.offsets.get(i + 1).ok_or_else(bad)?;
+        let a = usize::try_from(a).map_err(|_| bad())?;
+        let b = usize::try_from(b).map_err(|_| bad())?;
+        self.values.get(a..b).map(<[_]>::to_vec).ok_or_else(bad)
+    }
+}
+
+/// Converts one record batch (whose schema was checked at open) into rows.
+fn decode_batch(path: &Path, b: &RecordBatch) -> Result<Vec<Row>> {
+    if b.num_columns() != 7 {
+        return Err(Error::schema(
+            path,
+            format!("batch has {} columns, expected 7", b.num_columns()),
+        ));
+    }
+    for (i, c) in b.columns().iter().enumerate() {
+        if c.null_count() > 0 {
+            return Err(Error::corrupt(
+                path,
+                format!("column {} has nulls", crate::schema::COLUMNS[i]),
+            ));
+        }
+    }
+    let ids = utf8_column(path, "id", b.column(0))?;
+    let sources = utf8_column(path, "source", b.column(1))?;
+    let input_ids = ListCol::<UInt32Type>::new(path, "input_ids", b.column(2))?;
+    let prompt_len = b
+        .column(3)
+        .as_primitive_opt::<UInt32Type>()
+        .ok_or_else(|| Error::schema(path, "column prompt_len is not uint32"))?;
+    let topk_ids = ListCol::<UInt32Type>::new(path, "topk_ids", b.column(4))?;
+    let topk_logprobs = ListCol::<Float32Type>::new(path, "topk_logprobs", b.column(5))?;
+    let token_logprob = ListCol::<Float32Type>::new(path, "token_logprob", b.column(6))?;
+    let mut rows = Vec::with_capacity(b.num_rows());
+    for i in 0..b.num_rows() {
+        let s = sources.value(i);
+        let source = Source::parse(s).ok_or_else(|| {
+            Error::corrupt(path, format!("row {i} of batch: unknown source {s:?}"))
+        })?;
+        rows.push(Row {
+            id: ids.value(i).to_string(),
+            source,
+            input_ids: input_ids.get(path, "input_ids", i)?,
+            prompt_len: prompt_len.value(i),
+            topk_ids: topk_ids.get(path, "topk_ids", i)?,
+            topk_logprobs: topk_logprobs.get(path, "topk_logprobs", i)?,
+            token_logprob: token_logprob.get(path, "token_logprob", i)?,
+        });
+    }
+    Ok(rows)
+}

@@ -1,0 +1,285 @@
+//! One cached sequence and its invariants.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a row's response came from; stored as the utf8 strings `"generated"` / `"scored"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The teacher generated the response.
+    Generated,
+    /// Existing text was scored by the teacher (teacher forcing).
+    Scored,
+}
+
+impl Source {
+    /// The string stored in the `source` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Generated => "generated",
+            Source::Scored => "scored",
+        }
+    }
+
+    /// Parses the stored string; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Source> {
+        match s {
+            "generated" => Some(Source::Generated),
+            "scored" => Some(Source::Scored),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Slack allowed above 0 for a log-probability (rounding of a log-softmax).
+pub const LOGPROB_SLACK: f32 = 1e-4;
+/// Slack allowed above 1 for the probability mass of the top-k entries of one position.
+pub const MASS_SLACK: f64 = 1e-3;
+
+/// One sequence with the teacher's top-k distribution at every distilled position.
+///
+/// Position convention: distilled position `t` runs over `prompt_len-1 ..= len-2` and holds
+/// the teacher's T=1 distribution for predicting `input_ids[t+1]`. Position `j` (0-based,
+/// `j = t - (prompt_len-1)`) owns `topk_ids[j*k .. (j+1)*k]`, `topk_logprobs[j*k .. (j+1)*k]`
+/// and `token_logprob[j]`, so `n_pos = len - prompt_len`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    /// Stable id of the prompt or document.
+    pub id: String,
+    /// Whether the response was generated or scored.
+    pub source: Source,
+    /// The whole sequence: prompt, then response.
+    pub input_ids: Vec<u32>,
+    /// Leading tokens that are not distilled (at least 1: the first token has no prediction).
+    pub prompt_len: u32,
+    /// `n_pos * k` token ids, position-major, each position sorted by log-prob descending.
+    pub topk_ids: Vec<u32>,
+    /// `n_pos * k` teacher log-probabilities at T=1, aligned with `topk_ids`.
+    pub topk_logprobs: Vec<f32>,
+    /// `n_pos` teacher log-probabilities of the token that actually follows (`input_ids[t+1]`).
+    pub token_logprob: Vec<f32>,
+}
+
+impl Row {
+    /// Number of distilled positions, `input_ids.len() - prompt_len` (0 if `prompt_len`
+    /// is out of range; [`Row::validate`] rejects that).
+    pub fn n_pos(&self) -> usize {
+        self.input_ids
+            .len()
+            .saturating_sub(self.prompt_len as usize)
+    }
+
+    /// The tokens predicted at the distilled positions, `input_ids[prompt_len..]`.
+    pub fn targets(&self) -> &[u32] {
+        self.input_ids
+            .get(self.prompt_len as usize..)
+            .unwrap_or_default()
+    }
+
+    /// Checks every invariant of the format for this row, with `k` entries per position and
+    /// ids below `vocab_size`. Returns a message naming the first violation.
+    ///
+    /// Checked: `1 <= prompt_len <= len`; lengths `n_pos*k`, `n_pos*k`, `n_pos`; all ids below
+    /// `vocab_size`; top-k ids distinct within a position; top-k log-probs finite, `<= 0`
+    /// (slack [`LOGPROB_SLACK`]), sorted descending, with `Σ exp <= 1` (slack [`MASS_SLACK`]);
+    /// `token_logprob` finite and `<= 0` (same slack).
+    pub fn validate(&self, k: usize, vocab_size: u32) -> Result<(), String> {
+        if self.id.is_empty() {
+            return Err("empty id".into());
+        }
+        if k == 0 {
+            return Err("k must be at least 1".into());
+        }
+        let len = self.input_ids.len();
+        let pl = self.prompt_len as usize;
+        if pl == 0 {
+            return Err("prompt_len is 0; it must be at least 1".into());
+        }
+        if pl > len {
+            return Err(format!("prompt_len {pl} exceeds sequence length {len}"));
+        }
+        let n_pos = len - pl;
+        let want = n_pos
+            .checked_mul(k)
+            .ok_or_else(|| format!("n_pos {n_pos} * k {k} overflows"))?;
+        if self.topk_ids.len() != want {
+            return Err(format!(
+                "topk_ids has {} entries, expected n_pos {n_pos} * k {k} = {want}",
+                self.topk_ids.len()
+            ));
+        }
+        if self.topk_logprobs.len() != want {
+            return Err(format!(
+                "topk_logprobs has {} entries, expected n_pos {n_pos} * k {k} = {want}",
+                self.topk_logprobs.len()
+            ));
+        }
+        if self.token_logprob.len() != n_pos {
+            return Err(format!(
+                "token_logprob has {} entries, expected n_pos {n_pos}",
+                self.token_logprob.len()
+            ));
+        }
+        if let Some((i, id)) = self
+            .input_ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| **id >= vocab_size)
+        {
+            return Err(format!("input_ids[{i}] = {id} >= vocab_size {vocab_size}"));
+        }
+        let mut seen: Vec<u32> = Vec::with_capacity(k);
+        for j in 0..n_pos {
+            let ids = &self.topk_ids[j * k..(j + 1) * k];
+            let lps = &self.topk_logprobs[j * k..(j + 1) * k];
+            let mut mass = 0.0f64;
+            for (r, (&id, &lp)) in ids.iter().zip(lps).enumerate() {
+                if id >= vocab_size {
+                    return Err(format!(
+                        "position {j} rank {r}: id {id} >= vocab_size {vocab_size}"
+                    ));
+                }
+                if !lp.is_finite() {
+                    return Err(format!("position {j} rank {r}: log-prob {lp} is not finite"));
+                }
+                if lp > LOGPROB_SLACK {
+                    return Err(format!("position {j} rank {r}: log-prob {lp} > 0"));
+                }
+                if r > 0 && lp > lps[r - 1] {
+                    return Err(format!(
+                        "position {j}: log-probs not sorted descending at rank {r} ({} then {lp})",
+                        lps[r - 1]
+                    ));
+                }
+                mass += f64::from(lp).exp();
+            }
+            if mass > 1.0 + MASS_SLACK {
+                return Err(format!(
+                    "position {j}: top-{k} probability mass {mass:.6} exceeds 1"
+                ));
+            }
+            seen.clear();
+            seen.extend_from_slice(ids);
+            seen.sort_unstable();
+            if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+                return Err(format!("position {j}: id {} appears twice in top-{k}", w[0]));
+            }
+            let tl = self.token_logprob[j];
+            if !tl.is_finite() {
+                return Err(format!("position {j}: token_logprob {tl} is not finite"));
+            }
+            if tl > LOGPROB_SLACK {
+                return Err(format!("position {j}: token_logprob {tl} > 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> Row {
+        // len 5, prompt 2 -> positions t = 1, 2, 3 -> n_pos 3, k 2.
+        Row {
+            id: "a".into(),
+            source: Source::Generated,
+            input_ids: vec![1, 2, 3, 4, 5],
+            prompt_len: 2,
+            topk_ids: vec![3, 7, 4, 8, 5, 0],
+            topk_logprobs: vec![-0.1, -2.5, -0.2, -1.9, -0.05, -3.0],
+            token_logprob: vec![-0.1, -0.2, -0.05],
+        }
+    }
+
+    #[test]
+    fn good_row_passes() {
+        let r = good();
+        assert_eq!(r.n_pos(), 3);
+        assert_eq!(r.targets(), &[3, 4, 5]);
+        r.validate(2, 10).unwrap();
+    }
+
+    #[test]
+    fn catches_unsorted() {
+        let mut r = good();
+        r.topk_logprobs.swap(0, 1);
+        assert!(r.validate(2, 10).unwrap_err().contains("sorted"));
+    }
+
+    #[test]
+    fn catches_non_finite() {
+        for bad in [f32::NAN, f32::NEG_INFINITY, f32::INFINITY] {
+            let mut r = good();
+            r.topk_logprobs[3] = bad;
+            assert!(r.validate(2, 10).is_err(), "{bad} accepted in topk");
+            let mut r = good();
+            r.token_logprob[1] = bad;
+            assert!(r.validate(2, 10).is_err(), "{bad} accepted in token_logprob");
+        }
+    }
+
+    #[test]
+    fn catches_out_of_range_ids() {
+        let r = good();
+        assert!(r.validate(2, 8).unwrap_err().contains("vocab_size"));
+        let mut r = good();
+        r.input_ids[0] = 10;
+        assert!(r.validate(2, 10).unwrap_err().contains("input_ids"));
+    }
+
+    #[test]
+    fn catches_positive_logprob_and_excess_mass() {
+        let mut r = good();
+        r.topk_logprobs[0] = 0.01;
+        assert!(r.validate(2, 10).is_err());
+        // Tiny rounding above 0 is allowed.
+        let mut r = good();
+        r.topk_logprobs[0] = 5e-5;
+        r.topk_logprobs[1] = -20.0;
+        r.validate(2, 10).unwrap();
+        // Two entries of probability 0.6 each.
+        let mut r = good();
+        r.topk_logprobs[0] = 0.6f32.ln();
+        r.topk_logprobs[1] = 0.6f32.ln();
+        assert!(r.validate(2, 10).unwrap_err().contains("mass"));
+        let mut r = good();
+        r.token_logprob[2] = 0.5;
+        assert!(r.validate(2, 10).is_err());
+    }
+
+    #[test]
+    fn catches_shape_errors() {
+        let mut r = good();
+        r.topk_ids.pop();
+        assert!(r.validate(2, 10).is_err());
+        let mut r = good();
+        r.token_logprob.push(-1.0);
+        assert!(r.validate(2, 10).is_err());
+        let mut r = good();
+        r.prompt_len = 0;
+        assert!(r.validate(2, 10).is_err());
+        let mut r = good();
+        r.prompt_len = 6;
+        assert!(r.validate(2, 10).is_err());
+        assert!(good().validate(3, 10).is_err());
+        let mut r = good();
+        r.topk_ids[1] = 3;
+        assert!(r.validate(2, 10).unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn source_strings_round_trip() {
+        for s in [Source::Generated, Source::Scored] {
+            assert_eq!(Source::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(Source::parse("other"), None);
+    }
+}

@@ -1,0 +1,174 @@
+//! Summary statistics of a shard directory.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::manifest::{MANIFEST_FILE, read_manifest};
+use crate::reader::ShardReader;
+use crate::{Result, Row};
+
+/// Statistics of the rows of one source (`generated` or `scored`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SourceStats {
+    pub rows: u64,
+    pub tokens: u64,
+    pub positions: u64,
+    /// Mean over positions of `max(0, 1 - Σ exp(topk_logprobs))`.
+    pub mean_tail_mass: f64,
+    /// Mean over positions of `exp(topk_logprobs[0])`.
+    pub mean_top1_prob: f64,
+    /// Mean over positions of `token_logprob` (nats).
+    pub mean_token_logprob: f64,
+}
+
+/// Statistics of a whole shard directory; see [`stats_dir`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Stats {
+    /// Shards listed in the manifest.
+    pub files: usize,
+    /// Entries per position.
+    pub k: usize,
+    /// Teacher vocabulary size.
+    pub vocab_size: u32,
+    pub rows: u64,
+    pub tokens: u64,
+    pub positions: u64,
+    /// Positions of `generated` rows.
+    pub response_tokens: u64,
+    /// Bytes of all shard files.
+    pub bytes: u64,
+    /// `bytes / positions` (0 without positions).
+    pub bytes_per_position: f64,
+    /// Mean over positions of `max(0, 1 - Σ exp(topk_logprobs))`: probability mass outside the top k.
+    pub mean_tail_mass: f64,
+    /// Mean over positions of the top-1 probability.
+    pub mean_top1_prob: f64,
+    /// Mean over positions of the teacher log-prob of the actual next token (nats).
+    pub mean_token_logprob: f64,
+    /// The same statistics per source, keyed `generated` / `scored`.
+    pub by_source: BTreeMap<String, SourceStats>,
+}
+
+#[derive(Default)]
+struct Acc {
+    rows: u64,
+    tokens: u64,
+    positions: u64,
+    tail: f64,
+    top1: f64,
+    token_lp: f64,
+}
+
+impl Acc {
+    fn add(&mut self, r: &Row, k: usize) {
+        self.rows += 1;
+        self.tokens += r.input_ids.len() as u64;
+        self.positions += r.n_pos() as u64;
+        if k == 0 {
+            return;
+        }
+        for lps in r.topk_logprobs.chunks_exact(k) {
+            let mass: f64 = lps.iter().map(|l| f64::from(*l).exp()).sum();
+            self.tail += (1.0 - mass).max(0.0);
+            self.top1 += f64::from(lps[0]).exp();
+        }
+        self.token_lp += r.token_logprob.iter().map(|l| f64::from(*l)).sum::<f64>();
+    }
+
+    fn means(&self) -> (f64, f64, f64) {
+        if self.positions == 0 {
+            return (0.0, 0.0, 0.0);
+        }
+        let n = self.positions as f64;
+        (self.tail / n, self.top1 / n, self.token_lp / n)
+    }
+}
+
+/// Accumulates [`Stats`] from rows, for callers that hold rows rather than a directory.
+#[derive(Default)]
+pub struct StatsBuilder {
+    k: usize,
+    all: Acc,
+    by_source: BTreeMap<&'static str, Acc>,
+}
+
+impl StatsBuilder {
+    /// A builder for rows with `k` entries per position.
+    pub fn new(k: usize) -> StatsBuilder {
+        StatsBuilder {
+            k,
+            ..Default::default()
+        }
+    }
+
+    /// Adds one row.
+    pub fn add(&mut self, r: &Row) {
+        self.all.add(r, self.k);
+        self.by_source
+            .entry(r.source.as_str())
+            .or_default()
+            .add(r, self.k);
+    }
+
+    /// The statistics so far, with `files`, `bytes` and `vocab_size` supplied by the caller.
+    pub fn finish(&self, files: usize, bytes: u64, vocab_size: u32) -> Stats {
+        let (tail, top1, tok) = self.all.means();
+        let by_source = self
+            .by_source
+            .iter()
+            .map(|(name, a)| {
+                let (tail, top1, tok) = a.means();
+                (
+                    name.to_string(),
+                    SourceStats {
+                        rows: a.rows,
+                        tokens: a.tokens,
+                        positions: a.positions,
+                        mean_tail_mass: tail,
+                        mean_top1_prob: top1,
+                        mean_token_logprob: tok,
+                    },
+                )
+            })
+            .collect();
+        Stats {
+            files,
+            k: self.k,
+            vocab_size,
+            rows: self.all.rows,
+            tokens: self.all.tokens,
+            positions: self.all.positions,
+            response_tokens: self
+                .by_source
+                .get("generated")
+                .map_or(0, |a| a.positions),
+            bytes,
+            bytes_per_position: if self.all.positions == 0 {
+                0.0
+            } else {
+                bytes as f64 / self.all.positions as f64
+            },
+            mean_tail_mass: tail,
+            mean_top1_prob: top1,
+            mean_token_logprob: tok,
+            by_source,
+        }
+    }
+}
+
+/// Reads every shard listed in `dir/manifest.json` and summarises it. Fails on the first
+/// unreadable shard (use [`crate::verify_dir`] to list every problem).
+pub fn stats_dir(dir: &Path) -> Result<Stats> {
+    let m = read_manifest(&dir.join(MANIFEST_FILE))?;
+    let mut b = StatsBuilder::new(m.top_k());
+    for s in &m.shards {
+        let path = crate::fsutil::safe_join(dir, &s.file)?;
+        for row in ShardReader::open(&path)? {
+            b.add(&row?);
+        }
+    }
+    let bytes = crate::manifest::Totals::of(&m.shards).bytes;
+    Ok(b.finish(m.shards.len(), bytes, m.vocab_size()))
+}

@@ -1,0 +1,583 @@
+//! Cross-module tests: write, read, verify, stats, corruption.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::synth::{TINY_VOCAB, tiny_rows};
+use crate::*;
+
+const K: usize = 4;
+
+fn manifest_for(entries: Vec<ShardEntry>) -> Manifest {
+    let mut m = Manifest::new(
+        "kd-shard-tests 0",
+        json!({"architecture": "toy", "vocab_size": TINY_VOCAB, "weights_sha256": "00"}),
+        json!({"fingerprint": "toy-tok", "vocab_size": TINY_VOCAB}),
+        json!({"path": "in.jsonl", "sha256": "11", "rows": 30}),
+        json!({"top_k": K, "temperature": 1.0, "seed": 0}),
+        None,
+    );
+    for e in entries {
+        m.push_shard(e);
+    }
+    m.complete = true;
+    m
+}
+
+/// A verified directory with two shards (one in a subdirectory) and a manifest.
+fn cache_dir() -> (tempfile::TempDir, Manifest) {
+    let d = tempfile::tempdir().unwrap();
+    let rows = tiny_rows(30, K);
+    let a = write_shard(d.path(), "shard-00000.parquet", K, &rows[..18]).unwrap();
+    let b = write_shard(d.path(), "sub/shard-00001.parquet", K, &rows[18..]).unwrap();
+    let m = manifest_for(vec![a, b]);
+    write_manifest_atomic(&d.path().join(MANIFEST_FILE), &m).unwrap();
+    (d, m)
+}
+
+fn kinds(r: &VerifyReport, file: &str) -> Vec<ProblemKind> {
+    r.problems_for(file).map(|p| p.kind).collect()
+}
+
+fn list_dir(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn round_trip() {
+    let d = tempfile::tempdir().unwrap();
+    let rows = tiny_rows(25, K);
+    let e = write_shard(d.path(), "a/b/shard.parquet", K, &rows).unwrap();
+    let path = d.path().join("a/b/shard.parquet");
+    assert_eq!(read_shard(&path).unwrap(), rows);
+    assert_eq!(e.file, "a/b/shard.parquet");
+    assert_eq!(e.rows, 25);
+    assert_eq!(
+        e.tokens,
+        rows.iter().map(|r| r.input_ids.len() as u64).sum::<u64>()
+    );
+    assert_eq!(e.positions, rows.iter().map(|r| r.n_pos() as u64).sum::<u64>());
+    assert_eq!(
+        e.response_tokens,
+        rows.iter()
+            .filter(|r| r.source == Source::Generated)
+            .map(|r| r.n_pos() as u64)
+            .sum::<u64>()
+    );
+    assert_eq!(e.bytes, std::fs::metadata(&path).unwrap().len());
+    assert_eq!(e.sha256, hash_file(&path).unwrap());
+    let meta = read_shard_meta(&path).unwrap();
+    assert_eq!(meta.k, K);
+    assert_eq!(meta.rows, 25);
+    assert_eq!(meta.format_version, FORMAT_VERSION);
+    assert_eq!(meta.created_by.as_deref(), Some(created_by().as_str()));
+}
+
+#[test]
+fn round_trip_many_row_groups_and_options() {
+    let d = tempfile::tempdir().unwrap();
+    let rows = tiny_rows(40, 3);
+    for (i, enc) in [
+        ValueEncoding::Dictionary,
+        ValueEncoding::Plain,
+        ValueEncoding::ByteStreamSplit,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let opts = WriteOptions {
+            row_group_rows: 7,
+            zstd_level: 1,
+            float_encoding: enc,
+            topk_id_encoding: if enc == ValueEncoding::Dictionary {
+                ValueEncoding::DeltaBinaryPacked
+            } else {
+                enc
+            },
+            input_id_encoding: enc,
+        };
+        let name = format!("s{i}.parquet");
+        write_shard_with(d.path(), &name, 3, &rows, &opts).unwrap();
+        let path = d.path().join(&name);
+        assert_eq!(read_shard_meta(&path).unwrap().row_groups, 6);
+        assert_eq!(read_shard(&path).unwrap(), rows);
+    }
+}
+
+#[test]
+fn empty_shard_round_trips() {
+    let d = tempfile::tempdir().unwrap();
+    let e = write_shard(d.path(), "empty.parquet", K, &[]).unwrap();
+    assert_eq!((e.rows, e.positions), (0, 0));
+    assert!(read_shard(&d.path().join("empty.parquet")).unwrap().is_empty());
+}
+
+#[test]
+fn realistic_rows_round_trip() {
+    let cfg = synth::RealisticConfig {
+        vocab: 5000,
+        k: 16,
+        rows: 3,
+        prompt_len: 7,
+        positions_per_row: 40,
+        seed: 3,
+    };
+    let rows = synth::realistic_rows(&cfg);
+    let d = tempfile::tempdir().unwrap();
+    write_shard(d.path(), "r.parquet", 16, &rows).unwrap();
+    assert_eq!(read_shard(&d.path().join("r.parquet")).unwrap(), rows);
+}
+
+#[test]
+fn writing_is_deterministic() {
+    let rows = tiny_rows(30, K);
+    let d1 = tempfile::tempdir().unwrap();
+    let d2 = tempfile::tempdir().unwrap();
+    let e1 = write_shard(d1.path(), "s.parquet", K, &rows).unwrap();
+    let e2 = write_shard(d2.path(), "s.parquet", K, &rows).unwrap();
+    assert_eq!(e1, e2);
+    let b1 = std::fs::read(d1.path().join("s.parquet")).unwrap();
+    let b2 = std::fs::read(d2.path().join("s.parquet")).unwrap();
+    assert!(b1 == b2, "same rows gave different bytes");
+    // Rewriting in place (a resumed dump redoing a shard) gives the same file too.
+    let e3 = write_shard(d1.path(), "s.parquet", K, &rows).unwrap();
+    assert_eq!(e1, e3);
+}
+
+#[test]
+fn atomic_publish_leaves_no_tmp_file() {
+    let d = tempfile::tempdir().unwrap();
+    write_shard(d.path(), "s.parquet", K, &tiny_rows(5, K)).unwrap();
+    assert_eq!(list_dir(d.path()), ["s.parquet"]);
+    assert!(!tmp_path(&d.path().join("s.parquet")).exists());
+    // A rejected row publishes nothing and leaves nothing behind.
+    let mut rows = tiny_rows(5, K);
+    rows[3].topk_logprobs[0] = f32::NAN;
+    match write_shard(d.path(), "t.parquet", K, &rows) {
+        Err(Error::InvalidRow { index, path, .. }) => {
+            assert_eq!(index, 3);
+            assert_eq!(path, d.path().join("t.parquet"));
+        }
+        r => panic!("expected InvalidRow, got {r:?}"),
+    }
+    assert_eq!(list_dir(d.path()), ["s.parquet"]);
+    assert!(matches!(
+        write_shard(d.path(), "../escape.parquet", K, &tiny_rows(1, K)),
+        Err(Error::InvalidPath { .. })
+    ));
+}
+
+#[test]
+fn shard_is_self_describing() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let d = tempfile::tempdir().unwrap();
+    write_shard(d.path(), "s.parquet", K, &tiny_rows(3, K)).unwrap();
+    let r = SerializedFileReader::new(std::fs::File::open(d.path().join("s.parquet")).unwrap())
+        .unwrap();
+    let kv = r.metadata().file_metadata().key_value_metadata().unwrap();
+    let get = |k: &str| {
+        kv.iter()
+            .find(|e| e.key == k)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(get(META_FORMAT_VERSION).as_deref(), Some("1"));
+    assert_eq!(get(META_TOP_K).as_deref(), Some("4"));
+}
+
+#[test]
+fn verify_accepts_good_dir_and_stats_add_up() {
+    let (d, m) = cache_dir();
+    for deep in [false, true] {
+        let r = verify_dir(d.path(), deep).unwrap();
+        assert!(r.is_ok(), "{:?}", r.problems);
+        assert_eq!(r.files_checked, 2);
+        assert_eq!(r.rows, 30);
+    }
+    let s = stats_dir(d.path()).unwrap();
+    assert_eq!(s.files, 2);
+    assert_eq!(s.rows, m.totals.rows);
+    assert_eq!(s.tokens, m.totals.tokens);
+    assert_eq!(s.positions, m.totals.positions);
+    assert_eq!(s.response_tokens, m.totals.response_tokens);
+    assert_eq!(s.bytes, m.totals.bytes);
+    assert_eq!(s.k, K);
+    assert!((s.bytes_per_position - m.totals.bytes as f64 / m.totals.positions as f64).abs() < 1e-9);
+    assert!(s.mean_tail_mass > 0.0 && s.mean_tail_mass < 1.0);
+    assert!(s.mean_top1_prob > 0.0 && s.mean_top1_prob <= 1.0);
+    assert!(s.mean_token_logprob < 0.0);
+    let by: u64 = s.by_source.values().map(|x| x.positions).sum();
+    assert_eq!(by, s.positions);
+    assert_eq!(s.by_source["generated"].positions, s.response_tokens);
+    // Reference: the means recomputed directly from the rows (f64, tolerance 1e-9).
+    let rows = tiny_rows(30, K);
+    let n: usize = rows.iter().map(Row::n_pos).sum();
+    let top1: f64 = rows
+        .iter()
+        .flat_map(|r| r.topk_logprobs.chunks(K).map(|c| f64::from(c[0]).exp()))
+        .sum::<f64>()
+        / n as f64;
+    assert!((s.mean_top1_prob - top1).abs() < 1e-9);
+}
+
+#[test]
+fn flipped_byte_is_reported_for_that_shard() {
+    let (d, m) = cache_dir();
+    let p = d.path().join(&m.shards[1].file);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&p, bytes).unwrap();
+    let r = verify_dir(d.path(), true).unwrap();
+    assert!(kinds(&r, &m.shards[1].file).contains(&ProblemKind::Hash));
+    assert!(kinds(&r, &m.shards[0].file).is_empty());
+    assert!(r.problems.iter().all(|p| p.file == m.shards[1].file));
+}
+
+#[test]
+fn truncated_shard_is_a_typed_error_naming_the_file() {
+    let (d, m) = cache_dir();
+    let p = d.path().join(&m.shards[0].file);
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    match read_shard(&p) {
+        Err(Error::Parquet { path, .. }) => assert_eq!(path, p),
+        r => panic!("expected Parquet error, got {r:?}"),
+    }
+    let r = verify_dir(d.path(), false).unwrap();
+    let k = kinds(&r, &m.shards[0].file);
+    assert!(k.contains(&ProblemKind::Size), "{k:?}");
+    assert!(k.contains(&ProblemKind::Hash), "{k:?}");
+    assert!(k.contains(&ProblemKind::Unreadable), "{k:?}");
+    std::fs::write(&p, b"").unwrap();
+    assert!(matches!(read_shard(&p), Err(Error::Parquet { .. })));
+}
+
+#[test]
+fn missing_and_unlisted_shards_are_reported() {
+    let (d, m) = cache_dir();
+    std::fs::remove_file(d.path().join(&m.shards[1].file)).unwrap();
+    std::fs::write(d.path().join("stray.parquet"), b"x").unwrap();
+    std::fs::copy(
+        d.path().join(&m.shards[0].file),
+        d.path().join("sub/extra.parquet"),
+    )
+    .unwrap();
+    let r = verify_dir(d.path(), true).unwrap();
+    assert_eq!(kinds(&r, &m.shards[1].file), [ProblemKind::Missing]);
+    assert_eq!(kinds(&r, "stray.parquet"), [ProblemKind::Unlisted]);
+    assert_eq!(kinds(&r, "sub/extra.parquet"), [ProblemKind::Unlisted]);
+    assert!(kinds(&r, &m.shards[0].file).is_empty());
+    assert_eq!(r.files_checked, 1);
+    // A missing shard is an I/O error naming it for readers and stats.
+    match stats_dir(d.path()) {
+        Err(Error::Io { path, .. }) => assert_eq!(path, d.path().join(&m.shards[1].file)),
+        r => panic!("expected Io, got {r:?}"),
+    }
+}
+
+#[test]
+fn newer_manifest_version_is_refused() {
+    let (d, m) = cache_dir();
+    let mp = d.path().join(MANIFEST_FILE);
+    let mut v = serde_json::to_value(&m).unwrap();
+    v["format_version"] = json!(2);
+    std::fs::write(&mp, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    match verify_dir(d.path(), true) {
+        Err(Error::UnsupportedVersion {
+            path,
+            found: 2,
+            supported: FORMAT_VERSION,
+        }) => assert_eq!(path, mp),
+        r => panic!("expected UnsupportedVersion, got {r:?}"),
+    }
+    assert!(matches!(
+        stats_dir(d.path()),
+        Err(Error::UnsupportedVersion { .. })
+    ));
+}
+
+/// Writes a Parquet file with the canonical schema but chosen `kd.*` metadata.
+fn write_raw(path: &Path, schema: arrow::datatypes::SchemaRef, kv: &[(&str, &str)]) {
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::metadata::KeyValue;
+    use parquet::file::properties::WriterProperties;
+    let props = WriterProperties::builder()
+        .set_key_value_metadata(Some(
+            kv.iter()
+                .map(|(k, v)| KeyValue::new(k.to_string(), v.to_string()))
+                .collect(),
+        ))
+        .build();
+    let f = std::fs::File::create(path).unwrap();
+    let mut w = ArrowWriter::try_new(f, schema.clone(), Some(props)).unwrap();
+    w.write(&arrow::array::RecordBatch::new_empty(schema)).unwrap();
+    w.close().unwrap();
+}
+
+#[test]
+fn shard_metadata_and_schema_are_checked() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("v2.parquet");
+    write_raw(&p, arrow_schema(), &[(META_FORMAT_VERSION, "2"), (META_TOP_K, "4")]);
+    match read_shard(&p) {
+        Err(Error::UnsupportedVersion {
+            path,
+            found: 2,
+            supported: 1,
+        }) => assert_eq!(path, p),
+        r => panic!("expected UnsupportedVersion, got {r:?}"),
+    }
+    write_raw(&p, arrow_schema(), &[(META_FORMAT_VERSION, "1")]);
+    assert!(matches!(read_shard(&p), Err(Error::Schema { .. })));
+    write_raw(&p, arrow_schema(), &[(META_FORMAT_VERSION, "1"), (META_TOP_K, "x")]);
+    assert!(matches!(read_shard(&p), Err(Error::Schema { .. })));
+    let fewer = arrow::datatypes::Schema::new(arrow_schema().fields()[..6].to_vec());
+    write_raw(
+        &p,
+        std::sync::Arc::new(fewer),
+        &[(META_FORMAT_VERSION, "1"), (META_TOP_K, "4")],
+    );
+    match read_shard(&p) {
+        Err(Error::Schema { path, .. }) => assert_eq!(path, p),
+        r => panic!("expected Schema, got {r:?}"),
+    }
+    write_raw(&p, arrow_schema(), &[(META_FORMAT_VERSION, "1"), (META_TOP_K, "4")]);
+    assert!(read_shard(&p).unwrap().is_empty());
+}
+
+#[test]
+fn deep_verify_checks_rows_k_and_counts() {
+    let (d, mut m) = cache_dir();
+    // A smaller vocabulary makes rows invalid (ids out of range): found only in deep mode.
+    m.teacher["vocab_size"] = json!(50);
+    m.shards[0].tokens += 1;
+    m.recompute_totals();
+    m.fingerprint = m.compute_fingerprint();
+    write_manifest_atomic(&d.path().join(MANIFEST_FILE), &m).unwrap();
+    assert!(verify_dir(d.path(), false).unwrap().is_ok());
+    let r = verify_dir(d.path(), true).unwrap();
+    let k0 = kinds(&r, &m.shards[0].file);
+    assert!(k0.contains(&ProblemKind::Row), "{k0:?}");
+    assert!(k0.contains(&ProblemKind::Counts), "{k0:?}");
+    // Row problems are capped per shard.
+    assert!(k0.iter().filter(|k| **k == ProblemKind::Row).count() <= 6);
+    // k differs from the manifest; the fingerprint and totals are stale.
+    m.settings["top_k"] = json!(5);
+    m.totals.rows += 1;
+    write_manifest_atomic(&d.path().join(MANIFEST_FILE), &m).unwrap();
+    let r = verify_dir(d.path(), false).unwrap();
+    assert!(kinds(&r, &m.shards[1].file).contains(&ProblemKind::Schema));
+    assert_eq!(
+        kinds(&r, MANIFEST_FILE),
+        [ProblemKind::Manifest, ProblemKind::Manifest]
+    );
+}
+
+#[test]
+fn merged_part_directories_verify() {
+    let d = tempfile::tempdir().unwrap();
+    let rows = tiny_rows(12, K);
+    let mut parts = Vec::new();
+    for i in 0..3u32 {
+        let mut m = manifest_for(vec![]);
+        m.part = Some(PartInfo { index: i, count: 3 });
+        let file = format!("part-{i}/shard-00000.parquet");
+        let chunk = &rows[i as usize * 4..(i as usize + 1) * 4];
+        m.push_shard(write_shard(d.path(), &file, K, chunk).unwrap());
+        parts.push(m);
+    }
+    parts.reverse();
+    let merged = merge_manifests(&parts).unwrap();
+    write_manifest_atomic(&d.path().join(MANIFEST_FILE), &merged).unwrap();
+    let r = verify_dir(d.path(), true).unwrap();
+    assert!(r.is_ok(), "{:?}", r.problems);
+    assert_eq!(r.rows, 12);
+    let mut all = Vec::new();
+    for s in &merged.shards {
+        all.extend(read_shard(&d.path().join(&s.file)).unwrap());
+    }
+    assert_eq!(all, rows);
+}
+
+/// Regression guard for "corrupt input must not panic": truncations at many lengths and
+/// single-byte flips across the whole file go through `read_shard` and `verify_dir`, which
+/// must return (errors or problems), never panic.
+#[test]
+fn corrupt_shards_never_panic() {
+    let d = tempfile::tempdir().unwrap();
+    let rows = tiny_rows(6, 3);
+    let entry = write_shard(d.path(), "s.parquet", 3, &rows).unwrap();
+    let p = d.path().join("s.parquet");
+    let good = std::fs::read(&p).unwrap();
+    let mut m = manifest_for(vec![entry]);
+    m.settings["top_k"] = json!(3);
+    m.fingerprint = m.compute_fingerprint();
+    write_manifest_atomic(&d.path().join(MANIFEST_FILE), &m).unwrap();
+    let check = |bytes: &[u8]| -> bool {
+        std::fs::write(&p, bytes).unwrap();
+        let read_ok = read_shard(&p).is_ok();
+        let r = verify_dir(d.path(), true).unwrap();
+        if bytes != good {
+            assert!(!r.is_ok(), "changed file passed verification");
+        }
+        read_ok
+    };
+    assert!(check(&good));
+    let mut lens: Vec<usize> = (0..good.len()).step_by(3).collect();
+    lens.extend(good.len().saturating_sub(40)..good.len());
+    for len in lens {
+        assert!(!check(&good[..len]), "truncation to {len} bytes read fine");
+    }
+    let mut decoded_despite_flip = 0;
+    for i in 0..good.len() {
+        for mask in [0x01u8, 0x80, 0xff] {
+            let mut b = good.clone();
+            b[i] ^= mask;
+            if check(&b) {
+                decoded_despite_flip += 1;
+            }
+        }
+    }
+    // Some flips (e.g. in float payloads or statistics) still decode; the hash catches them.
+    eprintln!(
+        "{} of {} single-byte flips still decoded; all failed verification",
+        decoded_despite_flip,
+        good.len() * 3
+    );
+}
+
+fn python_with_pyarrow() -> Option<PathBuf> {
+    let py = std::env::var_os("PYTHON").map_or_else(|| PathBuf::from("python3"), PathBuf::from);
+    let ok = std::process::Command::new(&py)
+        .args(["-c", "import pyarrow.parquet"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(py)
+}
+
+/// Interop: pyarrow reads a shard with the expected types, metadata and values.
+/// Skips (with a message) when python3 or pyarrow is missing, unless
+/// `KD_REQUIRE_PYARROW=1`, where it fails.
+#[test]
+fn pyarrow_reads_shard() {
+    let Some(py) = python_with_pyarrow() else {
+        assert!(
+            std::env::var_os("KD_REQUIRE_PYARROW").is_none(),
+            "KD_REQUIRE_PYARROW is set but python3 with pyarrow is not available"
+        );
+        eprintln!("SKIPPED pyarrow_reads_shard: python3 with pyarrow not found (pip install pyarrow)");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let rows = tiny_rows(9, K);
+    write_shard(d.path(), "s.parquet", K, &rows).unwrap();
+    let script = r#"
+import json, sys
+import pyarrow.parquet as pq
+t = pq.read_table(sys.argv[1])
+md = {k.decode(): v.decode() for k, v in (t.schema.metadata or {}).items() if k.decode().startswith("kd.")}
+print(json.dumps({
+    "rows": t.num_rows,
+    "columns": t.column_names,
+    "types": [str(f.type) for f in t.schema],
+    "nullable": [f.nullable for f in t.schema],
+    "meta": md,
+    "id": t.column("id")[8].as_py(),
+    "source": t.column("source")[8].as_py(),
+    "input_ids": t.column("input_ids")[8].as_py(),
+    "prompt_len": t.column("prompt_len")[8].as_py(),
+    "topk_ids": t.column("topk_ids")[8].as_py(),
+    "topk_logprobs": t.column("topk_logprobs")[8].as_py(),
+    "token_logprob": t.column("token_logprob")[8].as_py(),
+}))
+"#;
+    let out = std::process::Command::new(py)
+        .args(["-c", script])
+        .arg(d.path().join("s.parquet"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pyarrow failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rows"], 9);
+    assert_eq!(v["columns"], json!(COLUMNS));
+    assert_eq!(
+        v["types"],
+        json!([
+            "string",
+            "string",
+            "list<element: uint32 not null>",
+            "uint32",
+            "list<element: uint32 not null>",
+            "list<element: float not null>",
+            "list<element: float not null>"
+        ])
+    );
+    assert_eq!(v["nullable"], json!(vec![false; 7]));
+    assert_eq!(v["meta"], json!({"kd.format_version": "1", "kd.top_k": "4"}));
+    let r = &rows[8];
+    assert_eq!(v["id"], r.id.as_str());
+    assert_eq!(v["source"], r.source.as_str());
+    assert_eq!(v["input_ids"], json!(r.input_ids));
+    assert_eq!(v["prompt_len"], r.prompt_len);
+    assert_eq!(v["topk_ids"], json!(r.topk_ids));
+    // Python floats are f64; f32 -> f64 -> f32 is exact.
+    let lps: Vec<f32> = serde_json::from_value(v["topk_logprobs"].clone()).unwrap();
+    assert_eq!(lps, r.topk_logprobs);
+    let tl: Vec<f32> = serde_json::from_value(v["token_logprob"].clone()).unwrap();
+    assert_eq!(tl, r.token_logprob);
+}
+
+/// `schemas/manifest-v1.schema.json` lists exactly the fields `Manifest` serialises.
+#[test]
+fn manifest_json_schema_matches_struct() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/manifest-v1.schema.json");
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let (_, m) = {
+        let mut m = manifest_for(vec![]);
+        m.part = Some(PartInfo { index: 0, count: 1 });
+        m.push_shard(ShardEntry {
+            file: "a.parquet".into(),
+            rows: 1,
+            tokens: 2,
+            positions: 1,
+            response_tokens: 1,
+            bytes: 3,
+            sha256: "0".repeat(64),
+        });
+        ((), serde_json::to_value(&m).unwrap())
+    };
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let strs = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(strs(&schema["required"]), keys(&m));
+    assert_eq!(keys(&schema["properties"]), keys(&m));
+    let defs = &schema["$defs"];
+    assert_eq!(strs(&defs["shard"]["required"]), keys(&m["shards"][0]));
+    assert_eq!(keys(&defs["shard"]["properties"]), keys(&m["shards"][0]));
+    assert_eq!(strs(&defs["totals"]["required"]), keys(&m["totals"]));
+    assert_eq!(strs(&defs["part"]["required"]), keys(&m["part"]));
+    assert_eq!(schema["properties"]["format_version"]["maximum"], FORMAT_VERSION);
+}

@@ -1,0 +1,522 @@
+//! A whole dump: plan shards, take the folder lock, resume, run the engine, publish shards
+//! and manifests atomically, report throughput.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kd_model::{LoadedModel, Precision};
+use kd_shard::{Manifest, PartInfo, Row, ShardEntry, Source, Totals};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Engine, Work};
+use crate::error::{Error, Result};
+use crate::input::{EncodeOptions, Encoded, Input, encode};
+use crate::sampler::SamplingConfig;
+
+/// Generate responses, or teacher-force existing ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Generate,
+    Score,
+}
+
+/// Every setting that decides a dump's content. Recorded in the manifest; a resume must match.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DumpSettings {
+    pub mode: Mode,
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    pub chat_template: bool,
+    pub rows_per_shard: usize,
+    pub precision: Precision,
+}
+
+impl DumpSettings {
+    pub fn validate(&self, vocab_size: usize) -> Result<()> {
+        let bad = |field: &str, what: String| {
+            Err(Error::Setting {
+                field: field.into(),
+                what,
+            })
+        };
+        if self.top_k == 0 || self.top_k > vocab_size {
+            return bad("top_k", format!("{} is not in 1..={vocab_size} (the vocabulary size)", self.top_k));
+        }
+        if self.mode == Mode::Generate && self.max_new_tokens == 0 {
+            return bad("max_new_tokens", "must be at least 1 when generating".into());
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature", format!("{} must be ≥ 0 (0 = greedy)", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", format!("{} must be in (0, 1]", self.top_p));
+        }
+        if self.rows_per_shard == 0 {
+            return bad("rows_per_shard", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// How to run (does not change the content beyond float rounding, so not part of identity).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub batch_size: usize,
+    pub resume: bool,
+    /// `(index, count)`: dump only slice `index` of `count` equal slices of the input.
+    pub part: Option<(usize, usize)>,
+    pub progress: bool,
+    /// Most positions whose full-vocabulary logits are held at once while scoring.
+    pub logits_chunk: usize,
+}
+
+/// What a dump did.
+#[derive(Clone, Debug, Serialize)]
+pub struct DumpSummary {
+    pub out_dir: PathBuf,
+    pub rows: u64,
+    pub shards_written: usize,
+    pub shards_reused: usize,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub scored_tokens: u64,
+    pub positions: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    pub bytes_per_position: f64,
+    pub skipped_lines: usize,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+const LOCK_FILE: &str = ".teacher-dump.lock";
+
+/// Peak resident memory of this process (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Holds the output folder's lock for the life of the dump.
+struct FolderLock {
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl FolderLock {
+    fn take(dir: &Path) -> Result<Self> {
+        let path = dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file, path }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
+                dir: dir.to_path_buf(),
+                lock: path,
+            }),
+            Err(std::fs::TryLockError::Error(source)) => Err(Error::Io { path, source }),
+        }
+    }
+
+    /// Removes the lock file at the end of a finished dump (a killed dump leaves it behind,
+    /// unlocked; the next run takes it again).
+    fn release(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The slice of `n` records that part `index` of `count` takes.
+pub fn part_range(n: usize, index: usize, count: usize) -> std::ops::Range<usize> {
+    (index * n / count)..((index + 1) * n / count)
+}
+
+fn shard_name(part: Option<(usize, usize)>, j: usize) -> String {
+    match part {
+        Some((i, n)) => format!("shard-p{i:03}of{n:03}-{j:05}.parquet"),
+        None => format!("shard-{j:05}.parquet"),
+    }
+}
+
+/// The identity half of the manifest (teacher, tokenizer, input, settings).
+pub fn identity_manifest(
+    model: &LoadedModel,
+    input: &Input,
+    settings: &DumpSettings,
+    part: Option<(usize, usize)>,
+) -> Manifest {
+    let id = &model.identity;
+    let teacher = serde_json::json!({
+        "architecture": id.architecture,
+        "format": id.format,
+        "file": Path::new(&id.path).file_name().map(|f| f.to_string_lossy().into_owned()),
+        "weights_sha256": id.weights_sha256,
+        "file_type": id.file_type,
+        "n_params": id.n_params,
+        "vocab_size": id.config.vocab_size,
+        "config": id.config,
+    });
+    let tokenizer = serde_json::json!({
+        "fingerprint": model.tokenizer.fingerprint(),
+        "vocab_size": model.tokenizer.vocab_size(),
+        "stop_ids": model.tokenizer.stop_ids(),
+        "chat_template_sha256": model.tokenizer.chat_template().map(|t| kd_shard::hash_bytes(t.source().as_bytes())),
+    });
+    let input = serde_json::json!({
+        "file": input.path.file_name().map(|f| f.to_string_lossy().into_owned()),
+        "sha256": input.sha256,
+        "rows": input.records.len(),
+        "skipped_lines": input.skipped.len(),
+    });
+    let mut m = Manifest {
+        format: kd_shard::FORMAT_NAME.to_string(),
+        format_version: kd_shard::FORMAT_VERSION,
+        producer: format!("teacher-dump {}", env!("CARGO_PKG_VERSION")),
+        teacher,
+        tokenizer,
+        input,
+        settings: serde_json::to_value(settings).expect("settings serialize"),
+        part: part.map(|(index, count)| PartInfo {
+            index: index as u32,
+            count: count as u32,
+        }),
+        fingerprint: String::new(),
+        complete: false,
+        shards: Vec::new(),
+        totals: Totals::default(),
+    };
+    m.fingerprint = m.compute_fingerprint();
+    m
+}
+
+/// Runs a dump of `input` through `model` into `out_dir`.
+pub fn dump(
+    model: &LoadedModel,
+    input: &Input,
+    settings: &DumpSettings,
+    opts: &RunOptions,
+    out_dir: &Path,
+) -> Result<DumpSummary> {
+    let start = Instant::now();
+    settings.validate(model.model.vocab_size())?;
+    if opts.batch_size == 0 {
+        return Err(Error::Setting {
+            field: "batch_size".into(),
+            what: "must be at least 1".into(),
+        });
+    }
+    if let Some((i, n)) = opts.part
+        && (n == 0 || i >= n)
+    {
+        return Err(Error::Setting {
+            field: "part".into(),
+            what: format!("{i}/{n}: the index must be below the count"),
+        });
+    }
+    if model.tokenizer.vocab_size() != model.model.vocab_size() {
+        return Err(Error::Setting {
+            field: "tokenizer".into(),
+            what: format!(
+                "the tokenizer has {} tokens but the model's vocabulary has {}",
+                model.tokenizer.vocab_size(),
+                model.model.vocab_size()
+            ),
+        });
+    }
+    // Encode every record up front: a bad row is refused before any work.
+    let range = match opts.part {
+        Some((i, n)) => part_range(input.records.len(), i, n),
+        None => 0..input.records.len(),
+    };
+    let records = &input.records[range];
+    let enc_opts = EncodeOptions {
+        chat_template: settings.chat_template,
+        score: settings.mode == Mode::Score,
+    };
+    let max_len = model.model.max_len();
+    let mut encoded: Vec<Encoded> = Vec::with_capacity(records.len());
+    for rec in records {
+        let row_err = |what: String| Error::Row {
+            id: rec.id.clone(),
+            line: rec.line,
+            what,
+        };
+        let e = encode(rec, &model.tokenizer, enc_opts).map_err(row_err)?;
+        if e.prompt.is_empty() {
+            return Err(row_err("the prompt encodes to no tokens".into()));
+        }
+        let total = e.prompt.len() + e.response.as_ref().map_or(1, |r| r.len());
+        if total > max_len {
+            return Err(row_err(format!(
+                "{} tokens do not fit the teacher's context of {max_len} (prompt {} tokens); shorten it",
+                total,
+                e.prompt.len()
+            )));
+        }
+        if let Some(r) = &e.response
+            && r.is_empty()
+        {
+            return Err(row_err("the response to score is empty".into()));
+        }
+        encoded.push(e);
+    }
+
+    std::fs::create_dir_all(out_dir).map_err(|source| Error::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    let lock = FolderLock::take(out_dir)?;
+    remove_stray_tmp_files(out_dir)?;
+
+    let mut manifest = identity_manifest(model, input, settings, opts.part);
+    let final_path = out_dir.join(kd_shard::MANIFEST_FILE);
+    let partial_path = out_dir.join(kd_shard::PARTIAL_MANIFEST_FILE);
+    let mut done: Vec<Option<ShardEntry>> = Vec::new();
+    let n_shards = encoded.len().div_ceil(settings.rows_per_shard);
+    done.resize(n_shards, None);
+    let previous = if final_path.exists() {
+        Some(kd_shard::read_manifest(&final_path)?)
+    } else if partial_path.exists() {
+        Some(kd_shard::read_manifest(&partial_path)?)
+    } else {
+        None
+    };
+    let has_shards = std::fs::read_dir(out_dir)
+        .map_err(|source| Error::Io {
+            path: out_dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok())
+        .any(|e| e.path().extension().is_some_and(|x| x == "parquet"));
+    if (previous.is_some() || has_shards) && !opts.resume {
+        return Err(Error::Exists {
+            dir: out_dir.to_path_buf(),
+        });
+    }
+    if let Some(prev) = &previous {
+        if let Some(what) = prev.diff_identity(&manifest) {
+            let field = what.split(':').next().unwrap_or("settings").to_string();
+            return Err(Error::ResumeMismatch {
+                dir: out_dir.to_path_buf(),
+                field,
+                what,
+            });
+        }
+        if prev.part != manifest.part {
+            return Err(Error::ResumeMismatch {
+                dir: out_dir.to_path_buf(),
+                field: "part".into(),
+                what: format!("{:?} vs {:?}", prev.part, manifest.part),
+            });
+        }
+        for e in &prev.shards {
+            if let Some(j) = (0..n_shards).find(|&j| shard_name(opts.part, j) == e.file) {
+                let p = out_dir.join(&e.file);
+                if p.exists() && kd_shard::hash_file(&p)? == e.sha256 {
+                    done[j] = Some(e.clone());
+                }
+            }
+        }
+    }
+
+    write_tokenizer_files(model, out_dir)?;
+    let engine = Engine {
+        model: &model.model,
+        top_k: settings.top_k,
+        stop_ids: model.tokenizer.stop_ids(),
+        max_new_tokens: settings.max_new_tokens,
+        sampling: SamplingConfig {
+            temperature: settings.temperature,
+            top_p: settings.top_p,
+            seed: settings.seed,
+        },
+        logits_chunk: opts.logits_chunk,
+    };
+    let bar = progress_bar(opts.progress, encoded.len() as u64);
+    let reused = done.iter().filter(|d| d.is_some()).count();
+    let mut work = Work::default();
+    let mut written = 0;
+    let work_start = Instant::now();
+    for j in 0..n_shards {
+        let lo = j * settings.rows_per_shard;
+        let hi = (lo + settings.rows_per_shard).min(encoded.len());
+        if done[j].is_some() {
+            bar.inc((hi - lo) as u64);
+            continue;
+        }
+        let mut rows: Vec<Row> = Vec::with_capacity(hi - lo);
+        for b in (lo..hi).step_by(opts.batch_size) {
+            let be = (b + opts.batch_size).min(hi);
+            match settings.mode {
+                Mode::Generate => {
+                    let batch: Vec<(&str, &[u32])> = (b..be)
+                        .map(|i| (records[i].id.as_str(), encoded[i].prompt.as_slice()))
+                        .collect();
+                    let gens = engine.generate(&batch, &mut work)?;
+                    for (i, g) in (b..be).zip(gens) {
+                        let p = &encoded[i].prompt;
+                        rows.push(Row {
+                            id: records[i].id.clone(),
+                            source: Source::Generated,
+                            input_ids: [p.as_slice(), &g.response].concat(),
+                            prompt_len: p.len() as u32,
+                            topk_ids: g.capture.topk_ids,
+                            topk_logprobs: g.capture.topk_logprobs,
+                            token_logprob: g.capture.token_logprob,
+                        });
+                    }
+                }
+                Mode::Score => {
+                    let batch: Vec<(&[u32], &[u32])> = (b..be)
+                        .map(|i| {
+                            (
+                                encoded[i].prompt.as_slice(),
+                                encoded[i].response.as_deref().expect("validated"),
+                            )
+                        })
+                        .collect();
+                    let caps = engine.score(&batch, &mut work)?;
+                    for (i, c) in (b..be).zip(caps) {
+                        let p = &encoded[i].prompt;
+                        let r = encoded[i].response.as_deref().expect("validated");
+                        rows.push(Row {
+                            id: records[i].id.clone(),
+                            source: Source::Scored,
+                            input_ids: [p.as_slice(), r].concat(),
+                            prompt_len: p.len() as u32,
+                            topk_ids: c.topk_ids,
+                            topk_logprobs: c.topk_logprobs,
+                            token_logprob: c.token_logprob,
+                        });
+                    }
+                }
+            }
+            bar.inc((be - b) as u64);
+            let secs = work_start.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "{:.1} tok/s",
+                (work.generated_tokens + work.scored_tokens) as f64 / secs
+            ));
+        }
+        let entry = kd_shard::write_shard(out_dir, &shard_name(opts.part, j), settings.top_k, &rows)?;
+        done[j] = Some(entry);
+        written += 1;
+        manifest.shards = done.iter().flatten().cloned().collect();
+        manifest.totals = Totals::of(&manifest.shards);
+        kd_shard::write_manifest_atomic(&partial_path, &manifest)?;
+    }
+    bar.finish_and_clear();
+    manifest.shards = done.into_iter().map(|d| d.expect("every shard done")).collect();
+    manifest.totals = Totals::of(&manifest.shards);
+    manifest.complete = true;
+    kd_shard::write_manifest_atomic(&final_path, &manifest)?;
+    if partial_path.exists() {
+        std::fs::remove_file(&partial_path).map_err(|source| Error::Io {
+            path: partial_path.clone(),
+            source,
+        })?;
+    }
+    lock.release();
+    let secs = work_start.elapsed().as_secs_f64();
+    let toks = work.generated_tokens + work.scored_tokens;
+    let t = &manifest.totals;
+    Ok(DumpSummary {
+        out_dir: out_dir.to_path_buf(),
+        rows: t.rows,
+        shards_written: written,
+        shards_reused: reused,
+        prompt_tokens: work.prefill_tokens - work.scored_tokens,
+        generated_tokens: work.generated_tokens,
+        scored_tokens: work.scored_tokens,
+        positions: t.positions,
+        bytes: t.bytes,
+        seconds: start.elapsed().as_secs_f64(),
+        tokens_per_s: if secs > 0.0 { toks as f64 / secs } else { 0.0 },
+        bytes_per_position: if t.positions > 0 {
+            t.bytes as f64 / t.positions as f64
+        } else {
+            0.0
+        },
+        skipped_lines: input.skipped.len(),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} prompts  {msg}  eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Removes temporary files a killed writer left behind (never a published name).
+fn remove_stray_tmp_files(dir: &Path) -> Result<()> {
+    let rd = std::fs::read_dir(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for e in rd.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.contains(".tmp-") {
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(|source| Error::Io { path: p, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `path` atomically: a temporary file in the same folder, fsync, rename.
+fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = kd_shard::tmp_path(path);
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Puts the teacher's tokenizer beside the shards (`tokenizer.json`, and the chat template in
+/// `tokenizer_config.json`), so the cache can be decoded and a student exported without the
+/// teacher. Its fingerprint is in the manifest.
+fn write_tokenizer_files(model: &LoadedModel, dir: &Path) -> Result<()> {
+    let tok = &model.tokenizer;
+    let json = serde_json::to_vec(&tok.to_tokenizer_json()).expect("tokenizer serializes");
+    write_file_atomic(&dir.join("tokenizer.json"), &json)?;
+    let mut cfg = serde_json::json!({});
+    if let Some(t) = tok.chat_template() {
+        cfg["chat_template"] = t.source().into();
+    }
+    if let Some(id) = tok.eos_id() {
+        cfg["eos_token"] = tok.token_text(id).into();
+    }
+    if let Some(id) = tok.bos_id() {
+        cfg["bos_token"] = tok.token_text(id).into();
+    }
+    let cfg = serde_json::to_vec_pretty(&cfg).expect("config serializes");
+    write_file_atomic(&dir.join("tokenizer_config.json"), &cfg)
+}

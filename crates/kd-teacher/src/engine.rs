@@ -1,0 +1,188 @@
+//! The teacher pass: batched generation with a KV cache, teacher-forced scoring, and capture
+//! of the top-k log-probabilities at every response position.
+
+use kd_model::{Llama, log_softmax_f64, top_k};
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::sampler::{Sampler, SamplingConfig};
+
+/// The teacher's distribution at consecutive response positions, flattened position-major.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Capture {
+    pub topk_ids: Vec<u32>,
+    pub topk_logprobs: Vec<f32>,
+    /// Log-prob of the token that actually follows each position.
+    pub token_logprob: Vec<f32>,
+}
+
+impl Capture {
+    /// Appends one position from its full-vocabulary T=1 log-probabilities.
+    fn record(&mut self, lp: &[f64], k: usize, next: u32) {
+        for (id, l) in top_k(lp, k) {
+            self.topk_ids.push(id);
+            self.topk_logprobs.push(l as f32);
+        }
+        self.token_logprob.push(lp[next as usize] as f32);
+    }
+}
+
+/// Why a generated response ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// An end-of-sequence or end-of-turn token (included in the response).
+    EndToken,
+    MaxNewTokens,
+    ContextFull,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generated {
+    pub response: Vec<u32>,
+    pub capture: Capture,
+    pub stop: Stop,
+}
+
+/// Counters for throughput reporting.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Work {
+    pub prefill_tokens: u64,
+    pub generated_tokens: u64,
+    pub scored_tokens: u64,
+}
+
+/// Runs the teacher for one dump.
+pub struct Engine<'a> {
+    pub model: &'a Llama,
+    pub top_k: usize,
+    pub stop_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingConfig,
+    /// Most positions whose full-vocabulary logits are held at once while scoring.
+    pub logits_chunk: usize,
+}
+
+impl Engine<'_> {
+    /// Generates a response for each `(row id, prompt ids)` and captures the teacher's top-k
+    /// at every response position. Rows are decoded together; finished rows leave the batch.
+    pub fn generate(&self, rows: &[(&str, &[u32])], work: &mut Work) -> Result<Vec<Generated>> {
+        let n = rows.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let model = self.model;
+        let mut samplers: Vec<Sampler> = rows
+            .iter()
+            .map(|(id, _)| Sampler::new(self.sampling, id))
+            .collect();
+        let mut out: Vec<Generated> = (0..n)
+            .map(|_| Generated {
+                response: Vec::new(),
+                capture: Capture::default(),
+                stop: Stop::MaxNewTokens,
+            })
+            .collect();
+        let prompts: Vec<&[u32]> = rows.iter().map(|r| r.1).collect();
+        work.prefill_tokens += prompts.iter().map(|p| p.len() as u64).sum::<u64>();
+        let (hidden, cache) = model.prefill(&prompts, true)?;
+        let mut cache = cache.expect("prefill was asked for a cache");
+        let sel: Vec<(usize, usize)> = prompts.iter().enumerate().map(|(i, p)| (i, p.len() - 1)).collect();
+        let mut logits = model.logits_at(&hidden, &sel)?;
+        drop(hidden);
+        // `active[j]` is the input row decoded in cache row j.
+        let mut active: Vec<usize> = (0..n).collect();
+        if self.max_new_tokens == 0 {
+            return Ok(out);
+        }
+        loop {
+            let v = model.vocab_size();
+            let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+            let k = self.top_k;
+            // One position per active row: capture and choose, in parallel over rows. `active`
+            // is ascending, so cache row j is the j-th active output row.
+            let mut is_active = vec![false; n];
+            for &r in &active {
+                is_active[r] = true;
+            }
+            let slots: Vec<(usize, (&mut Generated, &mut Sampler))> = out
+                .iter_mut()
+                .zip(samplers.iter_mut())
+                .enumerate()
+                .filter(|(r, _)| is_active[*r])
+                .collect();
+            let picks: Vec<(usize, u32)> = slots
+                .into_par_iter()
+                .enumerate()
+                .map(|(j, (r, (g, s)))| {
+                    let lp = log_softmax_f64(&flat[j * v..(j + 1) * v]);
+                    let next = s.choose(&lp);
+                    g.capture.record(&lp, k, next);
+                    g.response.push(next);
+                    (r, next)
+                })
+                .collect();
+            work.generated_tokens += picks.len() as u64;
+            // Decide which rows go on.
+            let mut keep = Vec::new();
+            let mut next_tokens = Vec::new();
+            for (j, &(r, tok)) in picks.iter().enumerate() {
+                let g = &mut out[r];
+                if self.stop_ids.contains(&tok) {
+                    g.stop = Stop::EndToken;
+                } else if g.response.len() >= self.max_new_tokens {
+                    g.stop = Stop::MaxNewTokens;
+                } else if prompts[r].len() + g.response.len() >= model.max_len() {
+                    g.stop = Stop::ContextFull;
+                } else {
+                    keep.push(j);
+                    next_tokens.push(tok);
+                }
+            }
+            if keep.is_empty() {
+                break;
+            }
+            cache.retain_rows(&keep)?;
+            active = keep.iter().map(|&j| picks[j].0).collect();
+            let h = model.step(&mut cache, &next_tokens)?;
+            logits = model.logits(&h)?;
+        }
+        Ok(out)
+    }
+
+    /// Teacher-forces `(prompt, response)` pairs and captures the top-k at every response
+    /// position (`prompt_len − 1 … len − 2`).
+    pub fn score(&self, rows: &[(&[u32], &[u32])], work: &mut Work) -> Result<Vec<Capture>> {
+        let seqs: Vec<Vec<u32>> = rows.iter().map(|(p, r)| [*p, *r].concat()).collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+        work.prefill_tokens += refs.iter().map(|s| s.len() as u64).sum::<u64>();
+        work.scored_tokens += rows.iter().map(|(_, r)| r.len() as u64).sum::<u64>();
+        let (hidden, _) = self.model.prefill(&refs, false)?;
+        let mut sel = Vec::new();
+        for (i, (p, r)) in rows.iter().enumerate() {
+            for t in p.len() - 1..p.len() + r.len() - 1 {
+                sel.push((i, t));
+            }
+        }
+        let v = self.model.vocab_size();
+        let mut caps: Vec<Capture> = vec![Capture::default(); rows.len()];
+        for chunk in sel.chunks(self.logits_chunk.max(1)) {
+            let flat: Vec<f32> = self.model.logits_at(&hidden, chunk)?.flatten_all()?.to_vec1()?;
+            let per: Vec<(usize, Capture)> = chunk
+                .par_iter()
+                .enumerate()
+                .map(|(j, &(i, t))| {
+                    let mut c = Capture::default();
+                    let lp = log_softmax_f64(&flat[j * v..(j + 1) * v]);
+                    c.record(&lp, self.top_k, seqs[i][t + 1]);
+                    (i, c)
+                })
+                .collect();
+            for (i, c) in per {
+                caps[i].topk_ids.extend(c.topk_ids);
+                caps[i].topk_logprobs.extend(c.topk_logprobs);
+                caps[i].token_logprob.extend(c.token_logprob);
+            }
+        }
+        Ok(caps)
+    }
+}

@@ -1,0 +1,68 @@
+//! `teacher-dump`: run the teacher once and cache its top-k log-probabilities.
+
+use anyhow::Context;
+use clap::Parser;
+use kd_distill::cli::{human_bytes, run_main, set_threads, teacher_dump::Args};
+
+fn main() {
+    let args = Args::parse();
+    let json = args.json;
+    run_main(move || {
+        let r = args.resolve()?;
+        set_threads(r.threads);
+        let mut input = kd_teacher::input::read_jsonl(&r.input, r.skip_bad_lines)?;
+        for (line, what) in &input.skipped {
+            eprintln!("skipped {}:{line}: {what}", r.input.display());
+        }
+        if let Some(n) = r.limit {
+            input.records.truncate(n);
+        }
+        let model = kd_model::load(&r.teacher, r.settings.precision, &candle_core::Device::Cpu)
+            .with_context(|| format!("loading the teacher {}", r.teacher.display()))?;
+        if !json {
+            eprintln!(
+                "teacher {} ({} parameters, {:?}), {} prompts from {}, top-k {}, {}",
+                r.teacher.display(),
+                model.identity.n_params,
+                r.settings.precision,
+                input.records.len(),
+                r.input.display(),
+                r.settings.top_k,
+                if r.settings.temperature > 0.0 {
+                    format!("sampling T={} top-p={} seed={}", r.settings.temperature, r.settings.top_p, r.settings.seed)
+                } else {
+                    "greedy".to_string()
+                }
+            );
+        }
+        let s = kd_teacher::dump::dump(&model, &input, &r.settings, &r.run, &r.out)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        } else {
+            let toks = s.generated_tokens + s.scored_tokens;
+            println!(
+                "{} prompts ({} shards written, {} reused) -> {}",
+                s.rows,
+                s.shards_written,
+                s.shards_reused,
+                s.out_dir.join("manifest.json").display()
+            );
+            println!(
+                "prompt tokens {}, {} tokens {}, {:.1} tokens/s, {:.1} s",
+                s.prompt_tokens,
+                if s.scored_tokens > 0 { "scored" } else { "generated" },
+                toks,
+                s.tokens_per_s,
+                s.seconds
+            );
+            println!(
+                "distilled positions {}, {} on disk, {:.1} bytes per position, peak memory {}",
+                s.positions,
+                human_bytes(s.bytes),
+                s.bytes_per_position,
+                s.peak_rss_bytes.map(human_bytes).unwrap_or_else(|| "unknown".into())
+            );
+        }
+        Ok(())
+    })
+}

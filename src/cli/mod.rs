@@ -1,0 +1,47 @@
+//! Helpers shared by the binaries.
+
+pub mod shard_cat;
+pub mod teacher_dump;
+
+/// Runs a binary's body: prints the error chain and exits 1 on failure; a closed output pipe
+/// (`shard-cat … | head`) ends quietly with status 0.
+pub fn run_main(body: impl FnOnce() -> anyhow::Result<()>) -> ! {
+    match body() {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                std::process::exit(0);
+            }
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Sets the number of CPU threads candle and rayon use (0 = all cores).
+pub fn set_threads(n: usize) {
+    if n > 0 {
+        // SAFETY: called first thing in main, before any other thread exists; candle and rayon
+        // read the variable when their pools start.
+        unsafe {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+    }
+}
+
+/// Human-readable byte count.
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{b} B")
+    }
+}

@@ -1,0 +1,80 @@
+//! Shared helpers of the end-to-end tests: fixture paths, temp dirs, running the binaries.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shared reference data (`../shared/data/reference`), or `KD_REFERENCE_DIR`.
+pub fn reference_dir() -> PathBuf {
+    std::env::var_os("KD_REFERENCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/data/reference"))
+}
+
+/// The real teacher GGUF: `KD_TEACHER_GGUF`, else `data/models/SmolLM2-135M-Instruct.Q4_1.gguf`
+/// (fetched by `scripts/setup.sh`). Tests that need it skip with a message when it is absent,
+/// unless `KD_REQUIRE_TEACHER=1` (set by CI), which turns absence into a failure.
+pub fn teacher_gguf() -> Option<PathBuf> {
+    let p = std::env::var_os("KD_TEACHER_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("data/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("KD_REQUIRE_TEACHER").is_ok_and(|v| v == "1") {
+        panic!("KD_REQUIRE_TEACHER=1 but the teacher is missing at {}", p.display());
+    }
+    eprintln!("skipped: real teacher not found at {} (run scripts/setup.sh)", p.display());
+    None
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("kd-test-").tempdir().expect("temp dir")
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "teacher-dump" => PathBuf::from(env!("CARGO_BIN_EXE_teacher-dump")),
+        "shard-cat" => PathBuf::from(env!("CARGO_BIN_EXE_shard-cat")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+/// Runs a binary with arguments; returns its output (does not assert success).
+pub fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(bin(name))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("binary runs")
+}
+
+pub fn run_ok(name: &str, args: &[&str]) -> String {
+    let out = run(name, args);
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+/// Writes lines of JSON to a file.
+pub fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(path, text).expect("write jsonl");
+}
