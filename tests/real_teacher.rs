@@ -18,7 +18,9 @@ fn case_dir() -> std::path::PathBuf {
 
 #[test]
 fn exact_path_reproduces_transformers_top20_logprobs() {
-    let Some(gguf) = util::teacher_gguf() else { return };
+    let Some(gguf) = util::teacher_gguf() else {
+        return;
+    };
     let m = load(&gguf, Precision::Exact, &Device::Cpu).expect("teacher loads");
     let cases = util::read_jsonl(&case_dir().join("teacher-logprobs.jsonl"));
     let (mut max_err, mut sum_err, mut n) = (0f64, 0f64, 0usize);
@@ -29,7 +31,14 @@ fn exact_path_reproduces_transformers_top20_logprobs() {
         let (hidden, _) = m.model.prefill(&[&ids], false).unwrap();
         for pos in case["positions"].as_array().unwrap() {
             let t = pos["t"].as_u64().unwrap() as usize;
-            let logits: Vec<f32> = m.model.logits_at(&hidden, &[(0, t)]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let logits: Vec<f32> = m
+                .model
+                .logits_at(&hidden, &[(0, t)])
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let lp = log_softmax_f64(&logits);
             let top_ids: Vec<u32> = serde_json::from_value(pos["top_ids"].clone()).unwrap();
             let top_lp: Vec<f64> = serde_json::from_value(pos["top_logprobs"].clone()).unwrap();
@@ -48,14 +57,21 @@ fn exact_path_reproduces_transformers_top20_logprobs() {
         }
     }
     let mean = sum_err / n as f64;
-    eprintln!("top-20 log-probs vs transformers f32: {n} values, mean |err| {mean:.2e}, max {max_err:.2e} nats; top-1 agrees at {top1_same}/{positions}");
-    assert!(max_err < LOGPROB_TOL, "max error {max_err} nats exceeds {LOGPROB_TOL}");
+    eprintln!(
+        "top-20 log-probs vs transformers f32: {n} values, mean |err| {mean:.2e}, max {max_err:.2e} nats; top-1 agrees at {top1_same}/{positions}"
+    );
+    assert!(
+        max_err < LOGPROB_TOL,
+        "max error {max_err} nats exceeds {LOGPROB_TOL}"
+    );
     assert_eq!(top1_same, positions);
 }
 
 #[test]
 fn greedy_generation_reproduces_reference_continuations() {
-    let Some(gguf) = util::teacher_gguf() else { return };
+    let Some(gguf) = util::teacher_gguf() else {
+        return;
+    };
     let m = load(&gguf, Precision::Exact, &Device::Cpu).expect("teacher loads");
     let cases = util::read_jsonl(&case_dir().join("greedy-cases.jsonl"));
     let engine = Engine {
@@ -63,10 +79,17 @@ fn greedy_generation_reproduces_reference_continuations() {
         top_k: 20,
         stop_ids: m.tokenizer.stop_ids(),
         max_new_tokens: 32,
-        sampling: SamplingConfig { temperature: 0.0, top_p: 1.0, seed: 0 },
+        sampling: SamplingConfig {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        },
         logits_chunk: 64,
     };
-    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["prompt_ids"].clone()).unwrap()).collect();
+    let prompts: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| serde_json::from_value(c["prompt_ids"].clone()).unwrap())
+        .collect();
     let rows: Vec<(&str, &[u32])> = prompts.iter().map(|p| ("x", p.as_slice())).collect();
     let mut work = Work::default();
     // All four in one batch: rows of different lengths share the KV cache.
@@ -74,14 +97,19 @@ fn greedy_generation_reproduces_reference_continuations() {
     for (c, g) in cases.iter().zip(&out) {
         let want: Vec<u32> = serde_json::from_value(c["greedy_ids"].clone()).unwrap();
         assert_eq!(g.response, want, "greedy continuation of {}", c["messages"]);
-        assert_eq!(m.tokenizer.decode(&g.response, false), c["text"].as_str().unwrap());
+        assert_eq!(
+            m.tokenizer.decode(&g.response, false),
+            c["text"].as_str().unwrap()
+        );
     }
 }
 
 #[test]
 fn approximate_quantized_path_is_close_but_not_exact() {
     // Measures the error of the opt-in fast path, so the number in --help stays honest.
-    let Some(gguf) = util::teacher_gguf() else { return };
+    let Some(gguf) = util::teacher_gguf() else {
+        return;
+    };
     let q = load(&gguf, Precision::Quantized, &Device::Cpu).unwrap();
     let cases = util::read_jsonl(&case_dir().join("teacher-logprobs.jsonl"));
     let (mut sum, mut n) = (0f64, 0usize);
@@ -90,7 +118,14 @@ fn approximate_quantized_path_is_close_but_not_exact() {
         let (hidden, _) = q.model.prefill(&[&ids], false).unwrap();
         for pos in case["positions"].as_array().unwrap() {
             let t = pos["t"].as_u64().unwrap() as usize;
-            let logits: Vec<f32> = q.model.logits_at(&hidden, &[(0, t)]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let logits: Vec<f32> = q
+                .model
+                .logits_at(&hidden, &[(0, t)])
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let lp = log_softmax_f64(&logits);
             let top_ids: Vec<u32> = serde_json::from_value(pos["top_ids"].clone()).unwrap();
             let top_lp: Vec<f64> = serde_json::from_value(pos["top_logprobs"].clone()).unwrap();

@@ -29,7 +29,10 @@ fn main() {
                 r.input.display(),
                 r.settings.top_k,
                 if r.settings.temperature > 0.0 {
-                    format!("sampling T={} top-p={} seed={}", r.settings.temperature, r.settings.top_p, r.settings.seed)
+                    format!(
+                        "sampling T={} top-p={} seed={}",
+                        r.settings.temperature, r.settings.top_p, r.settings.seed
+                    )
                 } else {
                     "greedy".to_string()
                 }
@@ -50,7 +53,11 @@ fn main() {
             println!(
                 "prompt tokens {}, {} tokens {}, {:.1} tokens/s, {:.1} s",
                 s.prompt_tokens,
-                if s.scored_tokens > 0 { "scored" } else { "generated" },
+                if s.scored_tokens > 0 {
+                    "scored"
+                } else {
+                    "generated"
+                },
                 toks,
                 s.tokens_per_s,
                 s.seconds
@@ -60,7 +67,9 @@ fn main() {
                 s.positions,
                 human_bytes(s.bytes),
                 s.bytes_per_position,
-                s.peak_rss_bytes.map(human_bytes).unwrap_or_else(|| "unknown".into())
+                s.peak_rss_bytes
+                    .map(human_bytes)
+                    .unwrap_or_else(|| "unknown".into())
             );
         }
         Ok(())

@@ -158,7 +158,11 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
                         "ok: {} shards, {} rows verified{}",
                         r.files_checked,
                         r.rows,
-                        if quick { " (quick: hashes and footers)" } else { "" }
+                        if quick {
+                            " (quick: hashes and footers)"
+                        } else {
+                            ""
+                        }
                     )?;
                 } else {
                     eprintln!("{} problem(s) found in {}", r.problems.len(), dir.display());
@@ -177,11 +181,20 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
                 writeln!(out, "distilled positions    {}", s.positions)?;
                 writeln!(out, "teacher-written tokens {}", s.response_tokens)?;
                 writeln!(out, "top-k                  {}", s.k)?;
-                writeln!(out, "bytes                  {} ({})", s.bytes, human_bytes(s.bytes))?;
+                writeln!(
+                    out,
+                    "bytes                  {} ({})",
+                    s.bytes,
+                    human_bytes(s.bytes)
+                )?;
                 writeln!(out, "bytes per position     {:.1}", s.bytes_per_position)?;
                 writeln!(out, "mean tail mass         {:.4}", s.mean_tail_mass)?;
                 writeln!(out, "mean top-1 probability {:.4}", s.mean_top1_prob)?;
-                writeln!(out, "mean token log-prob    {:.4} nats", s.mean_token_logprob)?;
+                writeln!(
+                    out,
+                    "mean token log-prob    {:.4} nats",
+                    s.mean_token_logprob
+                )?;
                 for (src, ss) in &s.by_source {
                     writeln!(
                         out,
@@ -192,7 +205,11 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
             }
         }
         Cmd::Schema => {
-            writeln!(out, "{}", serde_json::to_string_pretty(&kd_shard::schema_json())?)?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&kd_shard::schema_json())?
+            )?;
         }
         Cmd::Merge { parts, out: dest } => {
             let m = merge(&parts, &dest)?;
@@ -214,8 +231,16 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
 }
 
 fn print_ls(m: &Manifest, out: &mut dyn Write) -> anyhow::Result<()> {
-    let short = |v: &serde_json::Value| v.as_str().map(|s| s.chars().take(12).collect::<String>()).unwrap_or_default();
-    writeln!(out, "format     {} v{} by {}", m.format, m.format_version, m.producer)?;
+    let short = |v: &serde_json::Value| {
+        v.as_str()
+            .map(|s| s.chars().take(12).collect::<String>())
+            .unwrap_or_default()
+    };
+    writeln!(
+        out,
+        "format     {} v{} by {}",
+        m.format, m.format_version, m.producer
+    )?;
     writeln!(
         out,
         "teacher    {} ({} params, sha256 {}…)",
@@ -240,8 +265,17 @@ fn print_ls(m: &Manifest, out: &mut dyn Write) -> anyhow::Result<()> {
     if let Some(p) = m.part {
         writeln!(out, "part       {}/{}", p.index, p.count)?;
     }
-    writeln!(out, "complete   {}   fingerprint {}…", m.complete, &m.fingerprint[..m.fingerprint.len().min(12)])?;
-    writeln!(out, "{:<32} {:>6} {:>9} {:>10}  sha256", "shard", "rows", "positions", "bytes")?;
+    writeln!(
+        out,
+        "complete   {}   fingerprint {}…",
+        m.complete,
+        &m.fingerprint[..m.fingerprint.len().min(12)]
+    )?;
+    writeln!(
+        out,
+        "{:<32} {:>6} {:>9} {:>10}  sha256",
+        "shard", "rows", "positions", "bytes"
+    )?;
     for s in &m.shards {
         writeln!(
             out,
@@ -261,7 +295,11 @@ fn print_ls(m: &Manifest, out: &mut dyn Write) -> anyhow::Result<()> {
         t.tokens,
         t.positions,
         human_bytes(t.bytes),
-        if t.positions > 0 { t.bytes as f64 / t.positions as f64 } else { 0.0 }
+        if t.positions > 0 {
+            t.bytes as f64 / t.positions as f64
+        } else {
+            0.0
+        }
     )?;
     Ok(())
 }
@@ -283,7 +321,11 @@ fn print_row(
 ) -> anyhow::Result<()> {
     let p = row.prompt_len as usize;
     let n_pos = row.n_pos();
-    let shown = if view.positions == 0 { n_pos } else { view.positions.min(n_pos) };
+    let shown = if view.positions == 0 {
+        n_pos
+    } else {
+        view.positions.min(n_pos)
+    };
     let top = view.top.min(k);
     if json {
         let positions: Vec<_> = (0..shown)
@@ -319,14 +361,24 @@ fn print_row(
         n_pos
     )?;
     if let Some(t) = tok {
-        writeln!(out, "prompt:\n{}", t.decode(&row.input_ids[..p], false).trim_end())?;
+        writeln!(
+            out,
+            "prompt:\n{}",
+            t.decode(&row.input_ids[..p], false).trim_end()
+        )?;
         writeln!(out, "response:\n{}", t.decode(&row.input_ids[p..], false))?;
     } else {
-        writeln!(out, "(no tokenizer.json beside the shards: ids only; pass --tokenizer)")?;
+        writeln!(
+            out,
+            "(no tokenizer.json beside the shards: ids only; pass --tokenizer)"
+        )?;
         writeln!(out, "prompt ids: {:?}", &row.input_ids[..p])?;
         writeln!(out, "response ids: {:?}", &row.input_ids[p..])?;
     }
-    writeln!(out, "positions: actual next token (teacher prob) | teacher top-{top}")?;
+    writeln!(
+        out,
+        "positions: actual next token (teacher prob) | teacher top-{top}"
+    )?;
     for i in 0..shown {
         let t = p - 1 + i;
         let next = row.input_ids[t + 1];
@@ -347,7 +399,11 @@ fn print_row(
         writeln!(out, "{line}")?;
     }
     if shown < n_pos {
-        writeln!(out, "  … {} more positions (--positions 0 shows all)", n_pos - shown)?;
+        writeln!(
+            out,
+            "  … {} more positions (--positions 0 shows all)",
+            n_pos - shown
+        )?;
     }
     Ok(())
 }
@@ -359,7 +415,10 @@ pub fn merge(parts: &[PathBuf], dest: &Path) -> anyhow::Result<Manifest> {
     for p in parts {
         let m = manifest(p)?;
         if !m.complete {
-            bail!("{}: part is not complete (resume its dump first)", p.display());
+            bail!(
+                "{}: part is not complete (resume its dump first)",
+                p.display()
+            );
         }
         ms.push((m, p.clone()));
     }

@@ -106,10 +106,19 @@ fn parse_part(s: &str) -> anyhow::Result<(usize, usize)> {
     let (a, b) = s
         .split_once('/')
         .with_context(|| format!("--part `{s}`: expected I/N, e.g. 0/4"))?;
-    let i: usize = a.trim().parse().with_context(|| format!("--part `{s}`: bad index"))?;
-    let n: usize = b.trim().parse().with_context(|| format!("--part `{s}`: bad count"))?;
+    let i: usize = a
+        .trim()
+        .parse()
+        .with_context(|| format!("--part `{s}`: bad index"))?;
+    let n: usize = b
+        .trim()
+        .parse()
+        .with_context(|| format!("--part `{s}`: bad count"))?;
     if n == 0 || i >= n {
-        bail!("--part `{s}`: the index must be below the count (0/{n} … {}/{n})", n.max(1) - 1);
+        bail!(
+            "--part `{s}`: the index must be below the count (0/{n} … {}/{n})",
+            n.max(1) - 1
+        );
     }
     Ok((i, n))
 }
@@ -122,7 +131,9 @@ impl Args {
             None => DumpSection::default(),
         };
         let need = |v: Option<PathBuf>, flag: &str| {
-            v.with_context(|| format!("missing --{flag} (or `{flag}` in the pipeline's [dump] section)"))
+            v.with_context(|| {
+                format!("missing --{flag} (or `{flag}` in the pipeline's [dump] section)")
+            })
         };
         let score = self.score || p.score.unwrap_or(false);
         let settings = DumpSettings {

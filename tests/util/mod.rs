@@ -26,14 +26,23 @@ pub fn teacher_gguf() -> Option<PathBuf> {
         return Some(p);
     }
     if std::env::var("KD_REQUIRE_TEACHER").is_ok_and(|v| v == "1") {
-        panic!("KD_REQUIRE_TEACHER=1 but the teacher is missing at {}", p.display());
+        panic!(
+            "KD_REQUIRE_TEACHER=1 but the teacher is missing at {}",
+            p.display()
+        );
     }
-    eprintln!("skipped: real teacher not found at {} (run scripts/setup.sh)", p.display());
+    eprintln!(
+        "skipped: real teacher not found at {} (run scripts/setup.sh)",
+        p.display()
+    );
     None
 }
 
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("kd-test-").tempdir().expect("temp dir")
+    tempfile::Builder::new()
+        .prefix("kd-test-")
+        .tempdir()
+        .expect("temp dir")
 }
 
 pub fn bin(name: &str) -> PathBuf {

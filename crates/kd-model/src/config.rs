@@ -57,8 +57,7 @@ impl LlamaConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.num_key_value_heads == 0
-            || self.num_attention_heads % self.num_key_value_heads != 0
+        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0
         {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -66,7 +65,10 @@ impl LlamaConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(format!("head_dim {} must be even for RoPE", self.head_dim()));
+            return Err(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if self.vocab_size == 0 || self.num_hidden_layers == 0 {
             return Err("vocab_size and num_hidden_layers must be positive".into());

@@ -42,7 +42,9 @@ pub enum Error {
         path: PathBuf,
         source: kd_tokenizer::Error,
     },
-    #[error("{path}: no model found (expected a .gguf file or a directory with config.json, *.safetensors and tokenizer.json)")]
+    #[error(
+        "{path}: no model found (expected a .gguf file or a directory with config.json, *.safetensors and tokenizer.json)"
+    )]
     NotAModel { path: PathBuf },
     #[error("sequence of {len} tokens exceeds the model's context of {max} tokens")]
     TooLong { len: usize, max: usize },

@@ -22,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod llama;
 pub mod loader;
+pub mod packed;
 pub mod testing;
 
 pub use config::LlamaConfig;

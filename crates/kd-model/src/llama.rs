@@ -6,19 +6,38 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
+use crate::packed::PackedLinear;
 
 /// A linear map `y = x Wᵀ`: dense f32 (exact) or candle's quantized kernel (approximate:
 /// activations are quantized to 8 bits inside its CPU dot products).
 pub enum Linear {
     Dense(Tensor),
+    /// Exact f32 like `Dense`, plus the GGUF blocks for small batches (decoding), which are
+    /// multiplied in f32 by [`PackedLinear`] at a fraction of the memory traffic.
+    Packed {
+        dense: Tensor,
+        packed: PackedLinear,
+    },
     Quant(QMatMul),
 }
+
+/// Up to this many rows go through the packed kernel; larger products use the dense GEMM.
+const PACKED_MAX_ROWS: usize = 16;
 
 impl Linear {
     /// `x` is `[n, in]`, the result `[n, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Linear::Dense(w) => x.matmul(&w.t()?)?,
+            Linear::Packed { dense, packed } => {
+                let n = x.dim(0)?;
+                if n <= PACKED_MAX_ROWS && x.device().is_cpu() {
+                    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                    Tensor::from_vec(packed.matmul(&xs, n), (n, packed.rows()), x.device())?
+                } else {
+                    x.matmul(&dense.t()?)?
+                }
+            }
             Linear::Quant(q) => q.forward(x)?,
         })
     }
@@ -202,7 +221,10 @@ impl Llama {
     pub fn step(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Tensor> {
         let b = tokens.len();
         assert_eq!(b, cache.batch_size(), "one token per cached row");
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+        if let Some(&id) = tokens
+            .iter()
+            .find(|&&id| id as usize >= self.cfg.vocab_size)
+        {
             return Err(crate::Error::TokenOutOfRange {
                 id,
                 vocab: self.cfg.vocab_size,
@@ -242,7 +264,11 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let cfg = &self.cfg;
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim(),
+        );
         let rep = nh / nkv;
         let eps = cfg.rms_norm_eps as f32;
         let cos = self.cos.index_select(pos, 0)?.reshape((b, l, hd / 2))?;
@@ -279,7 +305,9 @@ impl Llama {
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => {
                     let kv = match c.kv[li].take() {
-                        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                        Some((pk, pv)) => {
+                            (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
+                        }
                         None => (k, v),
                     };
                     c.kv[li] = Some(kv.clone());
@@ -350,4 +378,3 @@ pub fn top_k(logprobs: &[f64], k: usize) -> Vec<(u32, f64)> {
     idx.truncate(k);
     idx.into_iter().map(|i| (i, logprobs[i as usize])).collect()
 }
-

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::llama::{Layer, Linear, Llama};
+use crate::packed::PackedLinear;
 
 /// How the teacher computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -163,8 +164,7 @@ pub fn gguf_config(c: &gguf_file::Content, path: &Path) -> Result<LlamaConfig> {
         rms_norm_eps: meta_f64(c, path, &format!("{p}attention.layer_norm_rms_epsilon"))
             .unwrap_or(1e-5),
         rope_theta: meta_f64(c, path, &format!("{p}rope.freq_base")).unwrap_or(10000.0),
-        max_position_embeddings: meta_usize(c, path, &format!("{p}context_length"))
-            .unwrap_or(2048),
+        max_position_embeddings: meta_usize(c, path, &format!("{p}context_length")).unwrap_or(2048),
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         bos_token_id: meta_usize(c, path, "tokenizer.ggml.bos_token_id")
             .ok()
@@ -225,7 +225,17 @@ fn load_gguf(path: &Path, precision: Precision, device: &Device) -> Result<Loade
             Precision::Quantized if !matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16) => {
                 Linear::Quant(QMatMul::from_qtensor(t)?)
             }
-            _ => Linear::Dense(t.dequantize(device)?),
+            _ => {
+                let dense = t.dequantize(device)?;
+                match device
+                    .is_cpu()
+                    .then(|| PackedLinear::from_qtensor(&t))
+                    .flatten()
+                {
+                    Some(packed) => Linear::Packed { dense, packed },
+                    None => Linear::Dense(dense),
+                }
+            }
         })
     };
     let d = cfg.hidden_size;
@@ -360,10 +370,11 @@ pub fn load_hf_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Te
 fn load_hf_dir(dir: &Path, precision: Precision, device: &Device) -> Result<LoadedModel> {
     let cfg = read_hf_config(dir)?;
     let tok_path = dir.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_tokenizer_json(&tok_path).map_err(|source| Error::Tokenizer {
-        path: tok_path.clone(),
-        source,
-    })?;
+    let tokenizer =
+        Tokenizer::from_tokenizer_json(&tok_path).map_err(|source| Error::Tokenizer {
+            path: tok_path.clone(),
+            source,
+        })?;
     let mut ts = load_hf_tensors(dir, device)?;
     let mut take = |name: &str, expected: &[usize]| -> Result<Tensor> {
         let t = ts.remove(name).ok_or_else(|| Error::MissingTensor {

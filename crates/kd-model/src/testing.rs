@@ -76,7 +76,12 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Result<HashMap<String, Te
         mat(format!("{p}.self_attn.o_proj.weight"), d, d, s)?;
         mat(format!("{p}.mlp.gate_proj.weight"), ff, d, s)?;
         mat(format!("{p}.mlp.up_proj.weight"), ff, d, s)?;
-        mat(format!("{p}.mlp.down_proj.weight"), d, ff, 1.0 / (ff as f32).sqrt())?;
+        mat(
+            format!("{p}.mlp.down_proj.weight"),
+            d,
+            ff,
+            1.0 / (ff as f32).sqrt(),
+        )?;
     }
     let mut ones = |name: String| -> Result<()> {
         let v: Vec<f32> = (0..d).map(|_| 1.0 + 0.1 * rng.normal()).collect();

@@ -39,15 +39,63 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let dir = tempfile::tempdir()?;
     let variants: &[(&str, E, E, E, i32)] = &[
-        ("dictionary everywhere (parquet default)", E::Dictionary, E::Dictionary, E::Dictionary, 3),
+        (
+            "dictionary everywhere (parquet default)",
+            E::Dictionary,
+            E::Dictionary,
+            E::Dictionary,
+            3,
+        ),
         ("plain everywhere", E::Plain, E::Plain, E::Plain, 3),
-        ("BSS floats, dictionary ids", E::ByteStreamSplit, E::Dictionary, E::Dictionary, 3),
-        ("BSS floats, plain ids", E::ByteStreamSplit, E::Plain, E::Plain, 3),
-        ("BSS floats, delta ids", E::ByteStreamSplit, E::DeltaBinaryPacked, E::DeltaBinaryPacked, 3),
-        ("BSS floats, BSS ids", E::ByteStreamSplit, E::ByteStreamSplit, E::ByteStreamSplit, 3),
-        ("dictionary floats, delta ids", E::Dictionary, E::DeltaBinaryPacked, E::DeltaBinaryPacked, 3),
-        ("BSS floats, dictionary ids, zstd 9", E::ByteStreamSplit, E::Dictionary, E::Dictionary, 9),
-        ("default WriteOptions", WriteOptions::default().float_encoding, WriteOptions::default().topk_id_encoding, WriteOptions::default().input_id_encoding, WriteOptions::default().zstd_level),
+        (
+            "BSS floats, dictionary ids",
+            E::ByteStreamSplit,
+            E::Dictionary,
+            E::Dictionary,
+            3,
+        ),
+        (
+            "BSS floats, plain ids",
+            E::ByteStreamSplit,
+            E::Plain,
+            E::Plain,
+            3,
+        ),
+        (
+            "BSS floats, delta ids",
+            E::ByteStreamSplit,
+            E::DeltaBinaryPacked,
+            E::DeltaBinaryPacked,
+            3,
+        ),
+        (
+            "BSS floats, BSS ids",
+            E::ByteStreamSplit,
+            E::ByteStreamSplit,
+            E::ByteStreamSplit,
+            3,
+        ),
+        (
+            "dictionary floats, delta ids",
+            E::Dictionary,
+            E::DeltaBinaryPacked,
+            E::DeltaBinaryPacked,
+            3,
+        ),
+        (
+            "BSS floats, dictionary ids, zstd 9",
+            E::ByteStreamSplit,
+            E::Dictionary,
+            E::Dictionary,
+            9,
+        ),
+        (
+            "default WriteOptions",
+            WriteOptions::default().float_encoding,
+            WriteOptions::default().topk_id_encoding,
+            WriteOptions::default().input_id_encoding,
+            WriteOptions::default().zstd_level,
+        ),
     ];
     println!(
         "{:<42} {:>9} {:>10} {:>10} {:>10} {:>10} {:>9}",
@@ -70,8 +118,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut col = std::collections::BTreeMap::<String, i64>::new();
         for rg in r.metadata().row_groups() {
             for c in rg.columns() {
-                *col.entry(c.column_path().parts()[0].clone()).or_default() +=
-                    c.compressed_size();
+                *col.entry(c.column_path().parts()[0].clone()).or_default() += c.compressed_size();
             }
         }
         let per = |c: &str| col.get(c).copied().unwrap_or(0) as f64 / e.positions as f64;
@@ -86,6 +133,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ms
         );
     }
-    println!("(per-column figures: compressed column-chunk bytes per position; raw = 32*4 + 32*4 + 4 = 260 B/pos)");
+    println!(
+        "(per-column figures: compressed column-chunk bytes per position; raw = 32*4 + 32*4 + 4 = 260 B/pos)"
+    );
     Ok(())
 }

@@ -96,6 +96,31 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Creates `dir` and its missing ancestors, fsyncing the parent of each one created so that
+/// the new directory entries survive a crash along with the file about to be renamed in.
+fn create_dirs_durably(dir: &Path) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    while !cur.exists() {
+        missing.push(cur);
+        match cur.parent() {
+            Some(p) if !p.as_os_str().is_empty() => cur = p,
+            _ => break,
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for d in missing {
+        match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => fsync_dir(p)?,
+            _ => fsync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
 /// Writes `final_path` atomically: `fill` writes into `<final>.tmp-<pid>`, which is then
 /// flushed, fsynced, renamed over `final_path`, and the directory fsynced. Readers see either
 /// the old file (or none) or the complete new one. On error the temporary file is removed.
@@ -109,7 +134,7 @@ pub(crate) fn write_atomic<T>(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    create_dirs_durably(&dir)?;
     let tmp = tmp_path(final_path);
     let result = (|| {
         let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -189,7 +214,15 @@ mod tests {
             safe_join(d, "part-0/shard-00000.parquet").unwrap(),
             d.join("part-0/shard-00000.parquet")
         );
-        for bad in ["", "../x.parquet", "/etc/x.parquet", "a/../../x", "./x", "a/", "a\\b"] {
+        for bad in [
+            "",
+            "../x.parquet",
+            "/etc/x.parquet",
+            "a/../../x",
+            "./x",
+            "a/",
+            "a\\b",
+        ] {
             assert!(
                 matches!(safe_join(d, bad), Err(Error::InvalidPath { .. })),
                 "{bad:?} accepted"

@@ -14,11 +14,11 @@
 //! | --- | --- | --- |
 //! | `id` | utf8 | stable id of the prompt/document |
 //! | `source` | utf8 | `generated` (teacher response) or `scored` (existing text) |
-//! | `input_ids` | list<uint32> | whole sequence: prompt then response |
+//! | `input_ids` | `list<uint32>` | whole sequence: prompt then response |
 //! | `prompt_len` | uint32 | leading tokens not distilled (≥ 1) |
-//! | `topk_ids` | list<uint32> | `n_pos × k` ids, position-major, sorted by log-prob desc |
-//! | `topk_logprobs` | list<float32> | `n_pos × k` teacher log-probabilities at T=1 |
-//! | `token_logprob` | list<float32> | `n_pos` log-probs of the token that actually follows |
+//! | `topk_ids` | `list<uint32>` | `n_pos × k` ids, position-major, sorted by log-prob desc |
+//! | `topk_logprobs` | `list<float32>` | `n_pos × k` teacher log-probabilities at T=1 |
+//! | `token_logprob` | `list<float32>` | `n_pos` log-probs of the token that actually follows |
 //!
 //! The Parquet key-value metadata holds `kd.format_version` and `kd.top_k`, so a shard alone
 //! is self-describing. [`schema_json`] (= `schemas/shard-v1.json`) describes all of this for

@@ -164,12 +164,15 @@ fn diff_value(path: &str, a: Option<&Value>, b: Option<&Value>) -> Option<(Strin
         (Some(Value::Object(ma)), Some(Value::Object(mb))) => {
             let keys: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
             keys.into_iter().find_map(|k| {
-                diff_value(&format!("{path}.{k}"), ma.get(k.as_str()), mb.get(k.as_str()))
+                diff_value(
+                    &format!("{path}.{k}"),
+                    ma.get(k.as_str()),
+                    mb.get(k.as_str()),
+                )
             })
         }
-        (Some(Value::Array(xa)), Some(Value::Array(xb))) => {
-            (0..xa.len().max(xb.len())).find_map(|i| diff_value(&format!("{path}[{i}]"), xa.get(i), xb.get(i)))
-        }
+        (Some(Value::Array(xa)), Some(Value::Array(xb))) => (0..xa.len().max(xb.len()))
+            .find_map(|i| diff_value(&format!("{path}[{i}]"), xa.get(i), xb.get(i))),
         (a, b) if a == b => None,
         (a, b) => Some((path.to_string(), format!("{} vs {}", show(a), show(b)))),
     }
@@ -290,7 +293,13 @@ impl Manifest {
     /// Returns the first problem.
     pub fn check_fields(&self) -> std::result::Result<(), String> {
         if self.format != FORMAT_NAME {
-            return Err(format!("format is {:?}, expected {FORMAT_NAME:?}", self.format));
+            return Err(format!(
+                "format is {:?}, expected {FORMAT_NAME:?}",
+                self.format
+            ));
+        }
+        if self.format_version == 0 {
+            return Err("format_version must be at least 1".to_string());
         }
         let pos_int = |v: &Value, obj: &str, key: &str| -> std::result::Result<(), String> {
             match v.get(key).and_then(Value::as_u64) {
@@ -311,7 +320,11 @@ impl Manifest {
         pos_int(&self.teacher, "teacher", "vocab_size")?;
         pos_int(&self.tokenizer, "tokenizer", "vocab_size")?;
         pos_int(&self.settings, "settings", "top_k")?;
-        if !self.tokenizer.get("fingerprint").is_some_and(Value::is_string) {
+        if !self
+            .tokenizer
+            .get("fingerprint")
+            .is_some_and(Value::is_string)
+        {
             return Err("tokenizer.fingerprint must be a string".to_string());
         }
         if let Some(p) = self.part
@@ -334,7 +347,8 @@ pub fn write_manifest_atomic(path: &Path, m: &Manifest) -> Result<()> {
     })?;
     text.push('\n');
     write_atomic(path, |mut w| {
-        w.write_all(text.as_bytes()).map_err(|e| Error::io(path, e))?;
+        w.write_all(text.as_bytes())
+            .map_err(|e| Error::io(path, e))?;
         Ok((w, ()))
     })
 }
@@ -353,7 +367,10 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
     if v.get("format").and_then(Value::as_str) != Some(FORMAT_NAME) {
         return Err(Error::schema(
             path,
-            format!("format is {}, expected {FORMAT_NAME:?}", show(v.get("format"))),
+            format!(
+                "format is {}, expected {FORMAT_NAME:?}",
+                show(v.get("format"))
+            ),
         ));
     }
     let found = v
@@ -386,7 +403,9 @@ pub fn merge_manifests(parts: &[Manifest]) -> Result<Manifest> {
         .ok_or_else(|| cov("no parts to merge".to_string()))?;
     let count = first
         .part
-        .ok_or_else(|| cov("part 0 of the list has no part info (not a --part manifest)".to_string()))?
+        .ok_or_else(|| {
+            cov("part 0 of the list has no part info (not a --part manifest)".to_string())
+        })?
         .count;
     let mut by_index: BTreeMap<u32, &Manifest> = BTreeMap::new();
     for (i, m) in parts.iter().enumerate() {
@@ -400,7 +419,10 @@ pub fn merge_manifests(parts: &[Manifest]) -> Result<Manifest> {
             )));
         }
         if p.index >= count {
-            return Err(cov(format!("part index {} is not below count {count}", p.index)));
+            return Err(cov(format!(
+                "part index {} is not below count {count}",
+                p.index
+            )));
         }
         first.check_same_identity(m)?;
         if by_index.insert(p.index, m).is_some() {
@@ -424,7 +446,10 @@ pub fn merge_manifests(parts: &[Manifest]) -> Result<Manifest> {
     for m in by_index.values() {
         for s in &m.shards {
             if !seen.insert(s.file.clone()) {
-                return Err(cov(format!("shard file {:?} is listed by more than one part", s.file)));
+                return Err(cov(format!(
+                    "shard file {:?} is listed by more than one part",
+                    s.file
+                )));
             }
             merged.push_shard(s.clone());
         }
@@ -479,7 +504,10 @@ mod tests {
     #[test]
     fn canonical_json_sorts_nested_keys() {
         let mut s = String::new();
-        canonical_json(&json!({"b": [1, {"z": null, "a": "x\"y"}], "a": 1.5}), &mut s);
+        canonical_json(
+            &json!({"b": [1, {"z": null, "a": "x\"y"}], "a": 1.5}),
+            &mut s,
+        );
         assert_eq!(s, r#"{"a":1.5,"b":[1,{"a":"x\"y","z":null}]}"#);
     }
 
@@ -500,12 +528,19 @@ mod tests {
         b.input["rows"] = json!(11);
         b.settings["top_k"] = json!(20);
         // Fields are visited teacher, tokenizer, input, settings: input comes first.
-        assert!(a.diff_identity(&b).unwrap().starts_with("input.rows: 10 vs 11"));
+        assert!(
+            a.diff_identity(&b)
+                .unwrap()
+                .starts_with("input.rows: 10 vs 11")
+        );
         let mut b = sample(None);
         b.settings["stop"] = json!(["a", "b"]);
         let mut c = b.clone();
         c.settings["stop"] = json!(["a", "c"]);
-        assert_eq!(b.diff_identity(&c).unwrap(), "settings.stop[1]: \"b\" vs \"c\"");
+        assert_eq!(
+            b.diff_identity(&c).unwrap(),
+            "settings.stop[1]: \"b\" vs \"c\""
+        );
         assert!(matches!(
             b.check_same_identity(&c),
             Err(Error::Identity { field, .. }) if field == "settings.stop[1]"
@@ -582,7 +617,9 @@ mod tests {
         std::fs::write(&p, "{\n  \"format\": \"kd-shard\",\n  oops\n}").unwrap();
         match read_manifest(&p) {
             Err(e @ Error::Json { .. }) => {
-                let Error::Json { source, .. } = &e else { unreachable!() };
+                let Error::Json { source, .. } = &e else {
+                    unreachable!()
+                };
                 assert_eq!(source.line(), 3);
             }
             other => panic!("expected Json, got {other:?}"),
@@ -622,7 +659,11 @@ mod tests {
         assert_eq!(m.fingerprint, p0.fingerprint);
         let mut p1i = p1.clone();
         p1i.complete = false;
-        assert!(!merge_manifests(&[p0.clone(), p1i, p2.clone()]).unwrap().complete);
+        assert!(
+            !merge_manifests(&[p0.clone(), p1i, p2.clone()])
+                .unwrap()
+                .complete
+        );
     }
 
     #[test]
@@ -632,10 +673,26 @@ mod tests {
         let p2 = part(2, 3, &["c.parquet"]);
         let cov = |r: Result<Manifest>| matches!(r, Err(Error::PartCoverage { .. }));
         assert!(cov(merge_manifests(&[])));
-        assert!(cov(merge_manifests(&[p0.clone(), p1.clone()])), "missing part 2");
-        assert!(cov(merge_manifests(&[p0.clone(), p1.clone(), p1.clone(), p2.clone()])));
-        assert!(cov(merge_manifests(&[p0.clone(), part(1, 4, &[]), p2.clone()])));
-        assert!(cov(merge_manifests(&[p0.clone(), sample(None), p2.clone()])));
+        assert!(
+            cov(merge_manifests(&[p0.clone(), p1.clone()])),
+            "missing part 2"
+        );
+        assert!(cov(merge_manifests(&[
+            p0.clone(),
+            p1.clone(),
+            p1.clone(),
+            p2.clone()
+        ])));
+        assert!(cov(merge_manifests(&[
+            p0.clone(),
+            part(1, 4, &[]),
+            p2.clone()
+        ])));
+        assert!(cov(merge_manifests(&[
+            p0.clone(),
+            sample(None),
+            p2.clone()
+        ])));
         let dup = part(2, 3, &["a.parquet"]);
         assert!(cov(merge_manifests(&[p0.clone(), p1.clone(), dup])));
         let mut other = p1.clone();

@@ -50,6 +50,29 @@ fn map_file(path: &Path) -> Result<Bytes> {
     Ok(Bytes::from_owner(map))
 }
 
+/// Runs a decoding step, turning a panic inside the Parquet library into [`Error::Corrupt`].
+///
+/// parquet-rs 60.1 panics on some corrupt pages (an out-of-bounds index in its
+/// BYTE_STREAM_SPLIT decoder, found by the `corrupt_shards_never_panic` test), and the promise
+/// here is an error naming the file, never a panic. The reader that panicked is not used
+/// again. Needs the default `panic = "unwind"`.
+fn guard<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(Error::corrupt(
+                path,
+                format!("Parquet decoder panicked: {msg}"),
+            ))
+        }
+    }
+}
+
 fn kv<'a>(kvs: &'a [parquet::file::metadata::KeyValue], key: &str) -> Option<&'a str> {
     kvs.iter()
         .find(|kv| kv.key == key)
@@ -57,7 +80,7 @@ fn kv<'a>(kvs: &'a [parquet::file::metadata::KeyValue], key: &str) -> Option<&'a
 }
 
 /// A streaming reader over the rows of one shard: checks the footer, schema and metadata on
-/// [`ShardReader::open`], then decodes [`BATCH_ROWS`] rows at a time. After the first error
+/// [`ShardReader::open`], then decodes 64 rows at a time. After the first error
 /// the iterator ends.
 pub struct ShardReader {
     path: PathBuf,
@@ -81,16 +104,26 @@ impl ShardReader {
     /// A newer format version gives [`Error::UnsupportedVersion`].
     pub fn open(path: &Path) -> Result<ShardReader> {
         let bytes = map_file(path)?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .map_err(|e| Error::parquet(path, e))?;
+        guard(path, || Self::open_bytes(path, bytes))
+    }
+
+    fn open_bytes(path: &Path, bytes: Bytes) -> Result<ShardReader> {
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| Error::parquet(path, e))?;
         let md = builder.metadata().clone();
         let fmd = md.file_metadata();
         let kvs: &[_] = fmd.key_value_metadata().map_or(&[], |v| v.as_slice());
         let version_s = kv(kvs, META_FORMAT_VERSION).ok_or_else(|| {
-            Error::schema(path, format!("missing Parquet metadata key {META_FORMAT_VERSION}"))
+            Error::schema(
+                path,
+                format!("missing Parquet metadata key {META_FORMAT_VERSION}"),
+            )
         })?;
         let format_version: u32 = version_s.trim().parse().map_err(|_| {
-            Error::schema(path, format!("{META_FORMAT_VERSION} = {version_s:?} is not an integer"))
+            Error::schema(
+                path,
+                format!("{META_FORMAT_VERSION} = {version_s:?} is not an integer"),
+            )
         })?;
         if format_version > FORMAT_VERSION {
             return Err(Error::UnsupportedVersion {
@@ -159,19 +192,21 @@ impl Iterator for ShardReader {
             if self.done {
                 return None;
             }
-            let batch = match self.batches.next() {
-                None => {
+            let (path, batches) = (&self.path, &mut self.batches);
+            let batch = guard(path, || match batches.next() {
+                None => Ok(None),
+                Some(Err(source)) => Err(Error::Arrow {
+                    path: path.clone(),
+                    source,
+                }),
+                Some(Ok(b)) => decode_batch(path, &b).map(Some),
+            });
+            match batch {
+                Ok(Some(rows)) => self.current = rows.into_iter(),
+                Ok(None) => {
                     self.done = true;
                     return None;
                 }
-                Some(Err(source)) => Err(Error::Arrow {
-                    path: self.path.clone(),
-                    source,
-                }),
-                Some(Ok(b)) => decode_batch(&self.path, &b),
-            };
-            match batch {
-                Ok(rows) => self.current = rows.into_iter(),
                 Err(e) => {
                     self.done = true;
                     return Some(Err(e));
@@ -220,14 +255,20 @@ impl<'a, T: ArrowPrimitiveType> ListCol<'a, T> {
             .as_list_opt::<i32>()
             .ok_or_else(|| Error::schema(path, format!("column {name} is not a list")))?;
         if list.null_count() > 0 {
-            return Err(Error::corrupt(path, format!("column {name} has null lists")));
+            return Err(Error::corrupt(
+                path,
+                format!("column {name} has null lists"),
+            ));
         }
         let values = list
             .values()
             .as_primitive_opt::<T>()
             .ok_or_else(|| Error::schema(path, format!("column {name} has the wrong item type")))?;
         if values.null_count() > 0 {
-            return Err(Error::corrupt(path, format!("column {name} has null items")));
+            return Err(Error::corrupt(
+                path,
+                format!("column {name} has null items"),
+            ));
         }
         Ok(ListCol {
             offsets: list.value_offsets(),

@@ -146,7 +146,9 @@ impl Row {
                     ));
                 }
                 if !lp.is_finite() {
-                    return Err(format!("position {j} rank {r}: log-prob {lp} is not finite"));
+                    return Err(format!(
+                        "position {j} rank {r}: log-prob {lp} is not finite"
+                    ));
                 }
                 if lp > LOGPROB_SLACK {
                     return Err(format!("position {j} rank {r}: log-prob {lp} > 0"));
@@ -168,7 +170,10 @@ impl Row {
             seen.extend_from_slice(ids);
             seen.sort_unstable();
             if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
-                return Err(format!("position {j}: id {} appears twice in top-{k}", w[0]));
+                return Err(format!(
+                    "position {j}: id {} appears twice in top-{k}",
+                    w[0]
+                ));
             }
             let tl = self.token_logprob[j];
             if !tl.is_finite() {
@@ -194,7 +199,7 @@ mod tests {
             input_ids: vec![1, 2, 3, 4, 5],
             prompt_len: 2,
             topk_ids: vec![3, 7, 4, 8, 5, 0],
-            topk_logprobs: vec![-0.1, -2.5, -0.2, -1.9, -0.05, -3.0],
+            topk_logprobs: vec![-0.1, -2.5, -0.2, -1.9, -0.05, -4.0],
             token_logprob: vec![-0.1, -0.2, -0.05],
         }
     }
@@ -222,7 +227,10 @@ mod tests {
             assert!(r.validate(2, 10).is_err(), "{bad} accepted in topk");
             let mut r = good();
             r.token_logprob[1] = bad;
-            assert!(r.validate(2, 10).is_err(), "{bad} accepted in token_logprob");
+            assert!(
+                r.validate(2, 10).is_err(),
+                "{bad} accepted in token_logprob"
+            );
         }
     }
 

@@ -220,8 +220,12 @@ mod tests {
             let text = serde_json::to_string_pretty(&code).unwrap() + "\n";
             std::fs::write(&path, text).unwrap();
         }
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}; run KD_BLESS=1 cargo test -p kd-shard schema_file", path.display()));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run KD_BLESS=1 cargo test -p kd-shard schema_file",
+                path.display()
+            )
+        });
         let file: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
             file,

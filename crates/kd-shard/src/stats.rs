@@ -140,10 +140,7 @@ impl StatsBuilder {
             rows: self.all.rows,
             tokens: self.all.tokens,
             positions: self.all.positions,
-            response_tokens: self
-                .by_source
-                .get("generated")
-                .map_or(0, |a| a.positions),
+            response_tokens: self.by_source.get("generated").map_or(0, |a| a.positions),
             bytes,
             bytes_per_position: if self.all.positions == 0 {
                 0.0

@@ -130,7 +130,10 @@ fn check_manifest(m: &Manifest, report: &mut VerifyReport) {
         report.push(
             MANIFEST_FILE,
             ProblemKind::Manifest,
-            format!("fingerprint {} does not match identity ({fp})", m.fingerprint),
+            format!(
+                "fingerprint {} does not match identity ({fp})",
+                m.fingerprint
+            ),
         );
     }
     let totals = Totals::of(&m.shards);
@@ -138,7 +141,10 @@ fn check_manifest(m: &Manifest, report: &mut VerifyReport) {
         report.push(
             MANIFEST_FILE,
             ProblemKind::Manifest,
-            format!("totals {:?} differ from the sums over shards {totals:?}", m.totals),
+            format!(
+                "totals {:?} differ from the sums over shards {totals:?}",
+                m.totals
+            ),
         );
     }
     if !m.complete {
@@ -171,7 +177,11 @@ fn check_shard(
     let md = match std::fs::metadata(&path) {
         Ok(md) => md,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return report.push(name, ProblemKind::Missing, "listed in manifest.json but missing");
+            return report.push(
+                name,
+                ProblemKind::Missing,
+                "listed in manifest.json but missing",
+            );
         }
         Err(e) => return report.push(name, ProblemKind::Unreadable, e.to_string()),
     };
@@ -212,7 +222,10 @@ fn check_shard(
         report.push(
             name,
             ProblemKind::Counts,
-            format!("footer has {} rows, manifest says {}", meta.rows, entry.rows),
+            format!(
+                "footer has {} rows, manifest says {}",
+                meta.rows, entry.rows
+            ),
         );
     }
     if !deep {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float32Array, ListArray, RecordBatch, StringArray, UInt32Array};
 use arrow::buffer::{OffsetBuffer, ScalarBuffer};
-use arrow::datatypes::{DataType, Field};
+use arrow::datatypes::{DataType, Field, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
@@ -76,7 +76,11 @@ pub fn created_by() -> String {
 }
 
 fn item_path(col: &str) -> ColumnPath {
-    ColumnPath::new(vec![col.to_string(), "list".to_string(), LIST_ITEM.to_string()])
+    ColumnPath::new(vec![
+        col.to_string(),
+        "list".to_string(),
+        LIST_ITEM.to_string(),
+    ])
 }
 
 fn apply_encoding(
@@ -160,7 +164,7 @@ fn batch_ranges(rows: &[Row], max_rows: usize) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-fn record_batch(rows: &[Row], path: &Path) -> Result<RecordBatch> {
+fn record_batch(schema: &SchemaRef, rows: &[Row], path: &Path) -> Result<RecordBatch> {
     let too_big = || Error::corrupt(path, "list values exceed i32 offsets in one batch");
     let id: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.id)));
     let source: ArrayRef = Arc::new(StringArray::from_iter_values(
@@ -198,7 +202,7 @@ fn record_batch(rows: &[Row], path: &Path) -> Result<RecordBatch> {
         )),
     );
     RecordBatch::try_new(
-        arrow_schema(),
+        schema.clone(),
         vec![
             id,
             source,
@@ -259,13 +263,25 @@ pub fn write_shard_with(
         }
     }
     let props = writer_properties(k, opts, &path)?;
+    // The kd.* keys also go into the Arrow schema's metadata, which pyarrow and polars show
+    // as the table's metadata (they read it from the embedded ARROW:schema).
+    let schema = Arc::new(
+        arrow_schema().as_ref().clone().with_metadata(
+            [
+                (META_FORMAT_VERSION.to_string(), FORMAT_VERSION.to_string()),
+                (META_TOP_K.to_string(), k.to_string()),
+            ]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>(),
+        ),
+    );
     let (sha, bytes) = write_atomic(&path, |file| {
         let pq = |e| Error::parquet(&path, e);
-        let mut w =
-            ArrowWriter::try_new(HashingWriter::new(file), arrow_schema(), Some(props))
-                .map_err(pq)?;
+        let mut w = ArrowWriter::try_new(HashingWriter::new(file), schema.clone(), Some(props))
+            .map_err(pq)?;
         for range in batch_ranges(rows, opts.row_group_rows.max(1)) {
-            w.write(&record_batch(&rows[range], &path)?).map_err(pq)?;
+            w.write(&record_batch(&schema, &rows[range], &path)?)
+                .map_err(pq)?;
         }
         let (file, sha, bytes) = w.into_inner().map_err(pq)?.finish();
         Ok((file, (sha, bytes)))

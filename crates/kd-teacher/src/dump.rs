@@ -44,13 +44,25 @@ impl DumpSettings {
             })
         };
         if self.top_k == 0 || self.top_k > vocab_size {
-            return bad("top_k", format!("{} is not in 1..={vocab_size} (the vocabulary size)", self.top_k));
+            return bad(
+                "top_k",
+                format!(
+                    "{} is not in 1..={vocab_size} (the vocabulary size)",
+                    self.top_k
+                ),
+            );
         }
         if self.mode == Mode::Generate && self.max_new_tokens == 0 {
-            return bad("max_new_tokens", "must be at least 1 when generating".into());
+            return bad(
+                "max_new_tokens",
+                "must be at least 1 when generating".into(),
+            );
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad("temperature", format!("{} must be ≥ 0 (0 = greedy)", self.temperature));
+            return bad(
+                "temperature",
+                format!("{} must be ≥ 0 (0 = greedy)", self.temperature),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", format!("{} must be in (0, 1]", self.top_p));
@@ -410,7 +422,8 @@ pub fn dump(
                 (work.generated_tokens + work.scored_tokens) as f64 / secs
             ));
         }
-        let entry = kd_shard::write_shard(out_dir, &shard_name(opts.part, j), settings.top_k, &rows)?;
+        let entry =
+            kd_shard::write_shard(out_dir, &shard_name(opts.part, j), settings.top_k, &rows)?;
         done[j] = Some(entry);
         written += 1;
         manifest.shards = done.iter().flatten().cloned().collect();
@@ -418,7 +431,10 @@ pub fn dump(
         kd_shard::write_manifest_atomic(&partial_path, &manifest)?;
     }
     bar.finish_and_clear();
-    manifest.shards = done.into_iter().map(|d| d.expect("every shard done")).collect();
+    manifest.shards = done
+        .into_iter()
+        .map(|d| d.expect("every shard done"))
+        .collect();
     manifest.totals = Totals::of(&manifest.shards);
     manifest.complete = true;
     kd_shard::write_manifest_atomic(&final_path, &manifest)?;

@@ -86,7 +86,11 @@ impl Engine<'_> {
         work.prefill_tokens += prompts.iter().map(|p| p.len() as u64).sum::<u64>();
         let (hidden, cache) = model.prefill(&prompts, true)?;
         let mut cache = cache.expect("prefill was asked for a cache");
-        let sel: Vec<(usize, usize)> = prompts.iter().enumerate().map(|(i, p)| (i, p.len() - 1)).collect();
+        let sel: Vec<(usize, usize)> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, p.len() - 1))
+            .collect();
         let mut logits = model.logits_at(&hidden, &sel)?;
         drop(hidden);
         // `active[j]` is the input row decoded in cache row j.
@@ -166,7 +170,11 @@ impl Engine<'_> {
         let v = self.model.vocab_size();
         let mut caps: Vec<Capture> = vec![Capture::default(); rows.len()];
         for chunk in sel.chunks(self.logits_chunk.max(1)) {
-            let flat: Vec<f32> = self.model.logits_at(&hidden, chunk)?.flatten_all()?.to_vec1()?;
+            let flat: Vec<f32> = self
+                .model
+                .logits_at(&hidden, chunk)?
+                .flatten_all()?
+                .to_vec1()?;
             let per: Vec<(usize, Capture)> = chunk
                 .par_iter()
                 .enumerate()

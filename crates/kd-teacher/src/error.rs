@@ -29,7 +29,11 @@ pub enum Error {
         what: String,
     },
     #[error("row `{id}` (line {line}): {what}")]
-    Row { id: String, line: usize, what: String },
+    Row {
+        id: String,
+        line: usize,
+        what: String,
+    },
     #[error(transparent)]
     Model(#[from] kd_model::Error),
     #[error(transparent)]

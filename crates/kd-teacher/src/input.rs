@@ -191,7 +191,9 @@ fn parse_record(s: &str, line: usize) -> std::result::Result<Record, String> {
         }
         Content::Chat { messages }
     } else {
-        return Err("missing field: one of `prompt`, `messages` or `instruction` is required".into());
+        return Err(
+            "missing field: one of `prompt`, `messages` or `instruction` is required".into(),
+        );
     };
     Ok(Record { id, line, content })
 }
@@ -214,7 +216,11 @@ pub struct EncodeOptions {
 /// Turns a record into prompt (and, for scoring, response) ids. With the chat template, a
 /// `prompt` becomes one user turn; without it, `messages` are joined as "role: content" lines.
 /// In scoring mode the response ends at the first end-of-turn token the template emits.
-pub fn encode(rec: &Record, tok: &Tokenizer, opts: EncodeOptions) -> std::result::Result<Encoded, String> {
+pub fn encode(
+    rec: &Record,
+    tok: &Tokenizer,
+    opts: EncodeOptions,
+) -> std::result::Result<Encoded, String> {
     let (mut messages, mut response_text) = match &rec.content {
         Content::Text { prompt, response } => (
             vec![Message {
@@ -232,7 +238,10 @@ pub fn encode(rec: &Record, tok: &Tokenizer, opts: EncodeOptions) -> std::result
                 messages.pop();
             }
             _ => {
-                return Err("scoring needs a `response` field or messages ending with an assistant turn".into());
+                return Err(
+                    "scoring needs a `response` field or messages ending with an assistant turn"
+                        .into(),
+                );
             }
         }
     }
@@ -273,7 +282,9 @@ pub fn encode(rec: &Record, tok: &Tokenizer, opts: EncodeOptions) -> std::result
                 .map_err(|e| format!("chat template: {e}"))?;
             let full = tok.encode(&full_str, true);
             if full.len() <= prompt.len() || full[..prompt.len()] != prompt[..] {
-                return Err("the chat template does not render the response after the prompt".into());
+                return Err(
+                    "the chat template does not render the response after the prompt".into(),
+                );
             }
             let mut resp = full[prompt.len()..].to_vec();
             let stops = tok.stop_ids();

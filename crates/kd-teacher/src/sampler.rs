@@ -3,8 +3,8 @@
 //! Every row has its own random stream, seeded from the dump seed and the row id, so a row's
 //! response does not depend on the batch size or on the order of the input.
 
-use rand_chacha::rand_core::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use rand_chacha::rand_core::{Rng as _, SeedableRng};
 use sha2::{Digest, Sha256};
 
 /// Sampling settings. `temperature == 0` means greedy.
@@ -124,13 +124,21 @@ mod tests {
 
     #[test]
     fn greedy_takes_argmax() {
-        let cfg = SamplingConfig { temperature: 0.0, top_p: 1.0, seed: 1 };
+        let cfg = SamplingConfig {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 1,
+        };
         assert_eq!(Sampler::new(cfg, "a").choose(&logprobs()), 0);
     }
 
     #[test]
     fn same_seed_and_id_repeat_different_ids_differ() {
-        let cfg = SamplingConfig { temperature: 1.0, top_p: 1.0, seed: 7 };
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 7,
+        };
         let lp = logprobs();
         let draw = |id: &str| {
             let mut s = Sampler::new(cfg, id);
@@ -143,7 +151,11 @@ mod tests {
     #[test]
     fn top_p_restricts_to_nucleus() {
         // With top_p = 0.3 only the first few tokens (mass 0.26 each, decreasing) can appear.
-        let cfg = SamplingConfig { temperature: 1.0, top_p: 0.3, seed: 3 };
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            top_p: 0.3,
+            seed: 3,
+        };
         let lp = logprobs();
         let mut s = Sampler::new(cfg, "r");
         let mut mass = 0.0;
@@ -163,7 +175,11 @@ mod tests {
     #[test]
     fn sampling_follows_the_distribution() {
         let lp = vec![(0.7f64).ln(), (0.2f64).ln(), (0.1f64).ln()];
-        let cfg = SamplingConfig { temperature: 1.0, top_p: 1.0, seed: 11 };
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 11,
+        };
         let mut s = Sampler::new(cfg, "d");
         let n = 20000;
         let mut c = [0usize; 3];

@@ -86,13 +86,26 @@ fn parse_tokenizer_json(root: &Value) -> Result<Parts> {
     let vocab = field(root, "model.vocab")?
         .as_object()
         .ok_or_else(|| Error::wrong_type("model.vocab", "an object of token → id"))?;
+    let added = match root.get("added_tokens") {
+        None | Some(Value::Null) => &[][..],
+        Some(Value::Array(list)) => list.as_slice(),
+        Some(_) => return Err(Error::wrong_type("added_tokens", "an array")),
+    };
+    // Ids must be contiguous, so none can reach the number of entries; checking
+    // that first also keeps a corrupt id from allocating gigabytes.
+    let limit = vocab.len() + added.len();
     let mut slots: Vec<Option<(String, TokenKind)>> = Vec::new();
     let mut put =
         |id: u64, text: &str, kind: TokenKind, field: &str, overwrite: bool| -> Result<()> {
             let id = usize::try_from(id)
                 .ok()
-                .filter(|&i| i < u32::MAX as usize)
-                .ok_or_else(|| Error::invalid(field, format!("id {id} is too large")))?;
+                .filter(|&i| i < limit)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        field,
+                        format!("id {id} for `{text}` is beyond the {limit} tokens listed"),
+                    )
+                })?;
             if slots.len() <= id {
                 slots.resize(id + 1, None);
             }
@@ -113,28 +126,23 @@ fn parse_tokenizer_json(root: &Value) -> Result<Parts> {
             .ok_or_else(|| Error::wrong_type(format!("model.vocab[{text:?}]"), "an id"))?;
         put(id, text, TokenKind::Normal, "model.vocab", false)?;
     }
-    if let Some(added) = root.get("added_tokens") {
-        let added = added
-            .as_array()
-            .ok_or_else(|| Error::wrong_type("added_tokens", "an array"))?;
-        for (i, tok) in added.iter().enumerate() {
-            let f = format!("added_tokens[{i}]");
-            let id = tok
-                .get("id")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| Error::missing(format!("{f}.id")))?;
-            let content = tok
-                .get("content")
-                .and_then(Value::as_str)
-                .ok_or_else(|| Error::missing(format!("{f}.content")))?;
-            let special = tok.get("special").and_then(Value::as_bool).unwrap_or(false);
-            let kind = if special {
-                TokenKind::Control
-            } else {
-                TokenKind::UserDefined
-            };
-            put(id, content, kind, &f, true)?;
-        }
+    for (i, tok) in added.iter().enumerate() {
+        let f = format!("added_tokens[{i}]");
+        let id = tok
+            .get("id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| Error::missing(format!("{f}.id")))?;
+        let content = tok
+            .get("content")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::missing(format!("{f}.content")))?;
+        let special = tok.get("special").and_then(Value::as_bool).unwrap_or(false);
+        let kind = if special {
+            TokenKind::Control
+        } else {
+            TokenKind::UserDefined
+        };
+        put(id, content, kind, &f, true)?;
     }
     let mut tokens = Vec::with_capacity(slots.len());
     let mut kinds = Vec::with_capacity(slots.len());

@@ -53,6 +53,12 @@ pub use error::{Error, Result};
 pub use fixture::SMOLLM2_CHAT_TEMPLATE;
 pub use tokenizer::{TokenKind, Tokenizer};
 
+/// Test fixture: the same as [`Tokenizer::tiny_for_tests`] (a deterministic
+/// 300-token SmolLM2-shaped tokenizer with its ChatML template).
+pub fn tiny_for_tests() -> Tokenizer {
+    Tokenizer::tiny_for_tests()
+}
+
 impl Tokenizer {
     /// Builds the tokenizer a GGUF file describes: `tokenizer.ggml.tokens`,
     /// `.token_type`, `.merges`, `.pre`, `.bos_token_id`, `.eos_token_id`,

@@ -521,6 +521,18 @@ fn tokenizer_json_errors_name_the_file() {
     let err = Tokenizer::from_tokenizer_json(&bad).unwrap_err();
     assert!(matches!(err.root(), Error::Unsupported { .. }), "{err}");
 
+    // A corrupt id is an error, not a huge allocation.
+    std::fs::write(
+        &bad,
+        r#"{"model": {"type": "BPE", "vocab": {"a": 4000000000}, "merges": []}, "pre_tokenizer": {"type": "ByteLevel"}}"#,
+    )
+    .unwrap();
+    let err = Tokenizer::from_tokenizer_json(&bad).unwrap_err();
+    assert!(
+        matches!(err.root(), Error::InvalidField { field, .. } if field == "model.vocab"),
+        "{err}"
+    );
+
     // A bad tokenizer_config.json is named too.
     Tokenizer::tiny_for_tests()
         .write_hf_files(dir.path())
