@@ -87,3 +87,15 @@ pub fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
     let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
     std::fs::write(path, text).expect("write jsonl");
 }
+
+/// Starts a binary with arguments in the background (stdout and stderr discarded), with the
+/// same environment as [`run`]; the caller waits for or kills it.
+pub fn spawn(name: &str, args: &[&str]) -> std::process::Child {
+    Command::new(bin(name))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("binary starts")
+}

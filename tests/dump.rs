@@ -1,0 +1,856 @@
+//! End-to-end tests of `teacher-dump` and `shard-cat` on a tiny random teacher (2 layers,
+//! the 300-token test vocabulary with the ChatML template) written by each test into its own
+//! temp dir, over small JSONL inputs the tests write too.
+
+mod util;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use kd_shard::{MANIFEST_FILE, Manifest, PARTIAL_MANIFEST_FILE, Row, Source};
+use serde_json::{Value, json};
+
+/// Largest allowed |difference| between two dumps' log-probs that should agree up to float
+/// rounding (different batch sizes pad and reduce differently), in nats.
+const LOGPROB_TOL: f32 = 1e-4;
+
+/// Log-probabilities kept per position in these tests.
+const TOP_K: usize = 16;
+
+/// The lock file a running dump holds in its output folder.
+const LOCK_FILE: &str = ".teacher-dump.lock";
+
+/// One test's temp dir with a tiny random teacher in it.
+struct Case {
+    tmp: tempfile::TempDir,
+    teacher: PathBuf,
+}
+
+impl Case {
+    fn new() -> Case {
+        let tmp = util::tempdir();
+        let teacher = tmp.path().join("teacher");
+        kd_model::testing::write_tiny_teacher(&teacher, 7).expect("tiny teacher");
+        Case { tmp, teacher }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Writes `rows` as JSONL to `name` in the temp dir.
+    fn input(&self, name: &str, rows: &[Value]) -> PathBuf {
+        let p = self.path(name);
+        util::write_jsonl(&p, rows);
+        p
+    }
+
+    /// `teacher-dump` arguments: the teacher, `input`, `out`, `--no-progress`, then `extra`;
+    /// `--top-k 16 --max-new-tokens 12 --rows-per-shard 4` unless `extra` sets them (clap
+    /// refuses a repeated flag).
+    fn args(&self, input: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--teacher",
+            s(&self.teacher),
+            "--input",
+            s(input),
+            "--out",
+            s(out),
+            "--no-progress",
+        ]
+        .map(String::from)
+        .to_vec();
+        for (flag, default) in [
+            ("--top-k", "16"),
+            ("--max-new-tokens", "12"),
+            ("--rows-per-shard", "4"),
+        ] {
+            if !extra.contains(&flag) {
+                a.extend([flag.to_string(), default.to_string()]);
+            }
+        }
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    }
+
+    fn run(&self, input: &Path, out: &Path, extra: &[&str]) -> Output {
+        let a = self.args(input, out, extra);
+        util::run("teacher-dump", &strs(&a))
+    }
+
+    /// Runs a dump that must succeed; returns its stdout.
+    fn dump(&self, input: &Path, out: &Path, extra: &[&str]) -> String {
+        let a = self.args(input, out, extra);
+        util::run_ok("teacher-dump", &strs(&a))
+    }
+
+    /// Runs a dump that must fail; returns its stderr.
+    fn dump_fails(&self, input: &Path, out: &Path, extra: &[&str]) -> String {
+        let o = self.run(input, out, extra);
+        assert!(
+            !o.status.success(),
+            "teacher-dump {extra:?} should have failed; stdout:\n{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8(o.stderr).expect("utf-8 stderr")
+    }
+
+    fn spawn(&self, input: &Path, out: &Path, extra: &[&str]) -> std::process::Child {
+        let a = self.args(input, out, extra);
+        util::spawn("teacher-dump", &strs(&a))
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// `n` records mixing the three input shapes: `prompt`, `messages` (with a system turn),
+/// `instruction` + `input`, and an `instruction` without an id (its id is a content hash).
+fn prompts(n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| match i % 4 {
+            0 => json!({"id": format!("p{i:02}"), "prompt": format!("Name {} colours of the sea.", i + 1)}),
+            1 => json!({"id": format!("m{i:02}"), "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": format!("What is {i} plus {i}?")},
+            ]}),
+            2 => json!({"id": i, "instruction": "Translate to French.", "input": format!("The cat number {i} sleeps.")}),
+            _ => json!({"instruction": format!("Write a haiku about rain, take {i}.")}),
+        })
+        .collect()
+}
+
+fn manifest(dir: &Path) -> Manifest {
+    kd_shard::read_manifest(&dir.join(MANIFEST_FILE))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// Every row of the dump in `dir`, in manifest order.
+fn rows(dir: &Path) -> Vec<Row> {
+    manifest(dir)
+        .shards
+        .iter()
+        .flat_map(|s| {
+            kd_shard::read_shard(&dir.join(&s.file))
+                .unwrap_or_else(|e| panic!("{}: {e}", s.file))
+        })
+        .collect()
+}
+
+/// `id -> response tokens` (the ids after the prompt).
+fn responses(dir: &Path) -> BTreeMap<String, Vec<u32>> {
+    rows(dir)
+        .into_iter()
+        .map(|r| {
+            let resp = r.targets().to_vec();
+            (r.id, resp)
+        })
+        .collect()
+}
+
+/// Names of the files directly in `dir`.
+fn file_names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Asserts that the dumps in `a` and `b` list the same shards (names, sizes, sha256) and that
+/// every shard file, and the manifest itself, is byte-identical.
+fn assert_same_bytes(a: &Path, b: &Path) {
+    let (ma, mb) = (manifest(a), manifest(b));
+    assert_eq!(ma.shards, mb.shards, "shard lists of {a:?} and {b:?}");
+    for sh in &ma.shards {
+        let (x, y) = (
+            std::fs::read(a.join(&sh.file)).unwrap(),
+            std::fs::read(b.join(&sh.file)).unwrap(),
+        );
+        assert!(x == y, "{} differs between {a:?} and {b:?}", sh.file);
+        assert_eq!(kd_shard::hash_bytes(&x), sh.sha256, "{} sha256", sh.file);
+    }
+    assert_eq!(
+        std::fs::read_to_string(a.join(MANIFEST_FILE)).unwrap(),
+        std::fs::read_to_string(b.join(MANIFEST_FILE)).unwrap(),
+        "manifest.json of {a:?} and {b:?}"
+    );
+}
+
+/// Asserts a finished dump left no temporary file, partial manifest or lock behind.
+fn assert_clean(dir: &Path) {
+    let names = file_names(dir);
+    assert!(
+        !names.iter().any(|n| n.contains(".tmp-")),
+        "temporary files left in {dir:?}: {names:?}"
+    );
+    assert!(!names.contains(PARTIAL_MANIFEST_FILE), "{names:?}");
+    assert!(!names.contains(LOCK_FILE), "{names:?}");
+    assert!(names.contains(MANIFEST_FILE), "{names:?}");
+}
+
+/// Compares two rows whose response tokens must be equal and whose log-probs may differ by
+/// float rounding: token_logprob and each rank's top-k log-prob within [`LOGPROB_TOL`]; top-k
+/// ids equal except where a log-prob ties with another within the tolerance (the order of
+/// tied tokens is arbitrary). Returns the largest difference seen and the number of ranks
+/// whose ids differ.
+fn assert_rows_close(a: &Row, b: &Row) -> (f32, usize) {
+    assert_eq!(a.id, b.id);
+    assert_eq!(a.source, b.source, "{}", a.id);
+    assert_eq!(a.prompt_len, b.prompt_len, "{}: prompt_len", a.id);
+    assert_eq!(a.input_ids, b.input_ids, "{}: input_ids", a.id);
+    let (mut max_diff, mut swapped) = (0f32, 0usize);
+    for (i, (x, y)) in a.token_logprob.iter().zip(&b.token_logprob).enumerate() {
+        let d = (x - y).abs();
+        assert!(d <= LOGPROB_TOL, "{}: token_logprob[{i}] {x} vs {y}", a.id);
+        max_diff = max_diff.max(d);
+    }
+    let k = TOP_K;
+    assert_eq!(a.topk_ids.len(), a.n_pos() * k, "{}", a.id);
+    for pos in 0..a.n_pos() {
+        let (ia, ib) = (
+            &a.topk_ids[pos * k..(pos + 1) * k],
+            &b.topk_ids[pos * k..(pos + 1) * k],
+        );
+        let (la, lb) = (
+            &a.topk_logprobs[pos * k..(pos + 1) * k],
+            &b.topk_logprobs[pos * k..(pos + 1) * k],
+        );
+        for j in 0..k {
+            let d = (la[j] - lb[j]).abs();
+            assert!(
+                d <= LOGPROB_TOL,
+                "{} position {pos} rank {j}: {} vs {}",
+                a.id,
+                la[j],
+                lb[j]
+            );
+            max_diff = max_diff.max(d);
+            if ia[j] == ib[j] {
+                continue;
+            }
+            swapped += 1;
+            // b's token at rank j must tie (within tolerance) with rank j in a: either it is
+            // elsewhere in a's top-k with a close log-prob, or it fell off a's list where the
+            // last kept log-prob is close.
+            let ok = match ia.iter().position(|&t| t == ib[j]) {
+                Some(j2) => (la[j2] - la[j]).abs() <= 2.0 * LOGPROB_TOL,
+                None => (la[k - 1] - la[j]).abs() <= 2.0 * LOGPROB_TOL,
+            };
+            assert!(
+                ok,
+                "{} position {pos} rank {j}: id {} vs {} without a tie ({:?} vs {:?})",
+                a.id, ia[j], ib[j], la, lb
+            );
+        }
+    }
+    (max_diff, swapped)
+}
+
+#[test]
+fn greedy_batch_size_does_not_change_the_dump() {
+    let c = Case::new();
+    let input = c.input("in.jsonl", &prompts(20));
+    let (b1, b8) = (c.path("b1"), c.path("b8"));
+    // 8 rows per shard so that a batch of 8 really decodes 8 rows together (batches never
+    // cross shards); 20 rows end with a partial shard and a partial batch.
+    let common = ["--max-new-tokens", "16", "--rows-per-shard", "8"];
+    c.dump(&input, &b1, &[&common[..], &["--batch-size", "1"]].concat());
+    c.dump(&input, &b8, &[&common[..], &["--batch-size", "8"]].concat());
+    let (r1, r8) = (rows(&b1), rows(&b8));
+    assert_eq!(r1.len(), 20);
+    assert_eq!(r8.len(), 20);
+    let (mut max_diff, mut swapped, mut positions) = (0f32, 0usize, 0usize);
+    for (a, b) in r1.iter().zip(&r8) {
+        assert_eq!(a.source, Source::Generated);
+        assert!(a.n_pos() >= 1 && a.n_pos() <= 16, "{}: {}", a.id, a.n_pos());
+        let (d, sw) = assert_rows_close(a, b);
+        max_diff = max_diff.max(d);
+        swapped += sw;
+        positions += a.n_pos();
+    }
+    eprintln!(
+        "batch 1 vs 8: {positions} positions, max |Δ log-prob| {max_diff:.2e} nats, {swapped} tied top-k ranks swapped"
+    );
+    // Float rounding may change compressed sizes, but not the counts.
+    let (t1, t8) = (manifest(&b1).totals, manifest(&b8).totals);
+    assert_eq!(
+        (t1.rows, t1.tokens, t1.positions, t1.response_tokens),
+        (t8.rows, t8.tokens, t8.positions, t8.response_tokens)
+    );
+}
+
+#[test]
+fn sampling_is_reproducible_per_prompt() {
+    let c = Case::new();
+    let rows_in = prompts(16);
+    let input = c.input("in.jsonl", &rows_in);
+    let sampled = [
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--max-new-tokens",
+        "16",
+    ];
+    let with = |extra: &[&str]| [&sampled[..], extra].concat();
+    let (a, a2, b1, shuf, other) = (
+        c.path("a"),
+        c.path("a2"),
+        c.path("b1"),
+        c.path("shuffled"),
+        c.path("seed6"),
+    );
+    c.dump(&input, &a, &with(&["--seed", "5", "--batch-size", "4"]));
+    c.dump(&input, &a2, &with(&["--seed", "5", "--batch-size", "4"]));
+    assert_same_bytes(&a, &a2);
+
+    // Sampling happened: somewhere the chosen token is not the teacher's top-1.
+    let ra = rows(&a);
+    let not_argmax = ra
+        .iter()
+        .flat_map(|r| (0..r.n_pos()).map(move |p| (r, p)))
+        .filter(|(r, p)| r.targets()[*p] != r.topk_ids[p * TOP_K])
+        .count();
+    assert!(
+        not_argmax > 0,
+        "T=0.8 sampling always picked the top-1 token"
+    );
+
+    c.dump(&input, &b1, &with(&["--seed", "5", "--batch-size", "1"]));
+    for (x, y) in ra.iter().zip(&rows(&b1)) {
+        assert_rows_close(x, y);
+    }
+
+    // The same records in another order: every id gets the same response.
+    let mut reordered = rows_in.clone();
+    reordered.reverse();
+    reordered.swap(0, 5);
+    let input_shuf = c.input("shuffled.jsonl", &reordered);
+    c.dump(
+        &input_shuf,
+        &shuf,
+        &with(&["--seed", "5", "--batch-size", "4"]),
+    );
+    let want = responses(&a);
+    assert_eq!(want.len(), 16);
+    assert_eq!(responses(&shuf), want, "responses by id after shuffling");
+
+    c.dump(&input, &other, &with(&["--seed", "6", "--batch-size", "4"]));
+    let got = responses(&other);
+    let changed = want.iter().filter(|(id, r)| got[*id] != **r).count();
+    assert!(changed > 0, "seed 6 gave the same 16 responses as seed 5");
+}
+
+/// Starts a 40-row dump (10 shards), kills it with SIGKILL once its partial manifest lists
+/// `at_least` shards, and returns the output folder.
+fn killed_dump(c: &Case, input: &Path, name: &str, extra: &[&str], at_least: usize) -> PathBuf {
+    let out = c.path(name);
+    let mut child = c.spawn(input, &out, extra);
+    let partial = out.join(PARTIAL_MANIFEST_FILE);
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the dump ended ({status}) before {at_least} shards were seen: make it longer"
+            );
+        }
+        // The partial manifest is replaced atomically; a read may still miss it between checks.
+        if let Ok(m) = kd_shard::read_manifest(&partial)
+            && m.shards.len() >= at_least
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no partial manifest with {at_least} shards after 2 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL on unix
+    child.wait().unwrap();
+    assert!(
+        !out.join(MANIFEST_FILE).exists(),
+        "{name}: the dump finished before SIGKILL reached it: make it longer"
+    );
+    out
+}
+
+#[test]
+fn sigkill_then_resume_gives_the_uninterrupted_dump() {
+    let c = Case::new();
+    let input = c.input("in.jsonl", &prompts(40));
+    let extra = ["--max-new-tokens", "24", "--batch-size", "2"];
+    let whole = c.path("whole");
+    c.dump(&input, &whole, &extra);
+    assert_eq!(manifest(&whole).shards.len(), 10);
+    assert_clean(&whole);
+
+    for at_least in [1, 6] {
+        let name = format!("killed-{at_least}");
+        let out = killed_dump(&c, &input, &name, &extra, at_least);
+        let m = kd_shard::read_manifest(&out.join(PARTIAL_MANIFEST_FILE)).unwrap();
+        assert!(!m.complete);
+        let published = m.shards.len();
+        assert!((at_least..10).contains(&published), "{published} shards");
+        // A killed dump leaves its lock file behind, unlocked; the resume must take it.
+        assert!(out.join(LOCK_FILE).exists());
+
+        // Without --resume the folder is refused.
+        let err = c.dump_fails(&input, &out, &extra);
+        assert!(err.contains("--resume"), "{err}");
+        // A resume with another setting is refused, naming it.
+        let err = c.dump_fails(&input, &out, &[&extra[..], &["--resume", "--top-k", "8"]].concat());
+        assert!(err.contains("settings.top_k"), "{err}");
+        let err = c.dump_fails(&input, &out, &[&extra[..], &["--resume", "--seed", "3"]].concat());
+        assert!(err.contains("settings.seed"), "{err}");
+        // A stray temporary file, as a writer killed mid-shard leaves (planted after the
+        // refused runs, which may already clean up).
+        std::fs::write(out.join("shard-00009.parquet.tmp-4242"), b"half a shard").unwrap();
+        // Resume (the refused runs must not have touched the published shards).
+        let summary: Value = serde_json::from_str(
+            &c.dump(&input, &out, &[&extra[..], &["--resume", "--json"]].concat()),
+        )
+        .expect("--json summary");
+        assert_eq!(summary["shards_reused"], json!(published), "{summary}");
+        assert_eq!(summary["shards_written"], json!(10 - published), "{summary}");
+        assert_eq!(summary["rows"], json!(40));
+        assert_same_bytes(&whole, &out);
+        assert_clean(&out);
+    }
+}
+
+#[test]
+fn resume_of_a_finished_dump_rewrites_nothing() {
+    let c = Case::new();
+    let input = c.input("in.jsonl", &prompts(12));
+    let out = c.path("out");
+    c.dump(&input, &out, &[]);
+    let before = std::fs::read(out.join(MANIFEST_FILE)).unwrap();
+    let summary: Value =
+        serde_json::from_str(&c.dump(&input, &out, &["--resume", "--json"])).unwrap();
+    assert_eq!(summary["shards_reused"], json!(3), "{summary}");
+    assert_eq!(summary["shards_written"], json!(0), "{summary}");
+    assert_eq!(std::fs::read(out.join(MANIFEST_FILE)).unwrap(), before);
+    assert_clean(&out);
+}
+
+fn shard_cat(args: &[&str]) -> Output {
+    util::run("shard-cat", args)
+}
+
+/// Runs `shard-cat verify` (text, then JSON) on `dir`, which must fail; returns its stderr
+/// and the JSON problems as `(file, kind)`.
+fn verify_fails(dir: &Path) -> (String, Vec<(String, String)>) {
+    let o = shard_cat(&["verify", s(dir)]);
+    assert!(!o.status.success(), "verify passed on {dir:?}");
+    let stderr = String::from_utf8(o.stderr).unwrap();
+    let o = shard_cat(&["--json", "verify", s(dir)]);
+    assert_eq!(o.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&o.stdout).expect("verify --json");
+    let problems = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["file"].as_str().unwrap().to_string(),
+                p["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    (stderr, problems)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn verify_names_the_corrupt_missing_or_unlisted_shard() {
+    let c = Case::new();
+    let input = c.input("in.jsonl", &prompts(12));
+    let good = c.path("good");
+    c.dump(&input, &good, &[]);
+    let out = util::run_ok("shard-cat", &["verify", s(&good)]);
+    assert!(out.contains("ok: 3 shards, 12 rows"), "{out}");
+    let victim = "shard-00001.parquet";
+
+    let case = |name: &str, damage: &dyn Fn(&Path)| -> (PathBuf, String, Vec<(String, String)>) {
+        let d = c.path(name);
+        copy_dir(&good, &d);
+        damage(&d);
+        let (stderr, problems) = verify_fails(&d);
+        (d, stderr, problems)
+    };
+
+    // One byte flipped in the middle.
+    let (d, stderr, problems) = case("flipped", &|d| {
+        let p = d.join(victim);
+        let mut b = std::fs::read(&p).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x55;
+        std::fs::write(&p, b).unwrap();
+    });
+    assert!(stderr.contains(s(&d.join(victim))), "{stderr}");
+    assert!(problems.contains(&(victim.into(), "hash".into())), "{problems:?}");
+    assert!(problems.iter().all(|(f, _)| f == victim), "{problems:?}");
+
+    // Truncated.
+    let (d, stderr, problems) = case("truncated", &|d| {
+        let p = d.join(victim);
+        let b = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &b[..b.len() - 100]).unwrap();
+    });
+    assert!(stderr.contains(s(&d.join(victim))), "{stderr}");
+    assert!(problems.contains(&(victim.into(), "size".into())), "{problems:?}");
+    assert!(problems.contains(&(victim.into(), "hash".into())), "{problems:?}");
+
+    // Deleted.
+    let (d, stderr, problems) = case("deleted", &|d| std::fs::remove_file(d.join(victim)).unwrap());
+    assert!(stderr.contains(s(&d.join(victim))), "{stderr}");
+    assert!(stderr.contains("missing"), "{stderr}");
+    assert_eq!(problems, vec![(victim.into(), "missing".into())]);
+
+    // An extra, unlisted shard (a valid one, copied under another name).
+    let extra = "shard-00099.parquet";
+    let (d, stderr, problems) = case("extra", &|d| {
+        std::fs::copy(d.join(victim), d.join(extra)).unwrap();
+    });
+    assert!(stderr.contains(s(&d.join(extra))), "{stderr}");
+    assert_eq!(problems, vec![(extra.into(), "unlisted".into())]);
+
+    // The original is still sound (the damage was done to copies).
+    util::run_ok("shard-cat", &["verify", s(&good)]);
+}
+
+#[test]
+fn parts_merge_into_the_whole_dump() {
+    let c = Case::new();
+    let input = c.input("in.jsonl", &prompts(18));
+    let (whole, p0, p1, merged) = (c.path("whole"), c.path("p0"), c.path("p1"), c.path("m"));
+    c.dump(&input, &whole, &[]);
+    c.dump(&input, &p0, &["--part", "0/2"]);
+    c.dump(&input, &p1, &["--part", "1/2"]);
+    assert_eq!(manifest(&p0).totals.rows, 9);
+    assert_eq!(manifest(&p1).totals.rows, 9);
+    // Parts given out of order.
+    util::run_ok("shard-cat", &["merge", "--out", s(&merged), s(&p1), s(&p0)]);
+    let m = manifest(&merged);
+    assert!(m.complete);
+    assert_eq!(m.part, None);
+    assert_eq!(m.totals.rows, 18);
+    assert_eq!(m.shards.len(), 6, "3 shards per part of 9 rows");
+    assert_eq!(
+        m.fingerprint,
+        manifest(&whole).fingerprint,
+        "a merged job has the identity of the whole job"
+    );
+    util::run_ok("shard-cat", &["verify", s(&merged)]);
+    let set = |d: &Path| -> BTreeSet<(String, Vec<u32>)> {
+        rows(d).into_iter().map(|r| (r.id, r.input_ids)).collect()
+    };
+    let want = set(&whole);
+    assert_eq!(want.len(), 18);
+    assert_eq!(set(&merged), want);
+    // Merged rows are in input order, as in the whole dump.
+    let ids = |d: &Path| -> Vec<String> { rows(d).into_iter().map(|r| r.id).collect() };
+    assert_eq!(ids(&merged), ids(&whole));
+}
+
+#[test]
+fn a_second_dump_into_a_locked_folder_fails() {
+    let c = Case::new();
+    let input = c.input("in.jsonl", &prompts(40));
+    let out = c.path("out");
+    let mut first = c.spawn(
+        &input,
+        &out,
+        &["--max-new-tokens", "160", "--batch-size", "1"],
+    );
+    // tokenizer.json is written once the lock is held.
+    let start = Instant::now();
+    while !out.join("tokenizer.json").exists() {
+        if let Some(status) = first.try_wait().unwrap() {
+            panic!("the first dump ended early ({status})");
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no lock taken");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let err = c.dump_fails(&input, &out, &["--resume"]);
+    let still_running = first.try_wait().unwrap().is_none();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(
+        still_running,
+        "the first dump finished before the second tried the lock: make it longer"
+    );
+    assert!(err.contains("another teacher-dump"), "{err}");
+    assert!(err.contains(LOCK_FILE), "{err}");
+}
+
+#[test]
+fn bad_input_lines_are_named() {
+    let c = Case::new();
+    let out = c.path("out");
+    let good = || prompts(6).iter().map(|v| v.to_string()).collect::<Vec<_>>();
+    let write = |name: &str, lines: &[Vec<u8>]| -> PathBuf {
+        let p = c.path(name);
+        let mut b = Vec::new();
+        for l in lines {
+            b.extend_from_slice(l);
+            b.push(b'\n');
+        }
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let with_line = |name: &str, at: usize, bad: &[u8]| -> PathBuf {
+        let mut lines: Vec<Vec<u8>> = good().into_iter().map(String::into_bytes).collect();
+        lines.insert(at - 1, bad.to_vec());
+        write(name, &lines)
+    };
+
+    // Malformed JSON on line 3.
+    let p = with_line("json.jsonl", 3, br#"{"id": "x", "prompt": "unterminated"#);
+    let err = c.dump_fails(&p, &out, &[]);
+    assert!(err.contains(&format!("{}:3:", s(&p))), "{err}");
+    assert!(err.contains("invalid JSON"), "{err}");
+
+    // Invalid UTF-8 on line 2.
+    let p = with_line("utf8.jsonl", 2, b"{\"id\": \"u\", \"prompt\": \"caf\xe9\"}");
+    let err = c.dump_fails(&p, &out, &[]);
+    assert!(err.contains(&format!("{}:2:", s(&p))), "{err}");
+    assert!(err.contains("UTF-8"), "{err}");
+
+    // A record with none of prompt / messages / instruction on line 4.
+    let p = with_line("field.jsonl", 4, br#"{"id": "q", "question": "why?"}"#);
+    let err = c.dump_fails(&p, &out, &[]);
+    assert!(err.contains(&format!("{}:4:", s(&p))), "{err}");
+    assert!(err.contains("missing field") && err.contains("`prompt`"), "{err}");
+    // Nothing was created by the refused runs.
+    assert!(!out.exists(), "a refused input created {out:?}");
+
+    // --skip-bad-lines: all three bad lines skipped and reported, the rest dumped.
+    let mut lines: Vec<Vec<u8>> = good().into_iter().map(String::into_bytes).collect();
+    lines.insert(1, b"{\"id\": \"u\", \"prompt\": \"caf\xe9\"}".to_vec());
+    lines.insert(2, br#"{"id": "x", "prompt": "unterminated"#.to_vec());
+    lines.insert(3, br#"{"id": "q", "question": "why?"}"#.to_vec());
+    let p = write("mixed.jsonl", &lines);
+    let o = c.run(&p, &out, &["--skip-bad-lines", "--json"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    for line in [2, 3, 4] {
+        assert!(
+            stderr.contains(&format!("skipped {}:{line}:", s(&p))),
+            "line {line}: {stderr}"
+        );
+    }
+    let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["skipped_lines"], json!(3));
+    assert_eq!(summary["rows"], json!(6));
+    assert_eq!(manifest(&out).input["skipped_lines"], json!(3));
+
+    // An empty file (blank lines only).
+    let p = write("empty.jsonl", &[b"".to_vec(), b"   ".to_vec()]);
+    let err = c.dump_fails(&p, &c.path("out-empty"), &[]);
+    assert!(err.contains(s(&p)) && err.contains("no records"), "{err}");
+
+    // top_k above the 300-token vocabulary.
+    let p = c.input("ok.jsonl", &prompts(4));
+    let err = c.dump_fails(&p, &c.path("out-k"), &["--top-k", "301"]);
+    assert!(err.contains("top_k") && err.contains("300"), "{err}");
+
+    // Scoring rows that have no response names the first such row.
+    let err = c.dump_fails(&p, &c.path("out-score"), &["--score"]);
+    assert!(err.contains("row `p00` (line 1)"), "{err}");
+}
+
+#[test]
+fn scoring_teacher_forces_the_given_responses() {
+    let c = Case::new();
+    let recs = vec![
+        json!({"id": "a", "prompt": "Say hello.", "response": "Hello there, the sea is blue."}),
+        json!({"id": "b", "messages": [
+            {"role": "user", "content": "What is 2 plus 2?"},
+            {"role": "assistant", "content": "It is 4."},
+        ]}),
+        json!({"id": "c", "instruction": "Translate to French.", "input": "The cat sleeps.",
+               "response": "Le chat dort."}),
+        json!({"id": "d", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+        ], "response": "Red."}),
+        json!({"id": "e", "prompt": "Count.", "response": "one two three four five six seven"}),
+    ];
+    let texts = [
+        "Hello there, the sea is blue.",
+        "It is 4.",
+        "Le chat dort.",
+        "Red.",
+        "one two three four five six seven",
+    ];
+    let input = c.input("in.jsonl", &recs);
+    let out = c.path("out");
+    c.dump(&input, &out, &["--score", "--rows-per-shard", "2", "--batch-size", "3"]);
+    let m = manifest(&out);
+    assert_eq!(m.settings["mode"], json!("score"));
+    assert_eq!(m.totals.rows, 5);
+    assert_eq!(m.totals.response_tokens, 0, "scored rows have no teacher-written tokens");
+    let tok = kd_tokenizer::Tokenizer::from_tokenizer_json(&out.join("tokenizer.json")).unwrap();
+    let im_end = 2;
+    let rs = rows(&out);
+    assert_eq!(rs.len(), 5);
+    let mut in_topk = 0;
+    for (r, text) in rs.iter().zip(texts) {
+        assert_eq!(r.source, Source::Scored, "{}", r.id);
+        let p = r.prompt_len as usize;
+        assert_eq!(p + r.n_pos(), r.input_ids.len(), "{}", r.id);
+        assert_eq!(r.token_logprob.len(), r.n_pos());
+        assert_eq!(r.topk_ids.len(), r.n_pos() * TOP_K);
+        // The response is the given text followed by the end of the assistant turn.
+        let resp = r.targets();
+        assert_eq!(*resp.last().unwrap(), im_end, "{}", r.id);
+        assert_eq!(tok.decode(&resp[..resp.len() - 1], false), text, "{}", r.id);
+        for (j, &next) in resp.iter().enumerate() {
+            let ids = &r.topk_ids[j * TOP_K..(j + 1) * TOP_K];
+            let lps = &r.topk_logprobs[j * TOP_K..(j + 1) * TOP_K];
+            assert!(
+                lps.windows(2).all(|w| w[0] >= w[1]),
+                "{}: top-k at {j} not sorted",
+                r.id
+            );
+            assert!(r.token_logprob[j] <= 0.0);
+            match ids.iter().position(|&t| t == next) {
+                // The same f64 log-softmax value, rounded to f32 once.
+                Some(at) => {
+                    assert_eq!(r.token_logprob[j], lps[at], "{} position {j}", r.id);
+                    in_topk += 1;
+                }
+                None => assert!(
+                    r.token_logprob[j] <= lps[TOP_K - 1],
+                    "{} position {j}: token outside the top-k is more likely than its last",
+                    r.id
+                ),
+            }
+        }
+    }
+    assert!(in_topk > 0, "no scored token was in the top-{TOP_K}");
+}
+
+#[test]
+fn shard_cat_head_stats_ls_and_schema() {
+    let c = Case::new();
+    let input = c.input("in.jsonl", &prompts(12));
+    let dir = c.path("out");
+    c.dump(&input, &dir, &[]);
+    let m = manifest(&dir);
+
+    let head = util::run_ok("shard-cat", &["head", s(&dir), "-n", "2"]);
+    assert_eq!(head.matches("── id ").count(), 2, "{head}");
+    assert!(head.contains("prompt:\n"), "{head}");
+    // Decoded text from the dump's tokenizer.json, not raw ids.
+    assert!(head.contains("Name 1 colours of the sea."), "{head}");
+    assert!(head.contains("response:\n"), "{head}");
+    assert!(!head.contains("ids only"), "{head}");
+    // Per-position lines: position, token, probability, then the top tokens.
+    let prob_lines = head
+        .lines()
+        .filter(|l| l.contains(" | ") && l.trim_start().starts_with(|ch: char| ch.is_ascii_digit()))
+        .count();
+    assert!(prob_lines >= 2, "{head}");
+    assert!(head.contains("0."), "{head}");
+
+    // A closed pipe is not an error: shard-cat's own status and stderr, through `head -1`.
+    let status_file = c.path("status");
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"{ "$1" head "$2" -n 1000 --positions 0; echo $? >"$3"; } | head -1"#)
+        .args(["sh", s(&util::bin("shard-cat")), s(&dir), s(&status_file)])
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "", "stderr through a closed pipe");
+    assert_eq!(std::fs::read_to_string(&status_file).unwrap().trim(), "0");
+
+    let stats: Value =
+        serde_json::from_str(&util::run_ok("shard-cat", &["stats", "--json", s(&dir)])).unwrap();
+    assert_eq!(stats["rows"], json!(m.totals.rows));
+    assert_eq!(stats["positions"], json!(m.totals.positions));
+    assert_eq!(stats["tokens"], json!(m.totals.tokens));
+    assert_eq!(stats["k"], json!(TOP_K));
+    assert_eq!(m.totals.rows, 12);
+
+    let ls = util::run_ok("shard-cat", &["ls", s(&dir)]);
+    assert_eq!(m.shards.len(), 3);
+    for sh in &m.shards {
+        assert!(ls.contains(&sh.file), "{} not in:\n{ls}", sh.file);
+    }
+
+    let schema: Value =
+        serde_json::from_str(&util::run_ok("shard-cat", &["schema"])).expect("schema is JSON");
+    assert_eq!(schema["format"], json!("kd-shard"));
+}
+
+/// Python that reads every shard listed in a manifest with pyarrow and prints
+/// `{"rows", "tokens", "positions"}`.
+const PYARROW_SUMS: &str = r#"
+import json, sys
+import pyarrow.parquet as pq
+d = sys.argv[1]
+m = json.load(open(d + "/manifest.json"))
+rows = tokens = positions = 0
+for s in m["shards"]:
+    t = pq.read_table(d + "/" + s["file"])
+    ids = t.column("input_ids").to_pylist()
+    pl = t.column("prompt_len").to_pylist()
+    rows += t.num_rows
+    tokens += sum(len(x) for x in ids)
+    positions += sum(len(x) - p for x, p in zip(ids, pl))
+print(json.dumps({"rows": rows, "tokens": tokens, "positions": positions}))
+"#;
+
+#[test]
+fn pyarrow_reads_the_shards() {
+    let has = std::process::Command::new("python3")
+        .args(["-c", "import pyarrow.parquet"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        if std::env::var("KD_REQUIRE_PYARROW").is_ok_and(|v| v == "1") {
+            panic!("KD_REQUIRE_PYARROW=1 but `python3 -c 'import pyarrow.parquet'` fails");
+        }
+        eprintln!("skipped: pyarrow is not importable by python3");
+        return;
+    }
+    let c = Case::new();
+    let input = c.input("in.jsonl", &prompts(14));
+    let dir = c.path("out");
+    c.dump(&input, &dir, &[]);
+    let o = std::process::Command::new("python3")
+        .args(["-c", PYARROW_SUMS, s(&dir)])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let got: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let t = manifest(&dir).totals;
+    assert_eq!(got["rows"], json!(t.rows));
+    assert_eq!(got["tokens"], json!(t.tokens));
+    assert_eq!(got["positions"], json!(t.positions));
+    assert_eq!(t.rows, 14);
+}
