@@ -101,15 +101,32 @@ impl PackedLinear {
             .enumerate()
             .for_each(|(task, out)| {
                 let r0 = task * ROWS_PER_TASK;
-                for (i, out_row) in out.chunks_mut(n).enumerate() {
-                    let w = &self.data[(r0 + i) * rb..(r0 + i + 1) * rb];
+                let task_rows = out.len() / n;
+                let mut i = 0;
+                while i < task_rows {
+                    // Two weight rows at a time share every load of x.
+                    let pair = i + 1 < task_rows;
+                    let w0 = &self.data[(r0 + i) * rb..(r0 + i + 1) * rb];
+                    let w1 = if pair {
+                        &self.data[(r0 + i + 1) * rb..(r0 + i + 2) * rb]
+                    } else {
+                        w0
+                    };
+                    let (o0, rest) = out[i * n..].split_at_mut(n);
                     let mut b0 = 0;
                     while b0 < n {
                         let g = (n - b0).min(GROUP);
                         let xs = &x[b0 * cols..(b0 + g) * cols];
-                        simd::row_dot(self.format, w, xs, cols, &mut out_row[b0..b0 + g]);
+                        let mut tmp = [0f32; GROUP];
+                        let o1 = if pair {
+                            &mut rest[b0..b0 + g]
+                        } else {
+                            &mut tmp[..g]
+                        };
+                        simd::rows_dot(self.format, w0, w1, xs, cols, &mut o0[b0..b0 + g], o1);
                         b0 += g;
                     }
+                    i += if pair { 2 } else { 1 };
                 }
             });
         let mut y = vec![0f32; n * rows];
@@ -128,26 +145,34 @@ mod simd {
     use half::f16;
     use std::arch::x86_64::*;
 
-    /// `out[b] = Σ_c w[c] · x[b, c]` for one packed weight row and `out.len()` (≤ 8) rows of
-    /// `x`.
-    pub(super) fn row_dot(format: Format, w: &[u8], x: &[f32], cols: usize, out: &mut [f32]) {
-        let b = out.len();
-        assert!(
-            b <= super::GROUP && x.len() == b * cols && w.len() == cols / QK * format.block_bytes()
-        );
+    /// `out0[b] = Σ_c w0[c] · x[b, c]` and the same for `w1` into `out1`, for `out0.len()`
+    /// (≤ 8) rows of `x`.
+    pub(super) fn rows_dot(
+        format: Format,
+        w0: &[u8],
+        w1: &[u8],
+        x: &[f32],
+        cols: usize,
+        out0: &mut [f32],
+        out1: &mut [f32],
+    ) {
+        let b = out0.len();
+        let rb = cols / QK * format.block_bytes();
+        assert!(b <= super::GROUP && out1.len() == b && x.len() == b * cols);
+        assert!(w0.len() == rb && w1.len() == rb);
         // SAFETY: `PackedLinear` exists only when AVX-512F was detected at run time
-        // (`supported()`), and the assertion above bounds every load below: block j of the
+        // (`supported()`), and the assertions above bound every load below: block j of a
         // weight row is `w[j*bytes..(j+1)*bytes]` and row r of x is `x[r*cols..(r+1)*cols]`.
         unsafe {
             match b {
-                8 => kernel::<8>(format, w, x, cols, out),
-                7 => kernel::<7>(format, w, x, cols, out),
-                6 => kernel::<6>(format, w, x, cols, out),
-                5 => kernel::<5>(format, w, x, cols, out),
-                4 => kernel::<4>(format, w, x, cols, out),
-                3 => kernel::<3>(format, w, x, cols, out),
-                2 => kernel::<2>(format, w, x, cols, out),
-                _ => kernel::<1>(format, w, x, cols, out),
+                8 => kernel::<8>(format, w0, w1, x, cols, out0, out1),
+                7 => kernel::<7>(format, w0, w1, x, cols, out0, out1),
+                6 => kernel::<6>(format, w0, w1, x, cols, out0, out1),
+                5 => kernel::<5>(format, w0, w1, x, cols, out0, out1),
+                4 => kernel::<4>(format, w0, w1, x, cols, out0, out1),
+                3 => kernel::<3>(format, w0, w1, x, cols, out0, out1),
+                2 => kernel::<2>(format, w0, w1, x, cols, out0, out1),
+                _ => kernel::<1>(format, w0, w1, x, cols, out0, out1),
             }
         }
     }
@@ -207,25 +232,31 @@ mod simd {
     #[target_feature(enable = "avx512f")]
     unsafe fn kernel<const B: usize>(
         format: Format,
-        w: &[u8],
+        w0: &[u8],
+        w1: &[u8],
         x: &[f32],
         cols: usize,
-        out: &mut [f32],
+        out0: &mut [f32],
+        out1: &mut [f32],
     ) {
         unsafe {
             let bytes = format.block_bytes();
-            let mut acc = [_mm512_setzero_ps(); B];
+            let mut acc0 = [_mm512_setzero_ps(); B];
+            let mut acc1 = [_mm512_setzero_ps(); B];
             let xp = x.as_ptr();
             for j in 0..cols / QK {
-                let (lo, hi) = expand(format, &w[j * bytes..(j + 1) * bytes]);
-                for (b, a) in acc.iter_mut().enumerate() {
+                let (lo0, hi0) = expand(format, &w0[j * bytes..(j + 1) * bytes]);
+                let (lo1, hi1) = expand(format, &w1[j * bytes..(j + 1) * bytes]);
+                for b in 0..B {
                     let p = xp.add(b * cols + j * QK);
-                    *a = _mm512_fmadd_ps(lo, _mm512_loadu_ps(p), *a);
-                    *a = _mm512_fmadd_ps(hi, _mm512_loadu_ps(p.add(16)), *a);
+                    let (xl, xh) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+                    acc0[b] = _mm512_fmadd_ps(hi0, xh, _mm512_fmadd_ps(lo0, xl, acc0[b]));
+                    acc1[b] = _mm512_fmadd_ps(hi1, xh, _mm512_fmadd_ps(lo1, xl, acc1[b]));
                 }
             }
-            for (o, a) in out.iter_mut().zip(acc) {
-                *o = _mm512_reduce_add_ps(a);
+            for b in 0..B {
+                out0[b] = _mm512_reduce_add_ps(acc0[b]);
+                out1[b] = _mm512_reduce_add_ps(acc1[b]);
             }
         }
     }
@@ -233,7 +264,15 @@ mod simd {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
-    pub(super) fn row_dot(_: super::Format, _: &[u8], _: &[f32], _: usize, _: &mut [f32]) {
+    pub(super) fn rows_dot(
+        _: super::Format,
+        _: &[u8],
+        _: &[u8],
+        _: &[f32],
+        _: usize,
+        _: &mut [f32],
+        _: &mut [f32],
+    ) {
         unreachable!("PackedLinear is only built where supported() holds")
     }
 }
