@@ -22,7 +22,10 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("data/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     if !gguf.exists() {
-        eprintln!("teacher not found at {} (run scripts/setup.sh)", gguf.display());
+        eprintln!(
+            "teacher not found at {} (run scripts/setup.sh)",
+            gguf.display()
+        );
         std::process::exit(1);
     }
     let new_tokens: usize = std::env::var("KD_BENCH_NEW_TOKENS")
@@ -32,10 +35,18 @@ fn main() {
     let threads = candle_core::utils::get_num_threads();
     let m = load(&gguf, Precision::Exact, &Device::Cpu).expect("teacher loads");
     let input = read_jsonl(&root.join("data/prompts/quickstart.jsonl"), false).expect("prompts");
-    let gen_opts = EncodeOptions { chat_template: true, score: false };
+    let gen_opts = EncodeOptions {
+        chat_template: true,
+        score: false,
+    };
     let prompts: Vec<(String, Vec<u32>)> = input.records[..8]
         .iter()
-        .map(|r| (r.id.clone(), encode(r, &m.tokenizer, gen_opts).expect("encodes").prompt))
+        .map(|r| {
+            (
+                r.id.clone(),
+                encode(r, &m.tokenizer, gen_opts).expect("encodes").prompt,
+            )
+        })
         .collect();
     let mut rows = Vec::new();
 
@@ -47,77 +58,158 @@ fn main() {
             top_k: 32,
             stop_ids: vec![],
             max_new_tokens: new_tokens,
-            sampling: SamplingConfig { temperature: 0.0, top_p: 1.0, seed: 0 },
+            sampling: SamplingConfig {
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+            },
             logits_chunk: 256,
         };
         let mut work = Work::default();
         let t = Instant::now();
         for chunk in prompts.chunks(bs) {
-            let batch: Vec<(&str, &[u32])> = chunk.iter().map(|(id, p)| (id.as_str(), p.as_slice())).collect();
+            let batch: Vec<(&str, &[u32])> = chunk
+                .iter()
+                .map(|(id, p)| (id.as_str(), p.as_slice()))
+                .collect();
             engine.generate(&batch, &mut work).expect("generates");
         }
         let s = t.elapsed().as_secs_f64();
-        rows.push((format!("teacher-dump exact f32, generate, batch {bs}"), work.generated_tokens, s, "generated tokens/s incl. prefill + top-32 capture"));
+        rows.push((
+            format!("teacher-dump exact f32, generate, batch {bs}"),
+            work.generated_tokens,
+            s,
+            "generated tokens/s incl. prefill + top-32 capture",
+        ));
     }
 
     // Ours: scoring existing text (prompt + response teacher-forced), batch 8.
-    let score_in = read_jsonl(&root.join("data/prompts/quickstart-score.jsonl"), false).expect("score input");
-    let sc_opts = EncodeOptions { chat_template: true, score: true };
-    let enc: Vec<_> = score_in.records.iter().map(|r| encode(r, &m.tokenizer, sc_opts).expect("encodes")).collect();
+    let score_in =
+        read_jsonl(&root.join("data/prompts/quickstart-score.jsonl"), false).expect("score input");
+    let sc_opts = EncodeOptions {
+        chat_template: true,
+        score: true,
+    };
+    let enc: Vec<_> = score_in
+        .records
+        .iter()
+        .map(|r| encode(r, &m.tokenizer, sc_opts).expect("encodes"))
+        .collect();
     let engine = Engine {
         model: &m.model,
         top_k: 32,
         stop_ids: vec![],
         max_new_tokens: 0,
-        sampling: SamplingConfig { temperature: 0.0, top_p: 1.0, seed: 0 },
+        sampling: SamplingConfig {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        },
         logits_chunk: 256,
     };
     let mut work = Work::default();
     let t = Instant::now();
-    for chunk in enc.chunks(8) {
-        let batch: Vec<(&[u32], &[u32])> = chunk.iter().map(|e| (e.prompt.as_slice(), e.response.as_deref().unwrap())).collect();
-        engine.score(&batch, &mut work).expect("scores");
-    }
+    let batch: Vec<(&[u32], &[u32])> = enc
+        .iter()
+        .map(|e| (e.prompt.as_slice(), e.response.as_deref().unwrap()))
+        .collect();
+    engine.score(&batch, 8, &mut work).expect("scores");
     let s = t.elapsed().as_secs_f64();
-    rows.push(("teacher-dump exact f32, score, batch 8".into(), work.prefill_tokens, s, "tokens/s (prompt + response) incl. top-32 capture"));
-    rows.push(("teacher-dump exact f32, score, batch 8".into(), work.scored_tokens, s, "scored response tokens/s"));
+    rows.push((
+        "teacher-dump exact f32, score, batch 8".into(),
+        work.prefill_tokens,
+        s,
+        "tokens/s (prompt + response) incl. top-32 capture",
+    ));
+    rows.push((
+        "teacher-dump exact f32, score, batch 8".into(),
+        work.scored_tokens,
+        s,
+        "scored response tokens/s",
+    ));
 
     // Baseline: candle-transformers quantized_llama, batch 1, greedy, same prompts.
     let mut f = std::fs::File::open(&gguf).expect("gguf");
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).expect("gguf header");
-    let mut q = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("baseline loads");
+    let mut q = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        ct,
+        &mut f,
+        &Device::Cpu,
+    )
+    .expect("baseline loads");
     let (mut pre_tok, mut pre_s, mut dec_tok, mut dec_s) = (0u64, 0f64, 0u64, 0f64);
     for (_, p) in &prompts {
         let t = Instant::now();
-        let x = Tensor::new(p.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let x = Tensor::new(p.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let mut logits = q.forward(&x, 0).unwrap();
         pre_s += t.elapsed().as_secs_f64();
         pre_tok += p.len() as u64;
         let t = Instant::now();
         for i in 0..new_tokens {
-            let next = logits.squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
-            let x = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let next = logits
+                .squeeze(0)
+                .unwrap()
+                .argmax(0)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap();
+            let x = Tensor::new(&[next], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
             logits = q.forward(&x, p.len() + i).unwrap();
         }
         dec_s += t.elapsed().as_secs_f64();
         dec_tok += new_tokens as u64;
     }
-    rows.push(("baseline candle quantized_llama, prefill, batch 1".into(), pre_tok, pre_s, "prompt tokens/s"));
-    rows.push(("baseline candle quantized_llama, decode, batch 1".into(), dec_tok, dec_s, "generated tokens/s"));
+    rows.push((
+        "baseline candle quantized_llama, prefill, batch 1".into(),
+        pre_tok,
+        pre_s,
+        "prompt tokens/s",
+    ));
+    rows.push((
+        "baseline candle quantized_llama, decode, batch 1".into(),
+        dec_tok,
+        dec_s,
+        "generated tokens/s",
+    ));
 
-    println!("teacher throughput on {} ({} threads, {} new tokens per prompt, 8 prompts)", gguf.display(), threads, new_tokens);
-    println!("{:<52} {:>8} {:>8} {:>10}  unit", "what", "tokens", "seconds", "tokens/s");
+    println!(
+        "teacher throughput on {} ({} threads, {} new tokens per prompt, 8 prompts)",
+        gguf.display(),
+        threads,
+        new_tokens
+    );
+    println!(
+        "{:<52} {:>8} {:>8} {:>10}  unit",
+        "what", "tokens", "seconds", "tokens/s"
+    );
     let mut json = Vec::new();
     for (what, toks, s, unit) in &rows {
         let rate = *toks as f64 / s;
         println!("{what:<52} {toks:>8} {s:>8.2} {rate:>10.1}  {unit}");
         json.push(serde_json::json!({"what": what, "tokens": toks, "seconds": s, "tokens_per_s": rate, "unit": unit}));
     }
-    let base = rows.iter().find(|r| r.0.contains("decode, batch 1")).map(|r| r.1 as f64 / r.2).unwrap();
+    let base = rows
+        .iter()
+        .find(|r| r.0.contains("decode, batch 1"))
+        .map(|r| r.1 as f64 / r.2)
+        .unwrap();
     for (what, toks, s, _) in rows.iter().filter(|r| r.0.contains("generate")) {
-        println!("{what}: {:.2}x the baseline's batch-1 decode", *toks as f64 / s / base);
+        println!(
+            "{what}: {:.2}x the baseline's batch-1 decode",
+            *toks as f64 / s / base
+        );
     }
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("teacher_throughput.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    std::fs::write(
+        out.join("teacher_throughput.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
 }

@@ -369,8 +369,13 @@ pub fn dump(
             continue;
         }
         let mut rows: Vec<Row> = Vec::with_capacity(hi - lo);
-        for b in (lo..hi).step_by(opts.batch_size) {
-            let be = (b + opts.batch_size).min(hi);
+        // Generation goes batch by batch; scoring takes the whole shard and batches it by length.
+        let step = match settings.mode {
+            Mode::Generate => opts.batch_size,
+            Mode::Score => hi - lo,
+        };
+        for b in (lo..hi).step_by(step) {
+            let be = (b + step).min(hi);
             match settings.mode {
                 Mode::Generate => {
                     let batch: Vec<(&str, &[u32])> = (b..be)
@@ -399,7 +404,7 @@ pub fn dump(
                             )
                         })
                         .collect();
-                    let caps = engine.score(&batch, &mut work)?;
+                    let caps = engine.score(&batch, opts.batch_size, &mut work)?;
                     for (i, c) in (b..be).zip(caps) {
                         let p = &encoded[i].prompt;
                         let r = encoded[i].response.as_deref().expect("validated");

@@ -154,8 +154,22 @@ impl Engine<'_> {
     }
 
     /// Teacher-forces `(prompt, response)` pairs and captures the top-k at every response
-    /// position (`prompt_len − 1 … len − 2`).
-    pub fn score(&self, rows: &[(&[u32], &[u32])], work: &mut Work) -> Result<Vec<Capture>> {
+    /// position (`prompt_len − 1 … len − 2`). Rows are batched `batch` at a time in order of
+    /// length, so little work goes into padding; results come back in input order.
+    pub fn score(&self, rows: &[(&[u32], &[u32])], batch: usize, work: &mut Work) -> Result<Vec<Capture>> {
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| rows[i].0.len() + rows[i].1.len());
+        let mut caps: Vec<Capture> = vec![Capture::default(); rows.len()];
+        for group in order.chunks(batch.max(1)) {
+            let part: Vec<(&[u32], &[u32])> = group.iter().map(|&i| rows[i]).collect();
+            for (&i, c) in group.iter().zip(self.score_batch(&part, work)?) {
+                caps[i] = c;
+            }
+        }
+        Ok(caps)
+    }
+
+    fn score_batch(&self, rows: &[(&[u32], &[u32])], work: &mut Work) -> Result<Vec<Capture>> {
         let seqs: Vec<Vec<u32>> = rows.iter().map(|(p, r)| [*p, *r].concat()).collect();
         let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
         work.prefill_tokens += refs.iter().map(|s| s.len() as u64).sum::<u64>();
@@ -170,11 +184,7 @@ impl Engine<'_> {
         let v = self.model.vocab_size();
         let mut caps: Vec<Capture> = vec![Capture::default(); rows.len()];
         for chunk in sel.chunks(self.logits_chunk.max(1)) {
-            let flat: Vec<f32> = self
-                .model
-                .logits_at(&hidden, chunk)?
-                .flatten_all()?
-                .to_vec1()?;
+            let flat: Vec<f32> = self.model.logits_at(&hidden, chunk)?.flatten_all()?.to_vec1()?;
             let per: Vec<(usize, Capture)> = chunk
                 .par_iter()
                 .enumerate()
