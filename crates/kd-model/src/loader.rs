@@ -222,7 +222,12 @@ fn load_gguf(path: &Path, precision: Precision, device: &Device) -> Result<Loade
     };
     let lin = |t: candle_core::quantized::QTensor| -> Result<Linear> {
         Ok(match precision {
-            Precision::Quantized if !matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16) => {
+            // candle's CPU dot products need an even number of blocks per row (they panic
+            // otherwise), so narrower matrices stay dense.
+            Precision::Quantized
+                if !matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16)
+                    && t.shape().dims().last().is_some_and(|c| c % 64 == 0) =>
+            {
                 Linear::Quant(QMatMul::from_qtensor(t)?)
             }
             _ => {
