@@ -64,16 +64,15 @@ fn main() {
                 seed: 0,
             },
             logits_chunk: 256,
+            on_rows_done: None,
         };
         let mut work = Work::default();
         let t = Instant::now();
-        for chunk in prompts.chunks(bs) {
-            let batch: Vec<(&str, &[u32])> = chunk
-                .iter()
-                .map(|(id, p)| (id.as_str(), p.as_slice()))
-                .collect();
-            engine.generate(&batch, &mut work).expect("generates");
-        }
+        let batch: Vec<(&str, &[u32])> = prompts
+            .iter()
+            .map(|(id, p)| (id.as_str(), p.as_slice()))
+            .collect();
+        engine.generate(&batch, bs, &mut work).expect("generates");
         let s = t.elapsed().as_secs_f64();
         rows.push((
             format!("teacher-dump exact f32, generate, batch {bs}"),
@@ -106,6 +105,7 @@ fn main() {
             seed: 0,
         },
         logits_chunk: 256,
+        on_rows_done: None,
     };
     let mut work = Work::default();
     let t = Instant::now();

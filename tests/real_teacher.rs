@@ -85,6 +85,7 @@ fn greedy_generation_reproduces_reference_continuations() {
             seed: 0,
         },
         logits_chunk: 64,
+        on_rows_done: None,
     };
     let prompts: Vec<Vec<u32>> = cases
         .iter()
@@ -93,7 +94,7 @@ fn greedy_generation_reproduces_reference_continuations() {
     let rows: Vec<(&str, &[u32])> = prompts.iter().map(|p| ("x", p.as_slice())).collect();
     let mut work = Work::default();
     // All four in one batch: rows of different lengths share the KV cache.
-    let out = engine.generate(&rows, &mut work).unwrap();
+    let out = engine.generate(&rows, 4, &mut work).unwrap();
     for (c, g) in cases.iter().zip(&out) {
         let want: Vec<u32> = serde_json::from_value(c["greedy_ids"].clone()).unwrap();
         assert_eq!(g.response, want, "greedy continuation of {}", c["messages"]);

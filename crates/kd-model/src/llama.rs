@@ -70,32 +70,39 @@ pub struct Llama {
     pub device: Device,
 }
 
-/// Per-layer keys and values for a batch of rows, plus what is valid in each row.
+/// Per-layer keys and values for a batch of rows, plus which slots each row may attend to.
 ///
-/// After a right-padded prefill to length `gap_end`, row `b` holds real tokens in
-/// `[0, valid[b])` and padding in `[valid[b], gap_end)`; every decoded token is appended after
-/// `gap_end` for all rows. The padding slots are masked out of attention, so a row's results
-/// do not depend on which other rows share its batch.
+/// Rows of different lengths share one `[batch, kv_heads, len, head_dim]` tensor per layer:
+/// a right-padded prefill leaves padding after a short prompt, and rows that join later
+/// ([`KvCache::append`]) are padded to the common length. Each row records its padding slots,
+/// which are masked out of attention, and its own next RoPE position, so a row's results do
+/// not depend on which other rows share its batch.
 pub struct KvCache {
     kv: Vec<Option<(Tensor, Tensor)>>,
-    valid: Vec<usize>,
-    gap_end: usize,
+    rows: Vec<RowSlots>,
     len: usize,
+}
+
+#[derive(Clone, Debug)]
+struct RowSlots {
+    /// Half-open slot ranges this row must not attend to.
+    masked: Vec<(usize, usize)>,
+    next_pos: usize,
 }
 
 impl KvCache {
     pub fn batch_size(&self) -> usize {
-        self.valid.len()
+        self.rows.len()
     }
 
     /// Position (RoPE index) of the next token of row `b`.
     pub fn next_position(&self, b: usize) -> usize {
-        self.valid[b] + (self.len - self.gap_end)
+        self.rows[b].next_pos
     }
 
     /// Keeps only the given rows (in that order), e.g. after some rows finished.
     pub fn retain_rows(&mut self, rows: &[usize]) -> Result<()> {
-        if rows.len() == self.valid.len() && rows.iter().enumerate().all(|(i, &r)| i == r) {
+        if rows.len() == self.rows.len() && rows.iter().enumerate().all(|(i, &r)| i == r) {
             return Ok(());
         }
         let dev = match self.kv.iter().flatten().next() {
@@ -111,7 +118,44 @@ impl KvCache {
             slot.0 = slot.0.index_select(&idx, 0)?;
             slot.1 = slot.1.index_select(&idx, 0)?;
         }
-        self.valid = rows.iter().map(|&r| self.valid[r]).collect();
+        self.rows = rows.iter().map(|&r| self.rows[r].clone()).collect();
+        Ok(())
+    }
+
+    /// Adds the rows of `other` (a fresh prefill) after this cache's rows, padding whichever
+    /// is shorter with masked slots.
+    pub fn append(&mut self, mut other: KvCache) -> Result<()> {
+        let len = self.len.max(other.len);
+        self.pad_to(len)?;
+        other.pad_to(len)?;
+        for (a, b) in self.kv.iter_mut().zip(other.kv) {
+            *a = match (a.take(), b) {
+                (Some((ak, av)), Some((bk, bv))) => {
+                    Some((Tensor::cat(&[&ak, &bk], 0)?, Tensor::cat(&[&av, &bv], 0)?))
+                }
+                (x, None) | (None, x) => x,
+            };
+        }
+        self.rows.extend(other.rows);
+        Ok(())
+    }
+
+    fn pad_to(&mut self, len: usize) -> Result<()> {
+        if len == self.len {
+            return Ok(());
+        }
+        for slot in self.kv.iter_mut().flatten() {
+            let pad = |t: &Tensor| -> Result<Tensor> {
+                let (b, h, l, d) = t.dims4()?;
+                let z = Tensor::zeros((b, h, len - l, d), t.dtype(), t.device())?;
+                Ok(Tensor::cat(&[t, &z], 2)?)
+            };
+            *slot = (pad(&slot.0)?, pad(&slot.1)?);
+        }
+        for r in &mut self.rows {
+            r.masked.push((self.len, len));
+        }
+        self.len = len;
         Ok(())
     }
 }
@@ -206,8 +250,17 @@ impl Llama {
         let mask = Tensor::from_vec(mask, (b, 1, l, l), &self.device)?;
         let mut cache = want_cache.then(|| KvCache {
             kv: (0..self.layers.len()).map(|_| None).collect(),
-            valid: rows.iter().map(|r| r.len()).collect(),
-            gap_end: l,
+            rows: rows
+                .iter()
+                .map(|r| RowSlots {
+                    masked: if r.len() < l {
+                        vec![(r.len(), l)]
+                    } else {
+                        vec![]
+                    },
+                    next_pos: r.len(),
+                })
+                .collect(),
             len: 0,
         });
         let h = self.forward(&ids, &pos, &mask, cache.as_mut())?;
@@ -241,9 +294,9 @@ impl Llama {
             });
         }
         let mut mask = vec![0f32; b * lk];
-        for r in 0..b {
-            for j in cache.valid[r]..cache.gap_end {
-                mask[r * lk + j] = f32::NEG_INFINITY;
+        for (r, slots) in cache.rows.iter().enumerate() {
+            for &(a, e) in &slots.masked {
+                mask[r * lk + a..r * lk + e].fill(f32::NEG_INFINITY);
             }
         }
         let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
@@ -251,6 +304,9 @@ impl Llama {
         let mask = Tensor::from_vec(mask, (b, 1, 1, lk), &self.device)?;
         let h = self.forward(&ids, &pos, &mask, Some(cache))?;
         cache.len = lk;
+        for r in &mut cache.rows {
+            r.next_pos += 1;
+        }
         Ok(h.squeeze(1)?)
     }
 

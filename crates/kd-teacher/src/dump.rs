@@ -142,10 +142,14 @@ impl FolderLock {
             Err(std::fs::TryLockError::Error(source)) => Err(Error::Io { path, source }),
         }
     }
+}
 
-    /// Removes the lock file at the end of a finished dump (a killed dump leaves it behind,
-    /// unlocked; the next run takes it again).
-    fn release(self) {
+/// Removes the lock file when the dump lets go of the folder: at the end of a finished dump,
+/// and on every error return after the lock was taken, so that a refused run (no `--resume`,
+/// other settings) leaves the folder as it found it. A killed dump leaves the file behind,
+/// unlocked; the next run takes it again.
+impl Drop for FolderLock {
+    fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -344,6 +348,8 @@ pub fn dump(
     }
 
     write_tokenizer_files(model, out_dir)?;
+    let bar = progress_bar(opts.progress, encoded.len() as u64);
+    let on_rows_done = |n: usize| bar.inc(n as u64);
     let engine = Engine {
         model: &model.model,
         top_k: settings.top_k,
@@ -355,8 +361,8 @@ pub fn dump(
             seed: settings.seed,
         },
         logits_chunk: opts.logits_chunk,
+        on_rows_done: Some(&on_rows_done),
     };
-    let bar = progress_bar(opts.progress, encoded.len() as u64);
     let reused = done.iter().filter(|d| d.is_some()).count();
     let mut work = Work::default();
     let mut written = 0;
@@ -369,19 +375,16 @@ pub fn dump(
             continue;
         }
         let mut rows: Vec<Row> = Vec::with_capacity(hi - lo);
-        // Generation goes batch by batch; scoring takes the whole shard and batches it by length.
-        let step = match settings.mode {
-            Mode::Generate => opts.batch_size,
-            Mode::Score => hi - lo,
-        };
-        for b in (lo..hi).step_by(step) {
-            let be = (b + step).min(hi);
+        // The engine batches a whole shard itself: continuous batching when generating,
+        // batches of similar length when scoring. Progress is reported per shard.
+        {
+            let (b, be) = (lo, hi);
             match settings.mode {
                 Mode::Generate => {
                     let batch: Vec<(&str, &[u32])> = (b..be)
                         .map(|i| (records[i].id.as_str(), encoded[i].prompt.as_slice()))
                         .collect();
-                    let gens = engine.generate(&batch, &mut work)?;
+                    let gens = engine.generate(&batch, opts.batch_size, &mut work)?;
                     for (i, g) in (b..be).zip(gens) {
                         let p = &encoded[i].prompt;
                         rows.push(Row {
@@ -420,7 +423,6 @@ pub fn dump(
                     }
                 }
             }
-            bar.inc((be - b) as u64);
             let secs = work_start.elapsed().as_secs_f64().max(1e-9);
             bar.set_message(format!(
                 "{:.1} tok/s",
@@ -449,7 +451,7 @@ pub fn dump(
             source,
         })?;
     }
-    lock.release();
+    drop(lock);
     let secs = work_start.elapsed().as_secs_f64();
     let toks = work.generated_tokens + work.scored_tokens;
     let t = &manifest.totals;

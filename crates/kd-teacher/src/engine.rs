@@ -1,7 +1,7 @@
 //! The teacher pass: batched generation with a KV cache, teacher-forced scoring, and capture
 //! of the top-k log-probabilities at every response position.
 
-use kd_model::{Llama, log_softmax_f64, top_k};
+use kd_model::{KvCache, Llama, log_softmax_f64, top_k};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -60,17 +60,26 @@ pub struct Engine<'a> {
     pub sampling: SamplingConfig,
     /// Most positions whose full-vocabulary logits are held at once while scoring.
     pub logits_chunk: usize,
+    /// Called with the number of rows just finished (progress reporting).
+    pub on_rows_done: Option<&'a (dyn Fn(usize) + Sync)>,
 }
 
 impl Engine<'_> {
     /// Generates a response for each `(row id, prompt ids)` and captures the teacher's top-k
-    /// at every response position. Rows are decoded together; finished rows leave the batch.
-    pub fn generate(&self, rows: &[(&str, &[u32])], work: &mut Work) -> Result<Vec<Generated>> {
+    /// at every response position. Up to `batch` rows decode together; when a row finishes,
+    /// the next prompt is prefilled and joins the batch (continuous batching), so the batch
+    /// stays full until the input runs out. Results come back in input order.
+    pub fn generate(
+        &self,
+        rows: &[(&str, &[u32])],
+        batch: usize,
+        work: &mut Work,
+    ) -> Result<Vec<Generated>> {
         let n = rows.len();
-        if n == 0 {
-            return Ok(Vec::new());
-        }
+        let batch = batch.max(1);
         let model = self.model;
+        let v = model.vocab_size();
+        let k = self.top_k;
         let mut samplers: Vec<Sampler> = rows
             .iter()
             .map(|(id, _)| Sampler::new(self.sampling, id))
@@ -82,28 +91,41 @@ impl Engine<'_> {
                 stop: Stop::MaxNewTokens,
             })
             .collect();
-        let prompts: Vec<&[u32]> = rows.iter().map(|r| r.1).collect();
-        work.prefill_tokens += prompts.iter().map(|p| p.len() as u64).sum::<u64>();
-        let (hidden, cache) = model.prefill(&prompts, true)?;
-        let mut cache = cache.expect("prefill was asked for a cache");
-        let sel: Vec<(usize, usize)> = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i, p.len() - 1))
-            .collect();
-        let mut logits = model.logits_at(&hidden, &sel)?;
-        drop(hidden);
-        // `active[j]` is the input row decoded in cache row j.
-        let mut active: Vec<usize> = (0..n).collect();
         if self.max_new_tokens == 0 {
             return Ok(out);
         }
+        let mut cache: Option<KvCache> = None;
+        // `active[j]` is the input row in cache row j; `logits` holds one vocabulary row per
+        // active row, in the same order. Rows join in input order, so `active` is ascending.
+        let mut active: Vec<usize> = Vec::new();
+        let mut logits: Vec<f32> = Vec::new();
+        let mut next_row = 0;
         loop {
-            let v = model.vocab_size();
-            let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-            let k = self.top_k;
-            // One position per active row: capture and choose, in parallel over rows. `active`
-            // is ascending, so cache row j is the j-th active output row.
+            if active.len() < batch && next_row < n {
+                let take = (batch - active.len()).min(n - next_row);
+                let new: Vec<usize> = (next_row..next_row + take).collect();
+                next_row += take;
+                let prompts: Vec<&[u32]> = new.iter().map(|&r| rows[r].1).collect();
+                work.prefill_tokens += prompts.iter().map(|p| p.len() as u64).sum::<u64>();
+                let (hidden, fresh) = model.prefill(&prompts, true)?;
+                let fresh = fresh.expect("prefill was asked for a cache");
+                let sel: Vec<(usize, usize)> = prompts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (i, p.len() - 1))
+                    .collect();
+                let lg: Vec<f32> = model.logits_at(&hidden, &sel)?.flatten_all()?.to_vec1()?;
+                logits.extend(lg);
+                active.extend(new);
+                match cache.as_mut() {
+                    Some(c) => c.append(fresh)?,
+                    None => cache = Some(fresh),
+                }
+            }
+            if active.is_empty() {
+                break;
+            }
+            // One position per active row: capture and choose, in parallel over rows.
             let mut is_active = vec![false; n];
             for &r in &active {
                 is_active[r] = true;
@@ -114,6 +136,7 @@ impl Engine<'_> {
                 .enumerate()
                 .filter(|(r, _)| is_active[*r])
                 .collect();
+            let flat = &logits;
             let picks: Vec<(usize, u32)> = slots
                 .into_par_iter()
                 .enumerate()
@@ -135,20 +158,28 @@ impl Engine<'_> {
                     g.stop = Stop::EndToken;
                 } else if g.response.len() >= self.max_new_tokens {
                     g.stop = Stop::MaxNewTokens;
-                } else if prompts[r].len() + g.response.len() >= model.max_len() {
+                } else if rows[r].1.len() + g.response.len() >= model.max_len() {
                     g.stop = Stop::ContextFull;
                 } else {
                     keep.push(j);
                     next_tokens.push(tok);
                 }
             }
-            if keep.is_empty() {
-                break;
+            if let Some(f) = self.on_rows_done
+                && picks.len() > keep.len()
+            {
+                f(picks.len() - keep.len());
             }
-            cache.retain_rows(&keep)?;
             active = keep.iter().map(|&j| picks[j].0).collect();
-            let h = model.step(&mut cache, &next_tokens)?;
-            logits = model.logits(&h)?;
+            logits.clear();
+            if keep.is_empty() {
+                cache = None;
+                continue;
+            }
+            let c = cache.as_mut().expect("active rows have a cache");
+            c.retain_rows(&keep)?;
+            let h = model.step(c, &next_tokens)?;
+            logits = model.logits(&h)?.flatten_all()?.to_vec1()?;
         }
         Ok(out)
     }
@@ -156,7 +187,12 @@ impl Engine<'_> {
     /// Teacher-forces `(prompt, response)` pairs and captures the top-k at every response
     /// position (`prompt_len − 1 … len − 2`). Rows are batched `batch` at a time in order of
     /// length, so little work goes into padding; results come back in input order.
-    pub fn score(&self, rows: &[(&[u32], &[u32])], batch: usize, work: &mut Work) -> Result<Vec<Capture>> {
+    pub fn score(
+        &self,
+        rows: &[(&[u32], &[u32])],
+        batch: usize,
+        work: &mut Work,
+    ) -> Result<Vec<Capture>> {
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by_key(|&i| rows[i].0.len() + rows[i].1.len());
         let mut caps: Vec<Capture> = vec![Capture::default(); rows.len()];
@@ -164,6 +200,9 @@ impl Engine<'_> {
             let part: Vec<(&[u32], &[u32])> = group.iter().map(|&i| rows[i]).collect();
             for (&i, c) in group.iter().zip(self.score_batch(&part, work)?) {
                 caps[i] = c;
+            }
+            if let Some(f) = self.on_rows_done {
+                f(group.len());
             }
         }
         Ok(caps)
@@ -184,7 +223,11 @@ impl Engine<'_> {
         let v = self.model.vocab_size();
         let mut caps: Vec<Capture> = vec![Capture::default(); rows.len()];
         for chunk in sel.chunks(self.logits_chunk.max(1)) {
-            let flat: Vec<f32> = self.model.logits_at(&hidden, chunk)?.flatten_all()?.to_vec1()?;
+            let flat: Vec<f32> = self
+                .model
+                .logits_at(&hidden, chunk)?
+                .flatten_all()?
+                .to_vec1()?;
             let per: Vec<(usize, Capture)> = chunk
                 .par_iter()
                 .enumerate()
