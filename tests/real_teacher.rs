@@ -140,3 +140,44 @@ fn approximate_quantized_path_is_close_but_not_exact() {
     eprintln!("approx-quantized: mean |err| of top-20 log-probs {mean:.3} nats over {n} values");
     assert!(mean > LOGPROB_TOL && mean < 0.5, "mean error {mean}");
 }
+
+#[test]
+fn quickstart_prompts_get_fluent_answers_from_the_binary() {
+    // The README's promise on a small slice of the quickstart: asked for the capital of
+    // France, the greedy teacher names Paris, and the cache verifies.
+    let Some(gguf) = util::teacher_gguf() else {
+        return;
+    };
+    let dir = util::tempdir();
+    let out = dir.path().join("qs");
+    let input = util::root().join("data/prompts/quickstart.jsonl");
+    util::run_ok(
+        "teacher-dump",
+        &[
+            "--teacher",
+            gguf.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "24",
+            "--rows-per-shard",
+            "2",
+            "--no-progress",
+        ],
+    );
+    util::run_ok("shard-cat", &["verify", out.to_str().unwrap()]);
+    let shown = util::run_ok(
+        "shard-cat",
+        &["show", out.to_str().unwrap(), "capital-france", "--json"],
+    );
+    let row: serde_json::Value = serde_json::from_str(shown.trim()).unwrap();
+    let response = row["response"].as_str().unwrap();
+    assert!(response.contains("Paris"), "response: {response}");
+    let m = kd_shard::read_manifest(&out.join("manifest.json")).unwrap();
+    assert_eq!(m.totals.rows, 4);
+    assert!(m.complete);
+}

@@ -349,7 +349,15 @@ pub fn dump(
 
     write_tokenizer_files(model, out_dir)?;
     let bar = progress_bar(opts.progress, encoded.len() as u64);
-    let on_rows_done = |n: usize| bar.inc(n as u64);
+    let work_start = Instant::now();
+    let on_rows_done = |n: usize, tokens: u64| {
+        bar.inc(n as u64);
+        let secs = work_start.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!(
+            "{tokens} tokens, {:.1} tok/s",
+            tokens as f64 / secs
+        ));
+    };
     let engine = Engine {
         model: &model.model,
         top_k: settings.top_k,
@@ -366,7 +374,6 @@ pub fn dump(
     let reused = done.iter().filter(|d| d.is_some()).count();
     let mut work = Work::default();
     let mut written = 0;
-    let work_start = Instant::now();
     for j in 0..n_shards {
         let lo = j * settings.rows_per_shard;
         let hi = (lo + settings.rows_per_shard).min(encoded.len());
@@ -423,11 +430,6 @@ pub fn dump(
                     }
                 }
             }
-            let secs = work_start.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!(
-                "{:.1} tok/s",
-                (work.generated_tokens + work.scored_tokens) as f64 / secs
-            ));
         }
         let entry =
             kd_shard::write_shard(out_dir, &shard_name(opts.part, j), settings.top_k, &rows)?;

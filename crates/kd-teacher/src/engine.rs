@@ -60,8 +60,9 @@ pub struct Engine<'a> {
     pub sampling: SamplingConfig,
     /// Most positions whose full-vocabulary logits are held at once while scoring.
     pub logits_chunk: usize,
-    /// Called with the number of rows just finished (progress reporting).
-    pub on_rows_done: Option<&'a (dyn Fn(usize) + Sync)>,
+    /// Called with the number of rows just finished and the tokens generated or scored so far
+    /// (progress reporting).
+    pub on_rows_done: Option<&'a (dyn Fn(usize, u64) + Sync)>,
 }
 
 impl Engine<'_> {
@@ -168,7 +169,7 @@ impl Engine<'_> {
             if let Some(f) = self.on_rows_done
                 && picks.len() > keep.len()
             {
-                f(picks.len() - keep.len());
+                f(picks.len() - keep.len(), work.generated_tokens);
             }
             active = keep.iter().map(|&j| picks[j].0).collect();
             logits.clear();
@@ -202,7 +203,7 @@ impl Engine<'_> {
                 caps[i] = c;
             }
             if let Some(f) = self.on_rows_done {
-                f(group.len());
+                f(group.len(), work.scored_tokens);
             }
         }
         Ok(caps)
