@@ -29,10 +29,30 @@ struct Case {
 }
 
 impl Case {
+    /// The tiny teacher of `kd_model::testing`. Its distributions are sharp (mean top-1
+    /// probability ≈ 0.97): fine where only the plumbing matters.
     fn new() -> Case {
         let tmp = util::tempdir();
         let teacher = tmp.path().join("teacher");
         kd_model::testing::write_tiny_teacher(&teacher, 7).expect("tiny teacher");
+        Case { tmp, teacher }
+    }
+
+    /// The same tiny teacher with its (tied) embeddings halved, which softens its
+    /// distributions (mean top-1 probability ≈ 0.6, some rows stop early at `<|im_end|>`):
+    /// for tests about sampling and batching, where the sharp teacher almost never leaves
+    /// its top-1 token and every row runs to the same length.
+    fn soft() -> Case {
+        use kd_model::testing::{random_weights, tiny_config, write_hf_dir};
+        let tmp = util::tempdir();
+        let teacher = tmp.path().join("teacher");
+        let tok = kd_tokenizer::Tokenizer::tiny_for_tests();
+        let cfg = tiny_config(tok.vocab_size());
+        let mut w = random_weights(&cfg, 7).expect("random weights");
+        let name = "model.embed_tokens.weight";
+        let halved = w[name].affine(0.5, 0.0).expect("scale");
+        w.insert(name.to_string(), halved);
+        write_hf_dir(&teacher, &cfg, &w, &tok).expect("soft teacher");
         Case { tmp, teacher }
     }
 
@@ -138,8 +158,7 @@ fn rows(dir: &Path) -> Vec<Row> {
         .shards
         .iter()
         .flat_map(|s| {
-            kd_shard::read_shard(&dir.join(&s.file))
-                .unwrap_or_else(|e| panic!("{}: {e}", s.file))
+            kd_shard::read_shard(&dir.join(&s.file)).unwrap_or_else(|e| panic!("{}: {e}", s.file))
         })
         .collect()
 }
@@ -255,7 +274,7 @@ fn assert_rows_close(a: &Row, b: &Row) -> (f32, usize) {
 
 #[test]
 fn greedy_batch_size_does_not_change_the_dump() {
-    let c = Case::new();
+    let c = Case::soft();
     let input = c.input("in.jsonl", &prompts(20));
     let (b1, b8) = (c.path("b1"), c.path("b8"));
     // 8 rows per shard so that a batch of 8 really decodes 8 rows together (batches never
@@ -266,6 +285,10 @@ fn greedy_batch_size_does_not_change_the_dump() {
     let (r1, r8) = (rows(&b1), rows(&b8));
     assert_eq!(r1.len(), 20);
     assert_eq!(r8.len(), 20);
+    assert!(
+        r1.iter().any(|r| r.n_pos() < 16),
+        "no row stopped early, so no row left a batch before the others"
+    );
     let (mut max_diff, mut swapped, mut positions) = (0f32, 0usize, 0usize);
     for (a, b) in r1.iter().zip(&r8) {
         assert_eq!(a.source, Source::Generated);
@@ -288,7 +311,7 @@ fn greedy_batch_size_does_not_change_the_dump() {
 
 #[test]
 fn sampling_is_reproducible_per_prompt() {
-    let c = Case::new();
+    let c = Case::soft();
     let rows_in = prompts(16);
     let input = c.input("in.jsonl", &rows_in);
     let sampled = [
@@ -299,7 +322,7 @@ fn sampling_is_reproducible_per_prompt() {
         "--max-new-tokens",
         "16",
     ];
-    let with = |extra: &[&str]| [&sampled[..], extra].concat();
+    let with = |extra: &[&'static str]| [&sampled[..], extra].concat();
     let (a, a2, b1, shuf, other) = (
         c.path("a"),
         c.path("a2"),
@@ -357,9 +380,7 @@ fn killed_dump(c: &Case, input: &Path, name: &str, extra: &[&str], at_least: usi
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "the dump ended ({status}) before {at_least} shards were seen: make it longer"
-            );
+            panic!("the dump ended ({status}) before {at_least} shards were seen: make it longer");
         }
         // The partial manifest is replaced atomically; a read may still miss it between checks.
         if let Ok(m) = kd_shard::read_manifest(&partial)
@@ -384,61 +405,100 @@ fn killed_dump(c: &Case, input: &Path, name: &str, extra: &[&str], at_least: usi
 
 #[test]
 fn sigkill_then_resume_gives_the_uninterrupted_dump() {
-    let c = Case::new();
+    let c = Case::soft();
     let input = c.input("in.jsonl", &prompts(40));
-    let extra = ["--max-new-tokens", "24", "--batch-size", "2"];
+    // Batch size 1 and up to 96 new tokens: ~50 ms per shard, so that the poller below sees
+    // the partial manifest and kills the dump well before its last shard.
+    let extra = ["--max-new-tokens", "96", "--batch-size", "1"];
     let whole = c.path("whole");
     c.dump(&input, &whole, &extra);
     assert_eq!(manifest(&whole).shards.len(), 10);
     assert_clean(&whole);
 
-    for at_least in [1, 6] {
+    for at_least in [1, 4] {
         let name = format!("killed-{at_least}");
         let out = killed_dump(&c, &input, &name, &extra, at_least);
         let m = kd_shard::read_manifest(&out.join(PARTIAL_MANIFEST_FILE)).unwrap();
         assert!(!m.complete);
         let published = m.shards.len();
         assert!((at_least..10).contains(&published), "{published} shards");
-        // A killed dump leaves its lock file behind, unlocked; the resume must take it.
+        // A killed dump leaves its lock file behind, unlocked.
         assert!(out.join(LOCK_FILE).exists());
-
-        // Without --resume the folder is refused.
-        let err = c.dump_fails(&input, &out, &extra);
-        assert!(err.contains("--resume"), "{err}");
-        // A resume with another setting is refused, naming it.
-        let err = c.dump_fails(&input, &out, &[&extra[..], &["--resume", "--top-k", "8"]].concat());
-        assert!(err.contains("settings.top_k"), "{err}");
-        let err = c.dump_fails(&input, &out, &[&extra[..], &["--resume", "--seed", "3"]].concat());
-        assert!(err.contains("settings.seed"), "{err}");
-        // A stray temporary file, as a writer killed mid-shard leaves (planted after the
-        // refused runs, which may already clean up).
+        if at_least == 1 {
+            // Without --resume the folder is refused.
+            let err = c.dump_fails(&input, &out, &extra);
+            assert!(err.contains("--resume"), "{err}");
+            // A resume with another setting is refused, naming it.
+            let err = c.dump_fails(
+                &input,
+                &out,
+                &[&extra[..], &["--resume", "--top-k", "8"]].concat(),
+            );
+            assert!(err.contains("settings.top_k"), "{err}");
+            let err = c.dump_fails(
+                &input,
+                &out,
+                &[&extra[..], &["--resume", "--seed", "3"]].concat(),
+            );
+            assert!(err.contains("settings.seed"), "{err}");
+        }
+        // (After the second kill no refused run comes first: the resume itself must take the
+        // stale lock file.)
+        // A stray temporary file, as a writer killed mid-shard leaves (planted now: the refused
+        // runs above may already clean up).
         std::fs::write(out.join("shard-00009.parquet.tmp-4242"), b"half a shard").unwrap();
-        // Resume (the refused runs must not have touched the published shards).
-        let summary: Value = serde_json::from_str(
-            &c.dump(&input, &out, &[&extra[..], &["--resume", "--json"]].concat()),
-        )
+        // Resume (refused runs must not have touched the published shards).
+        let summary: Value = serde_json::from_str(&c.dump(
+            &input,
+            &out,
+            &[&extra[..], &["--resume", "--json"]].concat(),
+        ))
         .expect("--json summary");
         assert_eq!(summary["shards_reused"], json!(published), "{summary}");
-        assert_eq!(summary["shards_written"], json!(10 - published), "{summary}");
+        assert_eq!(
+            summary["shards_written"],
+            json!(10 - published),
+            "{summary}"
+        );
         assert_eq!(summary["rows"], json!(40));
         assert_same_bytes(&whole, &out);
         assert_clean(&out);
     }
 }
 
+/// Regression: a run refused after taking the folder lock (no `--resume`, or a resume with
+/// other settings) used to leave `.teacher-dump.lock` behind in a finished cache.
 #[test]
-fn resume_of_a_finished_dump_rewrites_nothing() {
+fn refused_runs_leave_a_finished_dump_as_it_was() {
     let c = Case::new();
     let input = c.input("in.jsonl", &prompts(12));
     let out = c.path("out");
     c.dump(&input, &out, &[]);
-    let before = std::fs::read(out.join(MANIFEST_FILE)).unwrap();
+    assert_clean(&out);
+    let files = file_names(&out);
+    let manifest_bytes = std::fs::read(out.join(MANIFEST_FILE)).unwrap();
+
+    let err = c.dump_fails(&input, &out, &[]);
+    assert!(err.contains("--resume"), "{err}");
+    assert_eq!(file_names(&out), files, "after a run without --resume");
+    let err = c.dump_fails(&input, &out, &["--resume", "--max-new-tokens", "13"]);
+    assert!(err.contains("settings.max_new_tokens"), "{err}");
+    assert_eq!(
+        file_names(&out),
+        files,
+        "after a resume with other settings"
+    );
+
+    // A resume of the finished dump reuses every shard and rewrites the same manifest.
     let summary: Value =
         serde_json::from_str(&c.dump(&input, &out, &["--resume", "--json"])).unwrap();
     assert_eq!(summary["shards_reused"], json!(3), "{summary}");
     assert_eq!(summary["shards_written"], json!(0), "{summary}");
-    assert_eq!(std::fs::read(out.join(MANIFEST_FILE)).unwrap(), before);
-    assert_clean(&out);
+    assert_eq!(
+        std::fs::read(out.join(MANIFEST_FILE)).unwrap(),
+        manifest_bytes
+    );
+    assert_eq!(file_names(&out), files);
 }
 
 fn shard_cat(args: &[&str]) -> Output {
@@ -503,7 +563,10 @@ fn verify_names_the_corrupt_missing_or_unlisted_shard() {
         std::fs::write(&p, b).unwrap();
     });
     assert!(stderr.contains(s(&d.join(victim))), "{stderr}");
-    assert!(problems.contains(&(victim.into(), "hash".into())), "{problems:?}");
+    assert!(
+        problems.contains(&(victim.into(), "hash".into())),
+        "{problems:?}"
+    );
     assert!(problems.iter().all(|(f, _)| f == victim), "{problems:?}");
 
     // Truncated.
@@ -513,11 +576,19 @@ fn verify_names_the_corrupt_missing_or_unlisted_shard() {
         std::fs::write(&p, &b[..b.len() - 100]).unwrap();
     });
     assert!(stderr.contains(s(&d.join(victim))), "{stderr}");
-    assert!(problems.contains(&(victim.into(), "size".into())), "{problems:?}");
-    assert!(problems.contains(&(victim.into(), "hash".into())), "{problems:?}");
+    assert!(
+        problems.contains(&(victim.into(), "size".into())),
+        "{problems:?}"
+    );
+    assert!(
+        problems.contains(&(victim.into(), "hash".into())),
+        "{problems:?}"
+    );
 
     // Deleted.
-    let (d, stderr, problems) = case("deleted", &|d| std::fs::remove_file(d.join(victim)).unwrap());
+    let (d, stderr, problems) = case("deleted", &|d| {
+        std::fs::remove_file(d.join(victim)).unwrap()
+    });
     assert!(stderr.contains(s(&d.join(victim))), "{stderr}");
     assert!(stderr.contains("missing"), "{stderr}");
     assert_eq!(problems, vec![(victim.into(), "missing".into())]);
@@ -536,7 +607,7 @@ fn verify_names_the_corrupt_missing_or_unlisted_shard() {
 
 #[test]
 fn parts_merge_into_the_whole_dump() {
-    let c = Case::new();
+    let c = Case::soft();
     let input = c.input("in.jsonl", &prompts(18));
     let (whole, p0, p1, merged) = (c.path("whole"), c.path("p0"), c.path("p1"), c.path("m"));
     c.dump(&input, &whole, &[]);
@@ -571,7 +642,8 @@ fn parts_merge_into_the_whole_dump() {
 #[test]
 fn a_second_dump_into_a_locked_folder_fails() {
     let c = Case::new();
-    let input = c.input("in.jsonl", &prompts(40));
+    // ~2 s of work; it is killed as soon as the second dump has been refused.
+    let input = c.input("in.jsonl", &prompts(80));
     let out = c.path("out");
     let mut first = c.spawn(
         &input,
@@ -636,7 +708,10 @@ fn bad_input_lines_are_named() {
     let p = with_line("field.jsonl", 4, br#"{"id": "q", "question": "why?"}"#);
     let err = c.dump_fails(&p, &out, &[]);
     assert!(err.contains(&format!("{}:4:", s(&p))), "{err}");
-    assert!(err.contains("missing field") && err.contains("`prompt`"), "{err}");
+    assert!(
+        err.contains("missing field") && err.contains("`prompt`"),
+        "{err}"
+    );
     // Nothing was created by the refused runs.
     assert!(!out.exists(), "a refused input created {out:?}");
 
@@ -677,7 +752,7 @@ fn bad_input_lines_are_named() {
 
 #[test]
 fn scoring_teacher_forces_the_given_responses() {
-    let c = Case::new();
+    let c = Case::soft();
     let recs = vec![
         json!({"id": "a", "prompt": "Say hello.", "response": "Hello there, the sea is blue."}),
         json!({"id": "b", "messages": [
@@ -701,11 +776,18 @@ fn scoring_teacher_forces_the_given_responses() {
     ];
     let input = c.input("in.jsonl", &recs);
     let out = c.path("out");
-    c.dump(&input, &out, &["--score", "--rows-per-shard", "2", "--batch-size", "3"]);
+    c.dump(
+        &input,
+        &out,
+        &["--score", "--rows-per-shard", "2", "--batch-size", "3"],
+    );
     let m = manifest(&out);
     assert_eq!(m.settings["mode"], json!("score"));
     assert_eq!(m.totals.rows, 5);
-    assert_eq!(m.totals.response_tokens, 0, "scored rows have no teacher-written tokens");
+    assert_eq!(
+        m.totals.response_tokens, 0,
+        "scored rows have no teacher-written tokens"
+    );
     let tok = kd_tokenizer::Tokenizer::from_tokenizer_json(&out.join("tokenizer.json")).unwrap();
     let im_end = 2;
     let rs = rows(&out);
@@ -752,7 +834,8 @@ fn shard_cat_head_stats_ls_and_schema() {
     let c = Case::new();
     let input = c.input("in.jsonl", &prompts(12));
     let dir = c.path("out");
-    c.dump(&input, &dir, &[]);
+    // Long responses, so that printing every position overflows a pipe's buffer (below).
+    c.dump(&input, &dir, &["--max-new-tokens", "96"]);
     let m = manifest(&dir);
 
     let head = util::run_ok("shard-cat", &["head", s(&dir), "-n", "2"]);
@@ -771,17 +854,35 @@ fn shard_cat_head_stats_ls_and_schema() {
     assert!(head.contains("0."), "{head}");
 
     // A closed pipe is not an error: shard-cat's own status and stderr, through `head -1`.
+    // The whole output is more than twice what a pipe holds (64 KiB) plus what `head` reads
+    // ahead, so shard-cat is still writing when `head` exits.
+    let all = [
+        "head",
+        s(&dir),
+        "-n",
+        "1000",
+        "--positions",
+        "0",
+        "--top",
+        "16",
+    ];
+    let full = util::run_ok("shard-cat", &all);
+    assert!(full.len() > 128 << 10, "{} bytes", full.len());
     let status_file = c.path("status");
     let o = std::process::Command::new("sh")
         .arg("-c")
-        .arg(r#"{ "$1" head "$2" -n 1000 --positions 0; echo $? >"$3"; } | head -1"#)
+        .arg(r#"{ "$1" head "$2" -n 1000 --positions 0 --top 16; echo $? >"$3"; } | head -1"#)
         .args(["sh", s(&util::bin("shard-cat")), s(&dir), s(&status_file)])
         .env("RAYON_NUM_THREADS", "2")
         .output()
         .unwrap();
     assert!(o.status.success());
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
-    assert_eq!(String::from_utf8_lossy(&o.stderr), "", "stderr through a closed pipe");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "",
+        "stderr through a closed pipe"
+    );
     assert_eq!(std::fs::read_to_string(&status_file).unwrap().trim(), "0");
 
     let stats: Value =
@@ -842,11 +943,7 @@ fn pyarrow_reads_the_shards() {
         .args(["-c", PYARROW_SUMS, s(&dir)])
         .output()
         .unwrap();
-    assert!(
-        o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got: Value = serde_json::from_slice(&o.stdout).unwrap();
     let t = manifest(&dir).totals;
     assert_eq!(got["rows"], json!(t.rows));
