@@ -1,6 +1,8 @@
 //! `teacher-dump`: run the teacher once and cache its top-k log-probabilities.
 
-use anyhow::Context;
+use std::io::Write;
+
+use anyhow::{Context, bail};
 use clap::Parser;
 use kd_distill::cli::{human_bytes, run_main, set_threads, teacher_dump::Args};
 
@@ -15,6 +17,9 @@ fn main() {
             eprintln!("skipped {}:{line}: {what}", r.input.display());
         }
         if let Some(n) = r.limit {
+            if n == 0 {
+                bail!("--limit 0 leaves nothing to dump");
+            }
             input.records.truncate(n);
         }
         let model = kd_model::load(&r.teacher, r.settings.precision, &candle_core::Device::Cpu)
@@ -39,18 +44,22 @@ fn main() {
             );
         }
         let s = kd_teacher::dump::dump(&model, &input, &r.settings, &r.run, &r.out)?;
+        // Written with `writeln!` so a closed pipe is an error (ended quietly), not a panic.
+        let mut out = std::io::stdout().lock();
         if json {
-            println!("{}", serde_json::to_string_pretty(&s)?);
+            writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
         } else {
             let toks = s.generated_tokens + s.scored_tokens;
-            println!(
+            writeln!(
+                out,
                 "{} prompts ({} shards written, {} reused) -> {}",
                 s.rows,
                 s.shards_written,
                 s.shards_reused,
                 s.out_dir.join("manifest.json").display()
-            );
-            println!(
+            )?;
+            writeln!(
+                out,
                 "prompt tokens {}, {} tokens {}, {:.1} tokens/s, {:.1} s",
                 s.prompt_tokens,
                 if s.scored_tokens > 0 {
@@ -61,8 +70,9 @@ fn main() {
                 toks,
                 s.tokens_per_s,
                 s.seconds
-            );
-            println!(
+            )?;
+            writeln!(
+                out,
                 "distilled positions {}, {} on disk, {:.1} bytes per position, peak memory {}",
                 s.positions,
                 human_bytes(s.bytes),
@@ -70,7 +80,7 @@ fn main() {
                 s.peak_rss_bytes
                     .map(human_bytes)
                     .unwrap_or_else(|| "unknown".into())
-            );
+            )?;
         }
         Ok(())
     })

@@ -11,7 +11,7 @@ pub enum Error {
     #[error("{path}: not a readable GGUF file: {source}")]
     Gguf {
         path: PathBuf,
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     #[error("{path}: missing metadata field `{field}`")]
     MissingField { path: PathBuf, field: String },
@@ -40,7 +40,7 @@ pub enum Error {
     #[error("{path}: {source}")]
     Tokenizer {
         path: PathBuf,
-        source: kd_tokenizer::Error,
+        source: Box<kd_tokenizer::Error>,
     },
     #[error(
         "{path}: no model found (expected a .gguf file or a directory with config.json, *.safetensors and tokenizer.json)"
@@ -51,7 +51,13 @@ pub enum Error {
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("tensor computation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(Box<candle_core::Error>),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(Box::new(e))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

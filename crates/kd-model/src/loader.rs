@@ -91,7 +91,7 @@ pub fn read_gguf_header(path: &Path) -> Result<gguf_file::Content> {
     })?;
     gguf_file::Content::read(&mut f).map_err(|source| Error::Gguf {
         path: path.to_path_buf(),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -189,12 +189,12 @@ fn load_gguf(path: &Path, precision: Precision, device: &Device) -> Result<Loade
     let mut f = std::fs::File::open(path).map_err(io)?;
     let content = gguf_file::Content::read(&mut f).map_err(|source| Error::Gguf {
         path: path.to_path_buf(),
-        source,
+        source: Box::new(source),
     })?;
     let cfg = gguf_config(&content, path)?;
     let tokenizer = Tokenizer::from_gguf(&content).map_err(|source| Error::Tokenizer {
         path: path.to_path_buf(),
-        source,
+        source: Box::new(source),
     })?;
     let mut get = |name: &str, expected: &[usize]| -> Result<candle_core::quantized::QTensor> {
         if !content.tensor_infos.contains_key(name) {
@@ -207,7 +207,7 @@ fn load_gguf(path: &Path, precision: Precision, device: &Device) -> Result<Loade
             .tensor(&mut f, name, device)
             .map_err(|source| Error::Gguf {
                 path: path.to_path_buf(),
-                source,
+                source: Box::new(source),
             })?;
         let found = t.shape().dims().to_vec();
         if found != expected {
@@ -363,7 +363,7 @@ pub fn load_hf_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Te
     for f in &files {
         let ts = candle_core::safetensors::load(f, device).map_err(|source| Error::Gguf {
             path: f.clone(),
-            source,
+            source: Box::new(source),
         })?;
         for (k, t) in ts {
             all.insert(k, t.to_dtype(DType::F32)?);
@@ -378,7 +378,7 @@ fn load_hf_dir(dir: &Path, precision: Precision, device: &Device) -> Result<Load
     let tokenizer =
         Tokenizer::from_tokenizer_json(&tok_path).map_err(|source| Error::Tokenizer {
             path: tok_path.clone(),
-            source,
+            source: Box::new(source),
         })?;
     let mut ts = load_hf_tensors(dir, device)?;
     let mut take = |name: &str, expected: &[usize]| -> Result<Tensor> {

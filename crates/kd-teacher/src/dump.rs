@@ -123,24 +123,43 @@ struct FolderLock {
 
 impl FolderLock {
     fn take(dir: &Path) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
         let path = dir.join(LOCK_FILE);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| Error::Io {
-                path: path.clone(),
-                source,
-            })?;
-        match file.try_lock() {
-            Ok(()) => Ok(Self { _file: file, path }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
-                dir: dir.to_path_buf(),
-                lock: path,
-            }),
-            Err(std::fs::TryLockError::Error(source)) => Err(Error::Io { path, source }),
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        // A holder removes the file when it lets go, so the file we locked may no longer be
+        // the one at `path`; lock again until the locked file is the one on disk.
+        for _ in 0..16 {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io)?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::Locked {
+                        dir: dir.to_path_buf(),
+                        lock: path,
+                    });
+                }
+                Err(std::fs::TryLockError::Error(source)) => return Err(io(source)),
+            }
+            let held = file.metadata().map_err(io)?;
+            match std::fs::metadata(&path) {
+                Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
+                    return Ok(Self { _file: file, path });
+                }
+                _ => continue,
+            }
         }
+        Err(Error::Locked {
+            dir: dir.to_path_buf(),
+            lock: path,
+        })
     }
 }
 

@@ -49,6 +49,8 @@ pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<Input> {
     };
     let bytes = std::fs::read(path).map_err(io)?;
     let sha256 = hex(&Sha256::digest(&bytes));
+    // A UTF-8 byte-order mark (as some editors write) is not part of the first record.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut records = Vec::new();
     let mut skipped = Vec::new();
     let mut seen = std::collections::HashMap::new();
