@@ -49,6 +49,8 @@ pub struct Work {
     pub prefill_tokens: u64,
     pub generated_tokens: u64,
     pub scored_tokens: u64,
+    /// Wall time spent prefilling prompts while generating (the rest is decoding).
+    pub prefill_seconds: f64,
 }
 
 /// Runs the teacher for one dump.
@@ -97,17 +99,22 @@ impl Engine<'_> {
         }
         let mut cache: Option<KvCache> = None;
         // `active[j]` is the input row in cache row j; `logits` holds one vocabulary row per
-        // active row, in the same order. Rows join in input order, so `active` is ascending.
+        // active row, in the same order. Prompts join shortest first, so rows prefilled
+        // together have similar lengths (little padding); a row's result does not depend on
+        // when it joins.
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&r| rows[r].1.len());
         let mut active: Vec<usize> = Vec::new();
         let mut logits: Vec<f32> = Vec::new();
         let mut next_row = 0;
         loop {
             if active.len() < batch && next_row < n {
                 let take = (batch - active.len()).min(n - next_row);
-                let new: Vec<usize> = (next_row..next_row + take).collect();
+                let new: Vec<usize> = order[next_row..next_row + take].to_vec();
                 next_row += take;
                 let prompts: Vec<&[u32]> = new.iter().map(|&r| rows[r].1).collect();
                 work.prefill_tokens += prompts.iter().map(|p| p.len() as u64).sum::<u64>();
+                let t0 = std::time::Instant::now();
                 let (hidden, fresh) = model.prefill(&prompts, true)?;
                 let fresh = fresh.expect("prefill was asked for a cache");
                 let sel: Vec<(usize, usize)> = prompts
@@ -116,6 +123,7 @@ impl Engine<'_> {
                     .map(|(i, p)| (i, p.len() - 1))
                     .collect();
                 let lg: Vec<f32> = model.logits_at(&hidden, &sel)?.flatten_all()?.to_vec1()?;
+                work.prefill_seconds += t0.elapsed().as_secs_f64();
                 logits.extend(lg);
                 active.extend(new);
                 match cache.as_mut() {
@@ -127,15 +135,11 @@ impl Engine<'_> {
                 break;
             }
             // One position per active row: capture and choose, in parallel over rows.
-            let mut is_active = vec![false; n];
-            for &r in &active {
-                is_active[r] = true;
-            }
-            let slots: Vec<(usize, (&mut Generated, &mut Sampler))> = out
-                .iter_mut()
-                .zip(samplers.iter_mut())
-                .enumerate()
-                .filter(|(r, _)| is_active[*r])
+            let mut by_row: Vec<Option<(&mut Generated, &mut Sampler)>> =
+                out.iter_mut().zip(samplers.iter_mut()).map(Some).collect();
+            let slots: Vec<(usize, (&mut Generated, &mut Sampler))> = active
+                .iter()
+                .map(|&r| (r, by_row[r].take().expect("each row is active once")))
                 .collect();
             let flat = &logits;
             let picks: Vec<(usize, u32)> = slots
