@@ -16,23 +16,31 @@ fn case_dir() -> std::path::PathBuf {
     util::reference_dir().join("smollm2-135m-instruct-q4_1")
 }
 
-#[test]
-fn exact_path_reproduces_transformers_top20_logprobs() {
-    let Some(gguf) = util::teacher_gguf() else {
-        return;
-    };
-    let m = load(&gguf, Precision::Exact, &Device::Cpu).expect("teacher loads");
+/// Deviation of a model from the reference top-20 log-probs (and next-token log-probs).
+struct Deviation {
+    max: f64,
+    mean: f64,
+    values: usize,
+    top1_same: usize,
+    positions: usize,
+}
+
+fn deviation_from_reference(m: &kd_model::Llama) -> Deviation {
     let cases = util::read_jsonl(&case_dir().join("teacher-logprobs.jsonl"));
-    let (mut max_err, mut sum_err, mut n) = (0f64, 0f64, 0usize);
-    let mut top1_same = 0;
-    let mut positions = 0;
+    let mut d = Deviation {
+        max: 0.0,
+        mean: 0.0,
+        values: 0,
+        top1_same: 0,
+        positions: 0,
+    };
+    let mut sum = 0.0;
     for case in &cases {
         let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
-        let (hidden, _) = m.model.prefill(&[&ids], false).unwrap();
+        let (hidden, _) = m.prefill(&[&ids], false).unwrap();
         for pos in case["positions"].as_array().unwrap() {
             let t = pos["t"].as_u64().unwrap() as usize;
             let logits: Vec<f32> = m
-                .model
                 .logits_at(&hidden, &[(0, t)])
                 .unwrap()
                 .flatten_all()
@@ -44,27 +52,39 @@ fn exact_path_reproduces_transformers_top20_logprobs() {
             let top_lp: Vec<f64> = serde_json::from_value(pos["top_logprobs"].clone()).unwrap();
             for (&id, &want) in top_ids.iter().zip(&top_lp) {
                 let err = (lp[id as usize] - want).abs();
-                max_err = max_err.max(err);
-                sum_err += err;
-                n += 1;
+                d.max = d.max.max(err);
+                sum += err;
+                d.values += 1;
             }
             let next = pos["next"].as_u64().unwrap() as usize;
-            let err = (lp[next] - pos["next_logprob"].as_f64().unwrap()).abs();
-            max_err = max_err.max(err);
-            let ours_top1 = kd_model::top_k(&lp, 1)[0].0;
-            top1_same += usize::from(ours_top1 == top_ids[0]);
-            positions += 1;
+            d.max = d
+                .max
+                .max((lp[next] - pos["next_logprob"].as_f64().unwrap()).abs());
+            d.top1_same += usize::from(kd_model::top_k(&lp, 1)[0].0 == top_ids[0]);
+            d.positions += 1;
         }
     }
-    let mean = sum_err / n as f64;
+    d.mean = sum / d.values as f64;
+    d
+}
+
+#[test]
+fn exact_path_reproduces_transformers_top20_logprobs() {
+    let Some(gguf) = util::teacher_gguf() else {
+        return;
+    };
+    let m = load(&gguf, Precision::Exact, &Device::Cpu).expect("teacher loads");
+    let d = deviation_from_reference(&m.model);
     eprintln!(
-        "top-20 log-probs vs transformers f32: {n} values, mean |err| {mean:.2e}, max {max_err:.2e} nats; top-1 agrees at {top1_same}/{positions}"
+        "top-20 log-probs vs transformers f32: {} values, mean |err| {:.2e}, max {:.2e} nats; top-1 agrees at {}/{}",
+        d.values, d.mean, d.max, d.top1_same, d.positions
     );
     assert!(
-        max_err < LOGPROB_TOL,
-        "max error {max_err} nats exceeds {LOGPROB_TOL}"
+        d.max < LOGPROB_TOL,
+        "max error {} nats exceeds {LOGPROB_TOL}",
+        d.max
     );
-    assert_eq!(top1_same, positions);
+    assert_eq!(d.top1_same, d.positions);
 }
 
 #[test]
@@ -112,33 +132,16 @@ fn approximate_quantized_path_is_close_but_not_exact() {
         return;
     };
     let q = load(&gguf, Precision::Quantized, &Device::Cpu).unwrap();
-    let cases = util::read_jsonl(&case_dir().join("teacher-logprobs.jsonl"));
-    let (mut sum, mut n) = (0f64, 0usize);
-    for case in &cases {
-        let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
-        let (hidden, _) = q.model.prefill(&[&ids], false).unwrap();
-        for pos in case["positions"].as_array().unwrap() {
-            let t = pos["t"].as_u64().unwrap() as usize;
-            let logits: Vec<f32> = q
-                .model
-                .logits_at(&hidden, &[(0, t)])
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let lp = log_softmax_f64(&logits);
-            let top_ids: Vec<u32> = serde_json::from_value(pos["top_ids"].clone()).unwrap();
-            let top_lp: Vec<f64> = serde_json::from_value(pos["top_logprobs"].clone()).unwrap();
-            for (&id, &want) in top_ids.iter().zip(&top_lp) {
-                sum += (lp[id as usize] - want).abs();
-                n += 1;
-            }
-        }
-    }
-    let mean = sum / n as f64;
-    eprintln!("approx-quantized: mean |err| of top-20 log-probs {mean:.3} nats over {n} values");
-    assert!(mean > LOGPROB_TOL && mean < 0.5, "mean error {mean}");
+    let d = deviation_from_reference(&q.model);
+    eprintln!(
+        "approx-quantized: mean |err| of top-20 log-probs {:.3} nats over {} values",
+        d.mean, d.values
+    );
+    assert!(
+        d.mean > LOGPROB_TOL && d.mean < 0.5,
+        "mean error {}",
+        d.mean
+    );
 }
 
 #[test]
