@@ -50,6 +50,19 @@ pub enum Error {
     TooLong { len: usize, max: usize },
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     TokenOutOfRange { id: u32, vocab: usize },
+    #[error("layer {index} does not exist: the teacher has {n_layers} layers")]
+    LayerOutOfRange { index: usize, n_layers: usize },
+    #[error("no layers selected: a student needs at least one layer")]
+    EmptyLayerSelection,
+    #[error("{path}: unexpected tensor `{name}` (not a parameter of this model)")]
+    UnexpectedTensor { path: PathBuf, name: String },
+    #[error("{path}: safetensors: {source}")]
+    Safetensors {
+        path: PathBuf,
+        source: Box<candle_core::Error>,
+    },
+    #[error("invalid batch: {what}")]
+    InvalidBatch { what: String },
     #[error("tensor computation failed: {0}")]
     Candle(Box<candle_core::Error>),
 }

@@ -8,6 +8,9 @@
 //! states at every position of a right-padded batch (scoring and prefill),
 //! [`Llama::step`] decodes one token per row with a [`KvCache`], and [`Llama::logits_at`]
 //! applies the output head only where logits are needed.
+//! [`trainable::Student`] is the same decoder on candle `Var`s with a forward pass that is
+//! differentiable end to end (phase two trains it), built at random, from a Hugging Face
+//! directory, or from a subset of a teacher's layers.
 //!
 //! ```no_run
 //! use kd_model::{load, Precision};
@@ -24,8 +27,10 @@ pub mod llama;
 pub mod loader;
 pub mod packed;
 pub mod testing;
+pub mod trainable;
 
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
 pub use llama::{KvCache, Layer, Linear, Llama, log_softmax_f64, top_k};
 pub use loader::{LoadedModel, ModelIdentity, Precision, load, sha256_file};
+pub use trainable::Student;
