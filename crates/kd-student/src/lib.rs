@@ -1,0 +1,42 @@
+//! # kd-student: phase two of distillation
+//!
+//! Phase two trains a student from the teacher-logit cache that `teacher-dump` wrote, with no
+//! teacher in memory. This crate starts with its data side, [`data`]: verified shard sets
+//! served from a memory-mapped cache, id-hash splits, and deterministic, resumable batches of
+//! distilled positions. The trainer, optimizer state, checkpoints and export come later and
+//! will build tensors from [`data::Batch`].
+//!
+//! ## Example
+//!
+//! ```
+//! use kd_shard::{MANIFEST_FILE, Manifest, write_manifest_atomic, write_shard};
+//! use kd_student::data::{BatchConfig, Batcher, ShardSet, Split};
+//! use serde_json::json;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let rows = kd_shard::synth::tiny_rows(20, 4);
+//! let entry = write_shard(dir.path(), "shard-00000.parquet", 4, &rows)?;
+//! let mut m = Manifest::new(
+//!     "example",
+//!     json!({"architecture": "toy", "vocab_size": 300}),
+//!     json!({"fingerprint": "toy", "vocab_size": 300}),
+//!     json!({"path": "in.jsonl", "sha256": "00", "rows": 20}),
+//!     json!({"top_k": 4}),
+//!     None,
+//! );
+//! m.push_shard(entry);
+//! m.complete = true;
+//! write_manifest_atomic(&dir.path().join(MANIFEST_FILE), &m)?;
+//!
+//! let set = ShardSet::open(dir.path())?;
+//! let split = Split::by_id_hash(&set, 0.1)?;
+//! let cfg = BatchConfig { token_budget: 256, max_len: 64, ..BatchConfig::default() };
+//! let mut batcher = Batcher::new(&set, &split.train, cfg)?;
+//! let batch = batcher.next_batch(&set).unwrap();
+//! assert_eq!(batch.teachers[0].topk_ids.len(), batch.n_pos() * 4);
+//! let resume_at = batcher.position(); // store in the checkpoint
+//! # let _ = resume_at;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod data;
