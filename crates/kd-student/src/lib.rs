@@ -40,3 +40,4 @@
 //! ```
 
 pub mod data;
+pub mod optim;
