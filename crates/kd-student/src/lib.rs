@@ -41,3 +41,4 @@
 
 pub mod data;
 pub mod optim;
+pub mod train;

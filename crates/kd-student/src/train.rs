@@ -1,0 +1,139 @@
+//! One training step's arithmetic: the student's loss on a batch of distilled positions and
+//! the gradients of every parameter.
+//!
+//! The output head is where memory goes (`positions × vocabulary` logits), so it is handled
+//! outside autograd: logits are computed in chunks on detached hidden states, `kd_loss` gives
+//! the exact loss and `∂L/∂z` in f64, and the head's two products are done by hand
+//! (`∂L/∂h = G·W`, `∂L/∂W = Gᵀ·h`). Autograd then runs once through the transformer from the
+//! surrogate `Σ h ⊙ stop_grad(∂L/∂h)`, whose gradient is exactly `∂L/∂h`.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use kd_loss::{LossConfig, LossParts, Position};
+use kd_model::trainable::Student;
+
+use crate::data::Batch;
+
+/// Loss means over the batch's distilled positions (token mean; prompt and padding excluded).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct BatchLoss {
+    pub divergence: f64,
+    pub hard_ce: f64,
+    pub total: f64,
+    pub positions: usize,
+}
+
+/// The head weight the student multiplies hidden states by (the embedding when tied).
+fn head_var(student: &Student) -> Var {
+    let vars = student.named_vars();
+    let find = |n: &str| {
+        vars.iter()
+            .find(|(name, _)| name == n)
+            .map(|(_, v)| v.clone())
+    };
+    find("lm_head.weight")
+        .or_else(|| find("model.embed_tokens.weight"))
+        .expect("a student has an embedding")
+}
+
+/// Loss and gradients for `batch` (first teacher's targets). `chunk` bounds how many
+/// positions' full-vocabulary logits exist at once. With `want_grads = false` only the loss is
+/// computed (evaluation).
+pub fn loss_and_grads(
+    student: &Student,
+    batch: &Batch,
+    cfg: &LossConfig,
+    chunk: usize,
+    want_grads: bool,
+) -> kd_model::Result<(BatchLoss, Option<GradStore>)> {
+    let n = batch.pos_row.len();
+    if n == 0 {
+        return Ok((BatchLoss::default(), None));
+    }
+    let dev = student.device().clone();
+    let (b, l) = (batch.batch_size(), batch.seq_len);
+    let ids = Tensor::from_vec(batch.input_ids.clone(), (b, l), &dev)?;
+    let lengths: Vec<usize> = batch.lengths.iter().map(|&x| x as usize).collect();
+    let hidden = student.forward(&ids, &lengths)?;
+    let d = hidden.dim(2)?;
+    let idx: Vec<u32> = batch
+        .pos_row
+        .iter()
+        .zip(&batch.pos_t)
+        .map(|(&r, &t)| r * l as u32 + t)
+        .collect();
+    let sel = hidden
+        .reshape((b * l, d))?
+        .index_select(&Tensor::from_vec(idx, n, &dev)?, 0)?;
+    let sel_d = sel.detach();
+    let head = head_var(student);
+    let w = head.as_tensor().detach();
+    let targets = &batch.teachers[0];
+    let k = targets.k;
+    let v = student.vocab_size();
+    let mut sums = LossParts {
+        divergence: 0.0,
+        hard_ce: 0.0,
+        total: 0.0,
+    };
+    let mut dh_parts = Vec::new();
+    let mut dw: Option<Tensor> = None;
+    let chunk = chunk.max(1);
+    for s in (0..n).step_by(chunk) {
+        let len = chunk.min(n - s);
+        let h_c = sel_d.narrow(0, s, len)?;
+        let z = h_c.matmul(&w.t()?)?.to_dtype(candle_core::DType::F32)?;
+        let z: Vec<f32> = z.flatten_all()?.to_vec1()?;
+        let positions: Vec<Position<'_, f32, f32>> = (0..len)
+            .map(|i| {
+                let p = s + i;
+                Position {
+                    topk_ids: &targets.topk_ids[p * k..(p + 1) * k],
+                    topk_logprobs: &targets.topk_logprobs[p * k..(p + 1) * k],
+                    student_logits: &z[i * v..(i + 1) * v],
+                    next_token: batch.next_token[p],
+                }
+            })
+            .collect();
+        let mut g = if want_grads {
+            vec![0f32; len * v]
+        } else {
+            Vec::new()
+        };
+        let (means, _) =
+            kd_loss::batch_loss(cfg, &positions, want_grads.then_some(g.as_mut_slice()));
+        sums.divergence += means.divergence * len as f64;
+        sums.hard_ce += means.hard_ce * len as f64;
+        sums.total += means.total * len as f64;
+        if want_grads {
+            // kd_loss scales by 1/len; the batch mean needs 1/n.
+            let g = (Tensor::from_vec(g, (len, v), &dev)?.to_dtype(w.dtype())?
+                * (len as f64 / n as f64))?;
+            dh_parts.push(g.matmul(&w)?);
+            let gw = g.t()?.matmul(&h_c)?;
+            dw = Some(match dw {
+                Some(acc) => (acc + gw)?,
+                None => gw,
+            });
+        }
+    }
+    let loss = BatchLoss {
+        divergence: sums.divergence / n as f64,
+        hard_ce: sums.hard_ce / n as f64,
+        total: sums.total / n as f64,
+        positions: n,
+    };
+    if !want_grads {
+        return Ok((loss, None));
+    }
+    let dh = Tensor::cat(&dh_parts, 0)?;
+    let surrogate = (&sel * &dh)?.sum_all()?;
+    let mut grads = surrogate.backward()?;
+    let dw = dw.expect("at least one chunk");
+    let total_w = match grads.get(head.as_tensor()) {
+        Some(g) => (g + dw)?,
+        None => dw,
+    };
+    grads.insert(head.as_tensor(), total_w);
+    Ok((loss, Some(grads)))
+}
