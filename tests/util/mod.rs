@@ -49,6 +49,7 @@ pub fn bin(name: &str) -> PathBuf {
     match name {
         "teacher-dump" => PathBuf::from(env!("CARGO_BIN_EXE_teacher-dump")),
         "shard-cat" => PathBuf::from(env!("CARGO_BIN_EXE_shard-cat")),
+        "student-fit" => PathBuf::from(env!("CARGO_BIN_EXE_student-fit")),
         other => panic!("unknown binary {other}"),
     }
 }

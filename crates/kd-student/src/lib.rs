@@ -40,5 +40,6 @@
 //! ```
 
 pub mod data;
+pub mod fit;
 pub mod optim;
 pub mod train;
