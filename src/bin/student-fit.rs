@@ -62,6 +62,18 @@ fn main() {
                 cfg.out.display()
             );
         }
+        // First Ctrl-C: checkpoint at the next step boundary and stop; second: stop now.
+        ctrlc::set_handler(|| {
+            static SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if SEEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!(
+                "interrupt: writing a checkpoint at the next step (Ctrl-C again to stop now)"
+            );
+            kd_student::fit::request_stop();
+        })
+        .context("installing the Ctrl-C handler")?;
         let s = fit(&cfg, args.resume, !args.json)?;
         let mut out = std::io::stdout().lock();
         if args.json {

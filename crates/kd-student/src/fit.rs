@@ -50,6 +50,17 @@ pub struct FitConfig {
     pub log_every: u64,
     pub checkpoint_every: u64,
     pub logits_chunk: usize,
+    /// Micro-batches per optimizer step; their gradients are averaged weighted by their
+    /// distilled positions, so the step sees the token mean of all of them.
+    #[serde(default = "one")]
+    pub grad_accum: u64,
+    /// Share of `generated` rows when mixing with `scored` rows (e.g. 0.7); none mixes nothing.
+    #[serde(default)]
+    pub mix: Option<f64>,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// Per-token metrics on held-out rows.
@@ -253,6 +264,17 @@ pub fn export(student: &Student, shards: &Path, dest: &Path) -> anyhow::Result<(
     Ok(())
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks a running [`fit`] to write a checkpoint and stop (called from a Ctrl-C handler).
+pub fn request_stop() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Runs (or, with `resume`, continues) a training run.
 pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitSummary> {
     cfg.loss
@@ -280,7 +302,7 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         max_len: cfg.max_len,
         pad_id: 0,
         seed: cfg.seed,
-        mix: None,
+        mix: cfg.mix,
         max_epochs: None,
     };
     let mut batcher = Batcher::new(&set, &split.train, bcfg)?;
@@ -345,20 +367,84 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
     let mut last_ck = latest_checkpoint(&cfg.out);
     while opt.step < cfg.steps {
         let step = opt.step;
-        let batch = batcher
-            .next_batch(&set)
-            .ok_or_else(|| anyhow::anyhow!("no training rows"))?;
-        let (loss, grads) = loss_and_grads(&student, &batch, &cfg.loss, cfg.logits_chunk, true)?;
-        if !loss.total.is_finite() {
+        if interrupted() {
+            let state = CheckpointState {
+                step,
+                loader: batcher.position(),
+                config: cfg.clone(),
+                shards_fingerprint: set.fingerprint().to_string(),
+            };
+            let ck = save_checkpoint(&cfg.out, &student, &opt, &state)?;
             anyhow::bail!(
-                "loss became {} at step {step}; stopped without applying it; last good checkpoint: {}",
-                loss.total,
-                last_ck
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "none".into())
+                "interrupted at step {step}; checkpoint {} (continue with --resume)",
+                ck.display()
             );
         }
+        // One optimizer step over `grad_accum` micro-batches, weighted by their positions.
+        let mut micro = Vec::new();
+        for _ in 0..cfg.grad_accum.max(1) {
+            let batch = batcher
+                .next_batch(&set)
+                .ok_or_else(|| anyhow::anyhow!("no training rows"))?;
+            let (l, g) = loss_and_grads(&student, &batch, &cfg.loss, cfg.logits_chunk, true)?;
+            if !l.total.is_finite() {
+                anyhow::bail!(
+                    "loss became {} at step {step}; stopped without applying it; last good checkpoint: {}",
+                    l.total,
+                    last_ck
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "none".into())
+                );
+            }
+            if let Some(g) = g {
+                micro.push((l, g));
+            }
+        }
+        let n_pos: usize = micro.iter().map(|(l, _)| l.positions).sum();
+        if n_pos == 0 {
+            anyhow::bail!("step {step}: the batch has no distilled positions");
+        }
+        let mut loss = crate::train::BatchLoss {
+            positions: n_pos,
+            ..Default::default()
+        };
+        for (l, _) in &micro {
+            let w = l.positions as f64 / n_pos as f64;
+            loss.divergence += w * l.divergence;
+            loss.hard_ce += w * l.hard_ce;
+            loss.total += w * l.total;
+        }
+        let grads = if micro.len() == 1 {
+            micro.pop().map(|(_, g)| g)
+        } else {
+            let weights: Vec<f64> = micro
+                .iter()
+                .map(|(l, _)| l.positions as f64 / n_pos as f64)
+                .collect();
+            let stores: Vec<_> = micro.into_iter().map(|(_, g)| g).collect();
+            let mut sums = Vec::new();
+            for (_, var) in opt.params() {
+                let mut sum: Option<candle_core::Tensor> = None;
+                for (g, w) in stores.iter().zip(&weights) {
+                    if let Some(t) = g.get(var.as_tensor()) {
+                        let t = (t * *w)?;
+                        sum = Some(match sum {
+                            Some(s) => (s + t)?,
+                            None => t,
+                        });
+                    }
+                }
+                sums.push((var.clone(), sum));
+            }
+            let mut acc = stores.into_iter().next().expect("at least one micro-batch");
+            for (var, sum) in sums {
+                if let Some(s) = sum {
+                    acc.insert(var.as_tensor(), s);
+                }
+            }
+            Some(acc)
+        };
         let info = opt.step(
             &grads.expect("grads requested"),
             sched.lr_at(step),
