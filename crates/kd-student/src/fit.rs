@@ -401,55 +401,11 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
                 micro.push((l, g));
             }
         }
-        let n_pos: usize = micro.iter().map(|(l, _)| l.positions).sum();
-        if n_pos == 0 {
+        let (loss, grads) = crate::train::combine_micro_batches(micro, opt.params())?;
+        if loss.positions == 0 {
             anyhow::bail!("step {step}: the batch has no distilled positions");
         }
-        let mut loss = crate::train::BatchLoss {
-            positions: n_pos,
-            ..Default::default()
-        };
-        for (l, _) in &micro {
-            let w = l.positions as f64 / n_pos as f64;
-            loss.divergence += w * l.divergence;
-            loss.hard_ce += w * l.hard_ce;
-            loss.total += w * l.total;
-        }
-        let grads = if micro.len() == 1 {
-            micro.pop().map(|(_, g)| g)
-        } else {
-            let weights: Vec<f64> = micro
-                .iter()
-                .map(|(l, _)| l.positions as f64 / n_pos as f64)
-                .collect();
-            let stores: Vec<_> = micro.into_iter().map(|(_, g)| g).collect();
-            let mut sums = Vec::new();
-            for (_, var) in opt.params() {
-                let mut sum: Option<candle_core::Tensor> = None;
-                for (g, w) in stores.iter().zip(&weights) {
-                    if let Some(t) = g.get(var.as_tensor()) {
-                        let t = (t * *w)?;
-                        sum = Some(match sum {
-                            Some(s) => (s + t)?,
-                            None => t,
-                        });
-                    }
-                }
-                sums.push((var.clone(), sum));
-            }
-            let mut acc = stores.into_iter().next().expect("at least one micro-batch");
-            for (var, sum) in sums {
-                if let Some(s) = sum {
-                    acc.insert(var.as_tensor(), s);
-                }
-            }
-            Some(acc)
-        };
-        let info = opt.step(
-            &grads.expect("grads requested"),
-            sched.lr_at(step),
-            cfg.max_grad_norm,
-        )?;
+        let info = opt.step(&grads, sched.lr_at(step), cfg.max_grad_norm)?;
         positions += loss.positions;
         last_loss = loss.total;
         let done = opt.step;

@@ -137,3 +137,54 @@ pub fn loss_and_grads(
     grads.insert(head.as_tensor(), total_w);
     Ok((loss, Some(grads)))
 }
+
+/// Combines micro-batches into one step: the loss and every gradient are averaged weighted by
+/// distilled positions, which equals the token mean over all of them (gradient accumulation).
+pub fn combine_micro_batches(
+    mut micro: Vec<(BatchLoss, GradStore)>,
+    params: &[(String, Var)],
+) -> kd_model::Result<(BatchLoss, GradStore)> {
+    let n_pos: usize = micro.iter().map(|(l, _)| l.positions).sum();
+    let mut loss = BatchLoss {
+        positions: n_pos,
+        ..Default::default()
+    };
+    let weights: Vec<f64> = micro
+        .iter()
+        .map(|(l, _)| l.positions as f64 / n_pos.max(1) as f64)
+        .collect();
+    for ((l, _), w) in micro.iter().zip(&weights) {
+        loss.divergence += w * l.divergence;
+        loss.hard_ce += w * l.hard_ce;
+        loss.total += w * l.total;
+    }
+    if micro.len() == 1 {
+        let (_, g) = micro.pop().expect("one micro-batch");
+        return Ok((loss, g));
+    }
+    let mut sums = Vec::new();
+    for (_, var) in params {
+        let mut sum: Option<Tensor> = None;
+        for ((_, g), w) in micro.iter().zip(&weights) {
+            if let Some(t) = g.get(var.as_tensor()) {
+                let t = (t * *w)?;
+                sum = Some(match sum {
+                    Some(s) => (s + t)?,
+                    None => t,
+                });
+            }
+        }
+        sums.push((var.clone(), sum));
+    }
+    let mut acc = micro
+        .into_iter()
+        .next()
+        .map(|(_, g)| g)
+        .expect("at least one micro-batch");
+    for (var, sum) in sums {
+        if let Some(s) = sum {
+            acc.insert(var.as_tensor(), s);
+        }
+    }
+    Ok((loss, acc))
+}

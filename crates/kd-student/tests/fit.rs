@@ -8,7 +8,7 @@ use kd_model::Precision;
 use kd_model::trainable::Student;
 use kd_student::data::{Batch, BatchConfig, Batcher, ShardSet, Split};
 use kd_student::optim::{AdamW, AdamWConfig, Decay, Schedule};
-use kd_student::train::loss_and_grads;
+use kd_student::train::{combine_micro_batches, loss_and_grads};
 use kd_teacher::dump::{DumpSettings, Mode, RunOptions, dump};
 
 fn held_out_kl(student: &Student, set: &ShardSet, rows: &[usize], cfg: &LossConfig) -> f64 {
@@ -111,4 +111,96 @@ fn forward_kl_training_lowers_held_out_kl_on_a_tiny_teacher() {
         first.unwrap()
     );
     assert!(after < 0.25 * before, "held-out KL {before} -> {after}");
+}
+
+#[test]
+fn two_accumulated_micro_batches_equal_one_batch_of_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher_dir = dir.path().join("teacher");
+    kd_model::testing::write_tiny_teacher(&teacher_dir, 5).unwrap();
+    let teacher = kd_model::load(&teacher_dir, Precision::Exact, &Device::Cpu).unwrap();
+    let prompts: String = (0..6)
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({"id": format!("q{i}"), "prompt": "x".repeat(3 + 4 * i)})
+            )
+        })
+        .collect();
+    let input_path = dir.path().join("p.jsonl");
+    std::fs::write(&input_path, prompts).unwrap();
+    let input = kd_teacher::input::read_jsonl(&input_path, false).unwrap();
+    let settings = DumpSettings {
+        mode: Mode::Generate,
+        top_k: 8,
+        max_new_tokens: 5,
+        temperature: 1.0,
+        top_p: 1.0,
+        seed: 1,
+        chat_template: true,
+        rows_per_shard: 6,
+        precision: Precision::Exact,
+    };
+    let opts = RunOptions {
+        batch_size: 6,
+        resume: false,
+        part: None,
+        progress: false,
+        logits_chunk: 64,
+    };
+    let shards = dir.path().join("s");
+    dump(&teacher, &input, &settings, &opts, &shards).unwrap();
+    let set = ShardSet::open(&shards).unwrap();
+    let student = Student::from_teacher(&teacher_dir, &[1], DType::F64, &Device::Cpu).unwrap();
+    let cfg = LossConfig {
+        divergence: Divergence::Jsd { beta: 0.5 },
+        temperature: 2.0,
+        alpha: 0.6,
+        tail: TailPolicy::Bucket,
+    };
+    // Rows of different lengths, so the two micro-batches have different position counts.
+    let (a, b) = ([0usize, 1], [2usize, 3, 4, 5]);
+    let run = |rows: &[usize]| {
+        let batch = Batch::collect(&set, rows, 256, 0);
+        let (l, g) = loss_and_grads(&student, &batch, &cfg, 7, true).unwrap();
+        (l, g.unwrap())
+    };
+    let (whole_loss, whole) = run(&[0, 1, 2, 3, 4, 5]);
+    let params = student.named_vars();
+    let (acc_loss, acc) = combine_micro_batches(vec![run(&a), run(&b)], &params).unwrap();
+    assert_eq!(acc_loss.positions, whole_loss.positions);
+    assert!(
+        (acc_loss.total - whole_loss.total).abs() < 1e-9,
+        "{} vs {}",
+        acc_loss.total,
+        whole_loss.total
+    );
+    for (name, var) in &params {
+        let x = whole.get(var.as_tensor()).unwrap();
+        let y = acc.get(var.as_tensor()).unwrap();
+        let diff: f64 = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        // kd-loss hands ∂L/∂z over rounded to f32, so agreement is to f32 precision.
+        let scale: f64 = x
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            diff <= 1e-6 * scale.max(1e-3),
+            "{name}: accumulated gradient differs by {diff} (scale {scale})"
+        );
+    }
 }
