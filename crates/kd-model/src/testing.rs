@@ -2,6 +2,9 @@
 //! the tiny test tokenizer of `kd_tokenizer`, written as a Hugging Face directory.
 
 use std::collections::HashMap;
+
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use kd_tokenizer::{TokenKind, Tokenizer};
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -140,4 +143,207 @@ pub fn write_tiny_teacher(dir: &Path, seed: u64) -> Result<LlamaConfig> {
     let w = random_weights(&cfg, seed)?;
     write_hf_dir(dir, &cfg, &w, &tok)?;
     Ok(cfg)
+}
+
+// GGUF fixtures: a tiny model written the way llama.cpp's converter writes one.
+
+/// llama.cpp's `permute` for q/k rows: [heads, 2, hd/2, cols] -> [heads, hd/2, 2, cols].
+pub fn permute(w: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = w.dims2().unwrap();
+    w.reshape((heads, 2, rows / heads / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+}
+
+/// The inverse of [`permute`].
+pub fn unpermute(w: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = w.dims2().unwrap();
+    w.reshape((heads, rows / heads / 2, 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+}
+
+pub type Weights = std::collections::HashMap<String, Tensor>;
+
+/// Writes `w` (Hugging Face layout) as a GGUF of `dtype` and returns the weights it really
+/// holds, dequantized back to f32 in Hugging Face layout.
+pub fn write_gguf(
+    path: &std::path::Path,
+    tok: &Tokenizer,
+    w: &Weights,
+    dtype: GgmlDType,
+) -> Weights {
+    use gguf_file::Value as V;
+    let cfg = tiny_config(tok.vocab_size());
+    let tj = tok.to_tokenizer_json();
+    let merges: Vec<V> = tj["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => V::String(s.clone()),
+            serde_json::Value::Array(p) => V::String(format!(
+                "{} {}",
+                p[0].as_str().unwrap(),
+                p[1].as_str().unwrap()
+            )),
+            _ => panic!("merge form"),
+        })
+        .collect();
+    let n = tok.vocab_size() as u32;
+    let tokens: Vec<V> = (0..n)
+        .map(|i| V::String(tok.vocab_string(i).unwrap().to_string()))
+        .collect();
+    let types: Vec<V> = (0..n)
+        .map(|i| {
+            V::I32(match tok.token_kind(i).unwrap() {
+                TokenKind::Normal => 1,
+                TokenKind::Control => 3,
+                TokenKind::UserDefined => 4,
+            })
+        })
+        .collect();
+    let meta: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String("llama".into())),
+        ("llama.block_count", V::U32(cfg.num_hidden_layers as u32)),
+        (
+            "llama.context_length",
+            V::U32(cfg.max_position_embeddings as u32),
+        ),
+        ("llama.embedding_length", V::U32(cfg.hidden_size as u32)),
+        (
+            "llama.feed_forward_length",
+            V::U32(cfg.intermediate_size as u32),
+        ),
+        (
+            "llama.attention.head_count",
+            V::U32(cfg.num_attention_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv",
+            V::U32(cfg.num_key_value_heads as u32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            V::F32(cfg.rms_norm_eps as f32),
+        ),
+        ("llama.rope.freq_base", V::F32(cfg.rope_theta as f32)),
+        ("tokenizer.ggml.model", V::String("gpt2".into())),
+        (
+            "tokenizer.ggml.pre",
+            V::String(tok.pre_tokenizer().to_string()),
+        ),
+        ("tokenizer.ggml.tokens", V::Array(tokens)),
+        ("tokenizer.ggml.token_type", V::Array(types)),
+        ("tokenizer.ggml.merges", V::Array(merges)),
+        ("tokenizer.ggml.bos_token_id", V::U32(tok.bos_id().unwrap())),
+        ("tokenizer.ggml.eos_token_id", V::U32(tok.eos_id().unwrap())),
+        ("tokenizer.ggml.add_bos_token", V::Bool(false)),
+        (
+            "tokenizer.chat_template",
+            V::String(tok.chat_template().unwrap().source().to_string()),
+        ),
+    ];
+    let mut names: Vec<(String, Tensor, bool)> = vec![
+        (
+            "token_embd.weight".into(),
+            w["model.embed_tokens.weight"].clone(),
+            true,
+        ),
+        (
+            "output_norm.weight".into(),
+            w["model.norm.weight"].clone(),
+            false,
+        ),
+    ];
+    for i in 0..cfg.num_hidden_layers {
+        let h = |n: &str| w[&format!("model.layers.{i}.{n}.weight")].clone();
+        names.push((
+            format!("blk.{i}.attn_norm.weight"),
+            h("input_layernorm"),
+            false,
+        ));
+        names.push((
+            format!("blk.{i}.ffn_norm.weight"),
+            h("post_attention_layernorm"),
+            false,
+        ));
+        names.push((
+            format!("blk.{i}.attn_q.weight"),
+            permute(&h("self_attn.q_proj"), cfg.num_attention_heads),
+            true,
+        ));
+        names.push((
+            format!("blk.{i}.attn_k.weight"),
+            permute(&h("self_attn.k_proj"), cfg.num_key_value_heads),
+            true,
+        ));
+        names.push((
+            format!("blk.{i}.attn_v.weight"),
+            h("self_attn.v_proj"),
+            true,
+        ));
+        names.push((
+            format!("blk.{i}.attn_output.weight"),
+            h("self_attn.o_proj"),
+            true,
+        ));
+        names.push((format!("blk.{i}.ffn_gate.weight"), h("mlp.gate_proj"), true));
+        names.push((format!("blk.{i}.ffn_up.weight"), h("mlp.up_proj"), true));
+        names.push((format!("blk.{i}.ffn_down.weight"), h("mlp.down_proj"), true));
+    }
+    let qs: Vec<(String, QTensor)> = names
+        .into_iter()
+        .map(|(n, t, mat)| {
+            (
+                n,
+                QTensor::quantize(&t, if mat { dtype } else { GgmlDType::F32 }).unwrap(),
+            )
+        })
+        .collect();
+    let mut back = Weights::new();
+    let deq = |name: &str| {
+        qs.iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .dequantize(&Device::Cpu)
+            .unwrap()
+    };
+    back.insert("model.embed_tokens.weight".into(), deq("token_embd.weight"));
+    back.insert("model.norm.weight".into(), deq("output_norm.weight"));
+    for i in 0..cfg.num_hidden_layers {
+        let hf = |n: &str| format!("model.layers.{i}.{n}.weight");
+        let g = |n: &str| deq(&format!("blk.{i}.{n}.weight"));
+        back.insert(hf("input_layernorm"), g("attn_norm"));
+        back.insert(hf("post_attention_layernorm"), g("ffn_norm"));
+        back.insert(
+            hf("self_attn.q_proj"),
+            unpermute(&g("attn_q"), cfg.num_attention_heads),
+        );
+        back.insert(
+            hf("self_attn.k_proj"),
+            unpermute(&g("attn_k"), cfg.num_key_value_heads),
+        );
+        back.insert(hf("self_attn.v_proj"), g("attn_v"));
+        back.insert(hf("self_attn.o_proj"), g("attn_output"));
+        back.insert(hf("mlp.gate_proj"), g("ffn_gate"));
+        back.insert(hf("mlp.up_proj"), g("ffn_up"));
+        back.insert(hf("mlp.down_proj"), g("ffn_down"));
+    }
+    let mut f = std::fs::File::create(path).unwrap();
+    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = qs.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    gguf_file::write(&mut f, &meta_refs, &t_refs).unwrap();
+    back
 }
