@@ -99,6 +99,28 @@ fn killed_and_resumed_run_equals_an_uninterrupted_one() {
         serde_json::from_slice(&std::fs::read(a.join("student/config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "LlamaForCausalLM");
     assert_eq!(config["num_hidden_layers"], 1);
+    // Names, shapes and dtypes as Python's `safetensors` reads them (scripts/check_export.py).
+    let has_py = std::process::Command::new("python3")
+        .args(["-c", "import safetensors, numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_py {
+        let script = util::root().join("scripts/check_export.py");
+        let out = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(a.join("student"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "check_export.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else if std::env::var("KD_REQUIRE_SAFETENSORS").is_ok_and(|v| v == "1") {
+        panic!("KD_REQUIRE_SAFETENSORS=1 but Python safetensors/numpy are missing");
+    } else {
+        eprintln!("skipped: Python safetensors/numpy not installed (export names not checked)");
+    }
 
     // Same run, killed after its second checkpoint, then resumed.
     let b = dir.path().join("b");
