@@ -1,10 +1,15 @@
 //! # kd-student: phase two of distillation
 //!
 //! Phase two trains a student from the teacher-logit cache that `teacher-dump` wrote, with no
-//! teacher in memory. This crate starts with its data side, [`data`]: verified shard sets
-//! served from a memory-mapped cache, id-hash splits, and deterministic, resumable batches of
-//! distilled positions. The trainer, optimizer state, checkpoints and export come later and
-//! will build tensors from [`data::Batch`].
+//! teacher in memory.
+//!
+//! - [`data`]: verified shard sets served from a memory-mapped cache, id-hash splits, and
+//!   deterministic, resumable batches of distilled positions.
+//! - [`train`]: one step's loss and gradients: the output head in chunks outside autograd with
+//!   `kd_loss`'s exact gradients, one backward pass through the transformer.
+//! - [`optim`]: AdamW with its state on disk, schedules, clipping.
+//! - [`fit`]: a whole run: checkpoints published atomically, exact resume, held-out
+//!   evaluation, export to a Hugging Face directory (what `student-fit` calls).
 //!
 //! ## Example
 //!
