@@ -50,22 +50,23 @@ fn main() {
         .collect();
     let mut rows = Vec::new();
 
-    // Ours: exact f32 generation at batch sizes 1, 4, 8 over the same 8 prompts. Stop tokens
-    // are disabled so every row decodes `new_tokens` and the batch stays full.
+    // Ours: exact f32 generation at batch sizes 1, 4, 8 over the same 8 prompts, then scoring.
+    // One engine for every run: stop tokens are disabled so every row decodes `new_tokens` and
+    // the batch stays full; scoring ignores `max_new_tokens`.
+    let engine = Engine {
+        model: &m.model,
+        top_k: 32,
+        stop_ids: vec![],
+        max_new_tokens: new_tokens,
+        sampling: SamplingConfig {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        },
+        logits_chunk: 256,
+        on_rows_done: None,
+    };
     for bs in [1usize, 4, 8] {
-        let engine = Engine {
-            model: &m.model,
-            top_k: 32,
-            stop_ids: vec![],
-            max_new_tokens: new_tokens,
-            sampling: SamplingConfig {
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: 0,
-            },
-            logits_chunk: 256,
-            on_rows_done: None,
-        };
         let mut work = Work::default();
         let t = Instant::now();
         let batch: Vec<(&str, &[u32])> = prompts
@@ -100,19 +101,6 @@ fn main() {
         .iter()
         .map(|r| encode(r, &m.tokenizer, sc_opts).expect("encodes"))
         .collect();
-    let engine = Engine {
-        model: &m.model,
-        top_k: 32,
-        stop_ids: vec![],
-        max_new_tokens: 0,
-        sampling: SamplingConfig {
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-        },
-        logits_chunk: 256,
-        on_rows_done: None,
-    };
     let mut work = Work::default();
     let t = Instant::now();
     let batch: Vec<(&[u32], &[u32])> = enc

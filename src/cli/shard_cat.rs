@@ -438,19 +438,22 @@ pub fn merge(parts: &[PathBuf], dest: &Path) -> anyhow::Result<Manifest> {
                 bail!("{}: exists with different content", dst.display());
             }
             if std::fs::hard_link(&src, &dst).is_err() {
-                let tmp = kd_shard::tmp_path(&dst);
-                std::fs::copy(&src, &tmp).with_context(|| format!("copying {}", src.display()))?;
-                std::fs::File::open(&tmp)?.sync_all()?;
-                std::fs::rename(&tmp, &dst).with_context(|| dst.display().to_string())?;
+                copy_atomic(&src, &dst)?;
             }
         }
         for extra in ["tokenizer.json", "tokenizer_config.json"] {
             let (src, dst) = (dir.join(extra), dest.join(extra));
             if src.exists() && !dst.exists() {
-                std::fs::copy(&src, &dst).with_context(|| dst.display().to_string())?;
+                copy_atomic(&src, &dst)?;
             }
         }
     }
     kd_shard::write_manifest_atomic(&dest.join(kd_shard::MANIFEST_FILE), &merged)?;
     Ok(merged)
+}
+
+/// Copies `src` to `dst` so that `dst` is complete or absent.
+fn copy_atomic(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(src).with_context(|| format!("copying {}", src.display()))?;
+    Ok(kd_shard::write_bytes_atomic(dst, &bytes)?)
 }

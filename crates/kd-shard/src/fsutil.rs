@@ -121,6 +121,15 @@ fn create_dirs_durably(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename, directory fsync): for
+/// the small files published beside shards (tokenizer files, copied shards).
+pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, |mut w| {
+        std::io::Write::write_all(&mut w, bytes).map_err(|e| Error::io(path, e))?;
+        Ok((w, ()))
+    })
+}
+
 /// Writes `final_path` atomically: `fill` writes into `<final>.tmp-<pid>`, which is then
 /// flushed, fsynced, renamed over `final_path`, and the directory fsynced. Readers see either
 /// the old file (or none) or the complete new one. On error the temporary file is removed.

@@ -22,30 +22,39 @@ fn held_out_kl(student: &Student, set: &ShardSet, rows: &[usize], cfg: &LossConf
     sum / n as f64
 }
 
-#[test]
-fn forward_kl_training_lowers_held_out_kl_on_a_tiny_teacher() {
-    let dir = tempfile::tempdir().unwrap();
-    let teacher_dir = dir.path().join("teacher");
-    kd_model::testing::write_tiny_teacher(&teacher_dir, 11).unwrap();
+/// Writes a tiny random teacher (seed `seed`) under `dir/teacher`, dumps `prompts` through it
+/// (sampled at T=1, top-`k`, at most `new_tokens` per prompt, one batch of 8) into
+/// `dir/shards`, and returns the teacher directory and the opened shard set.
+fn tiny_dump(
+    dir: &std::path::Path,
+    seed: u64,
+    prompts: &[String],
+    k: usize,
+    new_tokens: usize,
+) -> (std::path::PathBuf, ShardSet) {
+    let teacher_dir = dir.join("teacher");
+    kd_model::testing::write_tiny_teacher(&teacher_dir, seed).unwrap();
     let teacher = kd_model::load(&teacher_dir, Precision::Exact, &Device::Cpu).unwrap();
-    let prompts: String = (0..48)
-        .map(|i| {
+    let lines: String = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
             format!(
                 "{}\n",
-                serde_json::json!({"id": format!("p{i:02}"), "prompt": format!("tell me about {} and {}", i * 7 % 13, i % 5)})
+                serde_json::json!({"id": format!("p{i:02}"), "prompt": p})
             )
         })
         .collect();
-    let input_path = dir.path().join("prompts.jsonl");
-    std::fs::write(&input_path, prompts).unwrap();
+    let input_path = dir.join("prompts.jsonl");
+    std::fs::write(&input_path, lines).unwrap();
     let input = kd_teacher::input::read_jsonl(&input_path, false).unwrap();
     let settings = DumpSettings {
         mode: Mode::Generate,
-        top_k: 16,
-        max_new_tokens: 24,
+        top_k: k,
+        max_new_tokens: new_tokens,
         temperature: 1.0,
         top_p: 1.0,
-        seed: 3,
+        seed: seed + 1,
         chat_template: true,
         rows_per_shard: 16,
         precision: Precision::Exact,
@@ -57,12 +66,20 @@ fn forward_kl_training_lowers_held_out_kl_on_a_tiny_teacher() {
         progress: false,
         logits_chunk: 64,
     };
-    let shards = dir.path().join("shards");
+    let shards = dir.join("shards");
     dump(&teacher, &input, &settings, &opts, &shards).unwrap();
-    drop(teacher);
+    (teacher_dir, ShardSet::open(&shards).unwrap())
+}
+
+#[test]
+fn forward_kl_training_lowers_held_out_kl_on_a_tiny_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts: Vec<String> = (0..48)
+        .map(|i| format!("tell me about {} and {}", i * 7 % 13, i % 5))
+        .collect();
+    let (_, set) = tiny_dump(dir.path(), 11, &prompts, 16, 24);
 
     // Phase two sees only the shards.
-    let set = ShardSet::open(&shards).unwrap();
     let split = Split::by_id_hash(&set, 0.25).unwrap();
     assert!(!split.held_out.is_empty() && split.train.len() > split.held_out.len());
     // A random 1-layer student over the teacher's vocabulary (seeded).
@@ -116,41 +133,8 @@ fn forward_kl_training_lowers_held_out_kl_on_a_tiny_teacher() {
 #[test]
 fn two_accumulated_micro_batches_equal_one_batch_of_both() {
     let dir = tempfile::tempdir().unwrap();
-    let teacher_dir = dir.path().join("teacher");
-    kd_model::testing::write_tiny_teacher(&teacher_dir, 5).unwrap();
-    let teacher = kd_model::load(&teacher_dir, Precision::Exact, &Device::Cpu).unwrap();
-    let prompts: String = (0..6)
-        .map(|i| {
-            format!(
-                "{}\n",
-                serde_json::json!({"id": format!("q{i}"), "prompt": "x".repeat(3 + 4 * i)})
-            )
-        })
-        .collect();
-    let input_path = dir.path().join("p.jsonl");
-    std::fs::write(&input_path, prompts).unwrap();
-    let input = kd_teacher::input::read_jsonl(&input_path, false).unwrap();
-    let settings = DumpSettings {
-        mode: Mode::Generate,
-        top_k: 8,
-        max_new_tokens: 5,
-        temperature: 1.0,
-        top_p: 1.0,
-        seed: 1,
-        chat_template: true,
-        rows_per_shard: 6,
-        precision: Precision::Exact,
-    };
-    let opts = RunOptions {
-        batch_size: 6,
-        resume: false,
-        part: None,
-        progress: false,
-        logits_chunk: 64,
-    };
-    let shards = dir.path().join("s");
-    dump(&teacher, &input, &settings, &opts, &shards).unwrap();
-    let set = ShardSet::open(&shards).unwrap();
+    let prompts: Vec<String> = (0..6).map(|i| "x".repeat(3 + 4 * i)).collect();
+    let (teacher_dir, set) = tiny_dump(dir.path(), 5, &prompts, 8, 5);
     let student = Student::from_teacher(&teacher_dir, &[1], DType::F64, &Device::Cpu).unwrap();
     let cfg = LossConfig {
         divergence: Divergence::Jsd { beta: 0.5 },

@@ -529,28 +529,13 @@ fn remove_stray_tmp_files(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `path` atomically: a temporary file in the same folder, fsync, rename.
-fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = kd_shard::tmp_path(path);
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io)
-}
-
 /// Puts the teacher's tokenizer beside the shards (`tokenizer.json`, and the chat template in
 /// `tokenizer_config.json`), so the cache can be decoded and a student exported without the
 /// teacher. Its fingerprint is in the manifest.
 fn write_tokenizer_files(model: &LoadedModel, dir: &Path) -> Result<()> {
     let tok = &model.tokenizer;
     let json = serde_json::to_vec(&tok.to_tokenizer_json()).expect("tokenizer serializes");
-    write_file_atomic(&dir.join("tokenizer.json"), &json)?;
+    kd_shard::write_bytes_atomic(&dir.join("tokenizer.json"), &json)?;
     let mut cfg = serde_json::json!({});
     if let Some(t) = tok.chat_template() {
         cfg["chat_template"] = t.source().into();
@@ -562,5 +547,8 @@ fn write_tokenizer_files(model: &LoadedModel, dir: &Path) -> Result<()> {
         cfg["bos_token"] = tok.token_text(id).into();
     }
     let cfg = serde_json::to_vec_pretty(&cfg).expect("config serializes");
-    write_file_atomic(&dir.join("tokenizer_config.json"), &cfg)
+    Ok(kd_shard::write_bytes_atomic(
+        &dir.join("tokenizer_config.json"),
+        &cfg,
+    )?)
 }
