@@ -3,9 +3,14 @@
 config.json describes a LlamaForCausalLM; model.safetensors holds exactly the tensor names
 `transformers` expects for that config, with the right shapes, in float32; tokenizer.json loads
 with `tokenizers` (when installed). With torch and transformers installed it also loads the
-model and runs it. Exits 1 naming the first problem.
+model and runs it; given `--ours FILE` (the JSON of `student-fit logits`), it runs the same
+token ids and compares transformers' log-softmax with ours at every position and vocabulary
+entry (tolerance 1e-4 nats, both in float32). Exits 1 naming the first problem.
 
-Usage: python3 scripts/check_export.py out/student-6l/student
+Usage:
+  python3 scripts/check_export.py out/student-6l/student
+  student-fit logits --student out/student-6l/student --ids 1,9690,198,... > ours.json
+  python3 scripts/check_export.py out/student-6l/student --ours ours.json
 """
 import json
 import sys
@@ -17,7 +22,10 @@ def fail(msg):
     sys.exit(1)
 
 
-def main(d: Path):
+TOLERANCE = 1e-4
+
+
+def main(d: Path, ours: Path = None):
     cfg = json.loads((d / "config.json").read_text())
     if cfg.get("architectures") != ["LlamaForCausalLM"] or cfg.get("model_type") != "llama":
         fail(f"{d}/config.json: not a LlamaForCausalLM config")
@@ -56,16 +64,38 @@ def main(d: Path):
         import torch
         import transformers
     except ImportError:
+        if ours is not None:
+            fail("--ours needs torch and transformers installed")
         print(f"check_export: {len(want)} tensors ok (torch/transformers not installed: model not run)")
         return
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(d), torch_dtype=torch.float32)
-    out = model(torch.tensor([[1, 2, 3, 4]])).logits
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    model.eval()
+    ref = json.loads(ours.read_text()) if ours is not None else {"ids": [1, 2, 3, 4]}
+    with torch.no_grad():
+        out = model(torch.tensor([ref["ids"]])).logits[0].double()
     if not torch.isfinite(out).all():
         fail("transformers gave non-finite logits")
-    print(f"check_export: {len(want)} tensors ok; transformers loads it, logits shape {tuple(out.shape)}")
+    if ours is None:
+        print(f"check_export: {len(want)} tensors ok; transformers loads it, logits shape {tuple(out.shape)}")
+        return
+    theirs = torch.log_softmax(out, dim=-1)
+    mine = torch.tensor(ref["logprobs"], dtype=torch.float64)
+    if mine.shape != theirs.shape:
+        fail(f"{ours}: log-probs of shape {tuple(mine.shape)}, transformers gives {tuple(theirs.shape)}")
+    diff = (mine - theirs).abs()
+    top1 = (mine.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    print(f"check_export: {len(ref['ids'])} positions x {v} tokens: max |Δ log-prob| {diff.max().item():.3e}, "
+          f"mean {diff.mean().item():.3e}, top-1 agreement {top1:.3f} (tolerance {TOLERANCE})")
+    if diff.max().item() > TOLERANCE:
+        fail(f"log-probs differ from transformers by {diff.max().item():.3e} > {TOLERANCE}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        fail("usage: check_export.py EXPORT_DIR")
-    main(Path(sys.argv[1]))
+    args = sys.argv[1:]
+    ours = None
+    if len(args) == 3 and args[1] == "--ours":
+        ours = Path(args[2])
+        args = args[:1]
+    if len(args) != 1:
+        fail("usage: check_export.py EXPORT_DIR [--ours LOGITS_JSON]")
+    main(Path(args[0]), ours)

@@ -22,6 +22,7 @@ pub struct DumpSection {
     pub input: Option<PathBuf>,
     pub out: Option<PathBuf>,
     pub score: Option<bool>,
+    pub mixed: Option<bool>,
     pub top_k: Option<usize>,
     pub max_new_tokens: Option<usize>,
     pub temperature: Option<f64>,
@@ -44,7 +45,10 @@ pub struct Pipeline {
     pub description: Option<String>,
     #[serde(default)]
     pub dump: DumpSection,
+    /// `student-fit`'s first stage (distillation).
     pub fit: Option<toml::Table>,
+    /// An optional second stage: keys that replace `[fit]`'s (see `student-fit --help`).
+    pub finetune: Option<toml::Table>,
     pub eval: Option<toml::Table>,
 }
 

@@ -122,6 +122,43 @@ fn killed_and_resumed_run_equals_an_uninterrupted_one() {
         eprintln!("skipped: Python safetensors/numpy not installed (export names not checked)");
     }
 
+    // With torch and transformers (KD_PYTHON names an interpreter that has them), the export
+    // gives transformers' log-probs within 1e-4 nats at every position and token.
+    let py = std::env::var("KD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_torch = std::process::Command::new(&py)
+        .args(["-c", "import torch, transformers"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_torch {
+        let ours = util::run_ok(
+            "student-fit",
+            &[
+                "logits",
+                "--student",
+                a.join("student").to_str().unwrap(),
+                "--ids",
+                "1,40,80,120,160,200,240,2,5,77",
+            ],
+        );
+        let f = dir.path().join("ours.json");
+        std::fs::write(&f, ours).unwrap();
+        let out = std::process::Command::new(&py)
+            .arg(util::root().join("scripts/check_export.py"))
+            .arg(a.join("student"))
+            .arg("--ours")
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "check_export.py --ours: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    } else {
+        eprintln!("skipped: {py} lacks torch/transformers (logits not compared)");
+    }
+
     // Same run, killed after its second checkpoint, then resumed.
     let b = dir.path().join("b");
     let pb = pipeline(dir.path(), &shards, &teacher, &b);
@@ -177,4 +214,315 @@ fn killed_and_resumed_run_equals_an_uninterrupted_one() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
         assert!(name.starts_with("step-"), "stray {name}");
     }
+    // Every step's logged loss equals the uninterrupted run's (the resumed run repeats the
+    // steps after its checkpoint: the last line of each step counts).
+    assert_eq!(step_losses(&a), step_losses(&b), "logged losses differ");
+
+    // Ctrl-C: a checkpoint at the next step boundary, a clear message, then an exact resume.
+    let c = dir.path().join("c");
+    let pc = pipeline(dir.path(), &shards, &teacher, &c);
+    let child = std::process::Command::new(util::bin("student-fit"))
+        .args(["--pipeline", pc.to_str().unwrap()])
+        .env("RAYON_NUM_THREADS", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while step_losses(&c).len() < 7 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an interrupted run exits non-zero");
+    assert!(err.contains("interrupted at step"), "{err}");
+    let resumable = latest_step(&c);
+    assert!(
+        (7..30).contains(&resumable),
+        "checkpoint at step {resumable}"
+    );
+    util::run_ok(
+        "student-fit",
+        &["--pipeline", pc.to_str().unwrap(), "--resume", "--json"],
+    );
+    let wc = std::fs::read(c.join("checkpoints/step-00000030/model.safetensors")).unwrap();
+    assert!(wa == wc, "weights after Ctrl-C and resume differ");
+    assert_eq!(step_losses(&a), step_losses(&c), "logged losses differ");
+}
+
+/// Step → loss of a run's metrics.jsonl (training lines; the last line of a step wins).
+fn step_losses(out: &Path) -> std::collections::BTreeMap<u64, f64> {
+    let Ok(text) = std::fs::read_to_string(out.join("metrics.jsonl")) else {
+        return Default::default();
+    };
+    text.lines()
+        .filter(|l| l.ends_with('}'))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+/// The newest checkpoint's step.
+fn latest_step(out: &Path) -> u64 {
+    let ck = kd_student::fit::latest_checkpoint(out).expect("a checkpoint");
+    ck.file_name().unwrap().to_string_lossy()[5..]
+        .parse()
+        .unwrap()
+}
+
+/// Dumps `rows` through the tiny `teacher` into `out` with extra flags.
+fn dump(teacher: &Path, input: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--top-k",
+        "16",
+        "--max-new-tokens",
+        "12",
+        "--rows-per-shard",
+        "16",
+        "--no-progress",
+    ];
+    args.extend_from_slice(extra);
+    util::run_ok("teacher-dump", &args);
+}
+
+#[test]
+fn two_stages_on_a_mixed_dump_then_eval() {
+    let dir = util::tempdir();
+    let teacher = dir.path().join("teacher");
+    kd_model::testing::write_tiny_teacher(&teacher, 21).unwrap();
+    // 30 prompts to generate from and 14 real responses to score, in one mixed dump.
+    let mut rows: Vec<serde_json::Value> = (0..30)
+        .map(|i| serde_json::json!({"id": format!("g{i:02}"), "prompt": format!("list {} and {}", i % 7, i * 5 % 13)}))
+        .collect();
+    rows.extend((0..14).map(|i| serde_json::json!({"id": format!("s{i:02}"), "prompt": format!("say {i}"), "response": format!("{i} and {} again", i + 1)})));
+    let input = dir.path().join("in.jsonl");
+    util::write_jsonl(&input, &rows);
+    let shards = dir.path().join("shards");
+    dump(&teacher, &input, &shards, &["--mixed"]);
+    let set = kd_student::data::ShardSet::open(&shards).unwrap();
+    let scored = set
+        .rows()
+        .filter(|r| r.source == kd_shard::Source::Scored)
+        .count();
+    assert_eq!((set.len(), scored), (44, 14), "mixed dump rows");
+    for r in set.rows() {
+        assert_eq!(
+            r.source == kd_shard::Source::Scored,
+            r.id.starts_with('s'),
+            "{}",
+            r.id
+        );
+    }
+
+    let out = dir.path().join("st");
+    let text = std::fs::read_to_string(pipeline(dir.path(), &shards, &teacher, &out))
+        .unwrap()
+        .replace("steps = 30", "steps = 12\nmix = 0.7\neval_every = 4")
+        + "\n[finetune]\nloss = { divergence = { kind = \"forward_kl\" }, alpha = 0.0 }\nsteps = 6\nlr = 1e-3\ntrain_on = \"scored\"\nmix = 0.5\n";
+    // `mix` needs both kinds; a scored-only stage must not mix.
+    let p = dir.path().join("two.toml");
+    std::fs::write(&p, text.replace("mix = 0.5\n", "")).unwrap();
+    let both: serde_json::Value = serde_json::from_str(&util::run_ok(
+        "student-fit",
+        &["--pipeline", p.to_str().unwrap(), "--json"],
+    ))
+    .unwrap();
+    let stages = both.as_array().expect("one summary per stage");
+    assert_eq!(stages.len(), 2);
+    assert_eq!(stages[0]["stage"], "distill");
+    assert_eq!(stages[1]["stage"], "finetune");
+    let (s1, s2) = (&stages[0]["summary"], &stages[1]["summary"]);
+    // Stage two starts from stage one's export: same weights, same held-out rows.
+    let (end1, start2) = (
+        s1["final_eval"]["forward_kl"].as_f64().unwrap(),
+        s2["initial"]["forward_kl"].as_f64().unwrap(),
+    );
+    assert!(
+        (end1 - start2).abs() < 1e-9 * end1.abs().max(1.0),
+        "stage two starts at {start2}, stage one ended at {end1}"
+    );
+    assert!(end1 < s1["initial"]["forward_kl"].as_f64().unwrap());
+    let ft = dir.path().join("st-finetune");
+    assert!(ft.join("student/model.safetensors").exists());
+    // Stage one evaluated every 4 steps: at 0, 4, 8 and 12.
+    let evals: Vec<u64> = util::read_jsonl(&out.join("metrics.jsonl"))
+        .iter()
+        .filter(|v| v.get("eval").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, [0, 4, 8, 12]);
+    // Stage two trained on scored rows only, with hard cross-entropy: its divergence part is
+    // not in the loss.
+    for v in util::read_jsonl(&ft.join("metrics.jsonl")) {
+        if let Some(l) = v.get("loss") {
+            assert_eq!(
+                l.as_f64(),
+                v["hard_ce"].as_f64(),
+                "alpha = 0 is hard CE only"
+            );
+        }
+    }
+
+    // `student-fit eval` on the same held-out rows reproduces the run's final figures.
+    let ev = dir.path().join("ev");
+    let r: serde_json::Value = serde_json::from_str(&util::run_ok(
+        "student-fit",
+        &[
+            "eval",
+            "--student",
+            out.join("student").to_str().unwrap(),
+            "--shards",
+            shards.to_str().unwrap(),
+            "--holdout-fraction",
+            "0.25",
+            "--max-len",
+            "256",
+            "--generations",
+            "3",
+            "--max-new-tokens",
+            "8",
+            "--out",
+            ev.to_str().unwrap(),
+            "--json",
+        ],
+    ))
+    .unwrap();
+    for m in ["forward_kl", "reverse_kl", "top1_agreement", "nll"] {
+        let (x, y) = (
+            r[m].as_f64().unwrap(),
+            s1["final_eval"][m].as_f64().unwrap(),
+        );
+        assert!((x - y).abs() < 1e-9 * y.abs().max(1.0), "{m}: {x} vs {y}");
+    }
+    let gens = util::read_jsonl(&ev.join("generations.jsonl"));
+    assert_eq!(gens.len(), 3);
+    // The first held-out rows, in row order, each with the teacher's and the student's text.
+    let held: Vec<String> = set
+        .rows()
+        .filter(|r| kd_student::data::is_held_out(r.id, 0.25))
+        .take(3)
+        .map(|r| r.id.to_string())
+        .collect();
+    let ids: Vec<String> = gens
+        .iter()
+        .map(|g| g["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, held);
+    for g in &gens {
+        for f in ["prompt", "teacher", "student"] {
+            assert!(g[f].is_string(), "{g}");
+        }
+    }
+    let on_disk: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ev.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(on_disk["forward_kl"], r["forward_kl"]);
+    // A student with another vocabulary is refused, naming both sizes.
+    let other = dir.path().join("other");
+    let cfg = kd_model::testing::tiny_config(304);
+    let w = kd_model::testing::random_weights(&cfg, 3).unwrap();
+    kd_model::testing::write_hf_dir(&other, &cfg, &w, &kd_tokenizer::Tokenizer::tiny_for_tests())
+        .unwrap();
+    let refused = util::run(
+        "student-fit",
+        &[
+            "eval",
+            "--student",
+            other.to_str().unwrap(),
+            "--shards",
+            shards.to_str().unwrap(),
+        ],
+    );
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("vocabulary"), "{err}");
+}
+
+#[test]
+fn two_teachers_are_distilled_as_their_mixture() {
+    let dir = util::tempdir();
+    let (ta, tb) = (dir.path().join("ta"), dir.path().join("tb"));
+    kd_model::testing::write_tiny_teacher(&ta, 21).unwrap();
+    kd_model::testing::write_tiny_teacher(&tb, 22).unwrap();
+    // Both teachers score the same texts, so their rows hold the same tokens.
+    let rows: Vec<serde_json::Value> = (0..32)
+        .map(|i| serde_json::json!({"id": format!("r{i:02}"), "prompt": format!("add {} to {}", i % 5, i * 7 % 9), "response": format!("it is {} or so", i * 3 % 17)}))
+        .collect();
+    let input = dir.path().join("in.jsonl");
+    util::write_jsonl(&input, &rows);
+    let (sa, sb) = (dir.path().join("sa"), dir.path().join("sb"));
+    dump(&ta, &input, &sa, &["--score"]);
+    dump(&tb, &input, &sb, &["--score"]);
+    let base = std::fs::read_to_string(pipeline(dir.path(), &sa, &ta, &dir.path().join("one")))
+        .unwrap()
+        .replace("steps = 30", "steps = 10");
+    let single = dir.path().join("single.toml");
+    std::fs::write(&single, &base).unwrap();
+    let two = dir.path().join("two.toml");
+    std::fs::write(
+        &two,
+        base.replace(
+            "[fit]\n",
+            &format!(
+                "[fit]\nextra_teachers = [{{ shards = \"{}\", weight = 0.5 }}]\n",
+                sb.display()
+            ),
+        )
+        .replace("/one\"", "/two\""),
+    )
+    .unwrap();
+    let parse = |s: String| serde_json::from_str::<serde_json::Value>(&s).unwrap();
+    let s1 = parse(util::run_ok(
+        "student-fit",
+        &["--pipeline", single.to_str().unwrap(), "--json"],
+    ));
+    let s2 = parse(util::run_ok(
+        "student-fit",
+        &["--pipeline", two.to_str().unwrap(), "--json"],
+    ));
+    let kl = |s: &serde_json::Value, at: &str| s[at]["forward_kl"].as_f64().unwrap();
+    // The same student at the start is farther from or nearer to the mixture than to teacher
+    // A alone: the targets differ.
+    assert!(
+        (kl(&s1, "initial") - kl(&s2, "initial")).abs() > 1e-3,
+        "mixture targets equal teacher A's"
+    );
+    assert!(kl(&s2, "final_eval") < kl(&s2, "initial"));
+
+    // A teacher over other rows is refused, naming the field.
+    let other_rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r["id"] = format!("x{}", r["id"].as_str().unwrap()).into();
+            r
+        })
+        .collect();
+    let other_in = dir.path().join("other.jsonl");
+    util::write_jsonl(&other_in, &other_rows);
+    let sc = dir.path().join("sc");
+    dump(&tb, &other_in, &sc, &["--score"]);
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&two)
+            .unwrap()
+            .replace(sb.to_str().unwrap(), sc.to_str().unwrap()),
+    )
+    .unwrap();
+    let refused = util::run("student-fit", &["--pipeline", bad.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("id") && err.contains("r00"), "{err}");
 }

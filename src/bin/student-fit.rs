@@ -1,27 +1,49 @@
-//! `student-fit`: train a student from teacher-logit shards alone (no teacher in memory).
+//! `student-fit`: train a student from teacher-logit shards alone (no teacher in memory),
+//! evaluate it, and print its logits for an outside check.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use kd_distill::cli::{human_bytes, run_main, set_threads};
 use kd_distill::pipeline::Pipeline;
-use kd_student::fit::{FitConfig, fit};
+use kd_student::eval::{EvalOptions, run_eval};
+use kd_student::fit::{FitConfig, FitSummary, fit};
 
 /// Train a student from teacher-logit shards: the losses of DESIGN.md, AdamW, checkpoints
 /// every N steps (atomic), exact resume, held-out evaluation, export to a Hugging Face
 /// directory. Settings come from the pipeline's [fit] section; flags override.
+///
+/// A pipeline may add a [finetune] section: a second stage run after the first, whose keys
+/// replace [fit]'s (except `mix`, which a stage with `train_on` does not inherit). Unless it
+/// says otherwise it starts from the first stage's export
+/// (`init = { from_student = { path = "<fit.out>/student" } }`) and writes to
+/// `<fit.out>-finetune`. The usual second stage is hard cross-entropy (`alpha = 0`) on
+/// scored real-data rows.
 #[derive(Parser, Debug)]
-#[command(name = "student-fit", version)]
+#[command(name = "student-fit", version, args_conflicts_with_subcommands = true)]
 struct Args {
-    /// Pipeline file (TOML) with a [fit] section (see pipelines/).
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// Pipeline file (TOML) with a [fit] section and optionally [finetune] (see pipelines/).
     #[arg(long)]
-    pipeline: PathBuf,
-    /// Override the number of optimizer steps.
+    pipeline: Option<PathBuf>,
+    /// Which stage to run: `distill` ([fit]), `finetune` ([finetune]) or `all` (both, in
+    /// order).
+    #[arg(long, default_value = "all")]
+    stage: Stage,
+    /// Override the number of optimizer steps (of every stage run).
     #[arg(long)]
     steps: Option<u64>,
-    /// Override the output folder (checkpoints/, metrics.jsonl, student/).
+    /// Override the first stage's output folder (checkpoints/, metrics.jsonl, summary.json,
+    /// student/); the second stage's default follows it.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue from the newest checkpoint in the output folder (refused if the shards or
@@ -36,74 +58,300 @@ struct Args {
     json: bool,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Distill,
+    Finetune,
+    All,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Evaluate a student on a shard set: forward KL(teacher‖student) with the bucket tail,
+    /// reverse KL, top-1 agreement with the teacher's argmax and the student's NLL of the
+    /// stored tokens, per distilled token; plus greedy generations of the student beside
+    /// the teacher's stored response.
+    Eval(EvalArgs),
+    /// Print the student's log-softmax over the vocabulary at every position of a token
+    /// sequence, as JSON (for comparing with another implementation, e.g.
+    /// scripts/check_export.py --transformers).
+    Logits(LogitsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalArgs {
+    /// The student: an exported directory (OUT/student) or a checkpoint directory.
+    #[arg(long)]
+    student: PathBuf,
+    /// The shard set to evaluate on.
+    #[arg(long)]
+    shards: PathBuf,
+    /// Evaluate only the held-out share of the rows, as `student-fit` splits them with this
+    /// `holdout_fraction`; without it every row is evaluated (a separate evaluation dump).
+    #[arg(long)]
+    holdout_fraction: Option<f64>,
+    /// Evaluate at most this many rows.
+    #[arg(long)]
+    max_rows: Option<usize>,
+    /// Rows are cut to this many tokens.
+    #[arg(long, default_value_t = 2048)]
+    max_len: usize,
+    /// Positions whose full-vocabulary logits are held at once.
+    #[arg(long, default_value_t = 128)]
+    logits_chunk: usize,
+    /// Greedy generations of the student, for the first this many rows.
+    #[arg(long, default_value_t = 4)]
+    generations: usize,
+    /// Most tokens per generation.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Folder for eval.json and generations.jsonl.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct LogitsArgs {
+    /// The student: an exported directory or a checkpoint directory.
+    #[arg(long)]
+    student: PathBuf,
+    /// Token ids, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+}
+
 fn main() {
     let args = Args::parse();
-    run_main(move || {
-        set_threads(args.threads);
-        let p = Pipeline::read(&args.pipeline)?;
-        let table = p
-            .fit
-            .with_context(|| format!("{}: no [fit] section", args.pipeline.display()))?;
-        let mut cfg: FitConfig = toml::Value::Table(table)
+    run_main(move || match args.command {
+        Some(Command::Eval(e)) => eval(e),
+        Some(Command::Logits(l)) => logits(l),
+        None => train(args.train),
+    })
+}
+
+/// The stages a pipeline file describes, resolved to complete configurations.
+fn stages(path: &Path, a: &TrainArgs) -> anyhow::Result<Vec<(&'static str, FitConfig)>> {
+    let p = Pipeline::read(path)?;
+    let base = p
+        .fit
+        .with_context(|| format!("{}: no [fit] section", path.display()))?;
+    let parse = |t: toml::Table, section: &str| -> anyhow::Result<FitConfig> {
+        toml::Value::Table(t)
             .try_into()
-            .with_context(|| format!("{}: invalid [fit] section", args.pipeline.display()))?;
-        if let Some(s) = args.steps {
-            cfg.steps = s;
+            .with_context(|| format!("{}: invalid [{section}] section", path.display()))
+    };
+    let mut first = parse(base.clone(), "fit")?;
+    if let Some(o) = &a.out {
+        first.out = o.clone();
+    }
+    let mut out = Vec::new();
+    if let Some(ft) = p.finetune {
+        let mut t = base;
+        let explicit_out = ft.contains_key("out");
+        let explicit_init = ft.contains_key("init");
+        // Training on one source cannot mix sources: `mix` is not inherited then.
+        if ft.contains_key("train_on") {
+            t.remove("mix");
         }
-        if let Some(o) = args.out {
-            cfg.out = o;
+        t.extend(ft);
+        let mut second = parse(t, "finetune")?;
+        if !explicit_out {
+            let mut name = first.out.clone().into_os_string();
+            name.push("-finetune");
+            second.out = name.into();
         }
-        if !args.json {
+        if !explicit_init {
+            second.init = kd_student::fit::Init::FromStudent {
+                path: first.out.join("student"),
+            };
+        }
+        out.push(("distill", first));
+        out.push(("finetune", second));
+    } else {
+        if a.stage == Stage::Finetune {
+            anyhow::bail!("{}: no [finetune] section", path.display());
+        }
+        out.push(("distill", first));
+    }
+    out.retain(|(name, _)| match a.stage {
+        Stage::All => true,
+        Stage::Distill => *name == "distill",
+        Stage::Finetune => *name == "finetune",
+    });
+    for (_, c) in &mut out {
+        if let Some(s) = a.steps {
+            c.steps = s;
+        }
+    }
+    Ok(out)
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    set_threads(a.threads);
+    let path = a
+        .pipeline
+        .clone()
+        .context("missing --pipeline (a TOML file with a [fit] section), or a subcommand")?;
+    let stages = stages(&path, &a)?;
+    // First Ctrl-C: checkpoint at the next step boundary and stop; second: stop now.
+    ctrlc::set_handler(|| {
+        static SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if SEEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: writing a checkpoint at the next step (Ctrl-C again to stop now)");
+        kd_student::fit::request_stop();
+    })
+    .context("installing the Ctrl-C handler")?;
+    let mut summaries = Vec::new();
+    for (name, cfg) in &stages {
+        if !a.json {
             eprintln!(
-                "student-fit: shards {}, loss {:?}, {} steps -> {}",
+                "student-fit [{name}]: shards {}{}, loss {}, {} steps, init {} -> {}",
                 cfg.shards.display(),
-                cfg.loss,
+                if cfg.extra_teachers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" + {} more teachers", cfg.extra_teachers.len())
+                },
+                serde_json::to_string(&cfg.loss)?,
                 cfg.steps,
+                serde_json::to_string(&cfg.init)?,
                 cfg.out.display()
             );
         }
-        // First Ctrl-C: checkpoint at the next step boundary and stop; second: stop now.
-        ctrlc::set_handler(|| {
-            static SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            if SEEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!(
-                "interrupt: writing a checkpoint at the next step (Ctrl-C again to stop now)"
-            );
-            kd_student::fit::request_stop();
-        })
-        .context("installing the Ctrl-C handler")?;
-        let s = fit(&cfg, args.resume, !args.json)?;
-        let mut out = std::io::stdout().lock();
-        if args.json {
-            writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
-        } else {
-            writeln!(
-                out,
-                "held-out at start: forward KL {:.4}, reverse KL {:.4}, top-1 agreement {:.3}, NLL {:.4}",
-                s.initial.forward_kl, s.initial.reverse_kl, s.initial.top1_agreement, s.initial.nll
-            )?;
-            writeln!(
-                out,
-                "held-out at end:   forward KL {:.4}, reverse KL {:.4}, top-1 agreement {:.3}, NLL {:.4}",
-                s.final_eval.forward_kl,
-                s.final_eval.reverse_kl,
-                s.final_eval.top1_agreement,
-                s.final_eval.nll
-            )?;
-            writeln!(
-                out,
-                "{} steps, {:.0} positions/s, checkpoint {}, export {}, peak memory {}",
-                s.steps,
-                s.positions_per_s,
-                s.checkpoint.display(),
-                s.export.display(),
-                kd_teacher::dump::peak_rss_bytes()
-                    .map(human_bytes)
-                    .unwrap_or_else(|| "unknown".into())
-            )?;
+        let s = fit(cfg, a.resume, !a.json)?;
+        if !a.json {
+            print_summary(name, &s)?;
         }
-        Ok(())
-    })
+        summaries.push(serde_json::json!({"stage": name, "summary": s}));
+    }
+    if a.json {
+        let mut out = std::io::stdout().lock();
+        let v = if summaries.len() == 1 {
+            summaries.pop().expect("one")["summary"].take()
+        } else {
+            serde_json::Value::Array(summaries)
+        };
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+fn print_summary(stage: &str, s: &FitSummary) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let row = |r: &kd_student::fit::EvalReport| {
+        format!(
+            "forward KL {:.4}, reverse KL {:.4}, top-1 agreement {:.3}, NLL {:.4}",
+            r.forward_kl, r.reverse_kl, r.top1_agreement, r.nll
+        )
+    };
+    writeln!(out, "[{stage}] held-out at start: {}", row(&s.initial))?;
+    writeln!(out, "[{stage}] held-out at end:   {}", row(&s.final_eval))?;
+    writeln!(
+        out,
+        "[{stage}] {} steps, {} positions, {:.0} positions/s, checkpoint {}, export {}, peak memory {}",
+        s.steps,
+        s.train_positions,
+        s.positions_per_s,
+        s.checkpoint.display(),
+        s.export.display(),
+        kd_teacher::dump::peak_rss_bytes()
+            .map(human_bytes)
+            .unwrap_or_else(|| "unknown".into())
+    )?;
+    Ok(())
+}
+
+fn eval(e: EvalArgs) -> anyhow::Result<()> {
+    set_threads(e.threads);
+    let r = run_eval(&EvalOptions {
+        student: e.student,
+        shards: e.shards,
+        holdout_fraction: e.holdout_fraction,
+        max_rows: e.max_rows,
+        max_len: e.max_len,
+        logits_chunk: e.logits_chunk,
+        generations: e.generations,
+        max_new_tokens: e.max_new_tokens,
+        out: e.out.clone(),
+    })?;
+    let mut out = std::io::stdout().lock();
+    if e.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["generations"] = serde_json::to_value(&r.generations)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(());
+    }
+    let m = &r.report;
+    writeln!(
+        out,
+        "{} on {} ({} rows, {} distilled positions)",
+        r.student.display(),
+        r.shards.display(),
+        r.rows,
+        m.positions
+    )?;
+    writeln!(out, "  {:<28} {:>10}", "metric (per token)", "value")?;
+    for (name, v) in [
+        ("forward KL(teacher‖student)", m.forward_kl),
+        ("reverse KL(student‖teacher)", m.reverse_kl),
+        ("top-1 agreement", m.top1_agreement),
+        ("NLL of the stored tokens", m.nll),
+    ] {
+        writeln!(out, "  {name:<28} {v:>10.4}")?;
+    }
+    for g in &r.generations {
+        writeln!(out, "\n## {}\nprompt:  {}", g.id, g.prompt.trim())?;
+        writeln!(out, "teacher: {}", g.teacher)?;
+        writeln!(out, "student: {}", g.student)?;
+    }
+    if let Some(dir) = &e.out {
+        writeln!(
+            out,
+            "\nwrote {} and {}",
+            dir.join("eval.json").display(),
+            dir.join("generations.jsonl").display()
+        )?;
+    }
+    Ok(())
+}
+
+fn logits(l: LogitsArgs) -> anyhow::Result<()> {
+    let student = kd_model::trainable::Student::from_hf_dir(
+        &l.student,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
+    let n = l.ids.len();
+    let ids = candle_core::Tensor::from_vec(l.ids.clone(), (1, n), &candle_core::Device::Cpu)?;
+    let hidden = student.forward(&ids, &[n])?;
+    let d = hidden.dim(2)?;
+    let z = student.logits(&hidden.reshape((n, d))?)?;
+    let lp = log_softmax(&z)?;
+    let rows: Vec<Vec<f32>> = lp.to_vec2()?;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(
+        &mut out,
+        &serde_json::json!({"ids": l.ids, "logprobs": rows}),
+    )?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// log-softmax over the last dimension, in f64 for the normaliser.
+fn log_softmax(z: &candle_core::Tensor) -> anyhow::Result<candle_core::Tensor> {
+    let z64 = z.to_dtype(candle_core::DType::F64)?;
+    let max = z64.max_keepdim(1)?;
+    let shifted = z64.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+    Ok(shifted
+        .broadcast_sub(&lse)?
+        .to_dtype(candle_core::DType::F32)?)
 }

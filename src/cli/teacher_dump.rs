@@ -32,8 +32,12 @@ pub struct Args {
     pub out: Option<PathBuf>,
     /// Teacher-force existing responses (`response` field, or messages ending with the assistant
     /// turn) instead of generating.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "mixed")]
     pub score: bool,
+    /// Score the rows that have a response and generate the others, into one shard set (the
+    /// two halves of a generated/scored data mix).
+    #[arg(long)]
+    pub mixed: bool,
     /// Log-probabilities kept per position [default: 32]. On the first 16 quickstart prompts
     /// with SmolLM2-135M the mass outside the top k averaged 12.6% at k=8, 6.5% at k=32 and 4.5% at
     /// k=64, for about 168 bytes per position at k=32 against 316 at k=64; the bucket tail
@@ -138,8 +142,18 @@ impl Args {
             })
         };
         let score = self.score || p.score.unwrap_or(false);
+        let mixed = self.mixed || p.mixed.unwrap_or(false);
+        if score && mixed {
+            anyhow::bail!("`score` and `mixed` exclude each other: pick one");
+        }
         let settings = DumpSettings {
-            mode: if score { Mode::Score } else { Mode::Generate },
+            mode: if score {
+                Mode::Score
+            } else if mixed {
+                Mode::Mixed
+            } else {
+                Mode::Generate
+            },
             top_k: self.top_k.or(p.top_k).unwrap_or(32),
             max_new_tokens: self.max_new_tokens.or(p.max_new_tokens).unwrap_or(256),
             temperature: self.temperature.or(p.temperature).unwrap_or(0.0),

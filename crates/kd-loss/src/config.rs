@@ -71,14 +71,20 @@ pub enum TailPolicy {
 pub struct LossConfig {
     /// The divergence D.
     pub divergence: Divergence,
-    /// Temperature τ > 0 applied to both teacher and student (z/τ, l/τ).
+    /// Temperature τ > 0 applied to both teacher and student (z/τ, l/τ); default 1.
+    #[serde(default = "one")]
     pub temperature: f64,
     /// Weight α ∈ [0, 1] of the distillation term; 1 − α weighs the hard CE.
-    /// α = 0 is plain SFT on the teacher's outputs.
+    /// α = 0 is plain SFT on the teacher's outputs; default 1.
+    #[serde(default = "one")]
     pub alpha: f64,
     /// How mass outside the teacher's top-k is handled.
     #[serde(default)]
     pub tail: TailPolicy,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl LossConfig {

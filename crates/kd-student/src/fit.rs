@@ -10,9 +10,11 @@ use kd_loss::{Divergence, LossConfig, TailPolicy};
 use kd_model::trainable::Student;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Batch, BatchConfig, Batcher, LoaderPosition, ShardSet, Split};
+use crate::data::{
+    Batch, BatchConfig, Batcher, LoaderPosition, RowSource, ShardSet, Split, Teachers,
+};
 use crate::optim::{AdamW, AdamWConfig, Decay, Schedule};
-use crate::train::loss_and_grads;
+use crate::train::{PositionTargets, loss_and_grads};
 
 /// How the student starts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -57,10 +59,77 @@ pub struct FitConfig {
     /// Share of `generated` rows when mixing with `scored` rows (e.g. 0.7); none mixes nothing.
     #[serde(default)]
     pub mix: Option<f64>,
+    /// Further teachers' shard sets over the same rows (multi-teacher distillation). The
+    /// teacher of `shards` gets weight `1 − Σ weights` of these.
+    #[serde(default)]
+    pub extra_teachers: Vec<TeacherShards>,
+    /// A separate shard set to evaluate on (all its rows); without it, the held-out share of
+    /// `shards` (`holdout_fraction`) is evaluated.
+    #[serde(default)]
+    pub eval_shards: Option<PathBuf>,
+    /// Evaluate every this many steps (0: only at the start and the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Evaluate on at most this many rows (the first ones, in row order); none: all.
+    #[serde(default)]
+    pub eval_max_rows: Option<usize>,
+    /// Train only on rows of this source (`generated` or `scored`), e.g. a second stage of
+    /// hard cross-entropy on real data; none: every row.
+    #[serde(default)]
+    pub train_on: Option<kd_shard::Source>,
+}
+
+/// Another teacher's shard set and its weight in the mixture.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherShards {
+    pub shards: PathBuf,
+    pub weight: f64,
 }
 
 fn one() -> u64 {
     1
+}
+
+/// Opens the training teachers of `cfg`: `shards` alone, or joined with `extra_teachers` by
+/// row id (refused when ids, tokens or tokenizers differ).
+pub fn open_teachers(cfg: &FitConfig) -> anyhow::Result<Teachers> {
+    let mut sets = vec![ShardSet::open(&cfg.shards)?];
+    let extra: f64 = cfg.extra_teachers.iter().map(|t| t.weight).sum();
+    let valid = extra > 0.0 && extra < 1.0;
+    if !cfg.extra_teachers.is_empty() && !valid {
+        anyhow::bail!(
+            "extra_teachers: the weights sum to {extra}; they must sum to less than 1 (the teacher of `shards` gets the rest)"
+        );
+    }
+    let mut weights = vec![1.0 - extra];
+    for t in &cfg.extra_teachers {
+        sets.push(ShardSet::open(&t.shards)?);
+        weights.push(t.weight);
+    }
+    Ok(ShardSet::zip(sets, weights)?)
+}
+
+/// The rows a run evaluates on: a separate shard set, or the held-out rows of the training
+/// teachers.
+pub enum EvalRows<'a> {
+    Separate(Teachers, Vec<usize>),
+    HeldOut(&'a Teachers, Vec<usize>),
+}
+
+impl EvalRows<'_> {
+    /// Evaluates `student` on these rows.
+    pub fn evaluate(
+        &self,
+        student: &Student,
+        max_len: usize,
+        chunk: usize,
+    ) -> anyhow::Result<EvalReport> {
+        match self {
+            EvalRows::Separate(t, rows) => evaluate(student, t, rows, max_len, chunk),
+            EvalRows::HeldOut(t, rows) => evaluate(student, *t, rows, max_len, chunk),
+        }
+    }
 }
 
 /// Per-token metrics on held-out rows.
@@ -77,14 +146,15 @@ pub struct EvalReport {
     pub nll: f64,
 }
 
-/// Evaluates `student` on `rows` of `set`.
-pub fn evaluate(
+/// Evaluates `student` on `rows` of `src`, against each position's [`PositionTargets`]
+/// (the teachers' mixture when there are several).
+pub fn evaluate<S: RowSource + ?Sized>(
     student: &Student,
-    set: &ShardSet,
+    src: &S,
     rows: &[usize],
     max_len: usize,
     chunk: usize,
-) -> kd_model::Result<EvalReport> {
+) -> anyhow::Result<EvalReport> {
     let fwd = LossConfig {
         divergence: Divergence::ForwardKl,
         temperature: 1.0,
@@ -98,7 +168,7 @@ pub fn evaluate(
     let mut r = EvalReport::default();
     let (mut f, mut rv, mut agree, mut nll) = (0.0, 0.0, 0usize, 0.0);
     for group in rows.chunks(8) {
-        let batch = Batch::collect(set, group, max_len, 0);
+        let batch = Batch::collect(src, group, max_len, 0);
         let n = batch.pos_row.len();
         if n == 0 {
             continue;
@@ -119,7 +189,8 @@ pub fn evaluate(
     Ok(r)
 }
 
-fn top1_agreements(student: &Student, batch: &Batch, chunk: usize) -> kd_model::Result<usize> {
+fn top1_agreements(student: &Student, batch: &Batch, chunk: usize) -> anyhow::Result<usize> {
+    let targets = PositionTargets::of(batch, student.vocab_size())?;
     let dev = student.device().clone();
     let (b, l) = (batch.batch_size(), batch.seq_len);
     let ids = candle_core::Tensor::from_vec(batch.input_ids.clone(), (b, l), &dev)?;
@@ -127,7 +198,6 @@ fn top1_agreements(student: &Student, batch: &Batch, chunk: usize) -> kd_model::
     let hidden = student.forward(&ids, &lengths)?.detach();
     let d = hidden.dim(2)?;
     let flat = hidden.reshape((b * l, d))?;
-    let k = batch.teachers[0].k;
     let mut agree = 0;
     let n = batch.pos_row.len();
     for s in (0..n).step_by(chunk.max(1)) {
@@ -138,7 +208,7 @@ fn top1_agreements(student: &Student, batch: &Batch, chunk: usize) -> kd_model::
         let h = flat.index_select(&candle_core::Tensor::from_vec(idx, len, &dev)?, 0)?;
         let am: Vec<u32> = student.logits(&h)?.argmax(1)?.to_vec1()?;
         for (i, a) in am.iter().enumerate() {
-            agree += usize::from(*a == batch.teachers[0].topk_ids[(s + i) * k]);
+            agree += usize::from(*a == targets.argmax(s + i));
         }
     }
     Ok(agree)
@@ -152,6 +222,8 @@ pub struct FitSummary {
     pub initial: EvalReport,
     pub last_train_loss: f64,
     pub final_eval: EvalReport,
+    /// Distilled positions trained on, over the whole run (resumes included).
+    pub train_positions: u64,
     pub checkpoint: PathBuf,
     pub export: PathBuf,
     pub positions_per_s: f64,
@@ -161,6 +233,9 @@ pub struct FitSummary {
 #[derive(Serialize, Deserialize)]
 struct CheckpointState {
     step: u64,
+    /// Distilled positions trained on so far.
+    #[serde(default)]
+    train_positions: u64,
     loader: LoaderPosition,
     config: FitConfig,
     shards_fingerprint: String,
@@ -188,11 +263,18 @@ fn save_checkpoint(
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    student.save_safetensors(&tmp.join("model.safetensors"))?;
+    // The weights plus config and tokenizer: a checkpoint is also a Hugging Face directory.
+    export(student, &state.config.shards, &tmp)?;
     opt.save_state(&tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_vec_pretty(state)?;
     std::fs::write(tmp.join("state.json"), json).map_err(io(&tmp))?;
-    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "optimizer.safetensors",
+        "state.json",
+    ] {
         std::fs::File::open(tmp.join(f))
             .and_then(|h| h.sync_all())
             .map_err(io(&tmp))?;
@@ -280,7 +362,8 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
     cfg.loss
         .validate()
         .map_err(|e| anyhow::anyhow!("loss: {e}"))?;
-    let set = ShardSet::open(&cfg.shards)?;
+    let teachers = open_teachers(cfg)?;
+    let set = &teachers.sets()[0];
     let dev = Device::Cpu;
     let mut student = match &cfg.init {
         Init::FromTeacher { path, keep_layers } => {
@@ -288,15 +371,32 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         }
         Init::FromStudent { path } => Student::from_hf_dir(path, DType::F32, &dev)?,
     };
-    if student.vocab_size() != set.vocab_size() as usize {
-        anyhow::bail!(
-            "the student's vocabulary ({} tokens) differs from the shards' ({} tokens, {}): a student must share the teacher's tokenizer",
-            student.vocab_size(),
-            set.vocab_size(),
-            cfg.shards.display()
-        );
+    check_vocab(&student, set)?;
+    let mut split = Split::by_id_hash(&teachers, cfg.holdout_fraction)?;
+    if let Some(src) = cfg.train_on {
+        split.train.retain(|&r| set.row(r).source == src);
+        if split.train.is_empty() {
+            anyhow::bail!(
+                "train_on = \"{}\": {} has no such training rows",
+                src.as_str(),
+                cfg.shards.display()
+            );
+        }
     }
-    let split = Split::by_id_hash(&set, cfg.holdout_fraction)?;
+    let mut eval_rows = match &cfg.eval_shards {
+        Some(dir) => {
+            let e = ShardSet::open(dir)?;
+            set.check_compatible(&e)?;
+            let n = e.len();
+            EvalRows::Separate(ShardSet::zip(vec![e], vec![1.0])?, (0..n).collect())
+        }
+        None => EvalRows::HeldOut(&teachers, split.held_out.clone()),
+    };
+    if let Some(m) = cfg.eval_max_rows {
+        match &mut eval_rows {
+            EvalRows::Separate(_, r) | EvalRows::HeldOut(_, r) => r.truncate(m),
+        }
+    }
     let bcfg = BatchConfig {
         token_budget: cfg.token_budget,
         max_len: cfg.max_len,
@@ -305,18 +405,20 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         mix: cfg.mix,
         max_epochs: None,
     };
-    let mut batcher = Batcher::new(&set, &split.train, bcfg)?;
+    let mut batcher = Batcher::new(&teachers, &split.train, bcfg)?;
     let mut opt = AdamW::new(student.named_vars(), cfg.adamw.clone())?;
+    let fingerprint = teachers_fingerprint(&teachers);
     let mut resumed_from = None;
+    let mut train_positions = 0u64;
     if resume && let Some(ck) = latest_checkpoint(&cfg.out) {
         let state: CheckpointState =
             serde_json::from_slice(&std::fs::read(ck.join("state.json")).map_err(io(&ck))?)?;
-        if state.shards_fingerprint != set.fingerprint() {
+        if state.shards_fingerprint != fingerprint {
             anyhow::bail!(
                 "{}: cannot resume: the shard set differs (fingerprint {} vs {})",
                 ck.display(),
                 state.shards_fingerprint,
-                set.fingerprint()
+                fingerprint
             );
         }
         if state.config != *cfg {
@@ -339,6 +441,7 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         opt.load_state(&ck.join("optimizer.safetensors"), state.step)?;
         batcher.restore(state.loader)?;
         resumed_from = Some(state.step);
+        train_positions = state.train_positions;
     }
     let sched = Schedule {
         lr: cfg.lr,
@@ -347,13 +450,6 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         total_steps: cfg.steps,
         decay: cfg.decay,
     };
-    let initial = evaluate(
-        &student,
-        &set,
-        &split.held_out,
-        cfg.max_len,
-        cfg.logits_chunk,
-    )?;
     std::fs::create_dir_all(&cfg.out).map_err(io(&cfg.out))?;
     remove_stray_checkpoint_dirs(&cfg.out)?;
     let metrics_path = cfg.out.join("metrics.jsonl");
@@ -362,17 +458,48 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         .append(true)
         .open(&metrics_path)
         .map_err(io(&metrics_path))?;
+    // A killed run may have left half a line: end it so the next line stays readable.
+    let len = metrics.metadata().map_err(io(&metrics_path))?.len();
+    if len > 0 {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut last = [0u8; 1];
+        let mut r = std::fs::File::open(&metrics_path).map_err(io(&metrics_path))?;
+        r.seek(SeekFrom::Start(len - 1))
+            .and_then(|_| r.read_exact(&mut last))
+            .map_err(io(&metrics_path))?;
+        if last[0] != b'\n' {
+            writeln!(metrics).map_err(io(&metrics_path))?;
+        }
+    }
+    let log_eval =
+        |metrics: &mut std::fs::File, step: u64, train_positions: u64, r: &EvalReport| {
+            let line =
+                serde_json::json!({"step": step, "train_positions": train_positions, "eval": r});
+            writeln!(metrics, "{line}").map_err(io(&metrics_path))
+        };
+    let initial = eval_rows.evaluate(&student, cfg.max_len, cfg.logits_chunk)?;
+    if resumed_from.is_none() {
+        log_eval(&mut metrics, 0, 0, &initial)?;
+    }
+    if progress {
+        eprintln!(
+            "held-out at step {}: forward KL {:.4}, top-1 agreement {:.3} ({} positions)",
+            opt.step, initial.forward_kl, initial.top1_agreement, initial.positions
+        );
+    }
     let start = Instant::now();
     let (mut positions, mut last_loss) = (0usize, f64::NAN);
     let mut last_ck = latest_checkpoint(&cfg.out);
+    let mut final_eval = None;
     while opt.step < cfg.steps {
         let step = opt.step;
         if interrupted() {
             let state = CheckpointState {
                 step,
+                train_positions,
                 loader: batcher.position(),
                 config: cfg.clone(),
-                shards_fingerprint: set.fingerprint().to_string(),
+                shards_fingerprint: fingerprint.clone(),
             };
             let ck = save_checkpoint(&cfg.out, &student, &opt, &state)?;
             anyhow::bail!(
@@ -384,7 +511,7 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         let mut micro = Vec::new();
         for _ in 0..cfg.grad_accum.max(1) {
             let batch = batcher
-                .next_batch(&set)
+                .next_batch(&teachers)
                 .ok_or_else(|| anyhow::anyhow!("no training rows"))?;
             let (l, g) = loss_and_grads(&student, &batch, &cfg.loss, cfg.logits_chunk, true)?;
             if !l.total.is_finite() {
@@ -407,12 +534,14 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         }
         let info = opt.step(&grads, sched.lr_at(step), cfg.max_grad_norm)?;
         positions += loss.positions;
+        train_positions += loss.positions as u64;
         last_loss = loss.total;
         let done = opt.step;
         if done % cfg.log_every.max(1) == 0 || done == cfg.steps {
             let rate = positions as f64 / start.elapsed().as_secs_f64().max(1e-9);
             let line = serde_json::json!({"step": done, "loss": loss.total, "divergence": loss.divergence, "hard_ce": loss.hard_ce,
-                "lr": info.lr, "grad_norm": info.grad_norm, "clipped": info.clipped, "positions": loss.positions, "positions_per_s": rate});
+                "lr": info.lr, "grad_norm": info.grad_norm, "clipped": info.clipped, "positions": loss.positions,
+                "train_positions": train_positions, "positions_per_s": rate});
             writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
             if progress {
                 eprintln!(
@@ -421,35 +550,72 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
                 );
             }
         }
+        let eval_now = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
+        if eval_now {
+            let r = eval_rows.evaluate(&student, cfg.max_len, cfg.logits_chunk)?;
+            log_eval(&mut metrics, done, train_positions, &r)?;
+            if progress {
+                eprintln!(
+                    "held-out at step {done}: forward KL {:.4}, top-1 agreement {:.3}",
+                    r.forward_kl, r.top1_agreement
+                );
+            }
+            final_eval = Some(r);
+        }
         if done % cfg.checkpoint_every.max(1) == 0 || done == cfg.steps {
             let state = CheckpointState {
                 step: done,
+                train_positions,
                 loader: batcher.position(),
                 config: cfg.clone(),
-                shards_fingerprint: set.fingerprint().to_string(),
+                shards_fingerprint: fingerprint.clone(),
             };
             last_ck = Some(save_checkpoint(&cfg.out, &student, &opt, &state)?);
         }
     }
-    let final_eval = evaluate(
-        &student,
-        &set,
-        &split.held_out,
-        cfg.max_len,
-        cfg.logits_chunk,
-    )?;
+    let final_eval = match final_eval {
+        Some(r) => r,
+        None => eval_rows.evaluate(&student, cfg.max_len, cfg.logits_chunk)?,
+    };
     let export_dir = cfg.out.join("student");
     export(&student, &cfg.shards, &export_dir)?;
     let secs = start.elapsed().as_secs_f64();
-    Ok(FitSummary {
+    let summary = FitSummary {
         steps: opt.step,
         resumed_from,
         initial,
         last_train_loss: last_loss,
         final_eval,
+        train_positions,
         checkpoint: last_ck.unwrap_or_default(),
         export: export_dir,
         positions_per_s: positions as f64 / secs.max(1e-9),
         seconds: secs,
-    })
+    };
+    kd_shard::write_bytes_atomic(
+        &cfg.out.join("summary.json"),
+        &serde_json::to_vec_pretty(&summary)?,
+    )?;
+    Ok(summary)
+}
+
+/// Refuses a student whose vocabulary differs from the shards'.
+pub fn check_vocab(student: &Student, set: &ShardSet) -> anyhow::Result<()> {
+    if student.vocab_size() != set.vocab_size() as usize {
+        anyhow::bail!(
+            "the student's vocabulary ({} tokens) differs from the shards' ({} tokens, {}): a student must share the teacher's tokenizer",
+            student.vocab_size(),
+            set.vocab_size(),
+            set.dir().display()
+        );
+    }
+    Ok(())
+}
+
+/// A single teacher keeps its shard set's fingerprint; several get the joint one.
+fn teachers_fingerprint(t: &Teachers) -> String {
+    match t.sets() {
+        [one] => one.fingerprint().to_string(),
+        _ => t.fingerprint(),
+    }
 }

@@ -36,7 +36,73 @@ fn head_var(student: &Student) -> Var {
         .expect("a student has an embedding")
 }
 
-/// Loss and gradients for `batch` (first teacher's targets). `chunk` bounds how many
+/// The distribution each distilled position is pulled towards: the single teacher's top-k,
+/// or with several teachers their weighted mixture over the union of their top-k sets
+/// (DESIGN.md, "Multi-teacher"; each teacher's tail mass is spread uniformly and added).
+#[derive(Clone, Debug, Default)]
+pub struct PositionTargets {
+    start: Vec<usize>,
+    ids: Vec<u32>,
+    logprobs: Vec<f64>,
+}
+
+impl PositionTargets {
+    /// The targets of every position of `batch` for a vocabulary of `vocab` tokens.
+    pub fn of(batch: &Batch, vocab: usize) -> anyhow::Result<PositionTargets> {
+        let n = batch.n_pos();
+        let mut t = PositionTargets {
+            start: Vec::with_capacity(n + 1),
+            ..Default::default()
+        };
+        t.start.push(0);
+        if let [one] = batch.teachers.as_slice() {
+            t.ids.extend_from_slice(&one.topk_ids);
+            t.logprobs
+                .extend(one.topk_logprobs.iter().map(|&x| f64::from(x)));
+            t.start.extend((1..=n).map(|p| p * one.k));
+            return Ok(t);
+        }
+        for p in 0..n {
+            let parts: Vec<(&[u32], &[f32], f64)> = batch
+                .teachers
+                .iter()
+                .map(|x| {
+                    (
+                        &x.topk_ids[p * x.k..(p + 1) * x.k],
+                        &x.topk_logprobs[p * x.k..(p + 1) * x.k],
+                        x.weight,
+                    )
+                })
+                .collect();
+            let (ids, lps) = kd_loss::combine_teachers(&parts, vocab)
+                .map_err(|e| anyhow::anyhow!("combining the teachers: {e}"))?;
+            t.ids.extend_from_slice(&ids);
+            t.logprobs.extend_from_slice(&lps);
+            t.start.push(t.ids.len());
+        }
+        Ok(t)
+    }
+
+    /// Ids and log-probabilities of position `p`.
+    pub fn get(&self, p: usize) -> (&[u32], &[f64]) {
+        let r = self.start[p]..self.start[p + 1];
+        (&self.ids[r.clone()], &self.logprobs[r])
+    }
+
+    /// The teacher's most probable token at position `p`.
+    pub fn argmax(&self, p: usize) -> u32 {
+        let (ids, lps) = self.get(p);
+        let mut best = 0;
+        for i in 1..ids.len() {
+            if lps[i] > lps[best] {
+                best = i;
+            }
+        }
+        ids[best]
+    }
+}
+
+/// Loss and gradients for `batch` (towards its [`PositionTargets`]). `chunk` bounds how many
 /// positions' full-vocabulary logits exist at once. With `want_grads = false` only the loss is
 /// computed (evaluation).
 pub fn loss_and_grads(
@@ -45,7 +111,7 @@ pub fn loss_and_grads(
     cfg: &LossConfig,
     chunk: usize,
     want_grads: bool,
-) -> kd_model::Result<(BatchLoss, Option<GradStore>)> {
+) -> anyhow::Result<(BatchLoss, Option<GradStore>)> {
     let n = batch.pos_row.len();
     if n == 0 {
         return Ok((BatchLoss::default(), None));
@@ -68,9 +134,8 @@ pub fn loss_and_grads(
     let sel_d = sel.detach();
     let head = head_var(student);
     let w = head.as_tensor().detach();
-    let targets = &batch.teachers[0];
-    let k = targets.k;
     let v = student.vocab_size();
+    let targets = PositionTargets::of(batch, v)?;
     let mut sums = LossParts {
         divergence: 0.0,
         hard_ce: 0.0,
@@ -84,12 +149,13 @@ pub fn loss_and_grads(
         let h_c = sel_d.narrow(0, s, len)?;
         let z = h_c.matmul(&w.t()?)?.to_dtype(candle_core::DType::F32)?;
         let z: Vec<f32> = z.flatten_all()?.to_vec1()?;
-        let positions: Vec<Position<'_, f32, f32>> = (0..len)
+        let positions: Vec<Position<'_, f64, f32>> = (0..len)
             .map(|i| {
                 let p = s + i;
+                let (topk_ids, topk_logprobs) = targets.get(p);
                 Position {
-                    topk_ids: &targets.topk_ids[p * k..(p + 1) * k],
-                    topk_logprobs: &targets.topk_logprobs[p * k..(p + 1) * k],
+                    topk_ids,
+                    topk_logprobs,
                     student_logits: &z[i * v..(i + 1) * v],
                     next_token: batch.next_token[p],
                 }

@@ -19,6 +19,9 @@ use crate::sampler::SamplingConfig;
 pub enum Mode {
     Generate,
     Score,
+    /// Rows with a response (a `response` field, or messages ending with an assistant turn)
+    /// are scored, the others generated: one shard set holding both halves of a data mix.
+    Mixed,
 }
 
 /// Every setting that decides a dump's content. Recorded in the manifest; a resume must match.
@@ -52,7 +55,7 @@ impl DumpSettings {
                 ),
             );
         }
-        if self.mode == Mode::Generate && self.max_new_tokens == 0 {
+        if self.mode != Mode::Score && self.max_new_tokens == 0 {
             return bad(
                 "max_new_tokens",
                 "must be at least 1 when generating".into(),
@@ -288,7 +291,14 @@ pub fn dump(
             line: rec.line,
             what,
         };
-        let e = encode(rec, &model.tokenizer, enc_opts).map_err(row_err)?;
+        let opts = match settings.mode {
+            Mode::Mixed => EncodeOptions {
+                score: rec.has_response(),
+                ..enc_opts
+            },
+            _ => enc_opts,
+        };
+        let e = encode(rec, &model.tokenizer, opts).map_err(row_err)?;
         if e.prompt.is_empty() {
             return Err(row_err("the prompt encodes to no tokens".into()));
         }
@@ -405,50 +415,54 @@ pub fn dump(
         // batches of similar length when scoring. Progress is reported per shard.
         {
             let (b, be) = (lo, hi);
-            match settings.mode {
-                Mode::Generate => {
-                    let batch: Vec<(&str, &[u32])> = (b..be)
-                        .map(|i| (records[i].id.as_str(), encoded[i].prompt.as_slice()))
-                        .collect();
-                    let gens = engine.generate(&batch, opts.batch_size, &mut work)?;
-                    for (i, g) in (b..be).zip(gens) {
-                        let p = &encoded[i].prompt;
-                        rows.push(Row {
-                            id: records[i].id.clone(),
-                            source: Source::Generated,
-                            input_ids: [p.as_slice(), &g.response].concat(),
-                            prompt_len: p.len() as u32,
-                            topk_ids: g.capture.topk_ids,
-                            topk_logprobs: g.capture.topk_logprobs,
-                            token_logprob: g.capture.token_logprob,
-                        });
-                    }
-                }
-                Mode::Score => {
-                    let batch: Vec<(&[u32], &[u32])> = (b..be)
-                        .map(|i| {
-                            (
-                                encoded[i].prompt.as_slice(),
-                                encoded[i].response.as_deref().expect("validated"),
-                            )
-                        })
-                        .collect();
-                    let caps = engine.score(&batch, opts.batch_size, &mut work)?;
-                    for (i, c) in (b..be).zip(caps) {
-                        let p = &encoded[i].prompt;
-                        let r = encoded[i].response.as_deref().expect("validated");
-                        rows.push(Row {
-                            id: records[i].id.clone(),
-                            source: Source::Scored,
-                            input_ids: [p.as_slice(), r].concat(),
-                            prompt_len: p.len() as u32,
-                            topk_ids: c.topk_ids,
-                            topk_logprobs: c.topk_logprobs,
-                            token_logprob: c.token_logprob,
-                        });
-                    }
+            let (gen_idx, score_idx): (Vec<usize>, Vec<usize>) =
+                (b..be).partition(|&i| encoded[i].response.is_none());
+            let mut by_index: Vec<Option<Row>> = (b..be).map(|_| None).collect();
+            if !gen_idx.is_empty() {
+                let batch: Vec<(&str, &[u32])> = gen_idx
+                    .iter()
+                    .map(|&i| (records[i].id.as_str(), encoded[i].prompt.as_slice()))
+                    .collect();
+                let gens = engine.generate(&batch, opts.batch_size, &mut work)?;
+                for (&i, g) in gen_idx.iter().zip(gens) {
+                    let p = &encoded[i].prompt;
+                    by_index[i - b] = Some(Row {
+                        id: records[i].id.clone(),
+                        source: Source::Generated,
+                        input_ids: [p.as_slice(), &g.response].concat(),
+                        prompt_len: p.len() as u32,
+                        topk_ids: g.capture.topk_ids,
+                        topk_logprobs: g.capture.topk_logprobs,
+                        token_logprob: g.capture.token_logprob,
+                    });
                 }
             }
+            if !score_idx.is_empty() {
+                let batch: Vec<(&[u32], &[u32])> = score_idx
+                    .iter()
+                    .map(|&i| {
+                        (
+                            encoded[i].prompt.as_slice(),
+                            encoded[i].response.as_deref().expect("partitioned"),
+                        )
+                    })
+                    .collect();
+                let caps = engine.score(&batch, opts.batch_size, &mut work)?;
+                for (&i, c) in score_idx.iter().zip(caps) {
+                    let p = &encoded[i].prompt;
+                    let r = encoded[i].response.as_deref().expect("partitioned");
+                    by_index[i - b] = Some(Row {
+                        id: records[i].id.clone(),
+                        source: Source::Scored,
+                        input_ids: [p.as_slice(), r].concat(),
+                        prompt_len: p.len() as u32,
+                        topk_ids: c.topk_ids,
+                        topk_logprobs: c.topk_logprobs,
+                        token_logprob: c.token_logprob,
+                    });
+                }
+            }
+            rows.extend(by_index.into_iter().map(|r| r.expect("every row done")));
         }
         let entry =
             kd_shard::write_shard(out_dir, &shard_name(opts.part, j), settings.top_k, &rows)?;

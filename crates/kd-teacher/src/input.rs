@@ -30,6 +30,19 @@ pub struct Record {
     pub content: Content,
 }
 
+impl Record {
+    /// Whether the record carries a response to score: a `response` field, or messages
+    /// ending with an assistant turn after at least one other turn.
+    pub fn has_response(&self) -> bool {
+        match &self.content {
+            Content::Text { response, .. } => response.is_some(),
+            Content::Chat { messages } => {
+                messages.len() >= 2 && messages.last().is_some_and(|m| m.role == "assistant")
+            }
+        }
+    }
+}
+
 /// The records of an input file plus what identifies the file.
 #[derive(Debug)]
 pub struct Input {

@@ -82,6 +82,8 @@ pub struct LoaderPosition {
 /// The teacher targets of a batch's distilled positions, for one teacher.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Targets {
+    /// This teacher's weight in the mixture (1 for a single teacher).
+    pub weight: f64,
     /// Entries per position for this teacher.
     pub k: usize,
     /// `n_pos × k` top-k ids, in the order of [`Batch::pos_row`].
@@ -146,6 +148,7 @@ impl Batch {
             lengths: lens.iter().map(|&n| n as u32).collect(),
             teachers: (0..nt)
                 .map(|j| Targets {
+                    weight: src.weight(j),
                     k: src.k(j),
                     ..Targets::default()
                 })

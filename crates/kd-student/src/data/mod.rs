@@ -34,6 +34,10 @@ pub trait RowSource {
     }
     /// Number of teachers (1 for a [`ShardSet`]).
     fn n_teachers(&self) -> usize;
+    /// Loss weight of teacher `teacher` (the weights sum to 1).
+    fn weight(&self, _teacher: usize) -> f64 {
+        1.0
+    }
     /// Top-k entries per position of teacher `teacher`.
     fn k(&self, teacher: usize) -> usize;
     /// Row `i` as teacher `teacher` stored it; the same `input_ids` for every teacher.

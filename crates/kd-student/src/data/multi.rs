@@ -166,6 +166,10 @@ impl RowSource for Teachers {
         self.sets[teacher].k()
     }
 
+    fn weight(&self, teacher: usize) -> f64 {
+        self.weights[teacher]
+    }
+
     fn view(&self, teacher: usize, i: usize) -> RowView<'_> {
         let r = if teacher == 0 {
             i

@@ -1,0 +1,168 @@
+//! `student-fit eval`: a trained student against a shard set, per distilled token, plus a few
+//! greedy generations of the student beside the teacher's stored response.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use kd_model::trainable::Student;
+use kd_model::{LoadedModel, Precision};
+use serde::Serialize;
+
+use crate::data::{RowSource, ShardSet, Split};
+use crate::fit::{EvalReport, check_vocab, evaluate};
+
+/// What to evaluate and how.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    /// A Hugging Face directory: an export (`OUT/student`) or a checkpoint directory.
+    pub student: PathBuf,
+    /// The shard set to evaluate on.
+    pub shards: PathBuf,
+    /// Evaluate only the held-out share of the rows (the split `student-fit` trains with);
+    /// none: every row (a separate evaluation dump).
+    pub holdout_fraction: Option<f64>,
+    /// Evaluate at most this many rows (the first ones in row order).
+    pub max_rows: Option<usize>,
+    pub max_len: usize,
+    pub logits_chunk: usize,
+    /// Greedy generations of the student for the first this many evaluated rows.
+    pub generations: usize,
+    pub max_new_tokens: usize,
+    /// Folder for `eval.json` and `generations.jsonl`; none writes nothing.
+    pub out: Option<PathBuf>,
+}
+
+/// One prompt with the teacher's stored response and the student's greedy one.
+#[derive(Clone, Debug, Serialize)]
+pub struct Generation {
+    pub id: String,
+    /// The last user turn of the prompt when it is a chat, else the whole prompt text.
+    pub prompt: String,
+    pub teacher: String,
+    pub student: String,
+}
+
+/// The result of an evaluation (written as `eval.json`, the metrics at top level).
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalOutput {
+    #[serde(flatten)]
+    pub report: EvalReport,
+    pub student: PathBuf,
+    pub shards: PathBuf,
+    pub rows: usize,
+    #[serde(skip)]
+    pub generations: Vec<Generation>,
+}
+
+/// The readable part of a chat prompt: its last user turn (SmolLM2/ChatML markers), or the
+/// whole text when it has none.
+fn prompt_text(decoded: &str) -> String {
+    const USER: &str = "<|im_start|>user\n";
+    match decoded.rfind(USER) {
+        Some(i) => {
+            let rest = &decoded[i + USER.len()..];
+            rest.split("<|im_end|>").next().unwrap_or(rest).to_string()
+        }
+        None => decoded.to_string(),
+    }
+}
+
+/// Evaluates a student on a shard set and generates from it greedily.
+pub fn run_eval(opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
+    let set = ShardSet::open(&opts.shards)?;
+    let dev = Device::Cpu;
+    let student = Student::from_hf_dir(&opts.student, DType::F32, &dev)?;
+    check_vocab(&student, &set)?;
+    let mut rows = match opts.holdout_fraction {
+        Some(f) => Split::by_id_hash(&set, f)?.held_out,
+        None => (0..set.len()).collect(),
+    };
+    if let Some(m) = opts.max_rows {
+        rows.truncate(m);
+    }
+    let report = evaluate(&student, &set, &rows, opts.max_len, opts.logits_chunk)?;
+    drop(student);
+    let mut generations = Vec::new();
+    if opts.generations > 0 {
+        let LoadedModel {
+            model, tokenizer, ..
+        } = kd_model::load(&opts.student, Precision::Exact, &dev)?;
+        let picked: Vec<usize> = rows.iter().copied().take(opts.generations).collect();
+        let prompts: Vec<(&str, &[u32])> = picked
+            .iter()
+            .map(|&r| {
+                let v = set.view(0, r);
+                (v.id, &v.input_ids[..v.prompt_len as usize])
+            })
+            .collect();
+        let stop_ids = tokenizer.stop_ids();
+        let engine = kd_teacher::engine::Engine {
+            model: &model,
+            top_k: 1,
+            stop_ids: stop_ids.clone(),
+            max_new_tokens: opts.max_new_tokens,
+            sampling: kd_teacher::sampler::SamplingConfig {
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+            },
+            logits_chunk: opts.logits_chunk,
+            on_rows_done: None,
+        };
+        let mut work = kd_teacher::engine::Work::default();
+        let gens = engine.generate(&prompts, 8, &mut work)?;
+        let text = |ids: &[u32]| {
+            let end = ids
+                .iter()
+                .position(|t| stop_ids.contains(t))
+                .unwrap_or(ids.len());
+            tokenizer.decode(&ids[..end], false).trim().to_string()
+        };
+        for (&r, g) in picked.iter().zip(gens) {
+            let v = set.view(0, r);
+            let pl = v.prompt_len as usize;
+            generations.push(Generation {
+                id: v.id.to_string(),
+                prompt: prompt_text(&tokenizer.decode(&v.input_ids[..pl], false)),
+                teacher: text(&v.input_ids[pl..]),
+                student: text(&g.response),
+            });
+        }
+    }
+    let out = EvalOutput {
+        report,
+        student: opts.student.clone(),
+        shards: opts.shards.clone(),
+        rows: rows.len(),
+        generations,
+    };
+    if let Some(dir) = &opts.out {
+        write_outputs(dir, &out)?;
+    }
+    Ok(out)
+}
+
+fn write_outputs(dir: &Path, out: &EvalOutput) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    kd_shard::write_bytes_atomic(&dir.join("eval.json"), &serde_json::to_vec_pretty(out)?)?;
+    let mut lines = Vec::new();
+    for g in &out.generations {
+        serde_json::to_writer(&mut lines, g)?;
+        lines.write_all(b"\n")?;
+    }
+    kd_shard::write_bytes_atomic(&dir.join("generations.jsonl"), &lines)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prompt_text;
+
+    #[test]
+    fn prompt_text_takes_the_last_user_turn() {
+        let chat = "<|im_start|>system\nBe nice.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n";
+        assert_eq!(prompt_text(chat), "Hi there");
+        assert_eq!(prompt_text("plain text"), "plain text");
+    }
+}
