@@ -147,7 +147,8 @@ pub struct EvalReport {
 }
 
 /// Evaluates `student` on `rows` of `src`, against each position's [`PositionTargets`]
-/// (the teachers' mixture when there are several).
+/// (the teachers' mixture when there are several). One forward pass per batch of rows; the
+/// logits of `chunk` positions at a time give every metric.
 pub fn evaluate<S: RowSource + ?Sized>(
     student: &Student,
     src: &S,
@@ -165,20 +166,62 @@ pub fn evaluate<S: RowSource + ?Sized>(
         divergence: Divergence::ReverseKl,
         ..fwd
     };
+    let dev = student.device().clone();
+    let v = student.vocab_size();
+    let chunk = chunk.max(1);
     let mut r = EvalReport::default();
     let (mut f, mut rv, mut agree, mut nll) = (0.0, 0.0, 0usize, 0.0);
     for group in rows.chunks(8) {
         let batch = Batch::collect(src, group, max_len, 0);
-        let n = batch.pos_row.len();
+        let n = batch.n_pos();
         if n == 0 {
             continue;
         }
-        let (lf, _) = loss_and_grads(student, &batch, &fwd, chunk, false)?;
-        let (lr, _) = loss_and_grads(student, &batch, &rev, chunk, false)?;
-        f += lf.divergence * n as f64;
-        rv += lr.divergence * n as f64;
-        nll += lf.hard_ce * n as f64;
-        agree += top1_agreements(student, &batch, chunk)?;
+        let targets = PositionTargets::of(&batch, v)?;
+        let (b, l) = (batch.batch_size(), batch.seq_len);
+        let ids = candle_core::Tensor::from_vec(batch.input_ids.clone(), (b, l), &dev)?;
+        let lengths: Vec<usize> = batch.lengths.iter().map(|&x| x as usize).collect();
+        let hidden = student.forward(&ids, &lengths)?.detach();
+        let d = hidden.dim(2)?;
+        let flat = hidden.reshape((b * l, d))?;
+        for s in (0..n).step_by(chunk) {
+            let len = chunk.min(n - s);
+            let idx: Vec<u32> = (s..s + len)
+                .map(|p| batch.pos_row[p] * l as u32 + batch.pos_t[p])
+                .collect();
+            let h = flat.index_select(&candle_core::Tensor::from_vec(idx, len, &dev)?, 0)?;
+            let z: Vec<f32> = student
+                .logits(&h)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            let positions: Vec<kd_loss::Position<'_, f64, f32>> = (0..len)
+                .map(|i| {
+                    let (topk_ids, topk_logprobs) = targets.get(s + i);
+                    kd_loss::Position {
+                        topk_ids,
+                        topk_logprobs,
+                        student_logits: &z[i * v..(i + 1) * v],
+                        next_token: batch.next_token[s + i],
+                    }
+                })
+                .collect();
+            let (mf, _) = kd_loss::batch_loss(&fwd, &positions, None);
+            let (mr, _) = kd_loss::batch_loss(&rev, &positions, None);
+            f += mf.divergence * len as f64;
+            rv += mr.divergence * len as f64;
+            nll += mf.hard_ce * len as f64;
+            for i in 0..len {
+                let row = &z[i * v..(i + 1) * v];
+                let mut best = 0;
+                for (j, &x) in row.iter().enumerate() {
+                    if x > row[best] {
+                        best = j;
+                    }
+                }
+                agree += usize::from(best as u32 == targets.argmax(s + i));
+            }
+        }
         r.positions += n;
     }
     let n = r.positions.max(1) as f64;
@@ -187,31 +230,6 @@ pub fn evaluate<S: RowSource + ?Sized>(
     r.top1_agreement = agree as f64 / n;
     r.nll = nll / n;
     Ok(r)
-}
-
-fn top1_agreements(student: &Student, batch: &Batch, chunk: usize) -> anyhow::Result<usize> {
-    let targets = PositionTargets::of(batch, student.vocab_size())?;
-    let dev = student.device().clone();
-    let (b, l) = (batch.batch_size(), batch.seq_len);
-    let ids = candle_core::Tensor::from_vec(batch.input_ids.clone(), (b, l), &dev)?;
-    let lengths: Vec<usize> = batch.lengths.iter().map(|&x| x as usize).collect();
-    let hidden = student.forward(&ids, &lengths)?.detach();
-    let d = hidden.dim(2)?;
-    let flat = hidden.reshape((b * l, d))?;
-    let mut agree = 0;
-    let n = batch.pos_row.len();
-    for s in (0..n).step_by(chunk.max(1)) {
-        let len = chunk.max(1).min(n - s);
-        let idx: Vec<u32> = (s..s + len)
-            .map(|p| batch.pos_row[p] * l as u32 + batch.pos_t[p])
-            .collect();
-        let h = flat.index_select(&candle_core::Tensor::from_vec(idx, len, &dev)?, 0)?;
-        let am: Vec<u32> = student.logits(&h)?.argmax(1)?.to_vec1()?;
-        for (i, a) in am.iter().enumerate() {
-            agree += usize::from(*a == targets.argmax(s + i));
-        }
-    }
-    Ok(agree)
 }
 
 /// What a finished run reports.
