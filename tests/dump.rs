@@ -748,6 +748,19 @@ fn bad_input_lines_are_named() {
     // Scoring rows that have no response names the first such row.
     let err = c.dump_fails(&p, &c.path("out-score"), &["--score"]);
     assert!(err.contains("row `p00` (line 1)"), "{err}");
+
+    // A prompt longer than the teacher's context (256 tokens): refused up front, naming the
+    // row, its line and the counts (the rule: never truncated silently).
+    let mut long = prompts(3);
+    long.insert(1, json!({"id": "long", "prompt": "word ".repeat(100)}));
+    let p = c.input("long.jsonl", &long);
+    let out_long = c.path("out-long");
+    let err = c.dump_fails(&p, &out_long, &[]);
+    assert!(
+        err.contains("row `long` (line 2)") && err.contains("context of 256"),
+        "{err}"
+    );
+    assert!(!out_long.exists(), "a refused input created {out_long:?}");
 }
 
 #[test]
@@ -950,4 +963,228 @@ fn pyarrow_reads_the_shards() {
     assert_eq!(got["tokens"], json!(t.tokens));
     assert_eq!(got["positions"], json!(t.positions));
     assert_eq!(t.rows, 14);
+}
+
+/// A dump aborted (no cleanup, like SIGKILL) at each dangerous moment: a shard fully written
+/// under its temporary name, a shard published but not yet in the manifest, the partial
+/// manifest and the final manifest written but not yet renamed. Each time, nothing published
+/// is damaged, and `--resume` ends with the uninterrupted dump's bytes and no stray file.
+#[test]
+fn aborts_at_every_publication_step_then_resume_gives_the_same_dump() {
+    let c = Case::soft();
+    let input = c.input("in.jsonl", &prompts(12));
+    let extra = ["--temperature", "1.0", "--seed", "4"];
+    let whole = c.path("whole");
+    c.dump(&input, &whole, &extra);
+    assert_eq!(manifest(&whole).shards.len(), 3);
+    for point in [
+        "before-rename:shard-00001.parquet",
+        "after-shard:1",
+        "before-rename:manifest.partial.json",
+        "before-rename:manifest.json",
+    ] {
+        let out = c.path(&point.replace(':', "-"));
+        let a = c.args(&input, &out, &extra);
+        let o = std::process::Command::new(util::bin("teacher-dump"))
+            .args(strs(&a))
+            .env("KD_CRASH_AT", point)
+            .env("RAYON_NUM_THREADS", "2")
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{point}: the dump did not stop");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("aborting"),
+            "{point}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        // Every published shard is already the final one.
+        for name in file_names(&out) {
+            if name.ends_with(".parquet") {
+                let (x, y) = (
+                    std::fs::read(out.join(&name)).unwrap(),
+                    std::fs::read(whole.join(&name)).unwrap(),
+                );
+                assert!(x == y, "{point}: published {name} differs");
+            }
+        }
+        assert!(!out.join(MANIFEST_FILE).exists(), "{point}");
+        c.dump(&input, &out, &[&extra[..], &["--resume"]].concat());
+        assert_same_bytes(&whole, &out);
+        assert_clean(&out);
+    }
+}
+
+/// Disk full: every file the dump writes is capped (RLIMIT_FSIZE, so a write past the cap
+/// fails with EFBIG as on a full disk). The dump stops with an error naming the shard, leaves
+/// no temporary file, and a later `--resume` with room completes the same dump.
+#[test]
+fn a_full_disk_stops_the_dump_naming_the_file_and_loses_nothing() {
+    use std::os::unix::process::CommandExt;
+    let c = Case::soft();
+    let input = c.input("in.jsonl", &prompts(12));
+    let extra = [
+        "--temperature",
+        "1.0",
+        "--seed",
+        "4",
+        "--rows-per-shard",
+        "6",
+        "--max-new-tokens",
+        "48",
+    ];
+    let whole = c.path("whole");
+    c.dump(&input, &whole, &extra);
+    let m = manifest(&whole);
+    // Room for the tokenizer files and the manifests, not for the shards.
+    let cap = m.shards.iter().map(|s| s.bytes).min().unwrap() / 2;
+    let biggest_small_file = ["tokenizer.json", "tokenizer_config.json"]
+        .iter()
+        .map(|f| std::fs::metadata(whole.join(f)).unwrap().len())
+        .max()
+        .unwrap();
+    assert!(
+        cap > biggest_small_file,
+        "shards too small for this test: cap {cap}, tokenizer file {biggest_small_file}"
+    );
+    let out = c.path("full");
+    let a = c.args(&input, &out, &extra);
+    let mut cmd = std::process::Command::new(util::bin("teacher-dump"));
+    cmd.args(strs(&a)).env("RAYON_NUM_THREADS", "2");
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: cap,
+                rlim_max: cap,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("shard-00000.parquet"), "{err}");
+    assert!(err.to_lowercase().contains("too large"), "{err}");
+    let names = file_names(&out);
+    assert!(!names.iter().any(|n| n.contains(".tmp-")), "{names:?}");
+    c.dump(&input, &out, &[&extra[..], &["--resume"]].concat());
+    assert_same_bytes(&whole, &out);
+    assert_clean(&out);
+}
+
+/// Every corruption `shard-cat verify` names is refused by `student-fit` too, with an error
+/// naming the file and the problem (never a panic); so are a manifest copied from another
+/// dump and a manifest from a future format version.
+#[test]
+fn damaged_caches_are_refused_by_verify_and_student_fit() {
+    let c = Case::soft();
+    let input = c.input("in.jsonl", &prompts(12));
+    let good = c.path("good");
+    c.dump(&input, &good, &[]);
+    let other = c.path("other");
+    c.dump(&input, &other, &["--top-k", "8"]);
+    let victim = "shard-00001.parquet";
+    type Damage<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: Vec<(&str, Damage, &str, &str)> = vec![
+        (
+            "flipped",
+            Box::new(|d: &Path| {
+                let p = d.join(victim);
+                let mut b = std::fs::read(&p).unwrap();
+                let mid = b.len() / 2;
+                b[mid] ^= 0x55;
+                std::fs::write(&p, b).unwrap();
+            }),
+            victim,
+            "sha256 mismatch",
+        ),
+        (
+            "truncated",
+            Box::new(|d: &Path| {
+                let p = d.join(victim);
+                let b = std::fs::read(&p).unwrap();
+                std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+            }),
+            victim,
+            "size mismatch",
+        ),
+        (
+            "missing",
+            Box::new(|d: &Path| std::fs::remove_file(d.join(victim)).unwrap()),
+            victim,
+            "No such file",
+        ),
+        (
+            "unlisted",
+            Box::new(|d: &Path| {
+                std::fs::copy(d.join(victim), d.join("shard-00099.parquet")).unwrap();
+            }),
+            "shard-00099.parquet",
+            "does not list",
+        ),
+        (
+            "foreign-manifest",
+            Box::new(|d: &Path| {
+                std::fs::copy(other.join(MANIFEST_FILE), d.join(MANIFEST_FILE)).unwrap();
+            }),
+            "shard-00000.parquet",
+            "mismatch",
+        ),
+        (
+            "future-version",
+            Box::new(|d: &Path| {
+                let p = d.join(MANIFEST_FILE);
+                let mut v: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+                v["format_version"] = json!(2);
+                std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+            }),
+            MANIFEST_FILE,
+            "version",
+        ),
+    ];
+    for (name, damage, file, what) in cases {
+        let d = c.path(name);
+        copy_dir(&good, &d);
+        damage(&d);
+        let o = shard_cat(&["verify", s(&d)]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "verify {name}: {stderr}");
+        assert!(stderr.contains(file), "verify {name}: {stderr}");
+        let o = util::run(
+            "student-fit",
+            &[
+                "eval",
+                "--student",
+                s(&c.teacher),
+                "--shards",
+                s(&d),
+                "--generations",
+                "0",
+            ],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "student-fit {name}: {err}");
+        assert!(!err.contains("panicked"), "student-fit {name}: {err}");
+        assert!(
+            err.contains(&d.join(file).display().to_string()) && err.contains(what),
+            "student-fit {name}: expected {file} and {what:?} in: {err}"
+        );
+    }
+    // The undamaged cache evaluates.
+    util::run_ok(
+        "student-fit",
+        &[
+            "eval",
+            "--student",
+            s(&c.teacher),
+            "--shards",
+            s(&good),
+            "--generations",
+            "0",
+        ],
+    );
 }

@@ -526,3 +526,295 @@ fn two_teachers_are_distilled_as_their_mixture() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("id") && err.contains("r00"), "{err}");
 }
+
+/// A tiny teacher, a 40-row dump of it and the folder they live in.
+fn tiny_setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = util::tempdir();
+    let teacher = dir.path().join("teacher");
+    kd_model::testing::write_tiny_teacher(&teacher, 21).unwrap();
+    let rows: Vec<serde_json::Value> = (0..40)
+        .map(|i| serde_json::json!({"id": format!("r{i:02}"), "prompt": format!("count {} then {}", i % 9, i * 3 % 11)}))
+        .collect();
+    let input = dir.path().join("in.jsonl");
+    util::write_jsonl(&input, &rows);
+    let shards = dir.path().join("shards");
+    dump(
+        &teacher,
+        &input,
+        &shards,
+        &["--temperature", "1.0", "--seed", "2"],
+    );
+    (dir, teacher, shards)
+}
+
+/// `student-fit` with the environment variable `KD_CRASH_AT=point` (an abort, as SIGKILL
+/// leaves things) and optionally every file capped at `fsize` bytes (a full disk).
+fn fit_with_fault(p: &Path, crash: Option<&str>, fsize: Option<u64>) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(util::bin("student-fit"));
+    cmd.args(["--pipeline", p.to_str().unwrap()])
+        .env("RAYON_NUM_THREADS", "2");
+    if let Some(c) = crash {
+        cmd.env("KD_CRASH_AT", c);
+    }
+    if let Some(cap) = fsize {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let lim = libc::rlimit {
+                    rlim_cur: cap,
+                    rlim_max: cap,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.output().unwrap()
+}
+
+/// Aborts mid-step (gradients computed, update not applied), during a checkpoint write and
+/// during the export, and a full disk while writing a checkpoint: each resumed run ends with
+/// the uninterrupted run's weights and losses, and no temporary directory survives.
+#[test]
+fn aborts_and_a_full_disk_then_resume_equal_the_uninterrupted_run() {
+    let (dir, teacher, shards) = tiny_setup();
+    let a = dir.path().join("a");
+    let pa = pipeline(dir.path(), &shards, &teacher, &a);
+    util::run_ok(
+        "student-fit",
+        &["--pipeline", pa.to_str().unwrap(), "--json"],
+    );
+    let final_weights = |out: &Path| {
+        std::fs::read(out.join("checkpoints/step-00000030/model.safetensors")).unwrap()
+    };
+    let wa = final_weights(&a);
+    let model_bytes = wa.len() as u64;
+    for (name, crash, fsize) in [
+        ("mid-step", Some("before-update:12"), None),
+        ("checkpoint", Some("checkpoint-before-rename:10"), None),
+        ("export", Some("export-before-rename:student"), None),
+        ("disk-full", None, Some(model_bytes / 2)),
+    ] {
+        let out = dir.path().join(name);
+        let p = pipeline(dir.path(), &shards, &teacher, &out);
+        let o = fit_with_fault(&p, crash, fsize);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{name}: the run did not stop");
+        if fsize.is_some() {
+            assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+            assert!(err.contains("model.safetensors"), "{name}: {err}");
+            assert!(err.contains("step-00000005"), "{name}: {err}");
+        }
+        // Published checkpoints are complete: each holds the uninterrupted run's bytes.
+        if let Ok(rd) = std::fs::read_dir(out.join("checkpoints")) {
+            for e in rd {
+                let e = e.unwrap();
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with("step-") {
+                    let x = std::fs::read(e.path().join("model.safetensors")).unwrap();
+                    let y = std::fs::read(a.join("checkpoints").join(&n).join("model.safetensors"))
+                        .unwrap();
+                    assert!(x == y, "{name}: published {n} differs");
+                }
+            }
+        }
+        util::run_ok(
+            "student-fit",
+            &["--pipeline", p.to_str().unwrap(), "--resume", "--json"],
+        );
+        assert!(final_weights(&out) == wa, "{name}: resumed weights differ");
+        assert_eq!(
+            step_losses(&a),
+            step_losses(&out),
+            "{name}: logged losses differ"
+        );
+        let export_a = std::fs::read(a.join("student/model.safetensors")).unwrap();
+        let export_b = std::fs::read(out.join("student/model.safetensors")).unwrap();
+        assert!(export_a == export_b, "{name}: export differs");
+        for d in [out.clone(), out.join("checkpoints")] {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let n = e.unwrap().file_name().to_string_lossy().into_owned();
+                assert!(
+                    !n.starts_with(".tmp-"),
+                    "{name}: stray {n} in {}",
+                    d.display()
+                );
+            }
+        }
+    }
+}
+
+/// A learning rate that makes the loss blow up: the run stops with an error naming the step
+/// and the last good checkpoint, and that checkpoint is intact and resumable.
+#[test]
+fn a_loss_that_turns_infinite_stops_the_run_keeping_the_last_checkpoint() {
+    let (dir, teacher, shards) = tiny_setup();
+    let out = dir.path().join("boom");
+    let text = std::fs::read_to_string(pipeline(dir.path(), &shards, &teacher, &out))
+        .unwrap()
+        .replace("lr = 3e-3", "lr = 1e30")
+        .replace("min_lr = 3e-4", "min_lr = 1e29")
+        .replace("max_grad_norm = 1.0", "max_grad_norm = 1e30");
+    let p = dir.path().join("boom.toml");
+    std::fs::write(&p, text).unwrap();
+    let o = util::run("student-fit", &["--pipeline", p.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("loss became"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let last = kd_student::fit::latest_checkpoint(&out);
+    match &last {
+        Some(ck) => {
+            assert!(err.contains(&ck.display().to_string()), "{err}");
+            kd_model::trainable::Student::from_hf_dir(
+                ck,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .expect("the last good checkpoint loads");
+        }
+        None => assert!(err.contains("last good checkpoint: none"), "{err}"),
+    }
+
+    // A NaN at step 7 (injected): the run stops before applying it, names step 5's
+    // checkpoint, which is intact; a resume finishes the run.
+    let out = dir.path().join("nan");
+    let p = pipeline(dir.path(), &shards, &teacher, &out);
+    let o = std::process::Command::new(util::bin("student-fit"))
+        .args(["--pipeline", p.to_str().unwrap()])
+        .env("KD_FAULT", "nan-loss:7")
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("loss became NaN at step 7") && err.contains("step-00000005"),
+        "{err}"
+    );
+    assert_eq!(latest_step(&out), 5);
+    assert!(
+        !step_losses(&out).contains_key(&8),
+        "the NaN step was applied"
+    );
+    util::run_ok(
+        "student-fit",
+        &["--pipeline", p.to_str().unwrap(), "--resume", "--json"],
+    );
+    assert_eq!(latest_step(&out), 30);
+}
+
+/// Runs a binary to completion while sampling its anonymous resident memory (`RssAnon`:
+/// heap and stacks; not the memory-mapped cache, whose pages the kernel can drop) every
+/// 5 ms; returns the peak in bytes.
+fn peak_anon_bytes(name: &str, args: &[&str]) -> u64 {
+    let mut child = std::process::Command::new(util::bin(name))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status)
+            && let Some(kb) = text
+                .lines()
+                .find(|l| l.starts_with("RssAnon:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        {
+            peak = peak.max(kb * 1024);
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{name} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    peak
+}
+
+/// Memory follows the batch settings, not the data: dumping and evaluating 10× the rows
+/// (~25 MB of top-64 log-probs instead of ~2.5 MB) raises neither tool's peak anonymous memory
+/// by more than a few megabytes.
+#[test]
+fn memory_is_bounded_by_the_batch_settings_not_the_data() {
+    let dir = util::tempdir();
+    let teacher = dir.path().join("teacher");
+    kd_model::testing::write_tiny_teacher(&teacher, 21).unwrap();
+    let mut peaks = Vec::new();
+    for n in [100usize, 1000] {
+        let rows: Vec<serde_json::Value> = (0..n)
+            .map(|i| serde_json::json!({"id": format!("r{i:05}"), "prompt": format!("count {} then {}", i % 9, i * 3 % 11)}))
+            .collect();
+        let input = dir.path().join(format!("in-{n}.jsonl"));
+        util::write_jsonl(&input, &rows);
+        let shards = dir.path().join(format!("shards-{n}"));
+        let dump_peak = peak_anon_bytes(
+            "teacher-dump",
+            &[
+                "--teacher",
+                teacher.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--out",
+                shards.to_str().unwrap(),
+                "--top-k",
+                "64",
+                "--max-new-tokens",
+                "48",
+                "--temperature",
+                "1.0",
+                "--rows-per-shard",
+                "50",
+                "--no-progress",
+            ],
+        );
+        let eval_peak = peak_anon_bytes(
+            "student-fit",
+            &[
+                "eval",
+                "--student",
+                teacher.to_str().unwrap(),
+                "--shards",
+                shards.to_str().unwrap(),
+                "--generations",
+                "0",
+            ],
+        );
+        let m = kd_shard::read_manifest(&shards.join("manifest.json")).unwrap();
+        eprintln!(
+            "{n} rows, {} positions, {} shard bytes: peak anonymous memory teacher-dump {:.1} MB, student-fit eval {:.1} MB",
+            m.totals.positions,
+            m.totals.bytes,
+            dump_peak as f64 / 1e6,
+            eval_peak as f64 / 1e6
+        );
+        peaks.push((dump_peak, eval_peak, m.totals.positions));
+    }
+    let (small, big) = (peaks[0], peaks[1]);
+    assert!(
+        big.2 >= 8 * small.2,
+        "the big dump is not ~10× the small one"
+    );
+    let slack = 12_000_000;
+    assert!(
+        big.0 < small.0 + slack,
+        "teacher-dump: {small:?} -> {big:?}"
+    );
+    assert!(
+        big.1 < small.1 + slack,
+        "student-fit eval: {small:?} -> {big:?}"
+    );
+}

@@ -610,3 +610,63 @@ fn combine_keeps_mass_at_most_one_and_feeds_position_loss_seeded() {
         assert!(d.divergence >= -1e-12);
     }
 }
+
+/// Student logits from a half-precision forward pass: the largest finite f16/bf16 values are
+/// handled exactly (every computation is in f64), and values that overflowed to ±inf or NaN
+/// never yield a finite loss, so a training run's non-finite check stops it instead of the
+/// damage spreading silently.
+#[test]
+fn overflowing_half_precision_logits_are_exact_or_non_finite_never_silent() {
+    let ids = [2u32, 0, 5];
+    let lp = [-0.25f32, -1.75, -3.0];
+    let big = [
+        half::f16::MAX,
+        half::f16::from_f32(1.0),
+        -half::f16::MAX,
+        half::f16::ZERO,
+        half::f16::from_f32(60000.0),
+        half::f16::from_f32(-2.0),
+        half::f16::from_f32(3.0),
+    ];
+    let z64: Vec<f64> = big.iter().map(|x| x.to_f64()).collect();
+    let lp64: Vec<f64> = lp.iter().map(|&x| f64::from(x)).collect();
+    for div in all_divergences(0.5, 0.2) {
+        for tail in BOTH_TAILS {
+            let cfg = config(div, 2.0, 0.7, tail);
+            let got = position_loss(
+                &cfg,
+                &Position {
+                    topk_ids: &ids,
+                    topk_logprobs: &lp,
+                    student_logits: &big,
+                    next_token: 1,
+                },
+                None,
+            );
+            let want = position_loss_f64(&cfg, &position(&ids, &lp64, &z64, 1), None);
+            assert_eq!(got, want, "{div} {tail:?}");
+            assert!(got.total.is_finite(), "{div} {tail:?}: {got:?}");
+        }
+    }
+    for bad in [half::f16::INFINITY, half::f16::NEG_INFINITY, half::f16::NAN] {
+        let mut z = big;
+        z[1] = bad;
+        for div in all_divergences(0.5, 0.2) {
+            for tail in BOTH_TAILS {
+                let mut g = vec![0.0f32; z.len()];
+                let p = [Position {
+                    topk_ids: &ids,
+                    topk_logprobs: &lp,
+                    student_logits: &z,
+                    next_token: 1,
+                }];
+                let (parts, _) =
+                    kd_loss::batch_loss(&config(div, 1.0, 0.5, tail), &p, Some(&mut g));
+                assert!(
+                    !parts.total.is_finite(),
+                    "{div} {tail:?} with a {bad} logit gave a finite loss {parts:?}"
+                );
+            }
+        }
+    }
+}

@@ -16,6 +16,31 @@ pub fn tmp_path(final_path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Fault injection for crash tests: when the environment variable `KD_CRASH_AT` equals
+/// `point`, the process aborts on the spot (no destructors, no cleanup: what a SIGKILL or a
+/// power cut leaves). Points: `before-rename:<file name>` (a file fully written under its
+/// temporary name, not yet published), `after-shard:<n>` (shard n published, manifest not yet
+/// updated), `checkpoint-before-rename:<step>` and `before-update:<step>` (`student-fit`).
+/// Unset, it costs one cached lookup.
+pub fn crash_point(point: impl FnOnce() -> String) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if let Some(at) = AT.get_or_init(|| std::env::var("KD_CRASH_AT").ok())
+        && *at == point()
+    {
+        eprintln!("KD_CRASH_AT={at}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Fault injection for numeric tests: true when the environment variable `KD_FAULT` equals
+/// `point` (`nan-loss:<step>` makes `student-fit`'s loss at that step NaN).
+pub fn injected_fault(point: impl FnOnce() -> String) -> bool {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    AT.get_or_init(|| std::env::var("KD_FAULT").ok())
+        .as_ref()
+        .is_some_and(|at| *at == point())
+}
+
 /// Lower-case hex of a byte string.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
@@ -153,6 +178,10 @@ pub(crate) fn write_atomic<T>(
             .map_err(|e| Error::io(&tmp, e.into_error()))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
         drop(f);
+        crash_point(|| {
+            let name = final_path.file_name().unwrap_or_default();
+            format!("before-rename:{}", name.to_string_lossy())
+        });
         std::fs::rename(&tmp, final_path).map_err(|e| Error::io(final_path, e))?;
         Ok(out)
     })();

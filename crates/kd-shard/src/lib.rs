@@ -112,7 +112,9 @@ mod verify;
 mod writer;
 
 pub use error::{Error, Result};
-pub use fsutil::{hash_bytes, hash_file, tmp_path, write_bytes_atomic};
+pub use fsutil::{
+    crash_point, hash_bytes, hash_file, injected_fault, tmp_path, write_bytes_atomic,
+};
 pub use manifest::{
     FORMAT_NAME, MANIFEST_FILE, Manifest, PARTIAL_MANIFEST_FILE, PartInfo, ShardEntry, Totals,
     canonical_json, merge_manifests, read_manifest, write_manifest_atomic,

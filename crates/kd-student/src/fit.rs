@@ -280,23 +280,33 @@ fn save_checkpoint(
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    // The weights plus config and tokenizer: a checkpoint is also a Hugging Face directory.
-    export(student, &state.config.shards, &tmp)?;
-    opt.save_state(&tmp.join("optimizer.safetensors"))?;
-    let json = serde_json::to_vec_pretty(state)?;
-    std::fs::write(tmp.join("state.json"), json).map_err(io(&tmp))?;
-    for f in [
-        "model.safetensors",
-        "config.json",
-        "generation_config.json",
-        "optimizer.safetensors",
-        "state.json",
-    ] {
-        std::fs::File::open(tmp.join(f))
-            .and_then(|h| h.sync_all())
-            .map_err(io(&tmp))?;
+    let fill = || -> anyhow::Result<()> {
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        // The weights plus config and tokenizer: a checkpoint is also a Hugging Face directory.
+        export(student, &state.config.shards, &tmp)?;
+        opt.save_state(&tmp.join("optimizer.safetensors"))?;
+        let state_path = tmp.join("state.json");
+        std::fs::write(&state_path, serde_json::to_vec_pretty(state)?).map_err(io(&state_path))?;
+        for f in [
+            "model.safetensors",
+            "config.json",
+            "generation_config.json",
+            "optimizer.safetensors",
+            "state.json",
+        ] {
+            let p = tmp.join(f);
+            std::fs::File::open(&p)
+                .and_then(|h| h.sync_all())
+                .map_err(io(&p))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = fill() {
+        // Nothing half-written stays behind; published checkpoints are untouched.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("writing checkpoint {}", final_dir.display())));
     }
+    kd_shard::crash_point(|| format!("checkpoint-before-rename:{}", state.step));
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
     }
@@ -307,9 +317,16 @@ fn save_checkpoint(
     Ok(final_dir)
 }
 
-/// Removes half-written checkpoint directories a killed run left behind (never a published
-/// `step-*` one).
+/// Removes half-written checkpoint and export directories a killed run left behind (never a
+/// published `step-*` or `student` one).
 fn remove_stray_checkpoint_dirs(out: &Path) -> anyhow::Result<()> {
+    if let Ok(rd) = std::fs::read_dir(out) {
+        for e in rd.filter_map(|e| e.ok()) {
+            if e.file_name().to_string_lossy().starts_with(".tmp-student-") {
+                std::fs::remove_dir_all(e.path()).map_err(io(out))?;
+            }
+        }
+    }
     let root = out.join("checkpoints");
     let Ok(rd) = std::fs::read_dir(&root) else {
         return Ok(());
@@ -338,7 +355,8 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
     dirs.pop()
 }
 
-/// Writes a Hugging Face directory `transformers` loads as `LlamaForCausalLM`.
+/// Writes a Hugging Face directory `transformers` loads as `LlamaForCausalLM` into `dest`
+/// (created if needed; files are written in place: see [`publish_export`]).
 pub fn export(student: &Student, shards: &Path, dest: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dest).map_err(io(dest))?;
     let mut cfg = serde_json::to_value(&student.cfg)?;
@@ -347,20 +365,51 @@ pub fn export(student: &Student, shards: &Path, dest: &Path) -> anyhow::Result<(
     cfg["hidden_act"] = "silu".into();
     cfg["torch_dtype"] = "float32".into();
     cfg["head_dim"] = student.cfg.head_dim().into();
-    std::fs::write(dest.join("config.json"), serde_json::to_vec_pretty(&cfg)?).map_err(io(dest))?;
+    let config = dest.join("config.json");
+    std::fs::write(&config, serde_json::to_vec_pretty(&cfg)?).map_err(io(&config))?;
     student.save_safetensors(&dest.join("model.safetensors"))?;
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         let src = shards.join(f);
         if src.exists() {
-            std::fs::copy(&src, dest.join(f)).map_err(io(&src))?;
+            let to = dest.join(f);
+            std::fs::copy(&src, &to).map_err(io(&to))?;
         }
     }
     let generation = serde_json::json!({"bos_token_id": student.cfg.bos_token_id, "eos_token_id": student.cfg.eos_token_id, "do_sample": false});
-    std::fs::write(
-        dest.join("generation_config.json"),
-        serde_json::to_vec_pretty(&generation)?,
-    )
-    .map_err(io(dest))?;
+    let gen_path = dest.join("generation_config.json");
+    std::fs::write(&gen_path, serde_json::to_vec_pretty(&generation)?).map_err(io(&gen_path))?;
+    Ok(())
+}
+
+/// [`export`] published atomically: written into a temporary sibling directory, fsynced,
+/// then renamed over `dest`, so `dest` is always a complete export (old or new).
+pub fn publish_export(student: &Student, shards: &Path, dest: &Path) -> anyhow::Result<()> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let fill = || -> anyhow::Result<()> {
+        export(student, shards, &tmp)?;
+        for e in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
+            let p = e.map_err(io(&tmp))?.path();
+            std::fs::File::open(&p)
+                .and_then(|h| h.sync_all())
+                .map_err(io(&p))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = fill() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("exporting {}", dest.display())));
+    }
+    kd_shard::crash_point(|| format!("export-before-rename:{name}"));
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(io(dest))?;
+    }
+    std::fs::rename(&tmp, dest).map_err(io(dest))?;
+    std::fs::File::open(parent)
+        .and_then(|h| h.sync_all())
+        .map_err(io(parent))?;
     Ok(())
 }
 
@@ -531,7 +580,10 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
             let batch = batcher
                 .next_batch(&teachers)
                 .ok_or_else(|| anyhow::anyhow!("no training rows"))?;
-            let (l, g) = loss_and_grads(&student, &batch, &cfg.loss, cfg.logits_chunk, true)?;
+            let (mut l, g) = loss_and_grads(&student, &batch, &cfg.loss, cfg.logits_chunk, true)?;
+            if kd_shard::injected_fault(|| format!("nan-loss:{step}")) {
+                l.total = f64::NAN;
+            }
             if !l.total.is_finite() {
                 anyhow::bail!(
                     "loss became {} at step {step}; stopped without applying it; last good checkpoint: {}",
@@ -550,6 +602,7 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         if loss.positions == 0 {
             anyhow::bail!("step {step}: the batch has no distilled positions");
         }
+        kd_shard::crash_point(|| format!("before-update:{step}"));
         let info = opt.step(&grads, sched.lr_at(step), cfg.max_grad_norm)?;
         positions += loss.positions;
         train_positions += loss.positions as u64;
@@ -596,7 +649,7 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         None => eval_rows.evaluate(&student, cfg.max_len, cfg.logits_chunk)?,
     };
     let export_dir = cfg.out.join("student");
-    export(&student, &cfg.shards, &export_dir)?;
+    publish_export(&student, &cfg.shards, &export_dir)?;
     let secs = start.elapsed().as_secs_f64();
     let summary = FitSummary {
         steps: opt.step,

@@ -466,6 +466,7 @@ pub fn dump(
         }
         let entry =
             kd_shard::write_shard(out_dir, &shard_name(opts.part, j), settings.top_k, &rows)?;
+        kd_shard::crash_point(|| format!("after-shard:{j}"));
         done[j] = Some(entry);
         written += 1;
         manifest.shards = done.iter().flatten().cloned().collect();

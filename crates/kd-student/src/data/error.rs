@@ -59,6 +59,9 @@ pub enum Error {
         what: String,
     },
     /// The decoded cache at `path` is not what its header promises.
+    #[error("{}: a shard file the manifest does not list (from another dump?); move it away or re-dump", path.display())]
+    Unlisted { path: PathBuf },
+
     #[error("{}: cache: {what}", path.display())]
     Cache { path: PathBuf, what: String },
     /// A loader setting is out of range (`field` names it).

@@ -142,6 +142,19 @@ impl ShardSet {
             })
             .collect();
         checks.into_iter().collect::<Result<()>>()?;
+        // A shard lying beside the listed ones is a sign of a mixed-up folder.
+        let listed: std::collections::HashSet<&Path> = paths.iter().map(|p| p.as_path()).collect();
+        let mut unlisted: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "parquet") && !listed.contains(p.as_path())
+            })
+            .collect();
+        unlisted.sort();
+        if let Some(path) = unlisted.into_iter().next() {
+            return Err(Error::Unlisted { path });
+        }
         let tokenizer_fingerprint = manifest
             .tokenizer
             .get("fingerprint")
