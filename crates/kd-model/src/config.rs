@@ -33,6 +33,12 @@ fn default_max_pos() -> usize {
     2048
 }
 
+/// The most positions a model may declare: [`crate::Llama`] and [`crate::Student`] precompute
+/// RoPE tables for every position (`max_position_embeddings × head_dim/2` cos/sin pairs), so
+/// this bounds what a config file can make the loader allocate. 2^20 covers every released
+/// llama-family context length up to 1M tokens.
+pub const MAX_POSITIONS: usize = 1 << 20;
+
 impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
@@ -75,8 +81,22 @@ impl LlamaConfig {
                 self.head_dim()
             ));
         }
-        if self.vocab_size == 0 || self.num_hidden_layers == 0 {
-            return Err("vocab_size and num_hidden_layers must be positive".into());
+        if self.vocab_size == 0
+            || self.num_hidden_layers == 0
+            || self.hidden_size == 0
+            || self.intermediate_size == 0
+        {
+            return Err(
+                "vocab_size, hidden_size, intermediate_size and num_hidden_layers must be positive"
+                    .into(),
+            );
+        }
+        if self.max_position_embeddings == 0 || self.max_position_embeddings > MAX_POSITIONS {
+            return Err(format!(
+                "max_position_embeddings {} is outside 1..={MAX_POSITIONS} (the RoPE tables \
+                 are precomputed for every position)",
+                self.max_position_embeddings
+            ));
         }
         Ok(())
     }

@@ -13,6 +13,10 @@ pub enum Error {
         path: PathBuf,
         source: Box<candle_core::Error>,
     },
+    /// The GGUF header is inconsistent with the file (see [`crate::gguf_check`]); refused
+    /// before candle reads it.
+    #[error("{path}: not a valid GGUF file: {what}")]
+    BadGguf { path: PathBuf, what: String },
     #[error("{path}: missing metadata field `{field}`")]
     MissingField { path: PathBuf, field: String },
     #[error("{path}: field `{field}`: {what}")]

@@ -23,6 +23,7 @@
 
 pub mod config;
 pub mod error;
+pub mod gguf_check;
 pub mod llama;
 pub mod loader;
 pub mod packed;

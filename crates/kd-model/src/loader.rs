@@ -83,8 +83,10 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Reads only the GGUF header (metadata and tensor index).
+/// Reads only the GGUF header (metadata and tensor index), after [`crate::gguf_check::check`]
+/// has bounded every count in it.
 pub fn read_gguf_header(path: &Path) -> Result<gguf_file::Content> {
+    crate::gguf_check::check(path)?;
     let mut f = std::fs::File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -186,6 +188,8 @@ fn load_gguf(path: &Path, precision: Precision, device: &Device) -> Result<Loade
         path: path.to_path_buf(),
         source,
     };
+    // candle trusts the header's counts; refuse a header the file cannot hold first.
+    crate::gguf_check::check(path)?;
     let mut f = std::fs::File::open(path).map_err(io)?;
     let content = gguf_file::Content::read(&mut f).map_err(|source| Error::Gguf {
         path: path.to_path_buf(),
@@ -249,7 +253,9 @@ fn load_gguf(path: &Path, precision: Precision, device: &Device) -> Result<Loade
     let v = cfg.vocab_size;
     let embed_q = get("token_embd.weight", &[v, d])?;
     let embed = embed_q.dequantize(device)?;
-    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    // Not `with_capacity(num_hidden_layers)`: the count comes from the file, and a missing
+    // layer's tensors end the loop with an error long before a huge count would.
+    let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let n = |s: &str| format!("blk.{i}.{s}.weight");
         layers.push(Layer {
@@ -361,10 +367,11 @@ pub fn load_hf_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Te
     }
     let mut all = HashMap::new();
     for f in &files {
-        let ts = candle_core::safetensors::load(f, device).map_err(|source| Error::Gguf {
-            path: f.clone(),
-            source: Box::new(source),
-        })?;
+        let ts =
+            candle_core::safetensors::load(f, device).map_err(|source| Error::Safetensors {
+                path: f.clone(),
+                source: Box::new(source),
+            })?;
         for (k, t) in ts {
             all.insert(k, t.to_dtype(DType::F32)?);
         }
@@ -401,7 +408,9 @@ fn load_hf_dir(dir: &Path, precision: Precision, device: &Device) -> Result<Load
     let ff = cfg.intermediate_size;
     let v = cfg.vocab_size;
     let embed = take("model.embed_tokens.weight", &[v, d])?;
-    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    // Not `with_capacity(num_hidden_layers)`: the count comes from the file, and a missing
+    // layer's tensors end the loop with an error long before a huge count would.
+    let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let mut dense = |n: &str, shape: &[usize]| take(&format!("{p}.{n}.weight"), shape);

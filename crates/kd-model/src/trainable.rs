@@ -167,7 +167,9 @@ impl Student {
         };
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = take("model.embed_tokens.weight", &[v, d])?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        // Not `with_capacity(num_hidden_layers)`: the count comes from a file, and a missing
+        // layer's tensors end the loop with an error long before a huge count would.
+        let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let mut vars = Vec::with_capacity(9);
             for (n, shape) in layer_shapes(&cfg) {
@@ -558,6 +560,7 @@ fn read_gguf_as_hf(path: &Path, keep: &[usize]) -> Result<(LlamaConfig, HashMap<
         path: path.to_path_buf(),
         source: Box::new(source),
     };
+    crate::gguf_check::check(path)?;
     let mut f = std::fs::File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -601,10 +604,24 @@ fn read_gguf_as_hf(path: &Path, keep: &[usize]) -> Result<(LlamaConfig, HashMap<
         ];
         for (hf, gg) in pairs {
             let mut t = get(&g(gg))?;
-            if gg == "attn_q" {
-                t = unpermute_qk(&t, cfg.num_attention_heads)?;
-            } else if gg == "attn_k" {
-                t = unpermute_qk(&t, cfg.num_key_value_heads)?;
+            let heads = match gg {
+                "attn_q" => Some(cfg.num_attention_heads),
+                "attn_k" => Some(cfg.num_key_value_heads),
+                _ => None,
+            };
+            if let Some(heads) = heads {
+                // The shape comes from the file: check it before reshaping by heads (the
+                // other tensors are checked with their Hugging Face names afterwards).
+                let want = [heads * cfg.head_dim(), cfg.hidden_size];
+                if t.dims() != want {
+                    return Err(Error::TensorShape {
+                        path: path.to_path_buf(),
+                        name: g(gg),
+                        found: t.dims().to_vec(),
+                        expected: want.to_vec(),
+                    });
+                }
+                t = unpermute_qk(&t, heads)?;
             }
             ts.insert(layer_name(new, hf), t);
         }

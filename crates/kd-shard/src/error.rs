@@ -69,7 +69,8 @@ pub enum Error {
         id: String,
         what: String,
     },
-    /// A shard file name is not a safe relative path below the shard directory.
+    /// A shard file name is not a safe relative path below the shard directory `path`;
+    /// `what` quotes the name.
     #[error("{}: invalid shard path: {what}", path.display())]
     InvalidPath { path: PathBuf, what: String },
     /// Two manifests that must describe the same job differ at `field`

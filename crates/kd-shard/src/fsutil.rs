@@ -201,9 +201,11 @@ pub(crate) fn write_atomic<T>(
 /// (no root, no `..`, no empty name) and returns it joined onto `dir`.
 pub(crate) fn safe_join(dir: &Path, file: &str) -> Result<PathBuf> {
     let rel = Path::new(file);
+    // Name the directory and quote `file`: `dir.join("/etc/x")` would drop the directory,
+    // and the error must say which cache it concerns.
     let bad = |what: &str| Error::InvalidPath {
-        path: dir.join(file),
-        what: what.to_string(),
+        path: dir.to_path_buf(),
+        what: format!("{file:?}: {what}"),
     };
     if file.is_empty() {
         return Err(bad("empty file name"));

@@ -57,13 +57,15 @@ impl Totals {
         t
     }
 
-    /// Adds one shard's counts.
+    /// Adds one shard's counts, saturating at `u64::MAX`: the entries come from a file, and a
+    /// manifest whose counts do not fit in 64 bits is caught by verification (its shards
+    /// cannot match them), not by an overflow panic.
     pub fn add(&mut self, s: &ShardEntry) {
-        self.rows += s.rows;
-        self.tokens += s.tokens;
-        self.positions += s.positions;
-        self.response_tokens += s.response_tokens;
-        self.bytes += s.bytes;
+        self.rows = self.rows.saturating_add(s.rows);
+        self.tokens = self.tokens.saturating_add(s.tokens);
+        self.positions = self.positions.saturating_add(s.positions);
+        self.response_tokens = self.response_tokens.saturating_add(s.response_tokens);
+        self.bytes = self.bytes.saturating_add(s.bytes);
     }
 }
 

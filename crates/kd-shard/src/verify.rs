@@ -229,7 +229,8 @@ fn check_shard(
         );
     }
     if !deep {
-        report.rows += meta.rows;
+        // Footer counts come from the file: saturate rather than overflow.
+        report.rows = report.rows.saturating_add(meta.rows);
         return;
     }
     let vocab = m.vocab_size();
@@ -269,7 +270,7 @@ fn check_shard(
             format!("{} more invalid rows", bad_rows - MAX_ROW_PROBLEMS),
         );
     }
-    report.rows += rows;
+    report.rows = report.rows.saturating_add(rows);
     if decoded_all {
         for (what, got, want) in [
             ("rows", rows, entry.rows),
