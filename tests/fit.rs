@@ -818,3 +818,38 @@ fn memory_is_bounded_by_the_batch_settings_not_the_data() {
         "student-fit eval: {small:?} -> {big:?}"
     );
 }
+
+/// A student with random (seeded) weights of the architecture in a config.json: the same
+/// seed gives the same start, another seed another one, and training lowers held-out KL.
+#[test]
+fn random_initialisation_from_a_config_is_seeded() {
+    let (dir, teacher, shards) = tiny_setup();
+    let run = |name: &str, seed: u64| -> serde_json::Value {
+        let out = dir.path().join(name);
+        let text = std::fs::read_to_string(pipeline(dir.path(), &shards, &teacher, &out))
+            .unwrap()
+            .replace(
+                &format!(
+                    "init = {{ from_teacher = {{ path = \"{}\", keep_layers = [0] }} }}",
+                    teacher.display()
+                ),
+                &format!(
+                    "init = {{ random = {{ config = \"{}\", seed = {seed} }} }}",
+                    teacher.join("config.json").display()
+                ),
+            )
+            .replace("steps = 30", "steps = 10");
+        let p = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        serde_json::from_str(&util::run_ok(
+            "student-fit",
+            &["--pipeline", p.to_str().unwrap(), "--json"],
+        ))
+        .unwrap()
+    };
+    let kl = |s: &serde_json::Value, at: &str| s[at]["forward_kl"].as_f64().unwrap();
+    let (a, b, c) = (run("r1", 1), run("r1b", 1), run("r2", 2));
+    assert_eq!(kl(&a, "initial"), kl(&b, "initial"));
+    assert_ne!(kl(&a, "initial"), kl(&c, "initial"));
+    assert!(kl(&a, "final_eval") < kl(&a, "initial"));
+}

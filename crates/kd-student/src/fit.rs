@@ -27,6 +27,36 @@ pub enum Init {
     },
     /// A Hugging Face directory (e.g. an exported student, for a second stage).
     FromStudent { path: PathBuf },
+    /// Random weights (seeded) of the architecture in a `config.json` (the file, or a
+    /// directory holding it).
+    Random { config: PathBuf, seed: u64 },
+}
+
+impl Init {
+    /// Builds the student this initialisation describes, in f32 on `dev`.
+    pub fn build(&self, dev: &Device) -> anyhow::Result<Student> {
+        Ok(match self {
+            Init::FromTeacher { path, keep_layers } => {
+                Student::from_teacher(path, keep_layers, DType::F32, dev)?
+            }
+            Init::FromStudent { path } => Student::from_hf_dir(path, DType::F32, dev)?,
+            Init::Random { config, seed } => {
+                let dir = if config.is_file() {
+                    if config.file_name().is_none_or(|n| n != "config.json") {
+                        anyhow::bail!(
+                            "{}: init.random.config must be a file named config.json or a directory holding one",
+                            config.display()
+                        );
+                    }
+                    config.parent().unwrap_or(Path::new("."))
+                } else {
+                    config.as_path()
+                };
+                let cfg = kd_model::loader::read_hf_config(dir)?;
+                Student::random(&cfg, *seed, DType::F32, dev)?
+            }
+        })
+    }
 }
 
 /// Every setting of a run; recorded in each checkpoint, and a resume must match it.
@@ -432,12 +462,7 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
     let teachers = open_teachers(cfg)?;
     let set = &teachers.sets()[0];
     let dev = Device::Cpu;
-    let mut student = match &cfg.init {
-        Init::FromTeacher { path, keep_layers } => {
-            Student::from_teacher(path, keep_layers, DType::F32, &dev)?
-        }
-        Init::FromStudent { path } => Student::from_hf_dir(path, DType::F32, &dev)?,
-    };
+    let mut student = cfg.init.build(&dev)?;
     check_vocab(&student, set)?;
     let mut split = Split::by_id_hash(&teachers, cfg.holdout_fraction)?;
     if let Some(src) = cfg.train_on {
