@@ -5,8 +5,12 @@
 #   ./pipelines/study.sh --quick    # a few minutes: 16 train / 6 held-out prompts, 4 steps
 #
 # Flags: --out DIR (default out/study), --steps N (optimizer steps per run, default 64, of
-# about 400 distilled positions each), --eval-every N (default 16), --max-new-tokens N (teacher
-# and student responses, default 128), --quick.
+# about 300 distilled positions each), --eval-every N (default 16), --max-new-tokens N (teacher
+# and student responses, default 128), --quick, --no-publish.
+#
+# A full run with the default --out also publishes: it copies OUT/results/ to docs/study/ and
+# rewrites the study block of README.md from it (between the `study:begin` and `study:end`
+# markers), so the README shows exactly what the study wrote.
 #
 # 1. Splits the 175 self-instruct seed tasks by a hash of their id into training prompts
 #    (~80%) and held-out prompts (the rest): no prompt is in both.
@@ -25,6 +29,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+ARGS=""
+for a in "$@"; do ARGS="$ARGS $a"; done
 OUT=out/study
 STEPS=64
 EVAL_EVERY=16
@@ -32,14 +38,16 @@ MAX_NEW=128
 LIMIT_TRAIN=""
 LIMIT_HELD=""
 GENS=6
+PUBLISH=1
 while [ $# -gt 0 ]; do
     case "$1" in
-        --out) OUT="$2"; shift 2 ;;
+        --out) OUT="$2"; PUBLISH=0; shift 2 ;;
+        --no-publish) PUBLISH=0; shift ;;
         --steps) STEPS="$2"; shift 2 ;;
         --eval-every) EVAL_EVERY="$2"; shift 2 ;;
         --max-new-tokens) MAX_NEW="$2"; shift 2 ;;
-        --quick) STEPS=4; EVAL_EVERY=2; MAX_NEW=24; LIMIT_TRAIN="--limit 16"; LIMIT_HELD="--limit 6"; GENS=2; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        --quick) PUBLISH=0; STEPS=4; EVAL_EVERY=2; MAX_NEW=24; LIMIT_TRAIN="--limit 16"; LIMIT_HELD="--limit 6"; GENS=2; shift ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         *) echo "study.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -124,8 +132,12 @@ EOF
         [ -d "$run/checkpoints" ] && resume="--resume"
         "$BIN/student-fit" --pipeline "$p" $resume
     fi
-    "$BIN/student-fit" eval --student "$run/student" --shards "$HELD" --max-len 512 \
-        --generations "$GENS" --max-new-tokens "$MAX_NEW" --out "$OUT/evals/$1" --json > /dev/null
+    if [ -f "$OUT/evals/$1/eval.json" ] && [ "$OUT/evals/$1/eval.json" -nt "$run/summary.json" ]; then
+        echo "study: $OUT/evals/$1 is complete" >&2
+    else
+        "$BIN/student-fit" eval --student "$run/student" --shards "$HELD" --max-len 512 \
+            --generations "$GENS" --max-new-tokens "$MAX_NEW" --out "$OUT/evals/$1" --json > /dev/null
+    fi
 }
 FKL='{ divergence = { kind = "forward_kl" } }'
 fit init "$OUT/dumps/train-k32" "$FKL" 0
@@ -151,7 +163,7 @@ cat > "$OUT/study.json" <<EOF
 {
   "title": "Distilling SmolLM2-135M-Instruct into a 6-layer student",
   "machine": "$MACHINE",
-  "command": "./pipelines/study.sh $*",
+  "command": "./pipelines/study.sh$ARGS",
   "methods": [
     {"name": "init", "label": "initialisation (no training)", "run": null, "eval": "evals/init"},
     {"name": "sft", "label": "SFT on teacher responses (α = 0)", "run": "runs/sft", "eval": "evals/sft"},
@@ -171,3 +183,27 @@ $(cost 64 renorm fkl-k64-renorm)
 }
 EOF
 "$BIN/study-report" "$OUT"
+
+# 5. Publish: docs/study/ and the README's study block.
+if [ "$PUBLISH" = 1 ]; then
+    mkdir -p docs/study
+    cp "$OUT"/results/* docs/study/
+    python3 - docs/study/results.md README.md <<'EOF'
+import re, sys
+results, readme = sys.argv[1], sys.argv[2]
+md = open(results, encoding="utf-8").read()
+# The tables and the machine line, with links pointing into docs/study/.
+body = re.sub(r"^# .*\n+", "", md)
+body = re.sub(r"\]\(([\w.-]+\.(?:png|md))\)", r"](docs/study/\1)", body)
+body = body.replace("## Cost of the teacher cache", "#### Cost of the teacher cache")
+text = open(readme, encoding="utf-8").read()
+begin, end = "<!-- study:begin -->", "<!-- study:end -->"
+if begin not in text or end not in text:
+    sys.exit(f"{readme}: no {begin} ... {end} block to fill")
+head, rest = text.split(begin, 1)
+_, tail = rest.split(end, 1)
+note = "<!-- written by pipelines/study.sh from docs/study/results.md; do not edit -->"
+open(readme, "w", encoding="utf-8").write(f"{head}{begin}\n{note}\n\n{body.strip()}\n\n{end}{tail}")
+print(f"study: {readme} study block rewritten from {results}", file=sys.stderr)
+EOF
+fi

@@ -1,0 +1,36 @@
+//! The README's study block is what `pipelines/study.sh` wrote: its tables equal those of
+//! `docs/study/results.md`, line for line, and the plots it embeds exist.
+
+mod util;
+
+/// The Markdown table rows (`|`-prefixed lines) of `text`.
+fn table_rows(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| l.starts_with('|')).collect()
+}
+
+#[test]
+fn readme_study_block_matches_the_study_files() {
+    let root = util::root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let (_, rest) = readme
+        .split_once("<!-- study:begin -->")
+        .expect("README.md has a study block");
+    let (block, _) = rest.split_once("<!-- study:end -->").expect("block end");
+    let results = std::fs::read_to_string(root.join("docs/study/results.md"))
+        .expect("docs/study/results.md (run ./pipelines/study.sh)");
+    let rows = table_rows(block);
+    assert!(rows.len() >= 10, "the study block has no tables");
+    assert_eq!(
+        rows,
+        table_rows(&results),
+        "README.md and docs/study/results.md differ"
+    );
+    for png in ["kl.png", "top1.png"] {
+        assert!(
+            block.contains(&format!("docs/study/{png}")),
+            "{png} not embedded"
+        );
+        let bytes = std::fs::read(root.join("docs/study").join(png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
+    }
+}
