@@ -176,6 +176,9 @@ pub struct EvalReport {
     pub nll: f64,
 }
 
+/// Most padded tokens per evaluation forward pass.
+const EVAL_TOKENS: usize = 1024;
+
 /// Evaluates `student` on `rows` of `src`, against each position's [`PositionTargets`]
 /// (the teachers' mixture when there are several). One forward pass per batch of rows; the
 /// logits of `chunk` positions at a time give every metric.
@@ -201,7 +204,24 @@ pub fn evaluate<S: RowSource + ?Sized>(
     let chunk = chunk.max(1);
     let mut r = EvalReport::default();
     let (mut f, mut rv, mut agree, mut nll) = (0.0, 0.0, 0usize, 0.0);
-    for group in rows.chunks(8) {
+    // Rows in order, grouped so that a group's padded tokens stay within EVAL_TOKENS: the
+    // forward pass keeps every intermediate of a group alive, so this bounds its memory.
+    let mut groups: Vec<&[usize]> = Vec::new();
+    let (mut start, mut longest) = (0, 0);
+    for (i, &r) in rows.iter().enumerate() {
+        let len = src.row_len(r).min(max_len);
+        let wide = longest.max(len);
+        if i > start && wide * (i + 1 - start) > EVAL_TOKENS {
+            groups.push(&rows[start..i]);
+            (start, longest) = (i, len);
+        } else {
+            longest = wide;
+        }
+    }
+    if start < rows.len() {
+        groups.push(&rows[start..]);
+    }
+    for group in groups {
         let batch = Batch::collect(src, group, max_len, 0);
         let n = batch.n_pos();
         if n == 0 {
