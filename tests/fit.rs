@@ -853,3 +853,45 @@ fn random_initialisation_from_a_config_is_seeded() {
     assert_ne!(kl(&a, "initial"), kl(&c, "initial"));
     assert!(kl(&a, "final_eval") < kl(&a, "initial"));
 }
+
+/// Rows whose prompt fills `max_len` have nothing to distil; a batch made only of such rows
+/// is skipped (deterministically), not trained on and not a crash.
+#[test]
+fn batches_without_distilled_positions_are_skipped() {
+    let dir = util::tempdir();
+    let teacher = dir.path().join("teacher");
+    kd_model::testing::write_tiny_teacher(&teacher, 21).unwrap();
+    let rows: Vec<serde_json::Value> = (0..24)
+        .map(|i| {
+            let prompt = if i % 3 == 0 {
+                "a long prompt ".repeat(16)
+            } else {
+                format!("say {i}")
+            };
+            serde_json::json!({"id": format!("r{i:02}"), "prompt": prompt})
+        })
+        .collect();
+    let input = dir.path().join("in.jsonl");
+    util::write_jsonl(&input, &rows);
+    let shards = dir.path().join("shards");
+    dump(&teacher, &input, &shards, &[]);
+    let out = dir.path().join("out");
+    let text = std::fs::read_to_string(pipeline(dir.path(), &shards, &teacher, &out))
+        .unwrap()
+        .replace("token_budget = 384", "token_budget = 110")
+        .replace("max_len = 256", "max_len = 110")
+        .replace("steps = 30", "steps = 12");
+    let p = dir.path().join("short.toml");
+    std::fs::write(&p, text).unwrap();
+    let s: serde_json::Value = serde_json::from_str(&util::run_ok(
+        "student-fit",
+        &["--pipeline", p.to_str().unwrap(), "--json"],
+    ))
+    .unwrap();
+    assert_eq!(s["steps"], 12);
+    for v in util::read_jsonl(&out.join("metrics.jsonl")) {
+        if let Some(n) = v.get("positions").and_then(|n| n.as_u64()) {
+            assert!(n > 0, "an empty step was taken: {v}");
+        }
+    }
+}

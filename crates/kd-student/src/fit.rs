@@ -622,9 +622,25 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         // One optimizer step over `grad_accum` micro-batches, weighted by their positions.
         let mut micro = Vec::new();
         for _ in 0..cfg.grad_accum.max(1) {
-            let batch = batcher
-                .next_batch(&teachers)
-                .ok_or_else(|| anyhow::anyhow!("no training rows"))?;
+            // A batch whose rows' prompts all fill `max_len` has nothing to distil: take the
+            // next one (deterministically, so a resume sees the same sequence).
+            let mut tries = 0;
+            let batch = loop {
+                let b = batcher
+                    .next_batch(&teachers)
+                    .ok_or_else(|| anyhow::anyhow!("no training rows"))?;
+                if b.n_pos() > 0 {
+                    break b;
+                }
+                tries += 1;
+                if tries > split.train.len() {
+                    anyhow::bail!(
+                        "{}: no training row has a response position within max_len = {}",
+                        cfg.shards.display(),
+                        cfg.max_len
+                    );
+                }
+            };
             let (mut l, g) = loss_and_grads(&student, &batch, &cfg.loss, cfg.logits_chunk, true)?;
             if kd_shard::injected_fault(|| format!("nan-loss:{step}")) {
                 l.total = f64::NAN;

@@ -242,11 +242,10 @@ pub fn combine_micro_batches(
         }
         sums.push((var.clone(), sum));
     }
-    let mut acc = micro
-        .into_iter()
-        .next()
-        .map(|(_, g)| g)
-        .expect("at least one micro-batch");
+    let Some(mut acc) = micro.into_iter().next().map(|(_, g)| g) else {
+        // No micro-batch had a distilled position: an empty step the caller refuses.
+        return Ok((loss, GradStore::default()));
+    };
     for (var, sum) in sums {
         if let Some(s) = sum {
             acc.insert(var.as_tensor(), s);
