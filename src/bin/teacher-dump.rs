@@ -49,7 +49,6 @@ fn main() {
         if json {
             writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
         } else {
-            let toks = s.generated_tokens + s.scored_tokens;
             writeln!(
                 out,
                 "{} prompts ({} shards written, {} reused) -> {}",
@@ -58,18 +57,15 @@ fn main() {
                 s.shards_reused,
                 s.out_dir.join("manifest.json").display()
             )?;
+            let kinds = match (s.generated_tokens, s.scored_tokens) {
+                (g, 0) => format!("generated tokens {g}"),
+                (0, c) => format!("scored tokens {c}"),
+                (g, c) => format!("generated tokens {g}, scored tokens {c}"),
+            };
             writeln!(
                 out,
-                "prompt tokens {}, {} tokens {}, {:.1} tokens/s, {:.1} s",
-                s.prompt_tokens,
-                if s.scored_tokens > 0 {
-                    "scored"
-                } else {
-                    "generated"
-                },
-                toks,
-                s.tokens_per_s,
-                s.seconds
+                "prompt tokens {}, {kinds}, {:.1} tokens/s, {:.1} s",
+                s.prompt_tokens, s.tokens_per_s, s.seconds
             )?;
             writeln!(
                 out,
