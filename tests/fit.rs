@@ -852,6 +852,41 @@ fn random_initialisation_from_a_config_is_seeded() {
     assert_eq!(kl(&a, "initial"), kl(&b, "initial"));
     assert_ne!(kl(&a, "initial"), kl(&c, "initial"));
     assert!(kl(&a, "final_eval") < kl(&a, "initial"));
+
+    // `--init-from-teacher … --keep-layers …` overrides the file's initialisation: the start
+    // equals that of a pipeline that says the same.
+    let with_flag: serde_json::Value = serde_json::from_str(&util::run_ok(
+        "student-fit",
+        &[
+            "--pipeline",
+            dir.path().join("r1.toml").to_str().unwrap(),
+            "--out",
+            dir.path().join("flag").to_str().unwrap(),
+            "--init-from-teacher",
+            teacher.to_str().unwrap(),
+            "--keep-layers",
+            "0",
+            "--steps",
+            "1",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    let in_file: serde_json::Value = serde_json::from_str(&util::run_ok(
+        "student-fit",
+        &[
+            "--pipeline",
+            pipeline(dir.path(), &shards, &teacher, &dir.path().join("file"))
+                .to_str()
+                .unwrap(),
+            "--steps",
+            "1",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(kl(&with_flag, "initial"), kl(&in_file, "initial"));
+    assert_ne!(kl(&with_flag, "initial"), kl(&a, "initial"));
 }
 
 /// Rows whose prompt fills `max_len` have nothing to distil; a batch made only of such rows

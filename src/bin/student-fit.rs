@@ -46,6 +46,17 @@ struct TrainArgs {
     /// student/); the second stage's default follows it.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Override the first stage's initialisation: keep the layers `--keep-layers` of this
+    /// teacher (.gguf or Hugging Face directory), dequantized to f32.
+    #[arg(long, requires = "keep_layers", conflicts_with = "init_from_student")]
+    init_from_teacher: Option<PathBuf>,
+    /// Teacher layers the student keeps, in order (with --init-from-teacher), e.g. 0,6,12,18,24,29.
+    #[arg(long, value_delimiter = ',', requires = "init_from_teacher")]
+    keep_layers: Option<Vec<usize>>,
+    /// Override the first stage's initialisation: a Hugging Face directory (an export or a
+    /// checkpoint).
+    #[arg(long)]
+    init_from_student: Option<PathBuf>,
     /// Continue from the newest checkpoint in the output folder (refused if the shards or
     /// any setting differ).
     #[arg(long)]
@@ -74,7 +85,7 @@ enum Command {
     Eval(EvalArgs),
     /// Print the student's log-softmax over the vocabulary at every position of a token
     /// sequence, as JSON (for comparing with another implementation, e.g.
-    /// scripts/check_export.py --transformers).
+    /// `scripts/check_export.py DIR --ours FILE`).
     Logits(LogitsArgs),
 }
 
@@ -149,6 +160,15 @@ fn stages(path: &Path, a: &TrainArgs) -> anyhow::Result<Vec<(&'static str, FitCo
     let mut first = parse(base.clone(), "fit")?;
     if let Some(o) = &a.out {
         first.out = o.clone();
+    }
+    if let (Some(path), Some(keep_layers)) = (&a.init_from_teacher, &a.keep_layers) {
+        first.init = kd_student::fit::Init::FromTeacher {
+            path: path.clone(),
+            keep_layers: keep_layers.clone(),
+        };
+    }
+    if let Some(path) = &a.init_from_student {
+        first.init = kd_student::fit::Init::FromStudent { path: path.clone() };
     }
     let mut out = Vec::new();
     if let Some(ft) = p.finetune {

@@ -484,6 +484,21 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
     let dev = Device::Cpu;
     let mut student = cfg.init.build(&dev)?;
     check_vocab(&student, set)?;
+    if progress {
+        let c = &student.cfg;
+        eprintln!(
+            "student: {} layers, hidden {}, MLP {}, {} heads ({} key/value), vocabulary {}: {:.1} M parameters; {} rows from {} teacher(s)",
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.vocab_size,
+            student.n_params() as f64 / 1e6,
+            teachers.len(),
+            teachers.sets().len()
+        );
+    }
     let mut split = Split::by_id_hash(&teachers, cfg.holdout_fraction)?;
     if let Some(src) = cfg.train_on {
         split.train.retain(|&r| set.row(r).source == src);
@@ -599,6 +614,17 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
             opt.step, initial.forward_kl, initial.top1_agreement, initial.positions
         );
     }
+    let bar = if progress {
+        let b = indicatif::ProgressBar::new(cfg.steps);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  eta {eta}")
+                .expect("a valid template"),
+        );
+        b.set_position(opt.step);
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let start = Instant::now();
     let (mut positions, mut last_loss) = (0usize, f64::NAN);
     let mut last_ck = latest_checkpoint(&cfg.out);
@@ -669,17 +695,20 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         train_positions += loss.positions as u64;
         last_loss = loss.total;
         let done = opt.step;
+        bar.set_position(done);
         if done % cfg.log_every.max(1) == 0 || done == cfg.steps {
             let rate = positions as f64 / start.elapsed().as_secs_f64().max(1e-9);
             let line = serde_json::json!({"step": done, "loss": loss.total, "divergence": loss.divergence, "hard_ce": loss.hard_ce,
                 "lr": info.lr, "grad_norm": info.grad_norm, "clipped": info.clipped, "positions": loss.positions,
                 "train_positions": train_positions, "positions_per_s": rate});
             writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
+            bar.set_message(format!("loss {:.4}  {rate:.0} positions/s", loss.total));
+            // Without a terminal the bar is hidden: keep a plain line per log interval.
             if progress {
-                eprintln!(
+                bar.println(format!(
                     "step {done}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} positions/s",
                     cfg.steps, loss.total, info.lr, info.grad_norm, rate
-                );
+                ));
             }
         }
         let eval_now = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
@@ -687,10 +716,10 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
             let r = eval_rows.evaluate(&student, cfg.max_len, cfg.logits_chunk)?;
             log_eval(&mut metrics, done, train_positions, &r)?;
             if progress {
-                eprintln!(
+                bar.println(format!(
                     "held-out at step {done}: forward KL {:.4}, top-1 agreement {:.3}",
                     r.forward_kl, r.top1_agreement
-                );
+                ));
             }
             final_eval = Some(r);
         }
@@ -705,6 +734,7 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
             last_ck = Some(save_checkpoint(&cfg.out, &student, &opt, &state)?);
         }
     }
+    bar.finish_and_clear();
     let final_eval = match final_eval {
         Some(r) => r,
         None => eval_rows.evaluate(&student, cfg.max_len, cfg.logits_chunk)?,
