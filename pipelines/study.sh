@@ -123,6 +123,7 @@ eval_every = $EVAL_EVERY
 seed = 0
 log_every = 4
 checkpoint_every = 16
+keep_checkpoints = 1
 logits_chunk = 128
 EOF
     if [ -f "$run/summary.json" ]; then

@@ -706,6 +706,24 @@ fn a_loss_that_turns_infinite_stops_the_run_keeping_the_last_checkpoint() {
         &["--pipeline", p.to_str().unwrap(), "--resume", "--json"],
     );
     assert_eq!(latest_step(&out), 30);
+
+    // keep_checkpoints = 2: only the two newest survive.
+    let out = dir.path().join("keep");
+    let text = std::fs::read_to_string(pipeline(dir.path(), &shards, &teacher, &out))
+        .unwrap()
+        .replace(
+            "logits_chunk = 64",
+            "logits_chunk = 64\nkeep_checkpoints = 2",
+        );
+    let p = dir.path().join("keep.toml");
+    std::fs::write(&p, text).unwrap();
+    util::run_ok("student-fit", &["--pipeline", p.to_str().unwrap()]);
+    let mut kept: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["step-00000025", "step-00000030"]);
 }
 
 /// Runs a binary to completion while sampling its anonymous resident memory (`RssAnon`:

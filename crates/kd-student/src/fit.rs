@@ -107,6 +107,30 @@ pub struct FitConfig {
     /// hard cross-entropy on real data; none: every row.
     #[serde(default)]
     pub train_on: Option<kd_shard::Source>,
+    /// Keep only the newest this many checkpoints (older ones are deleted once a newer one is
+    /// published); none keeps every one. A checkpoint of a small student with its AdamW moments
+    /// is hundreds of megabytes.
+    #[serde(default)]
+    pub keep_checkpoints: Option<usize>,
+}
+
+/// Deletes all but the newest `keep` published checkpoints under `out`.
+fn prune_checkpoints(out: &Path, keep: usize) -> anyhow::Result<()> {
+    let root = out.join("checkpoints");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map_err(io(&root))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+        })
+        .collect();
+    dirs.sort();
+    let n = dirs.len().saturating_sub(keep.max(1));
+    for d in &dirs[..n] {
+        std::fs::remove_dir_all(d).map_err(io(d))?;
+    }
+    Ok(())
 }
 
 /// Another teacher's shard set and its weight in the mixture.
@@ -732,6 +756,9 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
                 shards_fingerprint: fingerprint.clone(),
             };
             last_ck = Some(save_checkpoint(&cfg.out, &student, &opt, &state)?);
+            if let Some(keep) = cfg.keep_checkpoints {
+                prune_checkpoints(&cfg.out, keep)?;
+            }
         }
     }
     bar.finish_and_clear();
