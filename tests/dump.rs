@@ -757,7 +757,7 @@ fn bad_input_lines_are_named() {
     let out_long = c.path("out-long");
     let err = c.dump_fails(&p, &out_long, &[]);
     assert!(
-        err.contains("row `long` (line 2)") && err.contains("context of 256"),
+        err.contains(&format!("{}: row `long` (line 2)", s(&p))) && err.contains("context of 256"),
         "{err}"
     );
     assert!(!out_long.exists(), "a refused input created {out_long:?}");

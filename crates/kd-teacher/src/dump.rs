@@ -287,6 +287,7 @@ pub fn dump(
     let mut encoded: Vec<Encoded> = Vec::with_capacity(records.len());
     for rec in records {
         let row_err = |what: String| Error::Row {
+            path: input.path.clone(),
             id: rec.id.clone(),
             line: rec.line,
             what,

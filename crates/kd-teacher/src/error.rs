@@ -28,8 +28,9 @@ pub enum Error {
         field: String,
         what: String,
     },
-    #[error("row `{id}` (line {line}): {what}")]
+    #[error("{}: row `{id}` (line {line}): {what}", path.display())]
     Row {
+        path: PathBuf,
         id: String,
         line: usize,
         what: String,
