@@ -1019,7 +1019,6 @@ fn aborts_at_every_publication_step_then_resume_gives_the_same_dump() {
 /// no temporary file, and a later `--resume` with room completes the same dump.
 #[test]
 fn a_full_disk_stops_the_dump_naming_the_file_and_loses_nothing() {
-    use std::os::unix::process::CommandExt;
     let c = Case::soft();
     let input = c.input("in.jsonl", &prompts(12));
     let extra = [
@@ -1050,20 +1049,7 @@ fn a_full_disk_stops_the_dump_naming_the_file_and_loses_nothing() {
     let a = c.args(&input, &out, &extra);
     let mut cmd = std::process::Command::new(util::bin("teacher-dump"));
     cmd.args(strs(&a)).env("RAYON_NUM_THREADS", "2");
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let lim = libc::rlimit {
-                rlim_cur: cap,
-                rlim_max: cap,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    util::limit_file_size(&mut cmd, cap);
     let o = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");

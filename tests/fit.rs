@@ -550,7 +550,6 @@ fn tiny_setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
 /// `student-fit` with the environment variable `KD_CRASH_AT=point` (an abort, as SIGKILL
 /// leaves things) and optionally every file capped at `fsize` bytes (a full disk).
 fn fit_with_fault(p: &Path, crash: Option<&str>, fsize: Option<u64>) -> std::process::Output {
-    use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(util::bin("student-fit"));
     cmd.args(["--pipeline", p.to_str().unwrap()])
         .env("RAYON_NUM_THREADS", "2");
@@ -558,20 +557,7 @@ fn fit_with_fault(p: &Path, crash: Option<&str>, fsize: Option<u64>) -> std::pro
         cmd.env("KD_CRASH_AT", c);
     }
     if let Some(cap) = fsize {
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-                let lim = libc::rlimit {
-                    rlim_cur: cap,
-                    rlim_max: cap,
-                };
-                if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        util::limit_file_size(&mut cmd, cap);
     }
     cmd.output().unwrap()
 }

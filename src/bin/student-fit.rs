@@ -353,9 +353,11 @@ fn logits(l: LogitsArgs) -> anyhow::Result<()> {
     let ids = candle_core::Tensor::from_vec(l.ids.clone(), (1, n), &candle_core::Device::Cpu)?;
     let hidden = student.forward(&ids, &[n])?;
     let d = hidden.dim(2)?;
-    let z = student.logits(&hidden.reshape((n, d))?)?;
-    let lp = log_softmax(&z)?;
-    let rows: Vec<Vec<f32>> = lp.to_vec2()?;
+    let z: Vec<Vec<f32>> = student
+        .logits(&hidden.reshape((n, d))?)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec2()?;
+    let rows: Vec<Vec<f64>> = z.iter().map(|r| kd_model::log_softmax_f64(r)).collect();
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(
         &mut out,
@@ -363,15 +365,4 @@ fn logits(l: LogitsArgs) -> anyhow::Result<()> {
     )?;
     writeln!(out)?;
     Ok(())
-}
-
-/// log-softmax over the last dimension, in f64 for the normaliser.
-fn log_softmax(z: &candle_core::Tensor) -> anyhow::Result<candle_core::Tensor> {
-    let z64 = z.to_dtype(candle_core::DType::F64)?;
-    let max = z64.max_keepdim(1)?;
-    let shifted = z64.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
-    Ok(shifted
-        .broadcast_sub(&lse)?
-        .to_dtype(candle_core::DType::F32)?)
 }

@@ -100,3 +100,23 @@ pub fn spawn(name: &str, args: &[&str]) -> std::process::Child {
         .spawn()
         .expect("binary starts")
 }
+
+/// Caps every file `cmd`'s process writes at `cap` bytes (RLIMIT_FSIZE, SIGXFSZ ignored): a
+/// write past the cap fails with EFBIG, as on a full disk, without root or a tmpfs.
+pub fn limit_file_size(cmd: &mut Command, cap: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: cap,
+                rlim_max: cap,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -24,21 +24,28 @@ pub fn tmp_path(final_path: &Path) -> PathBuf {
 /// Unset, it costs one cached lookup.
 pub fn crash_point(point: impl FnOnce() -> String) {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if let Some(at) = AT.get_or_init(|| std::env::var("KD_CRASH_AT").ok())
-        && *at == point()
-    {
+    if let Some(at) = env_matches(&AT, "KD_CRASH_AT", point) {
         eprintln!("KD_CRASH_AT={at}: aborting");
         std::process::abort();
     }
+}
+
+/// The value of `var` (read once into `cell`) when it equals `point()`; `point` is only
+/// formatted when the variable is set.
+fn env_matches(
+    cell: &'static std::sync::OnceLock<Option<String>>,
+    var: &str,
+    point: impl FnOnce() -> String,
+) -> Option<&'static str> {
+    let at = cell.get_or_init(|| std::env::var(var).ok()).as_deref()?;
+    (at == point()).then_some(at)
 }
 
 /// Fault injection for numeric tests: true when the environment variable `KD_FAULT` equals
 /// `point` (`nan-loss:<step>` makes `student-fit`'s loss at that step NaN).
 pub fn injected_fault(point: impl FnOnce() -> String) -> bool {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    AT.get_or_init(|| std::env::var("KD_FAULT").ok())
-        .as_ref()
-        .is_some_and(|at| *at == point())
+    env_matches(&AT, "KD_FAULT", point).is_some()
 }
 
 /// Lower-case hex of a byte string.

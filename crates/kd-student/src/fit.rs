@@ -116,16 +116,7 @@ pub struct FitConfig {
 
 /// Deletes all but the newest `keep` published checkpoints under `out`.
 fn prune_checkpoints(out: &Path, keep: usize) -> anyhow::Result<()> {
-    let root = out.join("checkpoints");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .map_err(io(&root))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
-        })
-        .collect();
-    dirs.sort();
+    let dirs = checkpoint_dirs(out);
     let n = dirs.len().saturating_sub(keep.max(1));
     for d in &dirs[..n] {
         std::fs::remove_dir_all(d).map_err(io(d))?;
@@ -337,87 +328,95 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> anyhow::Error + '_ {
     move |e| anyhow::anyhow!("{}: {e}", path.display())
 }
 
-/// Writes a checkpoint directory atomically: a temporary directory is filled and fsynced, then
-/// renamed to `step-NNNNNNNN`; a checkpoint is complete or absent.
+/// Publishes a directory atomically: `fill` writes into a temporary sibling
+/// `.tmp-<name>-<pid>`, every file in it is fsynced, then it is renamed over `dest` and the
+/// parent fsynced, so `dest` is complete (old or new) or absent. On error the temporary
+/// directory is removed. `crash` names the [`kd_shard::crash_point`] just before the rename.
+fn publish_dir(
+    dest: &Path,
+    crash: impl FnOnce() -> String,
+    fill: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let filled = (|| -> anyhow::Result<()> {
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        fill(&tmp)?;
+        for e in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
+            let p = e.map_err(io(&tmp))?.path();
+            std::fs::File::open(&p)
+                .and_then(|h| h.sync_all())
+                .map_err(io(&p))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = filled {
+        // Nothing half-written stays behind; what was published is untouched.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("writing {}", dest.display())));
+    }
+    kd_shard::crash_point(crash);
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(io(dest))?;
+    }
+    std::fs::rename(&tmp, dest).map_err(io(dest))?;
+    std::fs::File::open(parent)
+        .and_then(|h| h.sync_all())
+        .map_err(io(parent))?;
+    Ok(())
+}
+
+/// Writes checkpoint `checkpoints/step-NNNNNNNN` with [`publish_dir`]: the weights, config and
+/// tokenizer (so a checkpoint is also a Hugging Face directory), AdamW moments and state.
 fn save_checkpoint(
     dir: &Path,
     student: &Student,
     opt: &AdamW,
     state: &CheckpointState,
 ) -> anyhow::Result<PathBuf> {
-    let root = dir.join("checkpoints");
-    std::fs::create_dir_all(&root).map_err(io(&root))?;
-    let final_dir = root.join(format!("step-{:08}", state.step));
-    let tmp = root.join(format!(
-        ".tmp-step-{:08}-{}",
-        state.step,
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let fill = || -> anyhow::Result<()> {
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        // The weights plus config and tokenizer: a checkpoint is also a Hugging Face directory.
-        export(student, &state.config.shards, &tmp)?;
-        opt.save_state(&tmp.join("optimizer.safetensors"))?;
-        let state_path = tmp.join("state.json");
-        std::fs::write(&state_path, serde_json::to_vec_pretty(state)?).map_err(io(&state_path))?;
-        for f in [
-            "model.safetensors",
-            "config.json",
-            "generation_config.json",
-            "optimizer.safetensors",
-            "state.json",
-        ] {
-            let p = tmp.join(f);
-            std::fs::File::open(&p)
-                .and_then(|h| h.sync_all())
-                .map_err(io(&p))?;
-        }
-        Ok(())
-    };
-    if let Err(e) = fill() {
-        // Nothing half-written stays behind; published checkpoints are untouched.
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.context(format!("writing checkpoint {}", final_dir.display())));
-    }
-    kd_shard::crash_point(|| format!("checkpoint-before-rename:{}", state.step));
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
-    std::fs::File::open(&root)
-        .and_then(|h| h.sync_all())
-        .map_err(io(&root))?;
+    let final_dir = dir
+        .join("checkpoints")
+        .join(format!("step-{:08}", state.step));
+    publish_dir(
+        &final_dir,
+        || format!("checkpoint-before-rename:{}", state.step),
+        |tmp| {
+            export(student, &state.config.shards, tmp)?;
+            opt.save_state(&tmp.join("optimizer.safetensors"))?;
+            let state_path = tmp.join("state.json");
+            std::fs::write(&state_path, serde_json::to_vec_pretty(state)?)
+                .map_err(io(&state_path))?;
+            Ok(())
+        },
+    )?;
     Ok(final_dir)
 }
 
-/// Removes half-written checkpoint and export directories a killed run left behind (never a
-/// published `step-*` or `student` one).
+/// Removes half-written checkpoint and export directories (`.tmp-*`) a killed run left behind
+/// in `out` and `out/checkpoints` (never a published one).
 fn remove_stray_checkpoint_dirs(out: &Path) -> anyhow::Result<()> {
-    if let Ok(rd) = std::fs::read_dir(out) {
+    for dir in [out.to_path_buf(), out.join("checkpoints")] {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in rd.filter_map(|e| e.ok()) {
-            if e.file_name().to_string_lossy().starts_with(".tmp-student-") {
-                std::fs::remove_dir_all(e.path()).map_err(io(out))?;
+            if e.file_name().to_string_lossy().starts_with(".tmp-") && e.path().is_dir() {
+                std::fs::remove_dir_all(e.path()).map_err(io(&dir))?;
             }
-        }
-    }
-    let root = out.join("checkpoints");
-    let Ok(rd) = std::fs::read_dir(&root) else {
-        return Ok(());
-    };
-    for e in rd.filter_map(|e| e.ok()) {
-        if e.file_name().to_string_lossy().starts_with(".tmp-step-") {
-            std::fs::remove_dir_all(e.path()).map_err(io(&root))?;
         }
     }
     Ok(())
 }
 
-/// The newest complete checkpoint under `out`, if any.
-pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
-    let root = out.join("checkpoints");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .ok()?
+/// The published checkpoints under `out`, oldest first.
+fn checkpoint_dirs(out: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(out.join("checkpoints")) else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.file_name()
@@ -426,7 +425,12 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
         })
         .collect();
     dirs.sort();
-    dirs.pop()
+    dirs
+}
+
+/// The newest complete checkpoint under `out`, if any.
+pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
+    checkpoint_dirs(out).pop()
 }
 
 /// Writes a Hugging Face directory `transformers` loads as `LlamaForCausalLM` into `dest`
@@ -455,36 +459,15 @@ pub fn export(student: &Student, shards: &Path, dest: &Path) -> anyhow::Result<(
     Ok(())
 }
 
-/// [`export`] published atomically: written into a temporary sibling directory, fsynced,
-/// then renamed over `dest`, so `dest` is always a complete export (old or new).
+/// [`export`] published atomically with [`publish_dir`]: `dest` is always a complete export
+/// (old or new).
 pub fn publish_export(student: &Student, shards: &Path, dest: &Path) -> anyhow::Result<()> {
-    let parent = dest.parent().unwrap_or(Path::new("."));
     let name = dest.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let fill = || -> anyhow::Result<()> {
-        export(student, shards, &tmp)?;
-        for e in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
-            let p = e.map_err(io(&tmp))?.path();
-            std::fs::File::open(&p)
-                .and_then(|h| h.sync_all())
-                .map_err(io(&p))?;
-        }
-        Ok(())
-    };
-    if let Err(e) = fill() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.context(format!("exporting {}", dest.display())));
-    }
-    kd_shard::crash_point(|| format!("export-before-rename:{name}"));
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(io(dest))?;
-    }
-    std::fs::rename(&tmp, dest).map_err(io(dest))?;
-    std::fs::File::open(parent)
-        .and_then(|h| h.sync_all())
-        .map_err(io(parent))?;
-    Ok(())
+    publish_dir(
+        dest,
+        || format!("export-before-rename:{name}"),
+        |tmp| export(student, shards, tmp),
+    )
 }
 
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
