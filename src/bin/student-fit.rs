@@ -359,10 +359,8 @@ fn logits(l: LogitsArgs) -> anyhow::Result<()> {
         .to_vec2()?;
     let rows: Vec<Vec<f64>> = z.iter().map(|r| kd_model::log_softmax_f64(r)).collect();
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer(
-        &mut out,
-        &serde_json::json!({"ids": l.ids, "logprobs": rows}),
-    )?;
-    writeln!(out)?;
+    // Written as one string so that a closed pipe surfaces as an io error (quiet exit).
+    let json = serde_json::to_string(&serde_json::json!({"ids": l.ids, "logprobs": rows}))?;
+    writeln!(out, "{json}")?;
     Ok(())
 }
