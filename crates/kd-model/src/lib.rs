@@ -22,16 +22,17 @@
 //! ```
 
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod gguf_check;
+pub mod kernels;
 pub mod llama;
 pub mod loader;
-pub mod packed;
 pub mod testing;
 pub mod trainable;
 
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
 pub use llama::{KvCache, Layer, Linear, Llama, log_softmax_f64, top_k};
-pub use loader::{LoadedModel, ModelIdentity, Precision, load, sha256_file};
+pub use loader::{Kernels, LoadedModel, ModelIdentity, Precision, load, load_with, sha256_file};
 pub use trainable::Student;

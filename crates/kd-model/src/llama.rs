@@ -5,39 +5,21 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::LlamaConfig;
+use crate::cpu::{CpuLlama, SeqCache};
 use crate::error::Result;
-use crate::packed::PackedLinear;
 
 /// A linear map `y = x Wᵀ`: dense f32 (exact) or candle's quantized kernel (approximate:
 /// activations are quantized to 8 bits inside its CPU dot products).
 pub enum Linear {
     Dense(Tensor),
-    /// Exact f32 like `Dense`, plus the GGUF blocks for small batches (decoding), which are
-    /// multiplied in f32 by [`PackedLinear`] at a fraction of the memory traffic.
-    Packed {
-        dense: Tensor,
-        packed: PackedLinear,
-    },
     Quant(QMatMul),
 }
-
-/// Up to this many rows go through the packed kernel; larger products use the dense GEMM.
-const PACKED_MAX_ROWS: usize = 16;
 
 impl Linear {
     /// `x` is `[n, in]`, the result `[n, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Linear::Dense(w) => x.matmul(&w.t()?)?,
-            Linear::Packed { dense, packed } => {
-                let n = x.dim(0)?;
-                if n <= PACKED_MAX_ROWS && x.device().is_cpu() {
-                    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                    Tensor::from_vec(packed.matmul(&xs, n), (n, packed.rows()), x.device())?
-                } else {
-                    x.matmul(&dense.t()?)?
-                }
-            }
             Linear::Quant(q) => q.forward(x)?,
         })
     }
@@ -56,28 +38,51 @@ pub struct Layer {
 }
 
 /// A llama-family decoder ready for inference.
+///
+/// Two implementations sit behind one interface: on a CPU with AVX-512 the exact path runs
+/// [`CpuLlama`] (f32 products straight from the GGUF blocks, no padding, per-sequence KV
+/// caches); elsewhere, and for [`crate::Precision::Quantized`], candle's tensors do the work.
+/// Both compute the same function; see [`crate::load_with`] to choose.
 pub struct Llama {
     pub cfg: LlamaConfig,
-    /// `[vocab, hidden]` f32 embedding table.
-    pub embed: Tensor,
-    pub layers: Vec<Layer>,
-    pub norm: Tensor,
-    pub lm_head: Linear,
     /// Whether q/k use the interleaved (GGUF) or the half-split (Hugging Face) RoPE layout.
     pub rope_interleaved: bool,
-    cos: Tensor,
-    sin: Tensor,
     pub device: Device,
+    backend: Backend,
 }
 
-/// Per-layer keys and values for a batch of rows, plus which slots each row may attend to.
-///
+enum Backend {
+    Candle(CandleLlama),
+    Cpu(Box<CpuLlama>),
+}
+
+struct CandleLlama {
+    /// `[vocab, hidden]` f32 embedding table.
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Per-layer keys and values for a batch of rows being decoded together.
+pub struct KvCache {
+    inner: CacheInner,
+}
+
+enum CacheInner {
+    Candle(CandleCache),
+    /// One cache per sequence: rows join, leave and reorder without touching the others.
+    Cpu(Vec<SeqCache>),
+}
+
 /// Rows of different lengths share one `[batch, kv_heads, len, head_dim]` tensor per layer:
 /// a right-padded prefill leaves padding after a short prompt, and rows that join later
 /// ([`KvCache::append`]) are padded to the common length. Each row records its padding slots,
 /// which are masked out of attention, and its own next RoPE position, so a row's results do
 /// not depend on which other rows share its batch.
-pub struct KvCache {
+struct CandleCache {
     kv: Vec<Option<(Tensor, Tensor)>>,
     rows: Vec<RowSlots>,
     len: usize,
@@ -92,19 +97,53 @@ struct RowSlots {
 
 impl KvCache {
     pub fn batch_size(&self) -> usize {
-        self.rows.len()
+        match &self.inner {
+            CacheInner::Candle(c) => c.rows.len(),
+            CacheInner::Cpu(s) => s.len(),
+        }
     }
 
     /// Position (RoPE index) of the next token of row `b`.
     pub fn next_position(&self, b: usize) -> usize {
-        self.rows[b].next_pos
+        match &self.inner {
+            CacheInner::Candle(c) => c.rows[b].next_pos,
+            CacheInner::Cpu(s) => s[b].len(),
+        }
     }
 
     /// Keeps only the given rows (in that order), e.g. after some rows finished.
     pub fn retain_rows(&mut self, rows: &[usize]) -> Result<()> {
-        if rows.len() == self.rows.len() && rows.iter().enumerate().all(|(i, &r)| i == r) {
+        if rows.len() == self.batch_size() && rows.iter().enumerate().all(|(i, &r)| i == r) {
             return Ok(());
         }
+        match &mut self.inner {
+            CacheInner::Candle(c) => c.retain_rows(rows),
+            CacheInner::Cpu(s) => {
+                let mut old: Vec<Option<SeqCache>> = s.drain(..).map(Some).collect();
+                *s = rows
+                    .iter()
+                    .map(|&r| old[r].take().expect("each row kept once"))
+                    .collect();
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds the rows of `other` (a fresh prefill of the same model) after this cache's rows.
+    pub fn append(&mut self, other: KvCache) -> Result<()> {
+        match (&mut self.inner, other.inner) {
+            (CacheInner::Candle(a), CacheInner::Candle(b)) => a.append(b),
+            (CacheInner::Cpu(a), CacheInner::Cpu(b)) => {
+                a.extend(b);
+                Ok(())
+            }
+            _ => panic!("caches of different backends"),
+        }
+    }
+}
+
+impl CandleCache {
+    fn retain_rows(&mut self, rows: &[usize]) -> Result<()> {
         let dev = match self.kv.iter().flatten().next() {
             Some((k, _)) => k.device().clone(),
             None => Device::Cpu,
@@ -122,9 +161,9 @@ impl KvCache {
         Ok(())
     }
 
-    /// Adds the rows of `other` (a fresh prefill) after this cache's rows, padding whichever
-    /// is shorter with masked slots.
-    pub fn append(&mut self, mut other: KvCache) -> Result<()> {
+    /// Adds the rows of `other` after this cache's rows, padding whichever is shorter with
+    /// masked slots.
+    fn append(&mut self, mut other: CandleCache) -> Result<()> {
         let len = self.len.max(other.len);
         self.pad_to(len)?;
         other.pad_to(len)?;
@@ -161,6 +200,7 @@ impl KvCache {
 }
 
 impl Llama {
+    /// A model computed by candle's tensor operations.
     pub fn new(
         cfg: LlamaConfig,
         embed: Tensor,
@@ -172,31 +212,40 @@ impl Llama {
     ) -> Result<Self> {
         let half = cfg.head_dim() / 2;
         let max = cfg.max_position_embeddings;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32)
-            .collect();
-        let mut cos = Vec::with_capacity(max * half);
-        let mut sin = Vec::with_capacity(max * half);
-        for p in 0..max {
-            for &f in &inv {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
+        let (cos, sin) = crate::cpu::rope_tables(&cfg);
         let cos = Tensor::from_vec(cos, (max, half), device)?;
         let sin = Tensor::from_vec(sin, (max, half), device)?;
         Ok(Self {
             cfg,
-            embed,
-            layers,
-            norm,
-            lm_head,
             rope_interleaved,
-            cos,
-            sin,
             device: device.clone(),
+            backend: Backend::Candle(CandleLlama {
+                embed,
+                layers,
+                norm,
+                lm_head,
+                cos,
+                sin,
+            }),
         })
+    }
+
+    /// A model computed by the AVX-512 CPU kernels.
+    pub fn new_cpu(model: CpuLlama) -> Self {
+        Self {
+            cfg: model.cfg.clone(),
+            rope_interleaved: model.rope_interleaved,
+            device: Device::Cpu,
+            backend: Backend::Cpu(Box::new(model)),
+        }
+    }
+
+    /// Which implementation computes: `"cpu-kernels"` or `"candle"`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Candle(_) => "candle",
+            Backend::Cpu(_) => "cpu-kernels",
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -225,10 +274,42 @@ impl Llama {
         Ok(())
     }
 
-    /// Runs a right-padded batch of whole sequences and returns the final-norm hidden states
-    /// `[batch, max_len, hidden]`. With `cache`, fills a new KV cache for decoding.
+    /// Runs a batch of whole sequences and returns the final-norm hidden states
+    /// `[batch, max_len, hidden]` (rows shorter than the longest are right-padded; what the
+    /// padding positions hold is unspecified). With `want_cache`, fills a new KV cache for
+    /// decoding.
     pub fn prefill(&self, rows: &[&[u32]], want_cache: bool) -> Result<(Tensor, Option<KvCache>)> {
         self.check_ids(rows)?;
+        let b = rows.len();
+        let l = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+        let d = self.cfg.hidden_size;
+        match &self.backend {
+            Backend::Cpu(m) => {
+                let mut seqs: Vec<SeqCache> = (0..b).map(|_| m.new_cache()).collect();
+                let mut refs: Vec<&mut SeqCache> = seqs.iter_mut().collect();
+                let h = rayon::scope(|_| m.forward(&mut refs, rows));
+                let mut padded = vec![0f32; b * l * d];
+                let mut at = 0;
+                for (i, r) in rows.iter().enumerate() {
+                    let n = r.len() * d;
+                    padded[i * l * d..i * l * d + n].copy_from_slice(&h[at..at + n]);
+                    at += n;
+                }
+                let cache = want_cache.then(|| KvCache {
+                    inner: CacheInner::Cpu(seqs),
+                });
+                Ok((Tensor::from_vec(padded, (b, l, d), &self.device)?, cache))
+            }
+            Backend::Candle(c) => self.candle_prefill(c, rows, want_cache),
+        }
+    }
+
+    fn candle_prefill(
+        &self,
+        c: &CandleLlama,
+        rows: &[&[u32]],
+        want_cache: bool,
+    ) -> Result<(Tensor, Option<KvCache>)> {
         let b = rows.len();
         let l = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
         let mut ids = Vec::with_capacity(b * l);
@@ -248,8 +329,8 @@ impl Llama {
         let ids = Tensor::from_vec(ids, (b, l), &self.device)?;
         let pos = Tensor::from_vec(pos, b * l, &self.device)?;
         let mask = Tensor::from_vec(mask, (b, 1, l, l), &self.device)?;
-        let mut cache = want_cache.then(|| KvCache {
-            kv: (0..self.layers.len()).map(|_| None).collect(),
+        let mut cache = want_cache.then(|| CandleCache {
+            kv: (0..c.layers.len()).map(|_| None).collect(),
             rows: rows
                 .iter()
                 .map(|r| RowSlots {
@@ -263,11 +344,23 @@ impl Llama {
                 .collect(),
             len: 0,
         });
-        let h = self.forward(&ids, &pos, &mask, cache.as_mut())?;
+        let h = c.forward(
+            &self.cfg,
+            self.rope_interleaved,
+            &ids,
+            &pos,
+            &mask,
+            cache.as_mut(),
+        )?;
         if let Some(c) = cache.as_mut() {
             c.len = l;
         }
-        Ok((h, cache))
+        Ok((
+            h,
+            cache.map(|c| KvCache {
+                inner: CacheInner::Candle(c),
+            }),
+        ))
     }
 
     /// Decodes one token per row; returns the final-norm hidden states `[batch, hidden]`.
@@ -283,43 +376,111 @@ impl Llama {
                 vocab: self.cfg.vocab_size,
             });
         }
-        let lk = cache.len + 1;
-        let pos: Vec<u32> = (0..b).map(|r| cache.next_position(r) as u32).collect();
-        if let Some(&p) = pos.iter().max()
-            && p as usize >= self.max_len()
+        if let Some(p) = (0..b).map(|r| cache.next_position(r)).max()
+            && p >= self.max_len()
         {
             return Err(crate::Error::TooLong {
-                len: p as usize + 1,
+                len: p + 1,
                 max: self.max_len(),
             });
         }
-        let mut mask = vec![0f32; b * lk];
-        for (r, slots) in cache.rows.iter().enumerate() {
-            for &(a, e) in &slots.masked {
-                mask[r * lk + a..r * lk + e].fill(f32::NEG_INFINITY);
+        match (&self.backend, &mut cache.inner) {
+            (Backend::Cpu(m), CacheInner::Cpu(seqs)) => {
+                let mut refs: Vec<&mut SeqCache> = seqs.iter_mut().collect();
+                let toks: Vec<&[u32]> = tokens.chunks(1).collect();
+                let h = rayon::scope(|_| m.forward(&mut refs, &toks));
+                Ok(Tensor::from_vec(
+                    h,
+                    (b, self.cfg.hidden_size),
+                    &self.device,
+                )?)
             }
+            (Backend::Candle(c), CacheInner::Candle(cache)) => {
+                let lk = cache.len + 1;
+                let pos: Vec<u32> = cache.rows.iter().map(|r| r.next_pos as u32).collect();
+                let mut mask = vec![0f32; b * lk];
+                for (r, slots) in cache.rows.iter().enumerate() {
+                    for &(a, e) in &slots.masked {
+                        mask[r * lk + a..r * lk + e].fill(f32::NEG_INFINITY);
+                    }
+                }
+                let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
+                let pos = Tensor::from_vec(pos, b, &self.device)?;
+                let mask = Tensor::from_vec(mask, (b, 1, 1, lk), &self.device)?;
+                let h = c.forward(
+                    &self.cfg,
+                    self.rope_interleaved,
+                    &ids,
+                    &pos,
+                    &mask,
+                    Some(cache),
+                )?;
+                cache.len = lk;
+                for r in &mut cache.rows {
+                    r.next_pos += 1;
+                }
+                Ok(h.squeeze(1)?)
+            }
+            _ => panic!("a cache from another model"),
         }
-        let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
-        let pos = Tensor::from_vec(pos, b, &self.device)?;
-        let mask = Tensor::from_vec(mask, (b, 1, 1, lk), &self.device)?;
-        let h = self.forward(&ids, &pos, &mask, Some(cache))?;
-        cache.len = lk;
-        for r in &mut cache.rows {
-            r.next_pos += 1;
-        }
-        Ok(h.squeeze(1)?)
     }
 
+    /// Logits `[n, vocab]` (f32) for hidden states `[n, hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.backend {
+            Backend::Cpu(_) => {
+                let n = hidden.dim(0)?;
+                let v = self.logits_vec(hidden)?;
+                Ok(Tensor::from_vec(v, (n, self.cfg.vocab_size), &self.device)?)
+            }
+            Backend::Candle(c) => Ok(c.lm_head.forward(hidden)?.to_dtype(DType::F32)?),
+        }
+    }
+
+    /// [`Llama::logits`] as a row-major `Vec` (no copy on the CPU-kernel path).
+    pub fn logits_vec(&self, hidden: &Tensor) -> Result<Vec<f32>> {
+        match &self.backend {
+            Backend::Cpu(m) => {
+                let (n, _) = hidden.dims2()?;
+                let h: Vec<f32> = hidden.flatten_all()?.to_vec1()?;
+                Ok(rayon::scope(|_| m.logits(&h, n)))
+            }
+            Backend::Candle(_) => Ok(self.logits(hidden)?.flatten_all()?.to_vec1()?),
+        }
+    }
+
+    /// Logits for selected positions: `sel` holds `(row, position)` pairs into a
+    /// `[batch, len, hidden]` prefill output. Returns `[sel.len(), vocab]`.
+    pub fn logits_at(&self, hidden: &Tensor, sel: &[(usize, usize)]) -> Result<Tensor> {
+        self.logits(&self.select(hidden, sel)?)
+    }
+
+    /// [`Llama::logits_at`] as a row-major `Vec`.
+    pub fn logits_at_vec(&self, hidden: &Tensor, sel: &[(usize, usize)]) -> Result<Vec<f32>> {
+        self.logits_vec(&self.select(hidden, sel)?)
+    }
+
+    fn select(&self, hidden: &Tensor, sel: &[(usize, usize)]) -> Result<Tensor> {
+        let (_, l, d) = hidden.dims3()?;
+        let flat = hidden.reshape(((), d))?;
+        let idx: Vec<u32> = sel.iter().map(|&(r, t)| (r * l + t) as u32).collect();
+        let idx = Tensor::from_vec(idx, sel.len(), hidden.device())?;
+        Ok(flat.index_select(&idx, 0)?)
+    }
+}
+
+impl CandleLlama {
     /// `ids` `[b, l]`, `pos` `[b*l]` RoPE positions, `mask` `[b, 1, l, lk]` additive.
     fn forward(
         &self,
+        cfg: &LlamaConfig,
+        rope_interleaved: bool,
         ids: &Tensor,
         pos: &Tensor,
         mask: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        mut cache: Option<&mut CandleCache>,
     ) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
-        let cfg = &self.cfg;
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -347,7 +508,7 @@ impl Llama {
             let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let (q, k) = if self.rope_interleaved {
+            let (q, k) = if rope_interleaved {
                 (
                     candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
                     candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
@@ -390,21 +551,6 @@ impl Llama {
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         Ok(x.reshape((b, l, cfg.hidden_size))?)
-    }
-
-    /// Logits `[n, vocab]` (f32) for hidden states `[n, hidden]`.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
-    }
-
-    /// Logits for selected positions: `sel` holds `(row, position)` pairs into a
-    /// `[batch, len, hidden]` prefill output. Returns `[sel.len(), vocab]`.
-    pub fn logits_at(&self, hidden: &Tensor, sel: &[(usize, usize)]) -> Result<Tensor> {
-        let (_, l, d) = hidden.dims3()?;
-        let flat = hidden.reshape(((), d))?;
-        let idx: Vec<u32> = sel.iter().map(|&(r, t)| (r * l + t) as u32).collect();
-        let idx = Tensor::from_vec(idx, sel.len(), &self.device)?;
-        self.logits(&flat.index_select(&idx, 0)?)
     }
 }
 

@@ -11,9 +11,10 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::LlamaConfig;
+use crate::cpu::{CpuLayer, CpuLlama};
 use crate::error::{Error, Result};
+use crate::kernels::PanelMatrix;
 use crate::llama::{Layer, Linear, Llama};
-use crate::packed::PackedLinear;
 
 /// How the teacher computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -45,13 +46,33 @@ pub struct LoadedModel {
     pub identity: ModelIdentity,
 }
 
+/// Which implementation computes an exact model on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// The AVX-512 kernels of [`crate::cpu`] where the CPU has them, otherwise candle.
+    Auto,
+    /// candle's tensor operations (f32 GEMM on dequantized weights).
+    Candle,
+}
+
 /// Loads a model from a `.gguf` file or a directory with `config.json`, `*.safetensors` and
 /// `tokenizer.json`.
 pub fn load(path: &Path, precision: Precision, device: &Device) -> Result<LoadedModel> {
+    load_with(path, precision, device, Kernels::Auto)
+}
+
+/// [`load`] with a choice of implementation (both compute the same function; tests and the
+/// benchmark compare them).
+pub fn load_with(
+    path: &Path,
+    precision: Precision,
+    device: &Device,
+    kernels: Kernels,
+) -> Result<LoadedModel> {
     if path.is_dir() {
-        load_hf_dir(path, precision, device)
+        load_hf_dir(path, precision, device, kernels)
     } else if path.exists() {
-        load_gguf(path, precision, device)
+        load_gguf(path, precision, device, kernels)
     } else {
         Err(Error::Io {
             path: path.to_path_buf(),
@@ -183,7 +204,12 @@ pub fn gguf_config(c: &gguf_file::Content, path: &Path) -> Result<LlamaConfig> {
     Ok(cfg)
 }
 
-fn load_gguf(path: &Path, precision: Precision, device: &Device) -> Result<LoadedModel> {
+fn load_gguf(
+    path: &Path,
+    precision: Precision,
+    device: &Device,
+    kernels: Kernels,
+) -> Result<LoadedModel> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -224,57 +250,41 @@ fn load_gguf(path: &Path, precision: Precision, device: &Device) -> Result<Loade
         }
         Ok(t)
     };
-    let lin = |t: candle_core::quantized::QTensor| -> Result<Linear> {
-        Ok(match precision {
-            // candle's CPU dot products need an even number of blocks per row (they panic
-            // otherwise), so narrower matrices stay dense.
-            Precision::Quantized
-                if !matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16)
-                    && t.shape().dims().last().is_some_and(|c| c % 64 == 0) =>
-            {
-                Linear::Quant(QMatMul::from_qtensor(t)?)
-            }
-            _ => {
-                let dense = t.dequantize(device)?;
-                match device
-                    .is_cpu()
-                    .then(|| PackedLinear::from_qtensor(&t))
-                    .flatten()
-                {
-                    Some(packed) => Linear::Packed { dense, packed },
-                    None => Linear::Dense(dense),
-                }
-            }
-        })
-    };
     let d = cfg.hidden_size;
     let kvd = cfg.num_key_value_heads * cfg.head_dim();
     let ff = cfg.intermediate_size;
     let v = cfg.vocab_size;
-    let embed_q = get("token_embd.weight", &[v, d])?;
-    let embed = embed_q.dequantize(device)?;
+    let embed = W::Q(get("token_embd.weight", &[v, d])?);
     // Not `with_capacity(num_hidden_layers)`: the count comes from the file, and a missing
     // layer's tensors end the loop with an error long before a huge count would.
     let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let n = |s: &str| format!("blk.{i}.{s}.weight");
-        layers.push(Layer {
+        layers.push(RawLayer {
             attn_norm: get(&n("attn_norm"), &[d])?.dequantize(device)?,
-            q: lin(get(&n("attn_q"), &[d, d])?)?,
-            k: lin(get(&n("attn_k"), &[kvd, d])?)?,
-            v: lin(get(&n("attn_v"), &[kvd, d])?)?,
-            o: lin(get(&n("attn_output"), &[d, d])?)?,
+            q: W::Q(get(&n("attn_q"), &[d, d])?),
+            k: W::Q(get(&n("attn_k"), &[kvd, d])?),
+            v: W::Q(get(&n("attn_v"), &[kvd, d])?),
+            o: W::Q(get(&n("attn_output"), &[d, d])?),
             ffn_norm: get(&n("ffn_norm"), &[d])?.dequantize(device)?,
-            gate: lin(get(&n("ffn_gate"), &[ff, d])?)?,
-            up: lin(get(&n("ffn_up"), &[ff, d])?)?,
-            down: lin(get(&n("ffn_down"), &[d, ff])?)?,
+            gate: W::Q(get(&n("ffn_gate"), &[ff, d])?),
+            up: W::Q(get(&n("ffn_up"), &[ff, d])?),
+            down: W::Q(get(&n("ffn_down"), &[d, ff])?),
         });
     }
     let norm = get("output_norm.weight", &[d])?.dequantize(device)?;
     let lm_head = if cfg.tie_word_embeddings {
-        lin(embed_q)?
+        None
     } else {
-        lin(get("output.weight", &[v, d])?)?
+        Some(W::Q(get("output.weight", &[v, d])?))
+    };
+    let raw = RawModel {
+        cfg: cfg.clone(),
+        embed,
+        layers,
+        norm,
+        lm_head,
+        rope_interleaved: true,
     };
     let file_type = content
         .metadata
@@ -291,7 +301,7 @@ fn load_gguf(path: &Path, precision: Precision, device: &Device) -> Result<Loade
         config: cfg.clone(),
         precision,
     };
-    let model = Llama::new(cfg, embed, layers, norm, lm_head, true, device)?;
+    let model = raw.build(precision, device, kernels)?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -379,7 +389,12 @@ pub fn load_hf_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Te
     Ok(all)
 }
 
-fn load_hf_dir(dir: &Path, precision: Precision, device: &Device) -> Result<LoadedModel> {
+fn load_hf_dir(
+    dir: &Path,
+    precision: Precision,
+    device: &Device,
+    kernels: Kernels,
+) -> Result<LoadedModel> {
     let cfg = read_hf_config(dir)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer =
@@ -407,30 +422,38 @@ fn load_hf_dir(dir: &Path, precision: Precision, device: &Device) -> Result<Load
     let kvd = cfg.num_key_value_heads * cfg.head_dim();
     let ff = cfg.intermediate_size;
     let v = cfg.vocab_size;
-    let embed = take("model.embed_tokens.weight", &[v, d])?;
+    let embed = W::T(take("model.embed_tokens.weight", &[v, d])?);
     // Not `with_capacity(num_hidden_layers)`: the count comes from the file, and a missing
     // layer's tensors end the loop with an error long before a huge count would.
     let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        let mut dense = |n: &str, shape: &[usize]| take(&format!("{p}.{n}.weight"), shape);
-        layers.push(Layer {
-            attn_norm: dense("input_layernorm", &[d])?,
-            q: Linear::Dense(dense("self_attn.q_proj", &[d, d])?),
-            k: Linear::Dense(dense("self_attn.k_proj", &[kvd, d])?),
-            v: Linear::Dense(dense("self_attn.v_proj", &[kvd, d])?),
-            o: Linear::Dense(dense("self_attn.o_proj", &[d, d])?),
-            ffn_norm: dense("post_attention_layernorm", &[d])?,
-            gate: Linear::Dense(dense("mlp.gate_proj", &[ff, d])?),
-            up: Linear::Dense(dense("mlp.up_proj", &[ff, d])?),
-            down: Linear::Dense(dense("mlp.down_proj", &[d, ff])?),
+        let mut t = |n: &str, shape: &[usize]| take(&format!("{p}.{n}.weight"), shape);
+        layers.push(RawLayer {
+            attn_norm: t("input_layernorm", &[d])?,
+            q: W::T(t("self_attn.q_proj", &[d, d])?),
+            k: W::T(t("self_attn.k_proj", &[kvd, d])?),
+            v: W::T(t("self_attn.v_proj", &[kvd, d])?),
+            o: W::T(t("self_attn.o_proj", &[d, d])?),
+            ffn_norm: t("post_attention_layernorm", &[d])?,
+            gate: W::T(t("mlp.gate_proj", &[ff, d])?),
+            up: W::T(t("mlp.up_proj", &[ff, d])?),
+            down: W::T(t("mlp.down_proj", &[d, ff])?),
         });
     }
     let norm = take("model.norm.weight", &[d])?;
     let lm_head = if cfg.tie_word_embeddings {
-        Linear::Dense(embed.clone())
+        None
     } else {
-        Linear::Dense(take("lm_head.weight", &[v, d])?)
+        Some(W::T(take("lm_head.weight", &[v, d])?))
+    };
+    let raw = RawModel {
+        cfg: cfg.clone(),
+        embed,
+        layers,
+        norm,
+        lm_head,
+        rope_interleaved: false,
     };
     let mut h = Sha256::new();
     for f in safetensors_files(dir)? {
@@ -446,10 +469,160 @@ fn load_hf_dir(dir: &Path, precision: Precision, device: &Device) -> Result<Load
         config: cfg.clone(),
         precision,
     };
-    let model = Llama::new(cfg, embed, layers, norm, lm_head, false, device)?;
+    let model = raw.build(precision, device, kernels)?;
     Ok(LoadedModel {
         model,
         tokenizer,
         identity,
     })
+}
+
+/// A weight matrix as the file holds it: GGUF blocks or a Hugging Face tensor.
+enum W {
+    Q(candle_core::quantized::QTensor),
+    T(Tensor),
+}
+
+impl W {
+    fn dense(&self, device: &Device) -> Result<Tensor> {
+        Ok(match self {
+            W::Q(q) => q.dequantize(device)?,
+            W::T(t) => t.to_dtype(DType::F32)?,
+        })
+    }
+
+    fn candle_linear(self, precision: Precision, device: &Device) -> Result<Linear> {
+        Ok(match self {
+            // candle's CPU dot products need an even number of blocks per row (they panic
+            // otherwise), so narrower matrices stay dense.
+            W::Q(q)
+                if precision == Precision::Quantized
+                    && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16)
+                    && q.shape().dims().last().is_some_and(|c| c % 64 == 0) =>
+            {
+                Linear::Quant(QMatMul::from_qtensor(q)?)
+            }
+            w => Linear::Dense(w.dense(device)?),
+        })
+    }
+
+    fn f32_values(&self) -> Result<Vec<f32>> {
+        Ok(self.dense(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+    }
+}
+
+/// Matrices with the same number of columns stacked along the rows, in panel layout (GGUF
+/// blocks kept when all parts share one quantization).
+fn panels(parts: &[&W]) -> Result<PanelMatrix> {
+    let qs: Option<Vec<&candle_core::quantized::QTensor>> = parts
+        .iter()
+        .map(|w| match w {
+            W::Q(q) => Some(q),
+            W::T(_) => None,
+        })
+        .collect();
+    if let Some(qs) = qs {
+        return Ok(PanelMatrix::stack(&qs)?);
+    }
+    let cols = match parts[0] {
+        W::Q(q) => q.shape().dims()[1],
+        W::T(t) => t.dim(1)?,
+    };
+    let mut all = Vec::new();
+    for p in parts {
+        all.extend(p.f32_values()?);
+    }
+    Ok(PanelMatrix::from_f32(&all, all.len() / cols, cols))
+}
+
+struct RawLayer {
+    attn_norm: Tensor,
+    q: W,
+    k: W,
+    v: W,
+    o: W,
+    ffn_norm: Tensor,
+    gate: W,
+    up: W,
+    down: W,
+}
+
+struct RawModel {
+    cfg: LlamaConfig,
+    embed: W,
+    layers: Vec<RawLayer>,
+    norm: Tensor,
+    /// `None` when tied to the embeddings.
+    lm_head: Option<W>,
+    rope_interleaved: bool,
+}
+
+impl RawModel {
+    fn build(self, precision: Precision, device: &Device, kernels: Kernels) -> Result<Llama> {
+        let cpu = kernels == Kernels::Auto
+            && precision == Precision::Exact
+            && device.is_cpu()
+            && crate::kernels::supported();
+        if cpu {
+            return self.build_cpu();
+        }
+        let embed = self.embed.dense(device)?;
+        let layers = self
+            .layers
+            .into_iter()
+            .map(|l| {
+                Ok(Layer {
+                    attn_norm: l.attn_norm,
+                    q: l.q.candle_linear(precision, device)?,
+                    k: l.k.candle_linear(precision, device)?,
+                    v: l.v.candle_linear(precision, device)?,
+                    o: l.o.candle_linear(precision, device)?,
+                    ffn_norm: l.ffn_norm,
+                    gate: l.gate.candle_linear(precision, device)?,
+                    up: l.up.candle_linear(precision, device)?,
+                    down: l.down.candle_linear(precision, device)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = match self.lm_head {
+            Some(w) => w.candle_linear(precision, device)?,
+            None => self.embed.candle_linear(precision, device)?,
+        };
+        Llama::new(
+            self.cfg,
+            embed,
+            layers,
+            self.norm,
+            lm_head,
+            self.rope_interleaved,
+            device,
+        )
+    }
+
+    fn build_cpu(self) -> Result<Llama> {
+        let vec = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let mut layers = Vec::new();
+        for l in &self.layers {
+            layers.push(CpuLayer {
+                attn_norm: vec(&l.attn_norm)?,
+                qkv: panels(&[&l.q, &l.k, &l.v])?,
+                o: panels(&[&l.o])?,
+                ffn_norm: vec(&l.ffn_norm)?,
+                gate_up: panels(&[&l.gate, &l.up])?,
+                down: panels(&[&l.down])?,
+            });
+        }
+        let lm_head = panels(&[self.lm_head.as_ref().unwrap_or(&self.embed)])?;
+        let model = CpuLlama::new(
+            self.cfg,
+            self.embed.f32_values()?,
+            layers,
+            vec(&self.norm)?,
+            lm_head,
+            self.rope_interleaved,
+        );
+        Ok(Llama::new_cpu(model))
+    }
 }

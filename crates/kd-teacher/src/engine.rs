@@ -1,7 +1,8 @@
 //! The teacher pass: batched generation with a KV cache, teacher-forced scoring, and capture
 //! of the top-k log-probabilities at every response position.
 
-use kd_model::{KvCache, Llama, log_softmax_f64, top_k};
+use kd_model::kernels::{log_sum_exp, top_k_logits};
+use kd_model::{KvCache, Llama, log_softmax_f64};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -17,13 +18,15 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Appends one position from its full-vocabulary T=1 log-probabilities.
-    fn record(&mut self, lp: &[f64], k: usize, next: u32) {
-        for (id, l) in top_k(lp, k) {
+    /// Appends one position from its full-vocabulary logits: the top-k and the next token's
+    /// log-probability at T=1 (`logit − logsumexp`, in f64).
+    fn record(&mut self, logits: &[f32], lse: f64, top: &[(u32, f32)], next: u32) {
+        for &(id, l) in top {
             self.topk_ids.push(id);
-            self.topk_logprobs.push(l as f32);
+            self.topk_logprobs.push((l as f64 - lse) as f32);
         }
-        self.token_logprob.push(lp[next as usize] as f32);
+        self.token_logprob
+            .push((logits[next as usize] as f64 - lse) as f32);
     }
 }
 
@@ -122,7 +125,7 @@ impl Engine<'_> {
                     .enumerate()
                     .map(|(i, p)| (i, p.len() - 1))
                     .collect();
-                let lg: Vec<f32> = model.logits_at(&hidden, &sel)?.flatten_all()?.to_vec1()?;
+                let lg: Vec<f32> = model.logits_at_vec(&hidden, &sel)?;
                 work.prefill_seconds += t0.elapsed().as_secs_f64();
                 logits.extend(lg);
                 active.extend(new);
@@ -146,9 +149,19 @@ impl Engine<'_> {
                 .into_par_iter()
                 .enumerate()
                 .map(|(j, (r, (g, s)))| {
-                    let lp = log_softmax_f64(&flat[j * v..(j + 1) * v]);
-                    let next = s.choose(&lp);
-                    g.capture.record(&lp, k, next);
+                    let row = &flat[j * v..(j + 1) * v];
+                    let top = top_k_logits(row, k);
+                    // Greedy picks the first of the top-k (largest logit, smallest id on
+                    // ties); sampling needs the whole distribution.
+                    let next = if s.is_greedy() {
+                        match top.first() {
+                            Some(t) => t.0,
+                            None => top_k_logits(row, 1)[0].0,
+                        }
+                    } else {
+                        s.choose(&log_softmax_f64(row))
+                    };
+                    g.capture.record(row, log_sum_exp(row), &top, next);
                     g.response.push(next);
                     (r, next)
                 })
@@ -184,7 +197,7 @@ impl Engine<'_> {
             let c = cache.as_mut().expect("active rows have a cache");
             c.retain_rows(&keep)?;
             let h = model.step(c, &next_tokens)?;
-            logits = model.logits(&h)?.flatten_all()?.to_vec1()?;
+            logits = model.logits_vec(&h)?;
         }
         Ok(out)
     }
@@ -228,18 +241,15 @@ impl Engine<'_> {
         let v = self.model.vocab_size();
         let mut caps: Vec<Capture> = vec![Capture::default(); rows.len()];
         for chunk in sel.chunks(self.logits_chunk.max(1)) {
-            let flat: Vec<f32> = self
-                .model
-                .logits_at(&hidden, chunk)?
-                .flatten_all()?
-                .to_vec1()?;
+            let flat: Vec<f32> = self.model.logits_at_vec(&hidden, chunk)?;
             let per: Vec<(usize, Capture)> = chunk
                 .par_iter()
                 .enumerate()
                 .map(|(j, &(i, t))| {
                     let mut c = Capture::default();
-                    let lp = log_softmax_f64(&flat[j * v..(j + 1) * v]);
-                    c.record(&lp, self.top_k, seqs[i][t + 1]);
+                    let row = &flat[j * v..(j + 1) * v];
+                    let top = top_k_logits(row, self.top_k);
+                    c.record(row, log_sum_exp(row), &top, seqs[i][t + 1]);
                     (i, c)
                 })
                 .collect();

@@ -39,6 +39,10 @@ impl Sampler {
         }
     }
 
+    pub fn is_greedy(&self) -> bool {
+        self.cfg.is_greedy()
+    }
+
     /// Picks the next token from T=1 log-probabilities over the whole vocabulary.
     pub fn choose(&mut self, logprobs: &[f64]) -> u32 {
         if self.cfg.is_greedy() {

@@ -1,0 +1,330 @@
+//! The teacher's forward pass on plain buffers for CPUs with AVX-512: weight products by
+//! [`PanelMatrix`] (exact f32 on the GGUF blocks), attention over a per-sequence KV cache, and
+//! no padding anywhere. A batch is ragged: each sequence contributes its own new tokens, and
+//! all of them go through each weight product together.
+//!
+//! Every operation on a token depends only on that token and on its own sequence's cache, in
+//! a fixed order, so a sequence's hidden states are bit-identical whatever else shares its
+//! batch, and decoding token by token gives the same values as a prefill of the whole
+//! sequence.
+
+use rayon::prelude::*;
+
+use crate::config::LlamaConfig;
+use crate::kernels::{PanelMatrix, exp_in_place, silu_mul};
+
+pub struct CpuLayer {
+    pub attn_norm: Vec<f32>,
+    /// q, k and v stacked: `[d + 2·kv_dim, d]`.
+    pub qkv: PanelMatrix,
+    pub o: PanelMatrix,
+    pub ffn_norm: Vec<f32>,
+    /// gate and up stacked: `[2·ff, d]`.
+    pub gate_up: PanelMatrix,
+    pub down: PanelMatrix,
+}
+
+pub struct CpuLlama {
+    pub cfg: LlamaConfig,
+    /// `[vocab, hidden]` f32 embedding table.
+    pub embed: Vec<f32>,
+    pub layers: Vec<CpuLayer>,
+    pub norm: Vec<f32>,
+    pub lm_head: PanelMatrix,
+    /// Interleaved (GGUF) or half-split (Hugging Face) RoPE pairs.
+    pub rope_interleaved: bool,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// One sequence's keys and values: per layer, `[len, kv_dim]` position-major.
+#[derive(Clone, Debug, Default)]
+pub struct SeqCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl SeqCache {
+    pub fn new(layers: usize) -> Self {
+        Self {
+            k: vec![Vec::new(); layers],
+            v: vec![Vec::new(); layers],
+            len: 0,
+        }
+    }
+
+    /// Tokens held (the RoPE position of the next one).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: hands disjoint regions of one buffer to parallel tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// Tokens per parallel task for element-wise work.
+const ROWS_PER_TASK: usize = 16;
+
+impl CpuLlama {
+    pub fn new(
+        cfg: LlamaConfig,
+        embed: Vec<f32>,
+        layers: Vec<CpuLayer>,
+        norm: Vec<f32>,
+        lm_head: PanelMatrix,
+        rope_interleaved: bool,
+    ) -> Self {
+        let (cos, sin) = rope_tables(&cfg);
+        Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope_interleaved,
+            cos,
+            sin,
+        }
+    }
+
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache::new(self.layers.len())
+    }
+
+    /// Appends `tokens[s]` to sequence `s` for every `s`, and returns the final-norm hidden
+    /// states of all the new tokens, sequence after sequence: `[Σ len, hidden]`. Token ids and
+    /// lengths are checked by the caller.
+    pub fn forward(&self, seqs: &mut [&mut SeqCache], tokens: &[&[u32]]) -> Vec<f32> {
+        assert_eq!(seqs.len(), tokens.len(), "one token list per sequence");
+        let cfg = &self.cfg;
+        let d = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let kvd = cfg.num_key_value_heads * hd;
+        let ff = cfg.intermediate_size;
+        let eps = cfg.rms_norm_eps as f32;
+        let n: usize = tokens.iter().map(|t| t.len()).sum();
+        // Sequence s's new tokens are rows offs[s]..offs[s+1]; positions start at its length.
+        let mut offs = vec![0usize];
+        let mut pos = Vec::with_capacity(n);
+        for (s, t) in seqs.iter().zip(tokens) {
+            pos.extend((0..t.len()).map(|i| s.len + i));
+            offs.push(offs.last().unwrap() + t.len());
+        }
+        let mut x = vec![0f32; n * d];
+        for (row, &id) in x
+            .chunks_exact_mut(d)
+            .zip(tokens.iter().flat_map(|t| t.iter()))
+        {
+            row.copy_from_slice(&self.embed[id as usize * d..(id as usize + 1) * d]);
+        }
+        let qkv_w = d + 2 * kvd;
+        let mut h = vec![0f32; n * d];
+        let mut qkv = vec![0f32; n * qkv_w];
+        let mut att = vec![0f32; n * d];
+        let mut proj = vec![0f32; n * d];
+        let mut gu = vec![0f32; n * 2 * ff];
+        let mut m = vec![0f32; n * ff];
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, eps, &mut h);
+            layer.qkv.matmul_into(&h, n, &mut qkv);
+            qkv.par_chunks_mut(qkv_w * ROWS_PER_TASK)
+                .zip(pos.par_chunks(ROWS_PER_TASK))
+                .for_each(|(rows, ps)| {
+                    for (row, &p) in rows.chunks_exact_mut(qkv_w).zip(ps) {
+                        self.rope(&mut row[..d + kvd], p);
+                    }
+                });
+            for (s, seq) in seqs.iter_mut().enumerate() {
+                for r in offs[s]..offs[s + 1] {
+                    let row = &qkv[r * qkv_w..(r + 1) * qkv_w];
+                    seq.k[li].extend_from_slice(&row[d..d + kvd]);
+                    seq.v[li].extend_from_slice(&row[d + kvd..]);
+                }
+            }
+            self.attention(seqs, &offs, li, &qkv, &mut att);
+            layer.o.matmul_into(&att, n, &mut proj);
+            add_in_place(&mut x, &proj);
+            rms_norm(&x, &layer.ffn_norm, eps, &mut h);
+            layer.gate_up.matmul_into(&h, n, &mut gu);
+            m.par_chunks_mut(ff * ROWS_PER_TASK)
+                .zip(gu.par_chunks(2 * ff * ROWS_PER_TASK))
+                .for_each(|(mr, gr)| {
+                    for (mrow, grow) in mr.chunks_exact_mut(ff).zip(gr.chunks_exact(2 * ff)) {
+                        silu_mul(&grow[..ff], &grow[ff..], mrow);
+                    }
+                });
+            layer.down.matmul_into(&m, n, &mut proj);
+            add_in_place(&mut x, &proj);
+        }
+        for (s, t) in seqs.iter_mut().zip(tokens) {
+            s.len += t.len();
+        }
+        rms_norm(&x, &self.norm, eps, &mut h);
+        h
+    }
+
+    /// Logits `[n, vocab]` for final-norm hidden states `[n, hidden]`.
+    pub fn logits(&self, hidden: &[f32], n: usize) -> Vec<f32> {
+        self.lm_head.matmul(hidden, n)
+    }
+
+    fn rope(&self, qk: &mut [f32], p: usize) {
+        let hd = self.cfg.head_dim();
+        let half = hd / 2;
+        let cos = &self.cos[p * half..(p + 1) * half];
+        let sin = &self.sin[p * half..(p + 1) * half];
+        for head in qk.chunks_exact_mut(hd) {
+            for i in 0..half {
+                let (a, b) = if self.rope_interleaved {
+                    (2 * i, 2 * i + 1)
+                } else {
+                    (i, i + half)
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+
+    /// Causal attention of every new token over its own sequence's cache (which already holds
+    /// the new keys and values), in parallel over (sequence, head).
+    fn attention(
+        &self,
+        seqs: &[&mut SeqCache],
+        offs: &[usize],
+        li: usize,
+        qkv: &[f32],
+        out: &mut [f32],
+    ) {
+        let cfg = &self.cfg;
+        let d = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let rep = nh / nkv;
+        let kvd = nkv * hd;
+        let qkv_w = d + 2 * kvd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let jobs: Vec<(usize, usize)> = (0..seqs.len())
+            .filter(|&s| offs[s + 1] > offs[s])
+            .flat_map(|s| (0..nh).map(move |h| (s, h)))
+            .collect();
+        let dst = SendPtr(out.as_mut_ptr());
+        jobs.into_par_iter().for_each(|(s, h)| {
+            let seq = &seqs[s];
+            let kh = h / rep;
+            let (keys, vals) = (&seq.k[li], &seq.v[li]);
+            let new = offs[s + 1] - offs[s];
+            // Position of this sequence's first new token.
+            let start = seq.len;
+            let mut scores = vec![0f32; start + new];
+            let mut acc = vec![0f32; hd];
+            for t in 0..new {
+                let r = offs[s] + t;
+                let q = &qkv[r * qkv_w + h * hd..r * qkv_w + (h + 1) * hd];
+                let visible = start + t + 1;
+                let sc = &mut scores[..visible];
+                let mut max = f32::NEG_INFINITY;
+                for (j, e) in sc.iter_mut().enumerate() {
+                    *e = dot(q, &keys[j * kvd + kh * hd..j * kvd + (kh + 1) * hd]) * scale;
+                    max = max.max(*e);
+                }
+                let sum = exp_in_place(sc, max);
+                acc.fill(0.0);
+                for (j, &w) in sc.iter().enumerate() {
+                    axpy(
+                        w,
+                        &vals[j * kvd + kh * hd..j * kvd + (kh + 1) * hd],
+                        &mut acc,
+                    );
+                }
+                let inv = 1.0 / sum;
+                // SAFETY: job (s, h) alone writes columns h*hd..(h+1)*hd of its own rows.
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r * d + h * hd), hd) };
+                for (o, a) in o.iter_mut().zip(&acc) {
+                    *o = a * inv;
+                }
+            }
+        });
+    }
+}
+
+/// RoPE cos/sin tables `[positions, head_dim/2]`, computed as candle's path computes them.
+pub(crate) fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
+    let half = cfg.head_dim() / 2;
+    let max = cfg.max_position_embeddings;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32)
+        .collect();
+    let mut cos = Vec::with_capacity(max * half);
+    let mut sin = Vec::with_capacity(max * half);
+    for p in 0..max {
+        for &f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    (cos, sin)
+}
+
+/// Row-wise RMS norm of `x` `[n, d]` into `out`.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    out.par_chunks_mut(d * ROWS_PER_TASK)
+        .zip(x.par_chunks(d * ROWS_PER_TASK))
+        .for_each(|(o, x)| {
+            for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                let ss = dot(x, x);
+                let inv = 1.0 / (ss / d as f32 + eps).sqrt();
+                for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                    *o = x * inv * w;
+                }
+            }
+        });
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Dot product with 16 partial sums (vectorised by the compiler).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = 0.0;
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+#[inline]
+fn axpy(w: f32, x: &[f32], acc: &mut [f32]) {
+    for (a, &x) in acc.iter_mut().zip(x) {
+        *a += w * x;
+    }
+}

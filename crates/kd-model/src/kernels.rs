@@ -1,0 +1,861 @@
+//! Exact f32 CPU kernels for the teacher pass (AVX-512).
+//!
+//! [`PanelMatrix`] keeps a weight matrix in its GGUF quantization (Q4_0, Q4_1, Q8_0) or in
+//! f32, repacked into panels of 16 output rows: for every 32-column block, the 16 rows' scales
+//! and offsets as f32 vectors, then the quants transposed so that one 16-byte load holds one
+//! column of the 16 rows. The product expands each column to the very f32 values candle's
+//! `dequantize` produces (`q·d + m` with the same two roundings) and accumulates with fused
+//! multiply-adds against broadcast activations. No activation is quantized: the result equals
+//! a product with the dequantized f32 matrix up to summation order, at a fifth to an eighth of
+//! the memory traffic of f32 weights.
+//!
+//! Every output element is accumulated over the columns in one fixed order, whatever the
+//! number of input rows and however they are grouped, so a row's result does not depend on
+//! which other rows share its batch: batch 1 and batch 8 give bit-identical values.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use rayon::prelude::*;
+
+/// Output rows per panel (one AVX-512 vector of f32).
+const PANEL: usize = 16;
+/// Columns per block (the GGUF block size).
+const QK: usize = 32;
+/// Input rows multiplied together by one kernel call.
+const MAX_B: usize = 8;
+/// Input rows kept in cache while every panel of a task passes over them.
+const X_BLOCK: usize = 64;
+
+/// Whether this CPU runs these kernels (AVX-512F).
+pub fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PanelFormat {
+    Q40,
+    Q41,
+    Q80,
+    F32,
+}
+
+impl PanelFormat {
+    /// Bytes of one 16-row × 32-column block in panel layout.
+    fn block_bytes(self) -> usize {
+        match self {
+            PanelFormat::Q40 => 4 * PANEL + PANEL * QK / 2,
+            PanelFormat::Q41 => 8 * PANEL + PANEL * QK / 2,
+            PanelFormat::Q80 => 4 * PANEL + PANEL * QK,
+            PanelFormat::F32 => 4 * PANEL * QK,
+        }
+    }
+
+    /// Bytes of one 32-weight block of one row in GGUF layout.
+    fn gguf_block_bytes(self) -> usize {
+        match self {
+            PanelFormat::Q40 => 18,
+            PanelFormat::Q41 => 20,
+            PanelFormat::Q80 => 34,
+            PanelFormat::F32 => 4 * QK,
+        }
+    }
+}
+
+/// A `[rows, cols]` weight matrix in panel layout; see the module documentation.
+pub struct PanelMatrix {
+    format: PanelFormat,
+    rows: usize,
+    cols: usize,
+    /// Blocks per row: `cols / 32`, rounded up for f32 matrices (zero weights pad the tail).
+    blocks: usize,
+    data: Vec<u8>,
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+impl PanelMatrix {
+    /// Repacks a 2-D tensor. Q4_0, Q4_1 and Q8_0 keep their blocks; any other type is
+    /// dequantized by candle and kept in f32.
+    pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
+        let &[rows, cols] = t.shape().dims() else {
+            candle_core::bail!("a weight matrix must be 2-D, found {:?}", t.shape());
+        };
+        let format = match t.dtype() {
+            GgmlDType::Q4_0 if cols % QK == 0 => PanelFormat::Q40,
+            GgmlDType::Q4_1 if cols % QK == 0 => PanelFormat::Q41,
+            GgmlDType::Q8_0 if cols % QK == 0 => PanelFormat::Q80,
+            _ => {
+                let dense = t.dequantize(&candle_core::Device::Cpu)?;
+                let v: Vec<f32> = dense.flatten_all()?.to_vec1()?;
+                return Ok(Self::from_f32(&v, rows, cols));
+            }
+        };
+        let raw = t.data()?;
+        let bb = format.gguf_block_bytes();
+        let blocks = cols / QK;
+        if raw.len() != rows * blocks * bb {
+            candle_core::bail!("{} bytes for a {rows}x{cols} {format:?} matrix", raw.len());
+        }
+        Ok(Self::pack(format, rows, cols, blocks, |r, j| {
+            &raw[(r * blocks + j) * bb..(r * blocks + j + 1) * bb]
+        }))
+    }
+
+    /// An f32 matrix, row-major `[rows, cols]`.
+    pub fn from_f32(w: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(w.len(), rows * cols, "weight shape");
+        let blocks = cols.div_ceil(QK);
+        let mut block = [0u8; 4 * QK];
+        let mut m = Self::pack(PanelFormat::F32, rows, cols, blocks, |_, _| &[]);
+        // `pack` left f32 panels zeroed; fill them here (the tail block keeps zero weights).
+        let pb = PanelFormat::F32.block_bytes();
+        for g in 0..rows.div_ceil(PANEL) {
+            for j in 0..blocks {
+                let dst = &mut m.data[(g * blocks + j) * pb..(g * blocks + j + 1) * pb];
+                for r in 0..PANEL.min(rows - g * PANEL) {
+                    let row = g * PANEL + r;
+                    block.fill(0);
+                    for c in j * QK..((j + 1) * QK).min(cols) {
+                        let i = c - j * QK;
+                        block[4 * i..4 * i + 4].copy_from_slice(&w[row * cols + c].to_le_bytes());
+                    }
+                    for i in 0..QK {
+                        let at = 4 * (i * PANEL + r);
+                        dst[at..at + 4].copy_from_slice(&block[4 * i..4 * i + 4]);
+                    }
+                }
+            }
+        }
+        m
+    }
+
+    fn pack<'a>(
+        format: PanelFormat,
+        rows: usize,
+        cols: usize,
+        blocks: usize,
+        gguf: impl Fn(usize, usize) -> &'a [u8],
+    ) -> Self {
+        let groups = rows.div_ceil(PANEL);
+        let pb = format.block_bytes();
+        let mut data = vec![0u8; groups * blocks * pb];
+        if format != PanelFormat::F32 {
+            for g in 0..groups {
+                for j in 0..blocks {
+                    let dst = &mut data[(g * blocks + j) * pb..(g * blocks + j + 1) * pb];
+                    // Rows past the end (padding) keep zero scales, offsets and quants.
+                    for r in 0..PANEL.min(rows - g * PANEL) {
+                        let src = gguf(g * PANEL + r, j);
+                        let put_f32 = |dst: &mut [u8], at: usize, v: f32| {
+                            dst[at..at + 4].copy_from_slice(&v.to_le_bytes())
+                        };
+                        put_f32(dst, 4 * r, f16_at(src, 0));
+                        let qs = match format {
+                            PanelFormat::Q41 => {
+                                put_f32(dst, 4 * PANEL + 4 * r, f16_at(src, 2));
+                                8 * PANEL
+                            }
+                            _ => 4 * PANEL,
+                        };
+                        match format {
+                            PanelFormat::Q40 | PanelFormat::Q41 => {
+                                let q = &src[src.len() - QK / 2..];
+                                for i in 0..QK / 2 {
+                                    dst[qs + i * PANEL + r] = q[i];
+                                }
+                            }
+                            PanelFormat::Q80 => {
+                                let q = &src[2..];
+                                for i in 0..QK {
+                                    dst[qs + i * PANEL + r] = q[i];
+                                }
+                            }
+                            PanelFormat::F32 => unreachable!(),
+                        }
+                    }
+                }
+            }
+        }
+        Self {
+            format,
+            rows,
+            cols,
+            blocks,
+            data,
+        }
+    }
+
+    /// Stacks matrices with the same number of columns along the rows (e.g. q, k and v into
+    /// one product). Matrices of different formats are stacked in f32.
+    pub fn stack(parts: &[&QTensor]) -> candle_core::Result<Self> {
+        let mut rows = 0;
+        let mut cols = None;
+        for p in parts {
+            let &[r, c] = p.shape().dims() else {
+                candle_core::bail!("a weight matrix must be 2-D, found {:?}", p.shape());
+            };
+            if *cols.get_or_insert(c) != c {
+                candle_core::bail!("stacked matrices differ in columns");
+            }
+            rows += r;
+        }
+        let cols = cols.unwrap_or(0);
+        let same = parts.windows(2).all(|w| w[0].dtype() == w[1].dtype());
+        let quant = same && parts.iter().all(|p| p.dtype() != GgmlDType::F32);
+        if quant {
+            let mut raw = Vec::new();
+            for p in parts {
+                raw.extend_from_slice(&p.data()?);
+            }
+            let first = parts[0];
+            let q = QTensor::new(
+                candle_core::quantized::QStorage::from_data(
+                    std::borrow::Cow::Owned(raw),
+                    &candle_core::Device::Cpu,
+                    first.dtype(),
+                )?,
+                (rows, cols),
+            )?;
+            return Self::from_qtensor(&q);
+        }
+        let mut w = Vec::with_capacity(rows * cols);
+        for p in parts {
+            let d = p.dequantize(&candle_core::Device::Cpu)?;
+            w.extend(d.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(Self::from_f32(&w, rows, cols))
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn format(&self) -> PanelFormat {
+        self.format
+    }
+
+    /// `y = x · Wᵀ` for `x` `[n, cols]` row-major; `y` is `[n, rows]` row-major. Runs on the
+    /// rayon pool, split over output rows.
+    pub fn matmul_into(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        assert!(supported(), "PanelMatrix needs AVX-512F");
+        assert_eq!(x.len(), n * self.cols, "input shape");
+        assert_eq!(y.len(), n * self.rows, "output shape");
+        if n == 0 {
+            return;
+        }
+        let groups = self.rows.div_ceil(PANEL);
+        let pairs = groups.div_ceil(2);
+        let threads = rayon::current_num_threads().max(1);
+        // A few tasks per thread for balance, each a whole number of panel pairs.
+        let tasks = (threads * 4).min(pairs);
+        let per = pairs.div_ceil(tasks);
+        let out = SendPtr(y.as_mut_ptr());
+        (0..pairs.div_ceil(per)).into_par_iter().for_each(|t| {
+            let g0 = t * per * 2;
+            let g1 = ((t + 1) * per * 2).min(groups);
+            // SAFETY: task t writes only columns [g0*16, g1*16) ∩ [0, rows) of y, disjoint
+            // from every other task's; `y` outlives the parallel loop.
+            unsafe { self.task(x, n, out, g0, g1) };
+        });
+    }
+
+    /// Allocating form of [`PanelMatrix::matmul_into`].
+    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; n * self.rows];
+        self.matmul_into(x, n, &mut y);
+        y
+    }
+
+    /// Panels `g0..g1` against every input row.
+    ///
+    /// # Safety
+    /// `y` points to an `[n, rows]` buffer of which this call writes only columns of panels
+    /// `g0..g1`, and no other thread writes those.
+    unsafe fn task(&self, x: &[f32], n: usize, y: SendPtr, g0: usize, g1: usize) {
+        let gb = self.blocks * self.format.block_bytes();
+        let mut xb = 0;
+        while xb < n {
+            let xe = (xb + X_BLOCK).min(n);
+            let mut g = g0;
+            while g < g1 {
+                let two = g + 1 < g1;
+                let mut b = xb;
+                while b < xe {
+                    let nb = (xe - b).min(MAX_B);
+                    let call = Call {
+                        w: self.data[g * gb..].as_ptr(),
+                        group_bytes: gb,
+                        x: x[b * self.cols..].as_ptr(),
+                        y: unsafe { y.0.add(b * self.rows + g * PANEL) },
+                        rows_valid: [
+                            self.rows - g * PANEL,
+                            self.rows.saturating_sub((g + 1) * PANEL),
+                        ],
+                    };
+                    // SAFETY: the panels g (and g+1 when `two`) exist, x holds rows b..b+nb,
+                    // and y's columns for these panels belong to this task.
+                    unsafe {
+                        simd::dispatch(
+                            self.format,
+                            self.blocks,
+                            self.cols,
+                            self.rows,
+                            nb,
+                            two,
+                            &call,
+                        )
+                    };
+                    b += nb;
+                }
+                g += if two { 2 } else { 1 };
+            }
+            xb = xe;
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint regions of one buffer to rayon tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// One kernel invocation: up to two panels against up to eight input rows.
+struct Call {
+    w: *const u8,
+    group_bytes: usize,
+    x: *const f32,
+    y: *mut f32,
+    /// Valid output rows in each of the two panels (≥ 16 means all).
+    rows_valid: [usize; 2],
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{Call, MAX_B, PANEL, PanelFormat, QK};
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// See [`super::PanelMatrix::task`]; `nb` ≤ 8 rows of x (stride `cols`) and of y (stride
+    /// `rows`) are valid, and AVX-512F is present.
+    pub(super) unsafe fn dispatch(
+        format: PanelFormat,
+        blocks: usize,
+        cols: usize,
+        rows: usize,
+        nb: usize,
+        two: bool,
+        c: &Call,
+    ) {
+        macro_rules! go {
+            ($f:expr) => {
+                unsafe {
+                    match (nb, two) {
+                        (8, true) => kernel::<8, 2, { $f }>(blocks, cols, rows, c),
+                        (7, true) => kernel::<7, 2, { $f }>(blocks, cols, rows, c),
+                        (6, true) => kernel::<6, 2, { $f }>(blocks, cols, rows, c),
+                        (5, true) => kernel::<5, 2, { $f }>(blocks, cols, rows, c),
+                        (4, true) => kernel::<4, 2, { $f }>(blocks, cols, rows, c),
+                        (3, true) => kernel::<3, 2, { $f }>(blocks, cols, rows, c),
+                        (2, true) => kernel::<2, 2, { $f }>(blocks, cols, rows, c),
+                        (_, true) => kernel::<1, 2, { $f }>(blocks, cols, rows, c),
+                        (8, false) => kernel::<8, 1, { $f }>(blocks, cols, rows, c),
+                        (7, false) => kernel::<7, 1, { $f }>(blocks, cols, rows, c),
+                        (6, false) => kernel::<6, 1, { $f }>(blocks, cols, rows, c),
+                        (5, false) => kernel::<5, 1, { $f }>(blocks, cols, rows, c),
+                        (4, false) => kernel::<4, 1, { $f }>(blocks, cols, rows, c),
+                        (3, false) => kernel::<3, 1, { $f }>(blocks, cols, rows, c),
+                        (2, false) => kernel::<2, 1, { $f }>(blocks, cols, rows, c),
+                        (_, false) => kernel::<1, 1, { $f }>(blocks, cols, rows, c),
+                    }
+                }
+            };
+        }
+        debug_assert!((1..=MAX_B).contains(&nb));
+        match format {
+            PanelFormat::Q40 => go!(0),
+            PanelFormat::Q41 => go!(1),
+            PanelFormat::Q80 => go!(2),
+            PanelFormat::F32 => go!(3),
+        }
+    }
+
+    const fn format_of(f: u8) -> PanelFormat {
+        match f {
+            0 => PanelFormat::Q40,
+            1 => PanelFormat::Q41,
+            2 => PanelFormat::Q80,
+            _ => PanelFormat::F32,
+        }
+    }
+
+    /// Columns `i` and `i + 16` of one block of one panel, as candle dequantizes them.
+    #[inline(always)]
+    unsafe fn expand<const F: u8>(blk: *const u8, i: usize) -> (__m512, __m512) {
+        unsafe {
+            match format_of(F) {
+                PanelFormat::Q41 => {
+                    let d = _mm512_loadu_ps(blk as *const f32);
+                    let m = _mm512_loadu_ps(blk.add(4 * PANEL) as *const f32);
+                    let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        blk.add(8 * PANEL + i * PANEL) as *const __m128i
+                    ));
+                    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0x0F)));
+                    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+                    (
+                        _mm512_add_ps(_mm512_mul_ps(lo, d), m),
+                        _mm512_add_ps(_mm512_mul_ps(hi, d), m),
+                    )
+                }
+                PanelFormat::Q40 => {
+                    let d = _mm512_loadu_ps(blk as *const f32);
+                    let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        blk.add(4 * PANEL + i * PANEL) as *const __m128i
+                    ));
+                    let eight = _mm512_set1_epi32(8);
+                    let lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(
+                        _mm512_and_si512(q, _mm512_set1_epi32(0x0F)),
+                        eight,
+                    ));
+                    let hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight));
+                    (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d))
+                }
+                PanelFormat::Q80 => {
+                    let d = _mm512_loadu_ps(blk as *const f32);
+                    let p = blk.add(4 * PANEL);
+                    let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        p.add(i * PANEL) as *const __m128i,
+                    )));
+                    let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        p.add((i + QK / 2) * PANEL) as *const __m128i,
+                    )));
+                    (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d))
+                }
+                PanelFormat::F32 => {
+                    let p = blk as *const f32;
+                    (
+                        _mm512_loadu_ps(p.add(i * PANEL)),
+                        _mm512_loadu_ps(p.add((i + QK / 2) * PANEL)),
+                    )
+                }
+            }
+        }
+    }
+
+    /// `B` input rows against `G` panels: per block, column pairs (i, i+16) in order.
+    #[allow(clippy::needless_range_loop)] // indices over registers read best as in the math
+    #[target_feature(enable = "avx512f")]
+    unsafe fn kernel<const B: usize, const G: usize, const F: u8>(
+        blocks: usize,
+        cols: usize,
+        rows: usize,
+        c: &Call,
+    ) {
+        unsafe {
+            let bb = format_of(F).block_bytes();
+            let mut acc = [[_mm512_setzero_ps(); G]; B];
+            // Whole blocks; an f32 matrix whose width is not a multiple of 32 has a partial
+            // last block, whose missing columns are skipped (their weights are zero, but the
+            // input beyond `cols` belongs to the next row).
+            let full = cols / QK;
+            for j in 0..full {
+                for i in 0..QK / 2 {
+                    let mut lo = [_mm512_setzero_ps(); G];
+                    let mut hi = [_mm512_setzero_ps(); G];
+                    for g in 0..G {
+                        (lo[g], hi[g]) = expand::<F>(c.w.add(g * c.group_bytes + j * bb), i);
+                    }
+                    for b in 0..B {
+                        let xp = c.x.add(b * cols + j * QK + i);
+                        let xl = _mm512_set1_ps(*xp);
+                        let xh = _mm512_set1_ps(*xp.add(QK / 2));
+                        for g in 0..G {
+                            acc[b][g] = _mm512_fmadd_ps(lo[g], xl, acc[b][g]);
+                            acc[b][g] = _mm512_fmadd_ps(hi[g], xh, acc[b][g]);
+                        }
+                    }
+                }
+            }
+            if full < blocks {
+                let j = full;
+                for i in 0..QK / 2 {
+                    let mut lo = [_mm512_setzero_ps(); G];
+                    let mut hi = [_mm512_setzero_ps(); G];
+                    for g in 0..G {
+                        (lo[g], hi[g]) = expand::<F>(c.w.add(g * c.group_bytes + j * bb), i);
+                    }
+                    let (cl, ch) = (j * QK + i, j * QK + i + QK / 2);
+                    for b in 0..B {
+                        let xp = c.x.add(b * cols);
+                        if cl < cols {
+                            let xl = _mm512_set1_ps(*xp.add(cl));
+                            for g in 0..G {
+                                acc[b][g] = _mm512_fmadd_ps(lo[g], xl, acc[b][g]);
+                            }
+                        }
+                        if ch < cols {
+                            let xh = _mm512_set1_ps(*xp.add(ch));
+                            for g in 0..G {
+                                acc[b][g] = _mm512_fmadd_ps(hi[g], xh, acc[b][g]);
+                            }
+                        }
+                    }
+                }
+            }
+            for g in 0..G {
+                let valid = c.rows_valid[g].min(PANEL);
+                let mask: __mmask16 = if valid >= PANEL {
+                    0xFFFF
+                } else {
+                    ((1u32 << valid) - 1) as __mmask16
+                };
+                for b in 0..B {
+                    _mm512_mask_storeu_ps(c.y.add(b * rows + g * PANEL), mask, acc[b][g]);
+                }
+            }
+        }
+    }
+
+    /// `e^x` for 16 lanes (Cephes `expf`: range reduction by ln 2 in two parts and a degree-6
+    /// polynomial; ≤ 2 ulp). Flushes to 0 below −87.3, where f32 results would be subnormal.
+    #[inline(always)]
+    pub(super) unsafe fn exp16(x: __m512) -> __m512 {
+        unsafe {
+            // Operands in this order keep a NaN input (vmaxps/vminps return the second
+            // operand when either is NaN).
+            let tiny = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-87.3));
+            let x = _mm512_max_ps(_mm512_set1_ps(-87.3), x);
+            let x = _mm512_min_ps(_mm512_set1_ps(88.3), x);
+            let n = _mm512_roundscale_ps(
+                _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+            let mut p = _mm512_set1_ps(1.987_569_1e-4);
+            for c in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                1.666_666_5e-1,
+                0.5,
+            ] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+            }
+            let r2 = _mm512_mul_ps(r, r);
+            let p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+            _mm512_maskz_mov_ps(!tiny, _mm512_scalef_ps(p, n))
+        }
+    }
+
+    /// `Σ e^(v_i − shift)` in f64 (each term in f32).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sum_exp(v: &[f32], shift: f32) -> f64 {
+        unsafe {
+            let s = _mm512_set1_ps(shift);
+            let mut acc = _mm512_setzero_pd();
+            let mut acc2 = _mm512_setzero_pd();
+            let chunks = v.len() / 16;
+            for k in 0..chunks {
+                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(v.as_ptr().add(16 * k)), s));
+                acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+                acc2 = _mm512_add_pd(acc2, _mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(e)));
+            }
+            let mut total = _mm512_reduce_add_pd(_mm512_add_pd(acc, acc2));
+            for &x in &v[chunks * 16..] {
+                total += exp_scalar(x - shift) as f64;
+            }
+            total
+        }
+    }
+
+    /// `v_i ← e^(v_i − shift)` in place; returns their sum.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_in_place(v: &mut [f32], shift: f32) -> f32 {
+        unsafe {
+            let s = _mm512_set1_ps(shift);
+            let mut acc = _mm512_setzero_ps();
+            let chunks = v.len() / 16;
+            for k in 0..chunks {
+                let p = v.as_mut_ptr().add(16 * k);
+                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p), s));
+                _mm512_storeu_ps(p, e);
+                acc = _mm512_add_ps(acc, e);
+            }
+            let mut total = _mm512_reduce_add_ps(acc);
+            for x in &mut v[chunks * 16..] {
+                *x = exp_scalar(*x - shift);
+                total += *x;
+            }
+            total
+        }
+    }
+
+    /// `out_i = g_i / (1 + e^(−g_i)) · u_i` (SiLU of the gate times the up projection).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+        unsafe {
+            let chunks = out.len() / 16;
+            let one = _mm512_set1_ps(1.0);
+            for k in 0..chunks {
+                let gv = _mm512_loadu_ps(g.as_ptr().add(16 * k));
+                let uv = _mm512_loadu_ps(u.as_ptr().add(16 * k));
+                let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+                let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+                _mm512_storeu_ps(out.as_mut_ptr().add(16 * k), _mm512_mul_ps(s, uv));
+            }
+            for i in chunks * 16..out.len() {
+                out[i] = g[i] / (1.0 + exp_scalar(-g[i])) * u[i];
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_scalar(x: f32) -> f32 {
+        unsafe { _mm512_cvtss_f32(exp16(_mm512_set1_ps(x))) }
+    }
+}
+
+/// Log-sum-exp of one row of logits (terms in f32, the sum in f64).
+pub fn log_sum_exp(v: &[f32]) -> f64 {
+    let max = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    if !max.is_finite() {
+        return max as f64;
+    }
+    let sum = if supported() {
+        // SAFETY: AVX-512F checked above.
+        unsafe { simd::sum_exp(v, max) }
+    } else {
+        v.iter().map(|&x| (x as f64 - max as f64).exp()).sum()
+    };
+    max as f64 + sum.ln()
+}
+
+/// `v_i ← e^(v_i − shift)`; returns the sum (the softmax numerators of attention).
+pub fn exp_in_place(v: &mut [f32], shift: f32) -> f32 {
+    assert!(supported(), "kernels need AVX-512F");
+    // SAFETY: AVX-512F checked above.
+    unsafe { simd::exp_in_place(v, shift) }
+}
+
+/// `out_i = silu(g_i) · u_i`.
+pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+    assert!(supported(), "kernels need AVX-512F");
+    assert!(
+        g.len() == out.len() && u.len() == out.len(),
+        "silu_mul shapes"
+    );
+    // SAFETY: AVX-512F checked above; the three slices have the same length.
+    unsafe { simd::silu_mul(g, u, out) }
+}
+
+/// The `k` largest logits as `(id, logit)`, largest first, ties by smaller id first.
+pub fn top_k_logits(v: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let k = k.min(v.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    // Order: value descending (total order, so NaN sorts as largest like `total_cmp`), then id.
+    let better = |a: (u32, f32), b: (u32, f32)| match a.1.total_cmp(&b.1) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => a.0 < b.0,
+    };
+    let mut best: Vec<(u32, f32)> = (0..k as u32).map(|i| (i, v[i as usize])).collect();
+    best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    for (i, &x) in v.iter().enumerate().skip(k) {
+        let last = best[k - 1];
+        // Later ids lose ties, so only a strictly better value enters.
+        if x.total_cmp(&last.1) == std::cmp::Ordering::Greater {
+            let cand = (i as u32, x);
+            let at = best.partition_point(|&e| better(e, cand));
+            best.pop();
+            best.insert(at, cand);
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn dense_product(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<f64> {
+        let mut y = vec![0f64; n * rows];
+        for b in 0..n {
+            for r in 0..rows {
+                y[b * rows + r] = (0..cols)
+                    .map(|c| w[r * cols + c] as f64 * x[b * cols + c] as f64)
+                    .sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn products_match_the_dequantized_matrix_for_every_format_and_shape() {
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX-512F");
+            return;
+        }
+        let mut rng = crate::testing::Rng::new(5);
+        for (rows, cols) in [(70, 96), (16, 32), (33, 64), (5, 32)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+            let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+            for dt in [
+                GgmlDType::Q4_0,
+                GgmlDType::Q4_1,
+                GgmlDType::Q8_0,
+                GgmlDType::F32,
+                GgmlDType::F16,
+            ] {
+                let q = QTensor::quantize(&wt, dt).unwrap();
+                let dense: Vec<f32> = q
+                    .dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let p = PanelMatrix::from_qtensor(&q).unwrap();
+                for n in [1, 3, 8, 11, 70] {
+                    let x: Vec<f32> = (0..n * cols).map(|_| rng.normal()).collect();
+                    let want = dense_product(&dense, rows, cols, &x, n);
+                    let got = p.matmul(&x, n);
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!(
+                            (*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()) * (cols as f64).sqrt(),
+                            "{dt:?} {rows}x{cols} n={n}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_matrices_of_any_width_and_stacks_match() {
+        if !supported() {
+            return;
+        }
+        let mut rng = crate::testing::Rng::new(9);
+        for (rows, cols) in [(3, 8), (20, 40), (17, 100)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+            let p = PanelMatrix::from_f32(&w, rows, cols);
+            for n in [1, 9] {
+                // Large values past each row's end would leak into a partial block.
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|i| rng.normal() * (1 + i % 7) as f32)
+                    .collect();
+                let want = dense_product(&w, rows, cols, &x, n);
+                for (a, b) in p.matmul(&x, n).iter().zip(&want) {
+                    assert!(
+                        (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{a} vs {b}"
+                    );
+                }
+            }
+        }
+        // q, k, v stacked: the stacked product is the three products side by side.
+        let parts: Vec<QTensor> = [(64, 64), (32, 64), (32, 64)]
+            .iter()
+            .map(|&(r, c)| {
+                let w: Vec<f32> = (0..r * c).map(|_| rng.normal()).collect();
+                let t = Tensor::from_vec(w, (r, c), &Device::Cpu).unwrap();
+                QTensor::quantize(&t, GgmlDType::Q4_1).unwrap()
+            })
+            .collect();
+        let stacked = PanelMatrix::stack(&parts.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(stacked.format(), PanelFormat::Q41);
+        let x: Vec<f32> = (0..3 * 64).map(|_| rng.normal()).collect();
+        let all = stacked.matmul(&x, 3);
+        let mut off = 0;
+        for p in &parts {
+            let one = PanelMatrix::from_qtensor(p).unwrap().matmul(&x, 3);
+            let r = p.shape().dims()[0];
+            for b in 0..3 {
+                assert_eq!(
+                    &all[b * 128 + off..b * 128 + off + r],
+                    &one[b * r..(b + 1) * r]
+                );
+            }
+            off += r;
+        }
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_its_batch() {
+        if !supported() {
+            return;
+        }
+        let mut rng = crate::testing::Rng::new(3);
+        let (rows, cols) = (48, 64);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+        let q = QTensor::quantize(
+            &Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap(),
+            GgmlDType::Q4_1,
+        )
+        .unwrap();
+        let p = PanelMatrix::from_qtensor(&q).unwrap();
+        let x: Vec<f32> = (0..13 * cols).map(|_| rng.normal()).collect();
+        let all = p.matmul(&x, 13);
+        for b in 0..13 {
+            let one = p.matmul(&x[b * cols..(b + 1) * cols], 1);
+            assert_eq!(&all[b * rows..(b + 1) * rows], &one[..], "row {b}");
+        }
+    }
+
+    #[test]
+    fn exp_and_log_sum_exp_are_accurate() {
+        if !supported() {
+            return;
+        }
+        let v: Vec<f32> = (0..1000).map(|i| (i as f32 - 700.0) * 0.13).collect();
+        let mut e = v.clone();
+        let s = exp_in_place(&mut e, 3.0);
+        let mut want_sum = 0f64;
+        for (x, got) in v.iter().zip(&e) {
+            // The shift is subtracted in f32, as the kernel does.
+            let want = ((*x - 3.0) as f64).exp();
+            want_sum += want;
+            assert!(
+                (*got as f64 - want).abs() <= 3e-7 * want + 1.2e-38,
+                "{x}: {got} vs {want}"
+            );
+        }
+        assert!((s as f64 - want_sum).abs() <= 1e-5 * want_sum);
+        let lse = log_sum_exp(&v);
+        let max = v.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let want = max + v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        assert!((lse - want).abs() < 1e-6, "{lse} vs {want}");
+    }
+
+    #[test]
+    fn top_k_matches_a_full_sort() {
+        let mut rng = crate::testing::Rng::new(11);
+        for len in [1, 5, 40, 300] {
+            // Few distinct values, so ties are common.
+            let v: Vec<f32> = (0..len).map(|_| (rng.normal() * 3.0).round()).collect();
+            for k in [1, 4, 32, 400] {
+                let mut want: Vec<(u32, f32)> =
+                    v.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
+                want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                want.truncate(k);
+                assert_eq!(top_k_logits(&v, k), want, "len {len} k {k}");
+            }
+        }
+    }
+}
