@@ -11,10 +11,81 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use kd_model::{Precision, load};
+use kd_model::{Kernels, Llama, Precision, load, load_with};
 use kd_teacher::engine::{Engine, Work};
 use kd_teacher::input::{EncodeOptions, encode, read_jsonl};
 use kd_teacher::sampler::SamplingConfig;
+
+type Row = (String, u64, f64, &'static str);
+
+/// Generation at each batch size over the same 8 prompts, then scoring at batch 8, with one
+/// engine: stop tokens are disabled so every row decodes `new_tokens` and the batch stays
+/// full; scoring ignores `max_new_tokens`.
+fn measure(
+    model: &Llama,
+    label: &str,
+    batches: &[usize],
+    prompts: &[(String, Vec<u32>)],
+    score: &[kd_teacher::input::Encoded],
+    new_tokens: usize,
+    rows: &mut Vec<Row>,
+) {
+    let engine = Engine {
+        model,
+        top_k: 32,
+        stop_ids: vec![],
+        max_new_tokens: new_tokens,
+        sampling: SamplingConfig {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        },
+        logits_chunk: 256,
+        on_rows_done: None,
+    };
+    for &bs in batches {
+        let mut work = Work::default();
+        let t = Instant::now();
+        let batch: Vec<(&str, &[u32])> = prompts
+            .iter()
+            .map(|(id, p)| (id.as_str(), p.as_slice()))
+            .collect();
+        engine.generate(&batch, bs, &mut work).expect("generates");
+        let s = t.elapsed().as_secs_f64();
+        rows.push((
+            format!("teacher-dump {label}, generate, batch {bs}"),
+            work.generated_tokens,
+            s,
+            "generated tokens/s incl. prefill + top-32 capture",
+        ));
+        rows.push((
+            format!("teacher-dump {label}, decode only, batch {bs}"),
+            work.generated_tokens,
+            s - work.prefill_seconds,
+            "generated tokens/s, decode steps + capture",
+        ));
+    }
+    let mut work = Work::default();
+    let t = Instant::now();
+    let batch: Vec<(&[u32], &[u32])> = score
+        .iter()
+        .map(|e| (e.prompt.as_slice(), e.response.as_deref().unwrap()))
+        .collect();
+    engine.score(&batch, 8, &mut work).expect("scores");
+    let s = t.elapsed().as_secs_f64();
+    rows.push((
+        format!("teacher-dump {label}, score, batch 8"),
+        work.prefill_tokens,
+        s,
+        "tokens/s (prompt + response) incl. top-32 capture",
+    ));
+    rows.push((
+        format!("teacher-dump {label}, score, batch 8"),
+        work.scored_tokens,
+        s,
+        "scored response tokens/s",
+    ));
+}
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -48,48 +119,6 @@ fn main() {
             )
         })
         .collect();
-    let mut rows = Vec::new();
-
-    // Ours: exact f32 generation at batch sizes 1, 4, 8 over the same 8 prompts, then scoring.
-    // One engine for every run: stop tokens are disabled so every row decodes `new_tokens` and
-    // the batch stays full; scoring ignores `max_new_tokens`.
-    let engine = Engine {
-        model: &m.model,
-        top_k: 32,
-        stop_ids: vec![],
-        max_new_tokens: new_tokens,
-        sampling: SamplingConfig {
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-        },
-        logits_chunk: 256,
-        on_rows_done: None,
-    };
-    for bs in [1usize, 4, 8] {
-        let mut work = Work::default();
-        let t = Instant::now();
-        let batch: Vec<(&str, &[u32])> = prompts
-            .iter()
-            .map(|(id, p)| (id.as_str(), p.as_slice()))
-            .collect();
-        engine.generate(&batch, bs, &mut work).expect("generates");
-        let s = t.elapsed().as_secs_f64();
-        rows.push((
-            format!("teacher-dump exact f32, generate, batch {bs}"),
-            work.generated_tokens,
-            s,
-            "generated tokens/s incl. prefill + top-32 capture",
-        ));
-        rows.push((
-            format!("teacher-dump exact f32, decode only, batch {bs}"),
-            work.generated_tokens,
-            s - work.prefill_seconds,
-            "generated tokens/s, decode steps + capture",
-        ));
-    }
-
-    // Ours: scoring existing text (prompt + response teacher-forced), batch 8.
     let score_in =
         read_jsonl(&root.join("data/prompts/quickstart-score.jsonl"), false).expect("score input");
     let sc_opts = EncodeOptions {
@@ -101,26 +130,31 @@ fn main() {
         .iter()
         .map(|r| encode(r, &m.tokenizer, sc_opts).expect("encodes"))
         .collect();
-    let mut work = Work::default();
-    let t = Instant::now();
-    let batch: Vec<(&[u32], &[u32])> = enc
-        .iter()
-        .map(|e| (e.prompt.as_slice(), e.response.as_deref().unwrap()))
-        .collect();
-    engine.score(&batch, 8, &mut work).expect("scores");
-    let s = t.elapsed().as_secs_f64();
-    rows.push((
-        "teacher-dump exact f32, score, batch 8".into(),
-        work.prefill_tokens,
-        s,
-        "tokens/s (prompt + response) incl. top-32 capture",
-    ));
-    rows.push((
-        "teacher-dump exact f32, score, batch 8".into(),
-        work.scored_tokens,
-        s,
-        "scored response tokens/s",
-    ));
+    let mut rows: Vec<Row> = Vec::new();
+
+    // Ours (the CPU kernels), then the same engine on candle's exact f32 path (dense GEMM on
+    // dequantized weights), at batch 8.
+    measure(
+        &m.model,
+        "exact f32",
+        &[1, 4, 8],
+        &prompts,
+        &enc,
+        new_tokens,
+        &mut rows,
+    );
+    let candle =
+        load_with(&gguf, Precision::Exact, &Device::Cpu, Kernels::Candle).expect("teacher loads");
+    measure(
+        &candle.model,
+        "exact f32 on candle",
+        &[8],
+        &prompts,
+        &enc,
+        new_tokens,
+        &mut rows,
+    );
+    drop(candle);
 
     // Baseline: candle-transformers quantized_llama, batch 1, greedy, same prompts.
     let mut f = std::fs::File::open(&gguf).expect("gguf");
@@ -188,20 +222,46 @@ fn main() {
         println!("{what:<52} {toks:>8} {s:>8.2} {rate:>10.1}  {unit}");
         json.push(serde_json::json!({"what": what, "tokens": toks, "seconds": s, "tokens_per_s": rate, "unit": unit}));
     }
-    let base = rows
-        .iter()
-        .find(|r| r.0.contains("decode, batch 1"))
-        .map(|r| r.1 as f64 / r.2)
-        .unwrap();
-    for (what, toks, s, _) in rows
-        .iter()
-        .filter(|r| r.0.starts_with("teacher-dump") && !r.0.contains("score"))
-    {
+    let rate = |what: &str, unit: &str| {
+        rows.iter()
+            .find(|r| r.0 == what && r.3.starts_with(unit))
+            .map(|r| r.1 as f64 / r.2)
+            .expect("measured")
+    };
+    let base = rate(
+        "baseline candle quantized_llama, decode, batch 1",
+        "generated",
+    );
+    let base_prefill = rate(
+        "baseline candle quantized_llama, prefill, batch 1",
+        "prompt",
+    );
+    for bs in [1, 4, 8] {
+        let what = format!("teacher-dump exact f32, generate, batch {bs}");
         println!(
             "{what}: {:.2}x the baseline's batch-1 decode",
-            *toks as f64 / s / base
+            rate(&what, "generated") / base
         );
     }
+    let ours = rate("teacher-dump exact f32, generate, batch 8", "generated");
+    let candle = rate(
+        "teacher-dump exact f32 on candle, generate, batch 8",
+        "generated",
+    );
+    println!(
+        "generate, batch 8: {:.2}x the same engine on candle's exact path",
+        ours / candle
+    );
+    let ours = rate("teacher-dump exact f32, score, batch 8", "tokens/s (prompt");
+    let candle = rate(
+        "teacher-dump exact f32 on candle, score, batch 8",
+        "tokens/s (prompt",
+    );
+    println!(
+        "score, batch 8: {:.2}x the same engine on candle's exact path, {:.2}x the baseline's prefill",
+        ours / candle,
+        ours / base_prefill
+    );
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(
