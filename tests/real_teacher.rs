@@ -5,7 +5,7 @@
 mod util;
 
 use candle_core::Device;
-use kd_model::{Precision, load, log_softmax_f64};
+use kd_model::{Kernels, Precision, load, load_with, log_softmax_f64};
 use kd_teacher::engine::{Engine, Work};
 use kd_teacher::sampler::SamplingConfig;
 
@@ -73,18 +73,28 @@ fn exact_path_reproduces_transformers_top20_logprobs() {
     let Some(gguf) = util::teacher_gguf() else {
         return;
     };
-    let m = load(&gguf, Precision::Exact, &Device::Cpu).expect("teacher loads");
-    let d = deviation_from_reference(&m.model);
-    eprintln!(
-        "top-20 log-probs vs transformers f32: {} values, mean |err| {:.2e}, max {:.2e} nats; top-1 agrees at {}/{}",
-        d.values, d.mean, d.max, d.top1_same, d.positions
-    );
-    assert!(
-        d.max < LOGPROB_TOL,
-        "max error {} nats exceeds {LOGPROB_TOL}",
-        d.max
-    );
-    assert_eq!(d.top1_same, d.positions);
+    // Both implementations of the exact path: the CPU kernels (the default where the CPU has
+    // AVX-512) and candle's tensors (GPUs and other CPUs).
+    for kernels in [Kernels::Auto, Kernels::Candle] {
+        let m = load_with(&gguf, Precision::Exact, &Device::Cpu, kernels).expect("teacher loads");
+        let d = deviation_from_reference(&m.model);
+        eprintln!(
+            "{}: top-20 log-probs vs transformers f32: {} values, mean |err| {:.2e}, max {:.2e} nats; top-1 agrees at {}/{}",
+            m.model.backend_name(),
+            d.values,
+            d.mean,
+            d.max,
+            d.top1_same,
+            d.positions
+        );
+        assert!(
+            d.max < LOGPROB_TOL,
+            "{}: max error {} nats exceeds {LOGPROB_TOL}",
+            m.model.backend_name(),
+            d.max
+        );
+        assert_eq!(d.top1_same, d.positions);
+    }
 }
 
 #[test]

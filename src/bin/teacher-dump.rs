@@ -26,10 +26,11 @@ fn main() {
             .with_context(|| format!("loading the teacher {}", r.teacher.display()))?;
         if !json {
             eprintln!(
-                "teacher {} ({} parameters, {:?}), {} prompts from {}, top-k {}, {}",
+                "teacher {} ({} parameters, {:?} on {}), {} prompts from {}, top-k {}, {}",
                 r.teacher.display(),
                 model.identity.n_params,
                 r.settings.precision,
+                model.model.backend_name(),
                 input.records.len(),
                 r.input.display(),
                 r.settings.top_k,

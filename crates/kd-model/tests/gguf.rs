@@ -27,7 +27,7 @@ fn gguf_in_every_supported_type_matches_the_hf_directory() {
     let ids = hf.tokenizer.encode(text, true);
     // Every type, loaded exactly, must equal an f32 model holding the same dequantized
     // weights in Hugging Face layout (half-split RoPE instead of GGUF's interleaved q/k rows):
-    // this checks the loader, the q/k permutation, and the packed kernel used for decoding.
+    // this checks the loader, the q/k permutation and the CPU kernels on every block type.
     for dtype in [
         GgmlDType::F32,
         GgmlDType::F16,
@@ -52,7 +52,7 @@ fn gguf_in_every_supported_type_matches_the_hf_directory() {
         let max = max_diff(&got, &want);
         eprintln!("{dtype:?}: full pass, max |Δ log-prob| {max:.2e} nats");
         assert!(max < 1e-4, "{dtype:?}: {max}");
-        // Decoding (one row per step: the packed kernel) against the full pass.
+        // Decoding one token per step against the full pass.
         let (_, cache) = g.model.prefill(&[&ids[..ids.len() - 4]], true).unwrap();
         let mut cache = cache.unwrap();
         for t in ids.len() - 4..ids.len() {
