@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use crate::config::LlamaConfig;
-use crate::kernels::{PanelMatrix, exp_in_place, silu_mul};
+use crate::kernels::{PanelMatrix, PanelView, exp_in_place, silu_mul};
 
 pub struct CpuLayer {
     pub attn_norm: Vec<f32>,
@@ -37,19 +37,69 @@ pub struct CpuLlama {
     sin: Vec<f32>,
 }
 
-/// One sequence's keys and values: per layer, `[len, kv_dim]` position-major.
+/// One sequence's keys and values, per layer and kv head, in panel layout so that both
+/// attention products run on the weight-product kernel.
 #[derive(Clone, Debug, Default)]
 pub struct SeqCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    /// `[layer * kv_heads + kv_head]`.
+    heads: Vec<HeadKv>,
     len: usize,
 }
 
+/// Floats in one 16 × 32 panel block.
+const BLOCK_F: usize = 16 * 32;
+
+/// Keys and values of one kv head of one layer.
+#[derive(Clone, Debug, Default)]
+struct HeadKv {
+    /// Keys as the rows of a `[len, head_dim]` f32 panel matrix: one panel per 16 keys, each
+    /// `ceil(head_dim/32)` blocks.
+    k: Vec<f32>,
+    /// Values transposed, as the rows of a `[head_dim, len]` panel matrix: one panel per 16
+    /// dimensions, each `cap_blocks` blocks of 32 keys (grown by doubling).
+    v: Vec<f32>,
+    cap_blocks: usize,
+}
+
+impl HeadKv {
+    fn key_panel_floats(hd: usize) -> usize {
+        hd.div_ceil(32) * BLOCK_F
+    }
+
+    /// Stores key and value number `j` (the next one).
+    fn push(&mut self, j: usize, key: &[f32], val: &[f32]) {
+        let hd = key.len();
+        let kp = Self::key_panel_floats(hd);
+        let (p, r) = (j / 16, j % 16);
+        if self.k.len() < (p + 1) * kp {
+            self.k.resize((p + 1) * kp, 0.0);
+        }
+        for (c, &x) in key.iter().enumerate() {
+            self.k[p * kp + (c / 32) * BLOCK_F + (c % 32) * 16 + r] = x;
+        }
+        let groups = hd.div_ceil(16);
+        let (bj, c) = (j / 32, j % 32);
+        if bj >= self.cap_blocks {
+            let cap = (self.cap_blocks * 2).max(bj + 1).max(4);
+            let mut v = vec![0f32; groups * cap * BLOCK_F];
+            let old = self.cap_blocks * BLOCK_F;
+            for g in 0..groups {
+                v[g * cap * BLOCK_F..g * cap * BLOCK_F + old]
+                    .copy_from_slice(&self.v[g * old..(g + 1) * old]);
+            }
+            self.v = v;
+            self.cap_blocks = cap;
+        }
+        for (d, &x) in val.iter().enumerate() {
+            self.v[(d / 16) * self.cap_blocks * BLOCK_F + bj * BLOCK_F + c * 16 + d % 16] = x;
+        }
+    }
+}
+
 impl SeqCache {
-    pub fn new(layers: usize) -> Self {
+    pub fn new(layers: usize, kv_heads: usize) -> Self {
         Self {
-            k: vec![Vec::new(); layers],
-            v: vec![Vec::new(); layers],
+            heads: vec![HeadKv::default(); layers * kv_heads],
             len: 0,
         }
     }
@@ -102,7 +152,7 @@ impl CpuLlama {
     }
 
     pub fn new_cache(&self) -> SeqCache {
-        SeqCache::new(self.layers.len())
+        SeqCache::new(self.layers.len(), self.cfg.num_key_value_heads)
     }
 
     /// Appends `tokens[s]` to sequence `s` for every `s`, and returns the final-norm hidden
@@ -113,7 +163,8 @@ impl CpuLlama {
         let cfg = &self.cfg;
         let d = cfg.hidden_size;
         let hd = cfg.head_dim();
-        let kvd = cfg.num_key_value_heads * hd;
+        let nkv = cfg.num_key_value_heads;
+        let kvd = nkv * hd;
         let ff = cfg.intermediate_size;
         let eps = cfg.rms_norm_eps as f32;
         let n: usize = tokens.iter().map(|t| t.len()).sum();
@@ -149,10 +200,15 @@ impl CpuLlama {
                     }
                 });
             for (s, seq) in seqs.iter_mut().enumerate() {
-                for r in offs[s]..offs[s + 1] {
+                for (t, r) in (offs[s]..offs[s + 1]).enumerate() {
                     let row = &qkv[r * qkv_w..(r + 1) * qkv_w];
-                    seq.k[li].extend_from_slice(&row[d..d + kvd]);
-                    seq.v[li].extend_from_slice(&row[d + kvd..]);
+                    for kh in 0..nkv {
+                        seq.heads[li * nkv + kh].push(
+                            seq.len + t,
+                            &row[d + kh * hd..d + (kh + 1) * hd],
+                            &row[d + kvd + kh * hd..d + kvd + (kh + 1) * hd],
+                        );
+                    }
                 }
             }
             self.attention(seqs, &offs, li, &qkv, &mut att);
@@ -202,7 +258,12 @@ impl CpuLlama {
     }
 
     /// Causal attention of every new token over its own sequence's cache (which already holds
-    /// the new keys and values), in parallel over (sequence, head).
+    /// the new keys and values), in parallel over (sequence, kv head). The `rep` query heads
+    /// sharing a kv head and up to [`Q_CHUNK`] tokens go through each product together:
+    /// scores `Q·Kᵀ` and outputs `P·V` are panel products over the cache. A chunk's products
+    /// run over the keys its last token sees; each row's softmax covers only its own visible
+    /// keys and leaves exact zeros after them, so the values are those of decoding the tokens
+    /// one by one.
     fn attention(
         &self,
         seqs: &[&mut SeqCache],
@@ -216,52 +277,68 @@ impl CpuLlama {
         let hd = cfg.head_dim();
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let rep = nh / nkv;
-        let kvd = nkv * hd;
-        let qkv_w = d + 2 * kvd;
+        let qkv_w = d + 2 * nkv * hd;
         let scale = 1.0 / (hd as f32).sqrt();
         let jobs: Vec<(usize, usize)> = (0..seqs.len())
             .filter(|&s| offs[s + 1] > offs[s])
-            .flat_map(|s| (0..nh).map(move |h| (s, h)))
+            .flat_map(|s| (0..nkv).map(move |kh| (s, kh)))
             .collect();
         let dst = SendPtr(out.as_mut_ptr());
-        jobs.into_par_iter().for_each(|(s, h)| {
+        jobs.into_par_iter().for_each(|(s, kh)| {
             let seq = &seqs[s];
-            let kh = h / rep;
-            let (keys, vals) = (&seq.k[li], &seq.v[li]);
+            let cache = &seq.heads[li * nkv + kh];
             let new = offs[s + 1] - offs[s];
-            // Position of this sequence's first new token.
+            // Position of this sequence's first new token (its length before this pass).
             let start = seq.len;
-            let mut scores = vec![0f32; start + new];
-            let mut acc = vec![0f32; hd];
-            for t in 0..new {
-                let r = offs[s] + t;
-                let q = &qkv[r * qkv_w + h * hd..r * qkv_w + (h + 1) * hd];
-                let visible = start + t + 1;
-                let sc = &mut scores[..visible];
-                let mut max = f32::NEG_INFINITY;
-                for (j, e) in sc.iter_mut().enumerate() {
-                    *e = dot(q, &keys[j * kvd + kh * hd..j * kvd + (kh + 1) * hd]) * scale;
-                    max = max.max(*e);
+            let mut t0 = 0;
+            while t0 < new {
+                let t1 = (t0 + Q_CHUNK).min(new);
+                let keys = start + t1;
+                let nq = (t1 - t0) * rep;
+                // Query rows ordered (token, head).
+                let mut q = Vec::with_capacity(nq * hd);
+                for t in t0..t1 {
+                    let r = offs[s] + t;
+                    for h in kh * rep..(kh + 1) * rep {
+                        q.extend_from_slice(&qkv[r * qkv_w + h * hd..r * qkv_w + (h + 1) * hd]);
+                    }
                 }
-                let sum = exp_in_place(sc, max);
-                acc.fill(0.0);
-                for (j, &w) in sc.iter().enumerate() {
-                    axpy(
-                        w,
-                        &vals[j * kvd + kh * hd..j * kvd + (kh + 1) * hd],
-                        &mut acc,
-                    );
+                let mut sc = vec![0f32; nq * keys];
+                PanelView::f32(&cache.k, keys, hd, HeadKv::key_panel_floats(hd))
+                    .matmul_serial(&q, nq, &mut sc);
+                let mut inv = Vec::with_capacity(nq);
+                for (i, row) in sc.chunks_exact_mut(keys).enumerate() {
+                    let visible = start + t0 + i / rep + 1;
+                    let (seen, unseen) = row.split_at_mut(visible);
+                    let mut max = f32::NEG_INFINITY;
+                    for e in seen.iter_mut() {
+                        *e *= scale;
+                        max = max.max(*e);
+                    }
+                    inv.push(1.0 / exp_in_place(seen, max));
+                    unseen.fill(0.0);
                 }
-                let inv = 1.0 / sum;
-                // SAFETY: job (s, h) alone writes columns h*hd..(h+1)*hd of its own rows.
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r * d + h * hd), hd) };
-                for (o, a) in o.iter_mut().zip(&acc) {
-                    *o = a * inv;
+                let mut o = vec![0f32; nq * hd];
+                PanelView::f32(&cache.v, hd, keys, cache.cap_blocks * BLOCK_F)
+                    .matmul_serial(&sc, nq, &mut o);
+                for (i, (o, inv)) in o.chunks_exact(hd).zip(&inv).enumerate() {
+                    let r = offs[s] + t0 + i / rep;
+                    let h = kh * rep + i % rep;
+                    // SAFETY: job (s, kh) alone writes the columns of heads kh*rep..(kh+1)*rep
+                    // of its own sequence's rows.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(dst.at(r * d + h * hd), hd) };
+                    for (y, x) in dst.iter_mut().zip(o) {
+                        *y = x * inv;
+                    }
                 }
+                t0 = t1;
             }
         });
     }
 }
+
+/// New tokens of one sequence whose attention products run together.
+const Q_CHUNK: usize = 16;
 
 /// RoPE cos/sin tables `[positions, head_dim/2]`, computed as candle's path computes them.
 pub(crate) fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
@@ -320,11 +397,4 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     acc.iter().sum::<f32>() + s
-}
-
-#[inline]
-fn axpy(w: f32, x: &[f32], acc: &mut [f32]) {
-    for (a, &x) in acc.iter_mut().zip(x) {
-        *a += w * x;
-    }
 }

@@ -24,6 +24,8 @@ const QK: usize = 32;
 const MAX_B: usize = 8;
 /// Input rows kept in cache while every panel of a task passes over them.
 const X_BLOCK: usize = 64;
+/// From this many input rows on, quantized panels are expanded to f32 once per row block.
+const EXPAND_MIN_ROWS: usize = 16;
 
 /// Whether this CPU runs these kernels (AVX-512F).
 pub fn supported() -> bool {
@@ -246,12 +248,22 @@ impl PanelMatrix {
         self.format
     }
 
+    fn view(&self) -> PanelView<'_> {
+        PanelView {
+            format: self.format,
+            rows: self.rows,
+            cols: self.cols,
+            blocks: self.blocks,
+            group_bytes: self.blocks * self.format.block_bytes(),
+            data: &self.data,
+        }
+    }
+
     /// `y = x · Wᵀ` for `x` `[n, cols]` row-major; `y` is `[n, rows]` row-major. Runs on the
     /// rayon pool, split over output rows.
     pub fn matmul_into(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        assert!(supported(), "PanelMatrix needs AVX-512F");
-        assert_eq!(x.len(), n * self.cols, "input shape");
-        assert_eq!(y.len(), n * self.rows, "output shape");
+        let v = self.view();
+        v.check(x, n, y);
         if n == 0 {
             return;
         }
@@ -266,8 +278,8 @@ impl PanelMatrix {
             let g0 = t * per * 2;
             let g1 = ((t + 1) * per * 2).min(groups);
             // SAFETY: task t writes only columns [g0*16, g1*16) ∩ [0, rows) of y, disjoint
-            // from every other task's; `y` outlives the parallel loop.
-            unsafe { self.task(x, n, out, g0, g1) };
+            // from every other task's; `y` outlives the parallel loop; `check` passed.
+            unsafe { v.task(x, n, out, g0, g1) };
         });
     }
 
@@ -277,25 +289,107 @@ impl PanelMatrix {
         self.matmul_into(x, n, &mut y);
         y
     }
+}
+
+/// A panel-layout matrix over borrowed storage, whose panels may sit further apart than
+/// their length (`group_bytes`): a KV cache grows its panels in place.
+#[derive(Clone, Copy)]
+pub(crate) struct PanelView<'a> {
+    format: PanelFormat,
+    rows: usize,
+    cols: usize,
+    blocks: usize,
+    group_bytes: usize,
+    data: &'a [u8],
+}
+
+impl<'a> PanelView<'a> {
+    /// An f32 panel matrix `[rows, cols]` whose panels start every `group_floats` floats.
+    pub(crate) fn f32(data: &'a [f32], rows: usize, cols: usize, group_floats: usize) -> Self {
+        // SAFETY: any initialised f32 storage is valid as bytes, with a smaller alignment.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, data.len() * 4) };
+        Self {
+            format: PanelFormat::F32,
+            rows,
+            cols,
+            blocks: cols.div_ceil(QK),
+            group_bytes: group_floats * 4,
+            data: bytes,
+        }
+    }
+
+    fn check(&self, x: &[f32], n: usize, y: &[f32]) {
+        assert!(supported(), "panel products need AVX-512F");
+        assert_eq!(x.len(), n * self.cols, "input shape");
+        assert_eq!(y.len(), n * self.rows, "output shape");
+        let groups = self.rows.div_ceil(PANEL);
+        if groups > 0 {
+            assert!(
+                self.blocks * self.format.block_bytes() <= self.group_bytes
+                    && (groups - 1) * self.group_bytes + self.blocks * self.format.block_bytes()
+                        <= self.data.len(),
+                "panel storage too small"
+            );
+        }
+    }
+
+    /// `y = x · Wᵀ` on the calling thread.
+    pub(crate) fn matmul_serial(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        self.check(x, n, y);
+        // SAFETY: `check` bounds every panel, input row and output row; this thread alone
+        // holds `y`.
+        unsafe { self.task(x, n, SendPtr(y.as_mut_ptr()), 0, self.rows.div_ceil(PANEL)) };
+    }
 
     /// Panels `g0..g1` against every input row.
     ///
     /// # Safety
-    /// `y` points to an `[n, rows]` buffer of which this call writes only columns of panels
-    /// `g0..g1`, and no other thread writes those.
+    /// [`PanelView::check`] passed for `x`, `n` and the `[n, rows]` buffer `y` points to, of
+    /// which this call writes only the columns of panels `g0..g1`, which no other thread
+    /// writes.
     unsafe fn task(&self, x: &[f32], n: usize, y: SendPtr, g0: usize, g1: usize) {
-        let gb = self.blocks * self.format.block_bytes();
+        // Many input rows: expand each pair of quantized panels to f32 once per block of
+        // rows instead of once per 8 rows. The expanded values are the very ones the
+        // quantized kernel makes in registers, and the f32 kernel runs the same sequence of
+        // multiply-adds, so the results are bit-identical.
+        let expand = self.format != PanelFormat::F32 && n >= EXPAND_MIN_ROWS;
+        let f32_gb = self.blocks * PanelFormat::F32.block_bytes();
+        let mut buf: Vec<f32> = if expand {
+            vec![0f32; 2 * f32_gb / 4]
+        } else {
+            Vec::new()
+        };
+        let (format, gb) = if expand {
+            (PanelFormat::F32, f32_gb)
+        } else {
+            (self.format, self.group_bytes)
+        };
         let mut xb = 0;
         while xb < n {
             let xe = (xb + X_BLOCK).min(n);
             let mut g = g0;
             while g < g1 {
                 let two = g + 1 < g1;
+                let w = if expand {
+                    for (k, dst) in buf
+                        .chunks_exact_mut(f32_gb / 4)
+                        .take(1 + two as usize)
+                        .enumerate()
+                    {
+                        let src = &self.data[(g + k) * self.group_bytes..];
+                        // SAFETY: `check` bounds panel g+k's blocks; `dst` holds one f32 panel.
+                        unsafe { simd::expand_panel(self.format, src.as_ptr(), self.blocks, dst) };
+                    }
+                    buf.as_ptr() as *const u8
+                } else {
+                    self.data[g * gb..].as_ptr()
+                };
                 let mut b = xb;
                 while b < xe {
                     let nb = (xe - b).min(MAX_B);
                     let call = Call {
-                        w: self.data[g * gb..].as_ptr(),
+                        w,
                         group_bytes: gb,
                         x: x[b * self.cols..].as_ptr(),
                         y: unsafe { y.0.add(b * self.rows + g * PANEL) },
@@ -307,15 +401,7 @@ impl PanelMatrix {
                     // SAFETY: the panels g (and g+1 when `two`) exist, x holds rows b..b+nb,
                     // and y's columns for these panels belong to this task.
                     unsafe {
-                        simd::dispatch(
-                            self.format,
-                            self.blocks,
-                            self.cols,
-                            self.rows,
-                            nb,
-                            two,
-                            &call,
-                        )
+                        simd::dispatch(format, self.blocks, self.cols, self.rows, nb, two, &call)
                     };
                     b += nb;
                 }
@@ -449,6 +535,43 @@ mod simd {
                         _mm512_loadu_ps(p.add(i * PANEL)),
                         _mm512_loadu_ps(p.add((i + QK / 2) * PANEL)),
                     )
+                }
+            }
+        }
+    }
+
+    /// Expands one quantized panel (`blocks` blocks) into f32 panel layout in `dst`.
+    ///
+    /// # Safety
+    /// `src` points to `blocks` blocks of `format`, `dst` holds `blocks × 512` floats, and
+    /// AVX-512F is present.
+    pub(super) unsafe fn expand_panel(
+        format: PanelFormat,
+        src: *const u8,
+        blocks: usize,
+        dst: &mut [f32],
+    ) {
+        assert!(dst.len() >= blocks * QK * PANEL);
+        unsafe {
+            match format {
+                PanelFormat::Q40 => expand_panel_f::<0>(src, blocks, dst),
+                PanelFormat::Q41 => expand_panel_f::<1>(src, blocks, dst),
+                PanelFormat::Q80 => expand_panel_f::<2>(src, blocks, dst),
+                PanelFormat::F32 => expand_panel_f::<3>(src, blocks, dst),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn expand_panel_f<const F: u8>(src: *const u8, blocks: usize, dst: &mut [f32]) {
+        unsafe {
+            let bb = format_of(F).block_bytes();
+            for j in 0..blocks {
+                let out = dst.as_mut_ptr().add(j * QK * PANEL);
+                for i in 0..QK / 2 {
+                    let (lo, hi) = expand::<F>(src.add(j * bb), i);
+                    _mm512_storeu_ps(out.add(i * PANEL), lo);
+                    _mm512_storeu_ps(out.add((i + QK / 2) * PANEL), hi);
                 }
             }
         }
@@ -810,9 +933,9 @@ mod tests {
         )
         .unwrap();
         let p = PanelMatrix::from_qtensor(&q).unwrap();
-        let x: Vec<f32> = (0..13 * cols).map(|_| rng.normal()).collect();
-        let all = p.matmul(&x, 13);
-        for b in 0..13 {
+        let x: Vec<f32> = (0..40 * cols).map(|_| rng.normal()).collect();
+        let all = p.matmul(&x, 40);
+        for b in 0..40 {
             let one = p.matmul(&x[b * cols..(b + 1) * cols], 1);
             assert_eq!(&all[b * rows..(b + 1) * rows], &one[..], "row {b}");
         }
