@@ -768,9 +768,17 @@ pub fn log_sum_exp(v: &[f32]) -> f64 {
 
 /// `v_i ← e^(v_i − shift)`; returns the sum (the softmax numerators of attention).
 pub fn exp_in_place(v: &mut [f32], shift: f32) -> f32 {
-    assert!(supported(), "kernels need AVX-512F");
-    // SAFETY: AVX-512F checked above.
-    unsafe { simd::exp_in_place(v, shift) }
+    if supported() {
+        // SAFETY: AVX-512F checked above.
+        unsafe { simd::exp_in_place(v, shift) }
+    } else {
+        let mut sum = 0.0;
+        for x in v.iter_mut() {
+            *x = (*x - shift).exp();
+            sum += *x;
+        }
+        sum
+    }
 }
 
 /// `out_i = silu(g_i) · u_i`.

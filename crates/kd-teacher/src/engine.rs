@@ -2,7 +2,7 @@
 //! of the top-k log-probabilities at every response position.
 
 use kd_model::kernels::{log_sum_exp, top_k_logits};
-use kd_model::{KvCache, Llama, log_softmax_f64};
+use kd_model::{KvCache, Llama};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -152,14 +152,14 @@ impl Engine<'_> {
                     let row = &flat[j * v..(j + 1) * v];
                     let top = top_k_logits(row, k);
                     // Greedy picks the first of the top-k (largest logit, smallest id on
-                    // ties); sampling needs the whole distribution.
+                    // ties); sampling weighs the whole vocabulary.
                     let next = if s.is_greedy() {
                         match top.first() {
                             Some(t) => t.0,
                             None => top_k_logits(row, 1)[0].0,
                         }
                     } else {
-                        s.choose(&log_softmax_f64(row))
+                        s.choose_logits(row)
                     };
                     g.capture.record(row, log_sum_exp(row), &top, next);
                     g.response.push(next);

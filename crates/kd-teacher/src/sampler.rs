@@ -45,71 +45,83 @@ impl Sampler {
 
     /// Picks the next token from T=1 log-probabilities over the whole vocabulary.
     pub fn choose(&mut self, logprobs: &[f64]) -> u32 {
+        let logits: Vec<f32> = logprobs.iter().map(|&l| l as f32).collect();
+        self.choose_logits(&logits)
+    }
+
+    /// Picks the next token from one position's logits (any shift of them gives the same
+    /// choice).
+    pub fn choose_logits(&mut self, logits: &[f32]) -> u32 {
         if self.cfg.is_greedy() {
-            return argmax(logprobs);
+            return argmax(logits);
         }
-        let inv_t = 1.0 / self.cfg.temperature;
-        // Candidates: all tokens, narrowed to the smallest set whose tempered mass reaches
-        // top_p. Looking at the best 1024 first avoids sorting the whole vocabulary.
-        let n = logprobs.len();
-        let mut idx: Vec<u32> = (0..n as u32).collect();
+        let inv_t = (1.0 / self.cfg.temperature) as f32;
+        let max = logits[argmax(logits) as usize];
+        // Tempered weights e^((l − max)/T), as e^(l/T − max/T) with the vectorised exp.
+        let mut w: Vec<f32> = logits.iter().map(|&l| l * inv_t).collect();
+        kd_model::kernels::exp_in_place(&mut w, max * inv_t);
+        let total: f64 = w.iter().map(|&x| x as f64).sum();
+        // Candidates: all tokens, narrowed to the smallest set, largest logits first (ties by
+        // id), whose tempered mass reaches top_p. The tokens weighing at least 1e-4 of the
+        // total are the head of that order (weights grow with logits), so when their mass
+        // reaches top_p the set lies among them and only they are sorted.
+        let n = logits.len();
         let cmp = |a: &u32, b: &u32| {
-            logprobs[*b as usize]
-                .total_cmp(&logprobs[*a as usize])
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
                 .then(a.cmp(b))
         };
-        let max = logprobs[argmax(logprobs) as usize];
-        let weight = |i: u32| ((logprobs[i as usize] - max) * inv_t).exp();
-        let total: f64 = logprobs.iter().map(|&l| ((l - max) * inv_t).exp()).sum();
         let mut cands: Vec<u32> = Vec::new();
         if self.cfg.top_p < 1.0 {
-            let head = 1024.min(n);
-            if head < n {
-                idx.select_nth_unstable_by(head - 1, cmp);
-            }
-            idx[..head].sort_by(cmp);
-            let mut acc = 0.0;
-            for &i in &idx[..head] {
-                cands.push(i);
-                acc += weight(i) / total;
-                if acc >= self.cfg.top_p {
-                    break;
+            let heavy = (total * 1e-4) as f32;
+            let mut head: Vec<u32> = (0..n as u32).filter(|&i| w[i as usize] >= heavy).collect();
+            for full in [false, true] {
+                if full {
+                    head = (0..n as u32).collect();
                 }
-            }
-            if acc < self.cfg.top_p && head < n {
-                idx.sort_by(cmp);
+                head.sort_by(cmp);
                 cands.clear();
-                acc = 0.0;
-                for &i in &idx {
+                let mut acc = 0.0;
+                for &i in &head {
                     cands.push(i);
-                    acc += weight(i) / total;
+                    acc += w[i as usize] as f64 / total;
                     if acc >= self.cfg.top_p {
                         break;
                     }
                 }
+                if acc >= self.cfg.top_p {
+                    break;
+                }
             }
-        } else {
-            cands = idx;
         }
-        let w: Vec<f64> = cands.iter().map(|&i| weight(i)).collect();
-        let sum: f64 = w.iter().sum();
         let unit = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        let mut u = unit * sum;
-        for (&i, &wi) in cands.iter().zip(&w) {
-            if u < wi {
-                return i;
+        let pick = |ids: &mut dyn Iterator<Item = u32>, sum: f64, mut last: u32| {
+            let mut u = unit * sum;
+            for i in ids {
+                let wi = w[i as usize] as f64;
+                if u < wi {
+                    return i;
+                }
+                u -= wi;
+                last = i;
             }
-            u -= wi;
+            last
+        };
+        if cands.is_empty() {
+            pick(&mut (0..n as u32), total, n as u32 - 1)
+        } else {
+            let sum: f64 = cands.iter().map(|&i| w[i as usize] as f64).sum();
+            let last = *cands.last().expect("non-empty");
+            pick(&mut cands.iter().copied(), sum, last)
         }
-        *cands.last().expect("non-empty vocabulary")
     }
 }
 
 /// Index of the largest value; the smallest index wins ties.
-pub fn argmax(v: &[f64]) -> u32 {
+pub fn argmax<T: PartialOrd>(v: &[T]) -> u32 {
     let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
             best = i;
         }
     }
@@ -173,6 +185,47 @@ mod tests {
         }
         for _ in 0..500 {
             assert!((s.choose(&lp) as usize) < allowed);
+        }
+    }
+
+    #[test]
+    fn samples_stay_in_the_nucleus_of_peaked_and_flat_distributions() {
+        // Peaked: few heavy tokens hold the nucleus. Flat: no token weighs 1e-4 of the total,
+        // so the nucleus comes from sorting the whole vocabulary.
+        let n = 20_000;
+        let peaked: Vec<f32> = (0..n).map(|i| -((i * 7919 % n) as f32).sqrt()).collect();
+        let flat: Vec<f32> = (0..n).map(|i| (i % 3) as f32 * 1e-3).collect();
+        for (name, logits) in [("peaked", peaked), ("flat", flat)] {
+            for top_p in [0.5, 0.9] {
+                let t = 0.8;
+                let mut order: Vec<u32> = (0..n as u32).collect();
+                order.sort_by(|a, b| {
+                    logits[*b as usize]
+                        .total_cmp(&logits[*a as usize])
+                        .then(a.cmp(b))
+                });
+                let w: Vec<f64> = logits.iter().map(|&l| (l as f64 / t).exp()).collect();
+                let total: f64 = w.iter().sum();
+                let mut acc = 0.0;
+                let mut nucleus = std::collections::HashSet::new();
+                for &i in &order {
+                    nucleus.insert(i);
+                    acc += w[i as usize] / total;
+                    if acc >= top_p {
+                        break;
+                    }
+                }
+                let cfg = SamplingConfig {
+                    temperature: t,
+                    top_p,
+                    seed: 5,
+                };
+                let mut s = Sampler::new(cfg, name);
+                for _ in 0..300 {
+                    let c = s.choose_logits(&logits);
+                    assert!(nucleus.contains(&c), "{name} top-p {top_p}: {c} outside");
+                }
+            }
         }
     }
 
