@@ -65,6 +65,31 @@ fn measure(
             "generated tokens/s, decode steps + capture",
         ));
     }
+    if label == "exact f32" {
+        // Sampling (T=0.7, top-p 0.9) at batch 8: the sampler weighs the whole vocabulary.
+        let sampled = Engine {
+            sampling: SamplingConfig {
+                temperature: 0.7,
+                top_p: 0.9,
+                seed: 3,
+            },
+            stop_ids: vec![],
+            ..engine
+        };
+        let mut work = Work::default();
+        let t = Instant::now();
+        let batch: Vec<(&str, &[u32])> = prompts
+            .iter()
+            .map(|(id, p)| (id.as_str(), p.as_slice()))
+            .collect();
+        sampled.generate(&batch, 8, &mut work).expect("generates");
+        rows.push((
+            format!("teacher-dump {label}, sampled, batch 8"),
+            work.generated_tokens,
+            t.elapsed().as_secs_f64(),
+            "generated tokens/s incl. prefill + top-32 capture",
+        ));
+    }
     let mut work = Work::default();
     let t = Instant::now();
     let batch: Vec<(&[u32], &[u32])> = score
