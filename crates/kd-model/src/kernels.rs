@@ -6,8 +6,8 @@
 //! column of the 16 rows. The product expands each column to the very f32 values candle's
 //! `dequantize` produces (`q·d + m` with the same two roundings) and accumulates with fused
 //! multiply-adds against broadcast activations. No activation is quantized: the result equals
-//! a product with the dequantized f32 matrix up to summation order, at a fifth to an eighth of
-//! the memory traffic of f32 weights.
+//! a product with the dequantized f32 matrix up to summation order, reading 6.4× (Q4_0), 5.3×
+//! (Q4_1) or 3.6× (Q8_0) fewer bytes than f32 weights.
 //!
 //! Every output element is accumulated over the columns in one fixed order, whatever the
 //! number of input rows and however they are grouped, so a row's result does not depend on
