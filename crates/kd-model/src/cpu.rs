@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use crate::config::LlamaConfig;
-use crate::kernels::{PanelMatrix, PanelView, exp_in_place, silu_mul};
+use crate::kernels::{PanelMatrix, PanelView, exp_in_place, scale_max, silu_mul};
 
 pub struct CpuLayer {
     pub attn_norm: Vec<f32>,
@@ -157,8 +157,10 @@ impl CpuLlama {
 
     /// Appends `tokens[s]` to sequence `s` for every `s`, and returns the final-norm hidden
     /// states of all the new tokens, sequence after sequence: `[Σ len, hidden]`. Token ids and
-    /// lengths are checked by the caller.
-    pub fn forward(&self, seqs: &mut [&mut SeqCache], tokens: &[&[u32]]) -> Vec<f32> {
+    /// lengths are checked by the caller. Without `keep`, each layer's keys and values are
+    /// dropped once its attention is done (scoring needs no cache afterwards), so at most one
+    /// layer's are held.
+    pub fn forward(&self, seqs: &mut [&mut SeqCache], tokens: &[&[u32]], keep: bool) -> Vec<f32> {
         assert_eq!(seqs.len(), tokens.len(), "one token list per sequence");
         let cfg = &self.cfg;
         let d = cfg.hidden_size;
@@ -212,6 +214,13 @@ impl CpuLlama {
                 }
             }
             self.attention(seqs, &offs, li, &qkv, &mut att);
+            if !keep {
+                for seq in seqs.iter_mut() {
+                    for h in &mut seq.heads[li * nkv..(li + 1) * nkv] {
+                        *h = HeadKv::default();
+                    }
+                }
+            }
             layer.o.matmul_into(&att, n, &mut proj);
             add_in_place(&mut x, &proj);
             rms_norm(&x, &layer.ffn_norm, eps, &mut h);
@@ -310,11 +319,7 @@ impl CpuLlama {
                 for (i, row) in sc.chunks_exact_mut(keys).enumerate() {
                     let visible = start + t0 + i / rep + 1;
                     let (seen, unseen) = row.split_at_mut(visible);
-                    let mut max = f32::NEG_INFINITY;
-                    for e in seen.iter_mut() {
-                        *e *= scale;
-                        max = max.max(*e);
-                    }
+                    let max = scale_max(seen, scale);
                     inv.push(1.0 / exp_in_place(seen, max));
                     unseen.fill(0.0);
                 }

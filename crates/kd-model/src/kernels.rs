@@ -745,15 +745,94 @@ mod simd {
         }
     }
 
+    /// `v_i ← v_i · scale`; returns the largest result, NaNs ignored (as `f32::max`).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scale_max(v: &mut [f32], scale: f32) -> f32 {
+        unsafe {
+            let s = _mm512_set1_ps(scale);
+            let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+            let chunks = v.len() / 16;
+            for k in 0..chunks {
+                let p = v.as_mut_ptr().add(16 * k);
+                let x = _mm512_mul_ps(_mm512_loadu_ps(p), s);
+                _mm512_storeu_ps(p, x);
+                // vmaxps returns its second operand when either is NaN: NaNs never enter acc.
+                acc = _mm512_max_ps(x, acc);
+            }
+            let mut m = _mm512_reduce_max_ps(acc);
+            for x in &mut v[chunks * 16..] {
+                *x *= scale;
+                m = m.max(*x);
+            }
+            m
+        }
+    }
+
+    /// The largest value, NaNs ignored (as `f32::max`).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn max_of(v: &[f32]) -> f32 {
+        unsafe {
+            let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+            let chunks = v.len() / 16;
+            for k in 0..chunks {
+                acc = _mm512_max_ps(_mm512_loadu_ps(v.as_ptr().add(16 * k)), acc);
+            }
+            v[chunks * 16..]
+                .iter()
+                .fold(_mm512_reduce_max_ps(acc), |m, &x| m.max(x))
+        }
+    }
+
+    /// Bit mask of the lanes of `p[0..16]` greater than the value whose `f32::total_cmp` key
+    /// is `key` (the same order: sign-magnitude bits flipped into two's complement).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn total_gt_mask(p: *const f32, key: i32) -> u16 {
+        unsafe {
+            let b = _mm512_loadu_si512(p as *const __m512i);
+            let flip = _mm512_srli_epi32(_mm512_srai_epi32(b, 31), 1);
+            _mm512_cmpgt_epi32_mask(_mm512_xor_si512(b, flip), _mm512_set1_epi32(key))
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn exp_scalar(x: f32) -> f32 {
         unsafe { _mm512_cvtss_f32(exp16(_mm512_set1_ps(x))) }
     }
 }
 
+/// `v_i ← v_i · scale`; returns the largest result (NaNs ignored, as `f32::max`; −∞ when
+/// empty).
+pub fn scale_max(v: &mut [f32], scale: f32) -> f32 {
+    if supported() {
+        // SAFETY: AVX-512F checked above.
+        unsafe { simd::scale_max(v, scale) }
+    } else {
+        v.iter_mut().fold(f32::NEG_INFINITY, |m, x| {
+            *x *= scale;
+            m.max(*x)
+        })
+    }
+}
+
+/// The largest value (NaNs ignored, as `f32::max`; −∞ when empty).
+pub fn max_value(v: &[f32]) -> f32 {
+    if supported() {
+        // SAFETY: AVX-512F checked above.
+        unsafe { simd::max_of(v) }
+    } else {
+        v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+    }
+}
+
+/// `f32::total_cmp`'s order as an `i32` key.
+fn total_key(x: f32) -> i32 {
+    let b = x.to_bits() as i32;
+    b ^ (((b >> 31) as u32) >> 1) as i32
+}
+
 /// Log-sum-exp of one row of logits (terms in f32, the sum in f64).
 pub fn log_sum_exp(v: &[f32]) -> f64 {
-    let max = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let max = max_value(v);
     if !max.is_finite() {
         return max as f64;
     }
@@ -806,15 +885,33 @@ pub fn top_k_logits(v: &[f32], k: usize) -> Vec<(u32, f32)> {
     };
     let mut best: Vec<(u32, f32)> = (0..k as u32).map(|i| (i, v[i as usize])).collect();
     best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    for (i, &x) in v.iter().enumerate().skip(k) {
-        let last = best[k - 1];
+    let offer = |i: usize, best: &mut Vec<(u32, f32)>| {
+        let x = v[i];
         // Later ids lose ties, so only a strictly better value enters.
-        if x.total_cmp(&last.1) == std::cmp::Ordering::Greater {
+        if x.total_cmp(&best[k - 1].1) == std::cmp::Ordering::Greater {
             let cand = (i as u32, x);
             let at = best.partition_point(|&e| better(e, cand));
             best.pop();
             best.insert(at, cand);
         }
+    };
+    let mut i = k;
+    if supported() {
+        // 16 values at a time against the current k-th best; the few lanes above it are
+        // offered one by one, in order, exactly as the plain loop would.
+        while i + 16 <= v.len() {
+            // SAFETY: AVX-512F checked above; v[i..i+16] is in bounds.
+            let mut mask =
+                unsafe { simd::total_gt_mask(v[i..].as_ptr(), total_key(best[k - 1].1)) };
+            while mask != 0 {
+                offer(i + mask.trailing_zeros() as usize, &mut best);
+                mask &= mask - 1;
+            }
+            i += 16;
+        }
+    }
+    for j in i..v.len() {
+        offer(j, &mut best);
     }
     best
 }
@@ -975,17 +1072,49 @@ mod tests {
     }
 
     #[test]
+    fn vector_max_matches_the_scalar_fold() {
+        let mut rng = crate::testing::Rng::new(2);
+        for len in [0, 1, 15, 16, 17, 100, 1000] {
+            let mut v: Vec<f32> = (0..len).map(|_| rng.normal() * 10.0).collect();
+            if len > 20 {
+                v[7] = f32::NAN;
+                v[19] = -0.0;
+            }
+            let want = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            assert_eq!(max_value(&v).to_bits(), want.to_bits(), "len {len}");
+            let mut w = v.clone();
+            let got = scale_max(&mut w, 0.5);
+            let scaled: Vec<f32> = v.iter().map(|x| x * 0.5).collect();
+            let want = scaled.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            assert_eq!(got.to_bits(), want.to_bits(), "len {len}");
+            for (a, b) in w.iter().zip(&scaled) {
+                assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+            }
+        }
+    }
+
+    #[test]
     fn top_k_matches_a_full_sort() {
         let mut rng = crate::testing::Rng::new(11);
-        for len in [1, 5, 40, 300] {
-            // Few distinct values, so ties are common.
-            let v: Vec<f32> = (0..len).map(|_| (rng.normal() * 3.0).round()).collect();
+        for len in [1, 5, 40, 300, 5000] {
+            // Few distinct values, so ties are common; negative zeros, infinities and a NaN
+            // exercise the total order.
+            let mut v: Vec<f32> = (0..len).map(|_| (rng.normal() * 3.0).round()).collect();
+            if len >= 300 {
+                v[3] = -0.0;
+                v[100] = f32::NEG_INFINITY;
+                v[200] = f32::INFINITY;
+                v[250] = f32::NAN;
+            }
             for k in [1, 4, 32, 400] {
                 let mut want: Vec<(u32, f32)> =
                     v.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
                 want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
                 want.truncate(k);
-                assert_eq!(top_k_logits(&v, k), want, "len {len} k {k}");
+                let bits = |t: Vec<(u32, f32)>| -> Vec<(u32, u32)> {
+                    t.into_iter().map(|(i, x)| (i, x.to_bits())).collect()
+                };
+                assert_eq!(bits(top_k_logits(&v, k)), bits(want), "len {len} k {k}");
             }
         }
     }

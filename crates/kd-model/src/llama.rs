@@ -287,7 +287,7 @@ impl Llama {
             Backend::Cpu(m) => {
                 let mut seqs: Vec<SeqCache> = (0..b).map(|_| m.new_cache()).collect();
                 let mut refs: Vec<&mut SeqCache> = seqs.iter_mut().collect();
-                let h = rayon::scope(|_| m.forward(&mut refs, rows));
+                let h = rayon::scope(|_| m.forward(&mut refs, rows, want_cache));
                 let mut padded = vec![0f32; b * l * d];
                 let mut at = 0;
                 for (i, r) in rows.iter().enumerate() {
@@ -388,7 +388,7 @@ impl Llama {
             (Backend::Cpu(m), CacheInner::Cpu(seqs)) => {
                 let mut refs: Vec<&mut SeqCache> = seqs.iter_mut().collect();
                 let toks: Vec<&[u32]> = tokens.chunks(1).collect();
-                let h = rayon::scope(|_| m.forward(&mut refs, &toks));
+                let h = rayon::scope(|_| m.forward(&mut refs, &toks, true));
                 Ok(Tensor::from_vec(
                     h,
                     (b, self.cfg.hidden_size),
