@@ -419,6 +419,7 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 /// One kernel invocation: up to two panels against up to eight input rows.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Call {
     w: *const u8,
     group_bytes: usize,
@@ -800,6 +801,46 @@ mod simd {
     }
 }
 
+/// Other architectures: [`supported`] is false, so none of these is ever called.
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::missing_safety_doc)]
+mod simd {
+    use super::{Call, PanelFormat};
+
+    pub(super) unsafe fn dispatch(
+        _: PanelFormat,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: bool,
+        _: &Call,
+    ) {
+        unreachable!("AVX-512 only")
+    }
+    pub(super) unsafe fn expand_panel(_: PanelFormat, _: *const u8, _: usize, _: &mut [f32]) {
+        unreachable!("AVX-512 only")
+    }
+    pub(super) unsafe fn scale_max(_: &mut [f32], _: f32) -> f32 {
+        unreachable!("AVX-512 only")
+    }
+    pub(super) unsafe fn max_of(_: &[f32]) -> f32 {
+        unreachable!("AVX-512 only")
+    }
+    pub(super) unsafe fn sum_exp(_: &[f32], _: f32) -> f64 {
+        unreachable!("AVX-512 only")
+    }
+    pub(super) unsafe fn exp_in_place(_: &mut [f32], _: f32) -> f32 {
+        unreachable!("AVX-512 only")
+    }
+    pub(super) unsafe fn silu_mul(_: &[f32], _: &[f32], _: &mut [f32]) {
+        unreachable!("AVX-512 only")
+    }
+    pub(super) unsafe fn total_gt_mask(_: *const f32, _: i32) -> u16 {
+        unreachable!("AVX-512 only")
+    }
+}
+
 /// `v_i ← v_i · scale`; returns the largest result (NaNs ignored, as `f32::max`; −∞ when
 /// empty).
 pub fn scale_max(v: &mut [f32], scale: f32) -> f32 {
@@ -862,13 +903,18 @@ pub fn exp_in_place(v: &mut [f32], shift: f32) -> f32 {
 
 /// `out_i = silu(g_i) · u_i`.
 pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
-    assert!(supported(), "kernels need AVX-512F");
     assert!(
         g.len() == out.len() && u.len() == out.len(),
         "silu_mul shapes"
     );
-    // SAFETY: AVX-512F checked above; the three slices have the same length.
-    unsafe { simd::silu_mul(g, u, out) }
+    if supported() {
+        // SAFETY: AVX-512F checked above; the three slices have the same length.
+        unsafe { simd::silu_mul(g, u, out) }
+    } else {
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
 }
 
 /// The `k` largest logits as `(id, logit)`, largest first, ties by smaller id first.
