@@ -74,7 +74,7 @@ fn exact_path_reproduces_transformers_top20_logprobs() {
         return;
     };
     // Both implementations of the exact path: the CPU kernels (the default where the CPU has
-    // AVX-512) and candle's tensors (GPUs and other CPUs).
+    // AVX-512 or AVX2) and candle's tensors (GPUs and other CPUs).
     for kernels in [Kernels::Auto, Kernels::Candle] {
         let m = load_with(&gguf, Precision::Exact, &Device::Cpu, kernels).expect("teacher loads");
         let d = deviation_from_reference(&m.model);

@@ -83,7 +83,7 @@ pub struct Args {
     /// Approximate path: candle's quantized kernels on the GGUF blocks. They quantize
     /// activations to 8 bits; on SmolLM2-135M Q4_1 this moved top-20 log-probs by about 0.1 nats
     /// on average against the exact f32 pass. Not for caches you train on. On a CPU with
-    /// AVX-512 the exact default is faster too (measured 2x at batch 1).
+    /// AVX-512 (or AVX2 with FMA) the exact default is faster too (measured 2x at batch 1).
     #[arg(long)]
     pub approx_quantized: bool,
     /// CPU threads (0 = all cores) [default: 0].

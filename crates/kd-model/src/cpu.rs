@@ -1,4 +1,4 @@
-//! The teacher's forward pass on plain buffers for CPUs with AVX-512: weight products by
+//! The teacher's forward pass on plain buffers for CPUs with AVX-512 or AVX2: weight products by
 //! [`PanelMatrix`] (exact f32 on the GGUF blocks), attention over a per-sequence KV cache, and
 //! no padding anywhere. A batch is ragged: each sequence contributes its own new tokens, and
 //! all of them go through each weight product together.

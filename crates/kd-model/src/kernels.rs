@@ -1,4 +1,4 @@
-//! Exact f32 CPU kernels for the teacher pass (AVX-512).
+//! Exact f32 CPU kernels for the teacher pass (AVX-512, or AVX2 with FMA).
 //!
 //! [`PanelMatrix`] keeps a weight matrix in its GGUF quantization (Q4_0, Q4_1, Q8_0) or in
 //! f32, repacked into panels of 16 output rows: for every 32-column block, the 16 rows' scales
@@ -16,7 +16,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
-/// Output rows per panel (one AVX-512 vector of f32).
+/// Output rows per panel (one AVX-512 vector of f32, two AVX2 ones).
 const PANEL: usize = 16;
 /// Columns per block (the GGUF block size).
 const QK: usize = 32;
@@ -27,16 +27,53 @@ const X_BLOCK: usize = 64;
 /// From this many input rows on, quantized panels are expanded to f32 once per row block.
 const EXPAND_MIN_ROWS: usize = 16;
 
-/// Whether this CPU runs these kernels (AVX-512F).
+/// Which instruction set the kernels use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Avx512,
+    /// AVX2 with FMA: the same values for weight products, about half the vector width.
+    Avx2,
+}
+
+static PREFER_AVX2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn detected() -> Option<Level> {
+    static LEVEL: std::sync::OnceLock<Option<Level>> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Some(Level::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Some(Level::Avx2);
+            }
+        }
+        None
+    })
+}
+
+/// The instruction set the kernels run with on this CPU, if any.
+pub fn level() -> Option<Level> {
+    match detected() {
+        Some(Level::Avx512) if PREFER_AVX2.load(std::sync::atomic::Ordering::Relaxed) => {
+            Some(Level::Avx2)
+        }
+        d => d,
+    }
+}
+
+/// Runs the AVX2 kernels even on a CPU with AVX-512, for the whole process (to compare the
+/// two). Takes effect for products started afterwards.
+pub fn prefer_avx2(on: bool) {
+    PREFER_AVX2.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether this CPU runs these kernels (AVX-512F, or AVX2 with FMA).
 pub fn supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    level().is_some()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -320,7 +357,7 @@ impl<'a> PanelView<'a> {
     }
 
     fn check(&self, x: &[f32], n: usize, y: &[f32]) {
-        assert!(supported(), "panel products need AVX-512F");
+        assert!(supported(), "panel products need AVX-512F or AVX2 with FMA");
         assert_eq!(x.len(), n * self.cols, "input shape");
         assert_eq!(y.len(), n * self.rows, "output shape");
         let groups = self.rows.div_ceil(PANEL);
@@ -349,6 +386,7 @@ impl<'a> PanelView<'a> {
     /// which this call writes only the columns of panels `g0..g1`, which no other thread
     /// writes.
     unsafe fn task(&self, x: &[f32], n: usize, y: SendPtr, g0: usize, g1: usize) {
+        let avx2 = level() == Some(Level::Avx2);
         // Many input rows: expand each pair of quantized panels to f32 once per block of
         // rows instead of once per 8 rows. The expanded values are the very ones the
         // quantized kernel makes in registers, and the f32 kernel runs the same sequence of
@@ -378,8 +416,15 @@ impl<'a> PanelView<'a> {
                         .enumerate()
                     {
                         let src = &self.data[(g + k) * self.group_bytes..];
-                        // SAFETY: `check` bounds panel g+k's blocks; `dst` holds one f32 panel.
-                        unsafe { simd::expand_panel(self.format, src.as_ptr(), self.blocks, dst) };
+                        // SAFETY: `check` bounds panel g+k's blocks; `dst` holds one f32 panel;
+                        // `supported()` held in `check`.
+                        unsafe {
+                            if avx2 {
+                                avx2::expand_panel(self.format, src.as_ptr(), self.blocks, dst)
+                            } else {
+                                simd::expand_panel(self.format, src.as_ptr(), self.blocks, dst)
+                            }
+                        };
                     }
                     buf.as_ptr() as *const u8
                 } else {
@@ -401,7 +446,27 @@ impl<'a> PanelView<'a> {
                     // SAFETY: the panels g (and g+1 when `two`) exist, x holds rows b..b+nb,
                     // and y's columns for these panels belong to this task.
                     unsafe {
-                        simd::dispatch(format, self.blocks, self.cols, self.rows, nb, two, &call)
+                        if avx2 {
+                            avx2::dispatch(
+                                format,
+                                self.blocks,
+                                self.cols,
+                                self.rows,
+                                nb,
+                                two,
+                                &call,
+                            )
+                        } else {
+                            simd::dispatch(
+                                format,
+                                self.blocks,
+                                self.cols,
+                                self.rows,
+                                nb,
+                                two,
+                                &call,
+                            )
+                        }
                     };
                     b += nb;
                 }
@@ -801,6 +866,15 @@ mod simd {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[path = "kernels_avx2.rs"]
+mod avx2;
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx2 {
+    pub(super) use super::simd::*;
+}
+
 /// Other architectures: [`supported`] is false, so none of these is ever called.
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::missing_safety_doc)]
@@ -816,52 +890,52 @@ mod simd {
         _: bool,
         _: &Call,
     ) {
-        unreachable!("AVX-512 only")
+        unreachable!("x86-64 only")
     }
     pub(super) unsafe fn expand_panel(_: PanelFormat, _: *const u8, _: usize, _: &mut [f32]) {
-        unreachable!("AVX-512 only")
+        unreachable!("x86-64 only")
     }
     pub(super) unsafe fn scale_max(_: &mut [f32], _: f32) -> f32 {
-        unreachable!("AVX-512 only")
+        unreachable!("x86-64 only")
     }
     pub(super) unsafe fn max_of(_: &[f32]) -> f32 {
-        unreachable!("AVX-512 only")
+        unreachable!("x86-64 only")
     }
     pub(super) unsafe fn sum_exp(_: &[f32], _: f32) -> f64 {
-        unreachable!("AVX-512 only")
+        unreachable!("x86-64 only")
     }
     pub(super) unsafe fn exp_in_place(_: &mut [f32], _: f32) -> f32 {
-        unreachable!("AVX-512 only")
+        unreachable!("x86-64 only")
     }
     pub(super) unsafe fn silu_mul(_: &[f32], _: &[f32], _: &mut [f32]) {
-        unreachable!("AVX-512 only")
+        unreachable!("x86-64 only")
     }
     pub(super) unsafe fn total_gt_mask(_: *const f32, _: i32) -> u16 {
-        unreachable!("AVX-512 only")
+        unreachable!("x86-64 only")
     }
 }
 
 /// `v_i ← v_i · scale`; returns the largest result (NaNs ignored, as `f32::max`; −∞ when
 /// empty).
 pub fn scale_max(v: &mut [f32], scale: f32) -> f32 {
-    if supported() {
-        // SAFETY: AVX-512F checked above.
-        unsafe { simd::scale_max(v, scale) }
-    } else {
-        v.iter_mut().fold(f32::NEG_INFINITY, |m, x| {
+    // SAFETY (each arm): the instruction set was detected at run time.
+    match level() {
+        Some(Level::Avx512) => unsafe { simd::scale_max(v, scale) },
+        Some(Level::Avx2) => unsafe { avx2::scale_max(v, scale) },
+        None => v.iter_mut().fold(f32::NEG_INFINITY, |m, x| {
             *x *= scale;
             m.max(*x)
-        })
+        }),
     }
 }
 
 /// The largest value (NaNs ignored, as `f32::max`; −∞ when empty).
 pub fn max_value(v: &[f32]) -> f32 {
-    if supported() {
-        // SAFETY: AVX-512F checked above.
-        unsafe { simd::max_of(v) }
-    } else {
-        v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+    // SAFETY (each arm): the instruction set was detected at run time.
+    match level() {
+        Some(Level::Avx512) => unsafe { simd::max_of(v) },
+        Some(Level::Avx2) => unsafe { avx2::max_of(v) },
+        None => v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)),
     }
 }
 
@@ -877,27 +951,29 @@ pub fn log_sum_exp(v: &[f32]) -> f64 {
     if !max.is_finite() {
         return max as f64;
     }
-    let sum = if supported() {
-        // SAFETY: AVX-512F checked above.
-        unsafe { simd::sum_exp(v, max) }
-    } else {
-        v.iter().map(|&x| (x as f64 - max as f64).exp()).sum()
+    // SAFETY (each arm): the instruction set was detected at run time.
+    let sum = match level() {
+        Some(Level::Avx512) => unsafe { simd::sum_exp(v, max) },
+        Some(Level::Avx2) => unsafe { avx2::sum_exp(v, max) },
+        None => v.iter().map(|&x| (x as f64 - max as f64).exp()).sum(),
     };
     max as f64 + sum.ln()
 }
 
 /// `v_i ← e^(v_i − shift)`; returns the sum (the softmax numerators of attention).
 pub fn exp_in_place(v: &mut [f32], shift: f32) -> f32 {
-    if supported() {
-        // SAFETY: AVX-512F checked above.
-        unsafe { simd::exp_in_place(v, shift) }
-    } else {
-        let mut sum = 0.0;
-        for x in v.iter_mut() {
-            *x = (*x - shift).exp();
-            sum += *x;
+    // SAFETY (each arm): the instruction set was detected at run time.
+    match level() {
+        Some(Level::Avx512) => unsafe { simd::exp_in_place(v, shift) },
+        Some(Level::Avx2) => unsafe { avx2::exp_in_place(v, shift) },
+        None => {
+            let mut sum = 0.0;
+            for x in v.iter_mut() {
+                *x = (*x - shift).exp();
+                sum += *x;
+            }
+            sum
         }
-        sum
     }
 }
 
@@ -907,12 +983,15 @@ pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
         g.len() == out.len() && u.len() == out.len(),
         "silu_mul shapes"
     );
-    if supported() {
-        // SAFETY: AVX-512F checked above; the three slices have the same length.
-        unsafe { simd::silu_mul(g, u, out) }
-    } else {
-        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
+    // SAFETY (each arm): the instruction set was detected at run time; the three slices have
+    // the same length.
+    match level() {
+        Some(Level::Avx512) => unsafe { simd::silu_mul(g, u, out) },
+        Some(Level::Avx2) => unsafe { avx2::silu_mul(g, u, out) },
+        None => {
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
         }
     }
 }
@@ -942,13 +1021,18 @@ pub fn top_k_logits(v: &[f32], k: usize) -> Vec<(u32, f32)> {
         }
     };
     let mut i = k;
-    if supported() {
+    if let Some(lvl) = level() {
         // 16 values at a time against the current k-th best; the few lanes above it are
         // offered one by one, in order, exactly as the plain loop would.
         while i + 16 <= v.len() {
-            // SAFETY: AVX-512F checked above; v[i..i+16] is in bounds.
-            let mut mask =
-                unsafe { simd::total_gt_mask(v[i..].as_ptr(), total_key(best[k - 1].1)) };
+            let (p, key) = (v[i..].as_ptr(), total_key(best[k - 1].1));
+            // SAFETY: the instruction set was detected at run time; v[i..i+16] is in bounds.
+            let mut mask = unsafe {
+                match lvl {
+                    Level::Avx512 => simd::total_gt_mask(p, key),
+                    Level::Avx2 => avx2::total_gt_mask(p, key),
+                }
+            };
             while mask != 0 {
                 offer(i + mask.trailing_zeros() as usize, &mut best);
                 mask &= mask - 1;
@@ -982,7 +1066,7 @@ mod tests {
     #[test]
     fn products_match_the_dequantized_matrix_for_every_format_and_shape() {
         if !supported() {
-            eprintln!("skipped: this CPU has no AVX-512F");
+            eprintln!("skipped: this CPU has neither AVX-512F nor AVX2+FMA");
             return;
         }
         let mut rng = crate::testing::Rng::new(5);

@@ -4,7 +4,8 @@
 //! them) or from a Hugging Face directory (`config.json`, `*.safetensors`, `tokenizer.json`).
 //! By default weights are dequantized and every product is computed in f32
 //! ([`Precision::Exact`]): the cache must hold the teacher's real distribution, and candle's
-//! quantized CPU kernels quantize activations to 8 bits. On a CPU with AVX-512 the exact path
+//! quantized CPU kernels quantize activations to 8 bits. On a CPU with AVX-512 (or AVX2 and
+//! FMA) the exact path
 //! runs [`cpu::CpuLlama`] on [`kernels::PanelMatrix`] products (f32 straight from the GGUF
 //! blocks); elsewhere candle's tensors compute the same function ([`load_with`] chooses).
 //! [`Llama::prefill`] returns hidden

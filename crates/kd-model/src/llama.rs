@@ -39,7 +39,8 @@ pub struct Layer {
 
 /// A llama-family decoder ready for inference.
 ///
-/// Two implementations sit behind one interface: on a CPU with AVX-512 the exact path runs
+/// Two implementations sit behind one interface: on a CPU with AVX-512 (or AVX2 with FMA)
+/// the exact path runs
 /// [`CpuLlama`] (f32 products straight from the GGUF blocks, no padding, per-sequence KV
 /// caches); elsewhere, and for [`crate::Precision::Quantized`], candle's tensors do the work.
 /// Both compute the same function; see [`crate::load_with`] to choose.
@@ -230,7 +231,7 @@ impl Llama {
         })
     }
 
-    /// A model computed by the AVX-512 CPU kernels.
+    /// A model computed by the CPU kernels of [`crate::kernels`].
     pub fn new_cpu(model: CpuLlama) -> Self {
         Self {
             cfg: model.cfg.clone(),

@@ -49,7 +49,8 @@ pub struct LoadedModel {
 /// Which implementation computes an exact model on the CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernels {
-    /// The AVX-512 kernels of [`crate::cpu`] where the CPU has them, otherwise candle.
+    /// The kernels of [`crate::cpu`] where the CPU has AVX-512 or AVX2 with FMA, otherwise
+    /// candle.
     Auto,
     /// candle's tensor operations (f32 GEMM on dequantized weights).
     Candle,

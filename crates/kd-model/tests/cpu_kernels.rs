@@ -1,4 +1,4 @@
-//! The two implementations of the exact path compute the same function: the AVX-512 CPU
+//! The two implementations of the exact path compute the same function: the CPU
 //! kernels (GGUF blocks multiplied in f32, per-sequence caches, no padding) against candle's
 //! tensors (dense f32 GEMM on dequantized weights, padded batches with masks). The CPU
 //! kernels also give each sequence bit-identical results whatever shares its batch, and
@@ -39,7 +39,9 @@ fn rows() -> Vec<Vec<u32>> {
 #[test]
 fn cpu_kernels_and_candle_agree_on_every_weight_type() {
     if !kd_model::kernels::supported() {
-        eprintln!("skipped: this CPU has no AVX-512F, so only candle's path exists");
+        eprintln!(
+            "skipped: this CPU has neither AVX-512F nor AVX2+FMA, so only candle's path exists"
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
