@@ -445,29 +445,8 @@ impl<'a> PanelView<'a> {
                     };
                     // SAFETY: the panels g (and g+1 when `two`) exist, x holds rows b..b+nb,
                     // and y's columns for these panels belong to this task.
-                    unsafe {
-                        if avx2 {
-                            avx2::dispatch(
-                                format,
-                                self.blocks,
-                                self.cols,
-                                self.rows,
-                                nb,
-                                two,
-                                &call,
-                            )
-                        } else {
-                            simd::dispatch(
-                                format,
-                                self.blocks,
-                                self.cols,
-                                self.rows,
-                                nb,
-                                two,
-                                &call,
-                            )
-                        }
-                    };
+                    let run = if avx2 { avx2::dispatch } else { simd::dispatch };
+                    unsafe { run(format, self.blocks, self.cols, self.rows, nb, two, &call) };
                     b += nb;
                 }
                 g += if two { 2 } else { 1 };
