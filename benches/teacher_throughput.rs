@@ -168,6 +168,20 @@ fn main() {
         new_tokens,
         &mut rows,
     );
+    if kd_model::kernels::level() == Some(kd_model::kernels::Level::Avx512) {
+        // What a CPU with AVX2 but no AVX-512 runs (same values), measured on this one.
+        kd_model::kernels::prefer_avx2(true);
+        measure(
+            &m.model,
+            "exact f32 AVX2",
+            &[8],
+            &prompts,
+            &enc,
+            new_tokens,
+            &mut rows,
+        );
+        kd_model::kernels::prefer_avx2(false);
+    }
     let candle =
         load_with(&gguf, Precision::Exact, &Device::Cpu, Kernels::Candle).expect("teacher loads");
     measure(
