@@ -18,13 +18,16 @@ use kd_teacher::sampler::SamplingConfig;
 
 type Row = (String, u64, f64, &'static str);
 
-/// Generation at each batch size over the same 8 prompts, then scoring at batch 8, with one
-/// engine: stop tokens are disabled so every row decodes `new_tokens` and the batch stays
-/// full; scoring ignores `max_new_tokens`.
+/// Generation at each batch size over the same 8 prompts (and, with `sampled`, at batch 8
+/// with T=0.7, top-p 0.9), then scoring at batch 8, with one engine: stop tokens are disabled
+/// so every row decodes `new_tokens` and the batch stays full; scoring ignores
+/// `max_new_tokens`.
+#[allow(clippy::too_many_arguments)]
 fn measure(
     model: &Llama,
     label: &str,
     batches: &[usize],
+    sampled: bool,
     prompts: &[(String, Vec<u32>)],
     score: &[kd_teacher::input::Encoded],
     new_tokens: usize,
@@ -43,13 +46,13 @@ fn measure(
         logits_chunk: 256,
         on_rows_done: None,
     };
+    let batch: Vec<(&str, &[u32])> = prompts
+        .iter()
+        .map(|(id, p)| (id.as_str(), p.as_slice()))
+        .collect();
     for &bs in batches {
         let mut work = Work::default();
         let t = Instant::now();
-        let batch: Vec<(&str, &[u32])> = prompts
-            .iter()
-            .map(|(id, p)| (id.as_str(), p.as_slice()))
-            .collect();
         engine.generate(&batch, bs, &mut work).expect("generates");
         let s = t.elapsed().as_secs_f64();
         rows.push((
@@ -65,9 +68,9 @@ fn measure(
             "generated tokens/s, decode steps + capture",
         ));
     }
-    if label == "exact f32" {
-        // Sampling (T=0.7, top-p 0.9) at batch 8: the sampler weighs the whole vocabulary.
-        let sampled = Engine {
+    if sampled {
+        // The sampler weighs the whole vocabulary at every position.
+        let sampler = Engine {
             sampling: SamplingConfig {
                 temperature: 0.7,
                 top_p: 0.9,
@@ -78,11 +81,7 @@ fn measure(
         };
         let mut work = Work::default();
         let t = Instant::now();
-        let batch: Vec<(&str, &[u32])> = prompts
-            .iter()
-            .map(|(id, p)| (id.as_str(), p.as_slice()))
-            .collect();
-        sampled.generate(&batch, 8, &mut work).expect("generates");
+        sampler.generate(&batch, 8, &mut work).expect("generates");
         rows.push((
             format!("teacher-dump {label}, sampled, batch 8"),
             work.generated_tokens,
@@ -92,11 +91,11 @@ fn measure(
     }
     let mut work = Work::default();
     let t = Instant::now();
-    let batch: Vec<(&[u32], &[u32])> = score
+    let pairs: Vec<(&[u32], &[u32])> = score
         .iter()
         .map(|e| (e.prompt.as_slice(), e.response.as_deref().unwrap()))
         .collect();
-    engine.score(&batch, 8, &mut work).expect("scores");
+    engine.score(&pairs, 8, &mut work).expect("scores");
     let s = t.elapsed().as_secs_f64();
     rows.push((
         format!("teacher-dump {label}, score, batch 8"),
@@ -163,6 +162,7 @@ fn main() {
         &m.model,
         "exact f32",
         &[1, 4, 8],
+        true,
         &prompts,
         &enc,
         new_tokens,
@@ -175,6 +175,7 @@ fn main() {
             &m.model,
             "exact f32 AVX2",
             &[8],
+            false,
             &prompts,
             &enc,
             new_tokens,
@@ -188,6 +189,7 @@ fn main() {
         &candle.model,
         "exact f32 on candle",
         &[8],
+        false,
         &prompts,
         &enc,
         new_tokens,
@@ -282,24 +284,18 @@ fn main() {
             rate(&what, "generated") / base
         );
     }
-    let ours = rate("teacher-dump exact f32, generate, batch 8", "generated");
-    let candle = rate(
-        "teacher-dump exact f32 on candle, generate, batch 8",
-        "generated",
-    );
+    let against_candle = |what: &str, unit: &str| {
+        rate(&format!("teacher-dump exact f32, {what}"), unit)
+            / rate(&format!("teacher-dump exact f32 on candle, {what}"), unit)
+    };
     println!(
         "generate, batch 8: {:.2}x the same engine on candle's exact path",
-        ours / candle
-    );
-    let ours = rate("teacher-dump exact f32, score, batch 8", "tokens/s (prompt");
-    let candle = rate(
-        "teacher-dump exact f32 on candle, score, batch 8",
-        "tokens/s (prompt",
+        against_candle("generate, batch 8", "generated")
     );
     println!(
         "score, batch 8: {:.2}x the same engine on candle's exact path, {:.2}x the baseline's prefill",
-        ours / candle,
-        ours / base_prefill
+        against_candle("score, batch 8", "tokens/s (prompt"),
+        rate("teacher-dump exact f32, score, batch 8", "tokens/s (prompt") / base_prefill
     );
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).unwrap();

@@ -60,7 +60,8 @@ fn deviation_from_reference(m: &kd_model::Llama) -> Deviation {
             d.max = d
                 .max
                 .max((lp[next] - pos["next_logprob"].as_f64().unwrap()).abs());
-            d.top1_same += usize::from(kd_model::top_k(&lp, 1)[0].0 == top_ids[0]);
+            d.top1_same +=
+                usize::from(kd_model::kernels::top_k_logits(&logits, 1)[0].0 == top_ids[0]);
             d.positions += 1;
         }
     }

@@ -124,58 +124,35 @@ impl PanelMatrix {
     /// Repacks a 2-D tensor. Q4_0, Q4_1 and Q8_0 keep their blocks; any other type is
     /// dequantized by candle and kept in f32.
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
-        let &[rows, cols] = t.shape().dims() else {
-            candle_core::bail!("a weight matrix must be 2-D, found {:?}", t.shape());
-        };
-        let format = match t.dtype() {
-            GgmlDType::Q4_0 if cols % QK == 0 => PanelFormat::Q40,
-            GgmlDType::Q4_1 if cols % QK == 0 => PanelFormat::Q41,
-            GgmlDType::Q8_0 if cols % QK == 0 => PanelFormat::Q80,
-            _ => {
-                let dense = t.dequantize(&candle_core::Device::Cpu)?;
-                let v: Vec<f32> = dense.flatten_all()?.to_vec1()?;
-                return Ok(Self::from_f32(&v, rows, cols));
-            }
-        };
-        let raw = t.data()?;
-        let bb = format.gguf_block_bytes();
-        let blocks = cols / QK;
-        if raw.len() != rows * blocks * bb {
-            candle_core::bail!("{} bytes for a {rows}x{cols} {format:?} matrix", raw.len());
-        }
-        Ok(Self::pack(format, rows, cols, blocks, |r, j| {
-            &raw[(r * blocks + j) * bb..(r * blocks + j + 1) * bb]
-        }))
+        Self::stack(&[t])
     }
 
-    /// An f32 matrix, row-major `[rows, cols]`.
+    /// An f32 matrix, row-major `[rows, cols]`. Columns past `cols` in the last block, and
+    /// rows past `rows` in the last panel, hold zero weights.
     pub fn from_f32(w: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(w.len(), rows * cols, "weight shape");
         let blocks = cols.div_ceil(QK);
-        let mut block = [0u8; 4 * QK];
-        let mut m = Self::pack(PanelFormat::F32, rows, cols, blocks, |_, _| &[]);
-        // `pack` left f32 panels zeroed; fill them here (the tail block keeps zero weights).
         let pb = PanelFormat::F32.block_bytes();
-        for g in 0..rows.div_ceil(PANEL) {
-            for j in 0..blocks {
-                let dst = &mut m.data[(g * blocks + j) * pb..(g * blocks + j + 1) * pb];
-                for r in 0..PANEL.min(rows - g * PANEL) {
-                    let row = g * PANEL + r;
-                    block.fill(0);
-                    for c in j * QK..((j + 1) * QK).min(cols) {
-                        let i = c - j * QK;
-                        block[4 * i..4 * i + 4].copy_from_slice(&w[row * cols + c].to_le_bytes());
-                    }
-                    for i in 0..QK {
-                        let at = 4 * (i * PANEL + r);
-                        dst[at..at + 4].copy_from_slice(&block[4 * i..4 * i + 4]);
-                    }
-                }
+        let mut data = vec![0u8; rows.div_ceil(PANEL) * blocks * pb];
+        for (row, wr) in w.chunks_exact(cols.max(1)).enumerate().take(rows) {
+            let (g, r) = (row / PANEL, row % PANEL);
+            for (c, x) in wr.iter().enumerate() {
+                let (j, i) = (c / QK, c % QK);
+                let at = (g * blocks + j) * pb + 4 * (i * PANEL + r);
+                data[at..at + 4].copy_from_slice(&x.to_le_bytes());
             }
         }
-        m
+        Self {
+            format: PanelFormat::F32,
+            rows,
+            cols,
+            blocks,
+            data,
+        }
     }
 
+    /// Repacks GGUF blocks (`gguf(row, block)`) of a quantized matrix. Rows past `rows` in
+    /// the last panel keep zero scales, offsets and quants.
     fn pack<'a>(
         format: PanelFormat,
         rows: usize,
@@ -183,43 +160,30 @@ impl PanelMatrix {
         blocks: usize,
         gguf: impl Fn(usize, usize) -> &'a [u8],
     ) -> Self {
-        let groups = rows.div_ceil(PANEL);
+        let (offset_at, quants) = match format {
+            PanelFormat::Q41 => (Some(4 * PANEL), 8 * PANEL),
+            PanelFormat::Q40 | PanelFormat::Q80 => (None, 4 * PANEL),
+            PanelFormat::F32 => unreachable!("f32 panels come from `from_f32`"),
+        };
+        // Quants per block: two 4-bit values per byte, or one 8-bit value.
+        let nq = if format == PanelFormat::Q80 {
+            QK
+        } else {
+            QK / 2
+        };
         let pb = format.block_bytes();
-        let mut data = vec![0u8; groups * blocks * pb];
-        if format != PanelFormat::F32 {
-            for g in 0..groups {
-                for j in 0..blocks {
-                    let dst = &mut data[(g * blocks + j) * pb..(g * blocks + j + 1) * pb];
-                    // Rows past the end (padding) keep zero scales, offsets and quants.
-                    for r in 0..PANEL.min(rows - g * PANEL) {
-                        let src = gguf(g * PANEL + r, j);
-                        let put_f32 = |dst: &mut [u8], at: usize, v: f32| {
-                            dst[at..at + 4].copy_from_slice(&v.to_le_bytes())
-                        };
-                        put_f32(dst, 4 * r, f16_at(src, 0));
-                        let qs = match format {
-                            PanelFormat::Q41 => {
-                                put_f32(dst, 4 * PANEL + 4 * r, f16_at(src, 2));
-                                8 * PANEL
-                            }
-                            _ => 4 * PANEL,
-                        };
-                        match format {
-                            PanelFormat::Q40 | PanelFormat::Q41 => {
-                                let q = &src[src.len() - QK / 2..];
-                                for i in 0..QK / 2 {
-                                    dst[qs + i * PANEL + r] = q[i];
-                                }
-                            }
-                            PanelFormat::Q80 => {
-                                let q = &src[2..];
-                                for i in 0..QK {
-                                    dst[qs + i * PANEL + r] = q[i];
-                                }
-                            }
-                            PanelFormat::F32 => unreachable!(),
-                        }
-                    }
+        let mut data = vec![0u8; rows.div_ceil(PANEL) * blocks * pb];
+        for row in 0..rows {
+            let (g, r) = (row / PANEL, row % PANEL);
+            for j in 0..blocks {
+                let src = gguf(row, j);
+                let dst = &mut data[(g * blocks + j) * pb..(g * blocks + j + 1) * pb];
+                dst[4 * r..4 * r + 4].copy_from_slice(&f16_at(src, 0).to_le_bytes());
+                if let Some(at) = offset_at {
+                    dst[at + 4 * r..at + 4 * r + 4].copy_from_slice(&f16_at(src, 2).to_le_bytes());
+                }
+                for (i, &q) in src[src.len() - nq..].iter().enumerate() {
+                    dst[quants + i * PANEL + r] = q;
                 }
             }
         }
@@ -233,7 +197,8 @@ impl PanelMatrix {
     }
 
     /// Stacks matrices with the same number of columns along the rows (e.g. q, k and v into
-    /// one product). Matrices of different formats are stacked in f32.
+    /// one product). Parts that all have one of Q4_0, Q4_1 or Q8_0 keep their blocks; any
+    /// other mix is dequantized by candle and kept in f32.
     pub fn stack(parts: &[&QTensor]) -> candle_core::Result<Self> {
         let mut rows = 0;
         let mut cols = None;
@@ -247,30 +212,35 @@ impl PanelMatrix {
             rows += r;
         }
         let cols = cols.unwrap_or(0);
-        let same = parts.windows(2).all(|w| w[0].dtype() == w[1].dtype());
-        let quant = same && parts.iter().all(|p| p.dtype() != GgmlDType::F32);
-        if quant {
-            let mut raw = Vec::new();
+        let format_of = |t: &QTensor| match t.dtype() {
+            GgmlDType::Q4_0 => Some(PanelFormat::Q40),
+            GgmlDType::Q4_1 => Some(PanelFormat::Q41),
+            GgmlDType::Q8_0 => Some(PanelFormat::Q80),
+            _ => None,
+        };
+        let first = parts.first().and_then(|p| format_of(p));
+        let format =
+            first.filter(|_| cols % QK == 0 && parts.iter().all(|p| format_of(p) == first));
+        let Some(format) = format else {
+            let mut w = Vec::with_capacity(rows * cols);
             for p in parts {
-                raw.extend_from_slice(&p.data()?);
+                let d = p.dequantize(&candle_core::Device::Cpu)?;
+                w.extend(d.flatten_all()?.to_vec1::<f32>()?);
             }
-            let first = parts[0];
-            let q = QTensor::new(
-                candle_core::quantized::QStorage::from_data(
-                    std::borrow::Cow::Owned(raw),
-                    &candle_core::Device::Cpu,
-                    first.dtype(),
-                )?,
-                (rows, cols),
-            )?;
-            return Self::from_qtensor(&q);
-        }
-        let mut w = Vec::with_capacity(rows * cols);
+            return Ok(Self::from_f32(&w, rows, cols));
+        };
+        let mut raw = Vec::new();
         for p in parts {
-            let d = p.dequantize(&candle_core::Device::Cpu)?;
-            w.extend(d.flatten_all()?.to_vec1::<f32>()?);
+            raw.extend_from_slice(&p.data()?);
         }
-        Ok(Self::from_f32(&w, rows, cols))
+        let bb = format.gguf_block_bytes();
+        let blocks = cols / QK;
+        if raw.len() != rows * blocks * bb {
+            candle_core::bail!("{} bytes for a {rows}x{cols} {format:?} matrix", raw.len());
+        }
+        Ok(Self::pack(format, rows, cols, blocks, |r, j| {
+            &raw[(r * blocks + j) * bb..(r * blocks + j + 1) * bb]
+        }))
     }
 
     pub fn rows(&self) -> usize {

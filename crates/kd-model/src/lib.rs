@@ -37,6 +37,6 @@ pub mod trainable;
 
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
-pub use llama::{KvCache, Layer, Linear, Llama, log_softmax_f64, top_k};
+pub use llama::{KvCache, Layer, Linear, Llama, log_softmax_f64};
 pub use loader::{Kernels, LoadedModel, ModelIdentity, Precision, load, load_with, sha256_file};
 pub use trainable::Student;

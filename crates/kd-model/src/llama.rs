@@ -562,22 +562,3 @@ pub fn log_softmax_f64(logits: &[f32]) -> Vec<f64> {
     let lse = max + sum.ln();
     logits.iter().map(|&x| x as f64 - lse).collect()
 }
-
-/// The `k` largest entries of `logprobs` as `(id, value)`, sorted by value descending, ties by
-/// smaller id first (deterministic).
-pub fn top_k(logprobs: &[f64], k: usize) -> Vec<(u32, f64)> {
-    let k = k.min(logprobs.len());
-    let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
-    let cmp = |a: &u32, b: &u32| {
-        logprobs[*b as usize]
-            .total_cmp(&logprobs[*a as usize])
-            .then(a.cmp(b))
-    };
-    if k < idx.len() && k > 0 {
-        idx.select_nth_unstable_by(k - 1, cmp);
-        idx.truncate(k);
-    }
-    idx.sort_by(cmp);
-    idx.truncate(k);
-    idx.into_iter().map(|i| (i, logprobs[i as usize])).collect()
-}

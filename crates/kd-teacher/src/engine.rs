@@ -150,18 +150,16 @@ impl Engine<'_> {
                 .enumerate()
                 .map(|(j, (r, (g, s)))| {
                     let row = &flat[j * v..(j + 1) * v];
-                    let top = top_k_logits(row, k);
                     // Greedy picks the first of the top-k (largest logit, smallest id on
                     // ties); sampling weighs the whole vocabulary.
+                    let top = top_k_logits(row, k.max(1));
                     let next = if s.is_greedy() {
-                        match top.first() {
-                            Some(t) => t.0,
-                            None => top_k_logits(row, 1)[0].0,
-                        }
+                        top[0].0
                     } else {
                         s.choose_logits(row)
                     };
-                    g.capture.record(row, log_sum_exp(row), &top, next);
+                    g.capture
+                        .record(row, log_sum_exp(row), &top[..k.min(top.len())], next);
                     g.response.push(next);
                     (r, next)
                 })

@@ -43,12 +43,6 @@ impl Sampler {
         self.cfg.is_greedy()
     }
 
-    /// Picks the next token from T=1 log-probabilities over the whole vocabulary.
-    pub fn choose(&mut self, logprobs: &[f64]) -> u32 {
-        let logits: Vec<f32> = logprobs.iter().map(|&l| l as f32).collect();
-        self.choose_logits(&logits)
-    }
-
     /// Picks the next token from one position's logits (any shift of them gives the same
     /// choice).
     pub fn choose_logits(&mut self, logits: &[f32]) -> u32 {
@@ -138,6 +132,11 @@ mod tests {
         raw.iter().map(|x| x - lse).collect()
     }
 
+    /// Log-probabilities as the logits the sampler takes.
+    fn f32s(lp: &[f64]) -> Vec<f32> {
+        lp.iter().map(|&l| l as f32).collect()
+    }
+
     #[test]
     fn greedy_takes_argmax() {
         let cfg = SamplingConfig {
@@ -145,7 +144,7 @@ mod tests {
             top_p: 1.0,
             seed: 1,
         };
-        assert_eq!(Sampler::new(cfg, "a").choose(&logprobs()), 0);
+        assert_eq!(Sampler::new(cfg, "a").choose_logits(&f32s(&logprobs())), 0);
     }
 
     #[test]
@@ -158,7 +157,9 @@ mod tests {
         let lp = logprobs();
         let draw = |id: &str| {
             let mut s = Sampler::new(cfg, id);
-            (0..64).map(|_| s.choose(&lp)).collect::<Vec<_>>()
+            (0..64)
+                .map(|_| s.choose_logits(&f32s(&lp)))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw("x"), draw("x"));
         assert_ne!(draw("x"), draw("y"));
@@ -184,7 +185,7 @@ mod tests {
             }
         }
         for _ in 0..500 {
-            assert!((s.choose(&lp) as usize) < allowed);
+            assert!((s.choose_logits(&f32s(&lp)) as usize) < allowed);
         }
     }
 
@@ -241,7 +242,7 @@ mod tests {
         let n = 20000;
         let mut c = [0usize; 3];
         for _ in 0..n {
-            c[s.choose(&lp) as usize] += 1;
+            c[s.choose_logits(&f32s(&lp)) as usize] += 1;
         }
         let f0 = c[0] as f64 / n as f64;
         assert!((f0 - 0.7).abs() < 0.02, "frequency of token 0 was {f0}");
