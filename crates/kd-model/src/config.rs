@@ -1,5 +1,7 @@
 use serde::{Deserialize, Serialize};
 
+use crate::rope::RopeScaling;
+
 /// Hyperparameters of a llama-family decoder, named as in a Hugging Face `config.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
@@ -13,6 +15,10 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
+    /// RoPE scaling (`None`: plain RoPE). [`crate::loader::read_hf_config`] fills it from
+    /// either `config.json` form, [`crate::loader::gguf_config`] from a GGUF header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
     #[serde(default)]
@@ -42,6 +48,32 @@ pub const MAX_POSITIONS: usize = 1 << 20;
 impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+
+    /// RoPE inverse frequencies `[head_dim/2]` (f64) and the factor cos and sin are scaled by.
+    pub fn rope_frequencies(&self) -> (Vec<f64>, f64) {
+        crate::rope::frequencies(self.rope_theta, self.head_dim(), self.rope_scaling.as_ref())
+    }
+
+    /// The `config.json` `transformers` 4.x and 5.x both load as this model
+    /// (`LlamaForCausalLM`, f32): RoPE as a top-level `rope_theta` and `rope_scaling`, and the
+    /// same as `rope_parameters`. Refused when the RoPE has no `config.json` form (a GGUF
+    /// file's `rope_freqs.weight` factors).
+    pub fn to_hf_json(&self) -> Result<serde_json::Value, String> {
+        let rope = crate::rope::hf_entries(self.rope_theta, self.rope_scaling.as_ref())
+            .map_err(|r| format!("{}: {}", r.key, r.what))?;
+        let mut v = serde_json::to_value(self).expect("config serializes");
+        let m = v.as_object_mut().expect("config is an object");
+        m.extend(rope);
+        m.insert("model_type".into(), "llama".into());
+        m.insert(
+            "architectures".into(),
+            serde_json::json!(["LlamaForCausalLM"]),
+        );
+        m.insert("hidden_act".into(), "silu".into());
+        m.insert("torch_dtype".into(), "float32".into());
+        m.insert("head_dim".into(), self.head_dim().into());
+        Ok(v)
     }
 
     /// Number of parameters (embeddings counted once when tied).
@@ -90,6 +122,15 @@ impl LlamaConfig {
                 "vocab_size, hidden_size, intermediate_size and num_hidden_layers must be positive"
                     .into(),
             );
+        }
+        if let Some(RopeScaling::Freqs { factors }) = &self.rope_scaling
+            && factors.len() != self.head_dim() / 2
+        {
+            return Err(format!(
+                "{} RoPE frequency factors for head_dim {} (expected head_dim/2)",
+                factors.len(),
+                self.head_dim()
+            ));
         }
         if self.max_position_embeddings == 0 || self.max_position_embeddings > MAX_POSITIONS {
             return Err(format!(

@@ -345,20 +345,33 @@ impl CpuLlama {
 /// New tokens of one sequence whose attention products run together.
 const Q_CHUNK: usize = 16;
 
-/// RoPE cos/sin tables `[positions, head_dim/2]`, computed as candle's path computes them.
+/// RoPE cos/sin tables `[positions, head_dim/2]`, computed as candle's path computes them
+/// (angles and their cos/sin in f32, as `transformers` computes them; YaRN's attention factor
+/// multiplies both).
 pub(crate) fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
     let half = cfg.head_dim() / 2;
     let max = cfg.max_position_embeddings;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32)
-        .collect();
+    let (scaled, attn) = cfg.rope_frequencies();
+    let inv: Vec<f32> = match cfg.rope_scaling {
+        // Plain RoPE: the inverse taken in f32, as this table has always been built.
+        None | Some(crate::rope::RopeScaling::Dynamic { .. }) => (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32)
+            .collect(),
+        _ => scaled.iter().map(|&f| f as f32).collect(),
+    };
+    let attn = attn as f32;
     let mut cos = Vec::with_capacity(max * half);
     let mut sin = Vec::with_capacity(max * half);
     for p in 0..max {
         for &f in &inv {
             let a = p as f32 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
+            if attn == 1.0 {
+                cos.push(a.cos());
+                sin.push(a.sin());
+            } else {
+                cos.push(a.cos() * attn);
+                sin.push(a.sin() * attn);
+            }
         }
     }
     (cos, sin)

@@ -32,6 +32,7 @@ pub mod gguf_check;
 pub mod kernels;
 pub mod llama;
 pub mod loader;
+pub mod rope;
 pub mod testing;
 pub mod trainable;
 
@@ -39,4 +40,5 @@ pub use config::LlamaConfig;
 pub use error::{Error, Result};
 pub use llama::{KvCache, Layer, Linear, Llama, log_softmax_f64};
 pub use loader::{Kernels, LoadedModel, ModelIdentity, Precision, load, load_with, sha256_file};
+pub use rope::RopeScaling;
 pub use trainable::Student;

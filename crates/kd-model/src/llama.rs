@@ -253,6 +253,11 @@ impl Llama {
         self.cfg.vocab_size
     }
 
+    /// The hyperparameters the model was built with.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
     pub fn max_len(&self) -> usize {
         self.cfg.max_position_embeddings
     }

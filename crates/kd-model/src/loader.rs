@@ -151,8 +151,13 @@ fn meta_f64(c: &gguf_file::Content, path: &Path, key: &str) -> Result<f64> {
         })
 }
 
-/// The llama hyperparameters stored in a GGUF header.
-pub fn gguf_config(c: &gguf_file::Content, path: &Path) -> Result<LlamaConfig> {
+/// The llama hyperparameters stored in a GGUF header (`reader` reads the file's
+/// `rope_freqs.weight` tensor when it has one).
+pub fn gguf_config<R: std::io::Read + std::io::Seek>(
+    c: &gguf_file::Content,
+    reader: &mut R,
+    path: &Path,
+) -> Result<LlamaConfig> {
     let arch = meta(c, path, "general.architecture")?
         .to_string()
         .map_err(|e| Error::BadField {
@@ -187,7 +192,8 @@ pub fn gguf_config(c: &gguf_file::Content, path: &Path) -> Result<LlamaConfig> {
             .unwrap_or(heads),
         rms_norm_eps: meta_f64(c, path, &format!("{p}attention.layer_norm_rms_epsilon"))
             .unwrap_or(1e-5),
-        rope_theta: meta_f64(c, path, &format!("{p}rope.freq_base")).unwrap_or(10000.0),
+        rope_theta: 10000.0,
+        rope_scaling: None,
         max_position_embeddings: meta_usize(c, path, &format!("{p}context_length")).unwrap_or(2048),
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         bos_token_id: meta_usize(c, path, "tokenizer.ggml.bos_token_id")
@@ -202,6 +208,43 @@ pub fn gguf_config(c: &gguf_file::Content, path: &Path) -> Result<LlamaConfig> {
         field: "llama.*".into(),
         what,
     })?;
+    let mut cfg = cfg;
+    let freqs = if c.tensor_infos.contains_key("rope_freqs.weight") {
+        let t = c
+            .tensor(reader, "rope_freqs.weight", &Device::Cpu)
+            .and_then(|t| t.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|source| Error::Gguf {
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            })?;
+        Some(t)
+    } else {
+        None
+    };
+    let keys: Vec<&str> = c.metadata.keys().map(String::as_str).collect();
+    let number = |k: &str| {
+        c.metadata.get(k).map(|v| {
+            v.to_f64()
+                .or_else(|_| v.to_f32().map(f64::from))
+                .or_else(|_| v.to_u32().map(f64::from))
+                .or_else(|_| v.to_u64().map(|x| x as f64))
+                .or_else(|_| v.to_i32().map(f64::from))
+                .map_err(|_| format!("expected a number, found {:?}", v.value_type()))
+        })
+    };
+    let string = |k: &str| c.metadata.get(k).and_then(|v| v.to_string().ok().cloned());
+    let (theta, scaling) =
+        crate::rope::parse_gguf("llama", &keys, &number, &string, cfg.head_dim(), freqs).map_err(
+            |r| Error::BadField {
+                path: path.to_path_buf(),
+                field: r.key,
+                what: r.what,
+            },
+        )?;
+    cfg.rope_theta = theta;
+    cfg.rope_scaling = scaling;
     Ok(cfg)
 }
 
@@ -222,7 +265,7 @@ fn load_gguf(
         path: path.to_path_buf(),
         source: Box::new(source),
     })?;
-    let cfg = gguf_config(&content, path)?;
+    let cfg = gguf_config(&content, &mut f, path)?;
     let tokenizer = Tokenizer::from_gguf(&content).map_err(|source| Error::Tokenizer {
         path: path.to_path_buf(),
         source: Box::new(source),
@@ -348,23 +391,85 @@ pub fn read_hf_config(dir: &Path) -> Result<LlamaConfig> {
         path: path.clone(),
         source,
     })?;
-    if let Some(mt) = v.get("model_type").and_then(|m| m.as_str())
+    parse_hf_config(&v, &path)
+}
+
+/// Keys of a llama `config.json` that change the function and have one implemented value
+/// (`None`: any value but `false`/`null` is refused).
+const LLAMA_FIXED: &[(&str, Option<&str>)] = &[
+    ("hidden_act", Some("silu")),
+    ("attention_bias", None),
+    ("mlp_bias", None),
+];
+
+/// A `config.json` value as a [`LlamaConfig`] (`path` names the file in errors). Every key
+/// `transformers`' `LlamaForCausalLM` reads is either implemented or refused by name: RoPE in
+/// both its 4.x and 5.x forms ([`crate::rope::parse_hf`]), `hidden_act` (silu), biases
+/// (none), an explicit `head_dim` (only `hidden_size / num_attention_heads`) and quantized
+/// weights (`quantization_config`).
+pub fn parse_hf_config(v: &serde_json::Value, path: &Path) -> Result<LlamaConfig> {
+    let bad = |field: &str, what: String| Error::BadField {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        what,
+    };
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("config", "expected a JSON object".into()))?;
+    if let Some(mt) = obj.get("model_type").and_then(|m| m.as_str())
         && mt != "llama"
     {
         return Err(Error::Architecture {
-            path,
+            path: path.to_path_buf(),
             arch: mt.to_string(),
         });
     }
-    let cfg: LlamaConfig = serde_json::from_value(v).map_err(|source| Error::Json {
-        path: path.clone(),
-        source,
-    })?;
-    cfg.validate().map_err(|what| Error::BadField {
-        path,
-        field: "config".into(),
-        what,
-    })?;
+    for &(key, want) in LLAMA_FIXED {
+        let ok = match (obj.get(key), want) {
+            (None | Some(serde_json::Value::Null), _) => true,
+            (Some(v), Some(w)) => v.as_str() == Some(w),
+            (Some(v), None) => v == &serde_json::Value::Bool(false),
+        };
+        if !ok {
+            let what = match want {
+                Some(w) => format!("{} is not implemented (only {w:?})", obj[key]),
+                None => format!("{} is not implemented (only false)", obj[key]),
+            };
+            return Err(bad(key, what));
+        }
+    }
+    if obj.get("quantization_config").is_some_and(|v| !v.is_null()) {
+        return Err(bad(
+            "quantization_config",
+            "quantized safetensors are not implemented (use full-precision weights or a GGUF file)"
+                .into(),
+        ));
+    }
+    let mut rest = obj.clone();
+    for k in ["rope_theta", "rope_scaling", "rope_parameters"] {
+        rest.remove(k);
+    }
+    let mut cfg: LlamaConfig =
+        serde_json::from_value(serde_json::Value::Object(rest)).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    cfg.validate().map_err(|what| bad("config", what))?;
+    if let Some(h) = obj.get("head_dim").filter(|h| !h.is_null())
+        && h.as_u64() != Some(cfg.head_dim() as u64)
+    {
+        return Err(bad(
+            "head_dim",
+            format!(
+                "{h} differs from hidden_size / num_attention_heads = {}: not implemented",
+                cfg.head_dim()
+            ),
+        ));
+    }
+    let (theta, scaling) =
+        crate::rope::parse_hf(obj, cfg.max_position_embeddings).map_err(|r| bad(&r.key, r.what))?;
+    cfg.rope_theta = theta;
+    cfg.rope_scaling = scaling;
     Ok(cfg)
 }
 

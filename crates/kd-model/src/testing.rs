@@ -23,6 +23,7 @@ pub fn tiny_config(vocab_size: usize) -> LlamaConfig {
         num_key_value_heads: 2,
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
+        rope_scaling: None,
         max_position_embeddings: 256,
         tie_word_embeddings: true,
         bos_token_id: None,
@@ -112,11 +113,11 @@ pub fn write_hf_dir(
         move |source| Error::Io { path: p, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut config = serde_json::to_value(cfg).expect("config serializes");
-    config["model_type"] = "llama".into();
-    config["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
-    config["hidden_act"] = "silu".into();
-    config["torch_dtype"] = "float32".into();
+    let config = cfg.to_hf_json().map_err(|what| Error::BadField {
+        path: dir.to_path_buf(),
+        field: "config".into(),
+        what,
+    })?;
     let p = dir.join("config.json");
     std::fs::write(&p, serde_json::to_string_pretty(&config).expect("json")).map_err(io(&p))?;
     let p = dir.join("model.safetensors");
@@ -183,8 +184,21 @@ pub fn write_gguf(
     w: &Weights,
     dtype: GgmlDType,
 ) -> Weights {
+    write_gguf_with(path, tok, w, dtype, &tiny_config(tok.vocab_size()), &[])
+}
+
+/// [`write_gguf`] for the shape and RoPE of `cfg` (a linear scaling as
+/// `llama.rope.scaling.*`, frequency factors as the tensor `rope_freqs.weight`, as llama.cpp's
+/// converter writes them), with `extra` metadata added (replacing keys of the same name).
+pub fn write_gguf_with(
+    path: &std::path::Path,
+    tok: &Tokenizer,
+    w: &Weights,
+    dtype: GgmlDType,
+    cfg: &LlamaConfig,
+    extra: &[(&str, gguf_file::Value)],
+) -> Weights {
     use gguf_file::Value as V;
-    let cfg = tiny_config(tok.vocab_size());
     let tj = tok.to_tokenizer_json();
     let merges: Vec<V> = tj["model"]["merges"]
         .as_array()
@@ -238,6 +252,7 @@ pub fn write_gguf(
             V::F32(cfg.rms_norm_eps as f32),
         ),
         ("llama.rope.freq_base", V::F32(cfg.rope_theta as f32)),
+        ("llama.rope.dimension_count", V::U32(cfg.head_dim() as u32)),
         ("tokenizer.ggml.model", V::String("gpt2".into())),
         (
             "tokenizer.ggml.pre",
@@ -254,6 +269,15 @@ pub fn write_gguf(
             V::String(tok.chat_template().unwrap().source().to_string()),
         ),
     ];
+    let mut meta = meta;
+    if let Some(crate::rope::RopeScaling::Linear { factor }) = &cfg.rope_scaling {
+        meta.push(("llama.rope.scaling.type", V::String("linear".into())));
+        meta.push(("llama.rope.scaling.factor", V::F32(*factor as f32)));
+    }
+    for (k, v) in extra {
+        meta.retain(|(m, _)| m != k);
+        meta.push((k, v.clone()));
+    }
     let mut names: Vec<(String, Tensor, bool)> = vec![
         (
             "token_embd.weight".into(),
@@ -302,6 +326,13 @@ pub fn write_gguf(
         names.push((format!("blk.{i}.ffn_up.weight"), h("mlp.up_proj"), true));
         names.push((format!("blk.{i}.ffn_down.weight"), h("mlp.down_proj"), true));
     }
+    if let Some(crate::rope::RopeScaling::Freqs { factors }) = &cfg.rope_scaling {
+        let t = Tensor::from_vec(factors.clone(), factors.len(), &Device::Cpu).unwrap();
+        names.push(("rope_freqs.weight".into(), t, false));
+    }
+    if !cfg.tie_word_embeddings {
+        names.push(("output.weight".into(), w["lm_head.weight"].clone(), true));
+    }
     let qs: Vec<(String, QTensor)> = names
         .into_iter()
         .map(|(n, t, mat)| {
@@ -322,6 +353,9 @@ pub fn write_gguf(
     };
     back.insert("model.embed_tokens.weight".into(), deq("token_embd.weight"));
     back.insert("model.norm.weight".into(), deq("output_norm.weight"));
+    if !cfg.tie_word_embeddings {
+        back.insert("lm_head.weight".into(), deq("output.weight"));
+    }
     for i in 0..cfg.num_hidden_layers {
         let hf = |n: &str| format!("model.layers.{i}.{n}.weight");
         let g = |n: &str| deq(&format!("blk.{i}.{n}.weight"));

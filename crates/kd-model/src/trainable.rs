@@ -529,19 +529,16 @@ fn check_layers(keep: &[usize], n_layers: usize) -> Result<()> {
 /// Cos/sin tables `[max_pos, head_dim]` for the half-split layout, computed in f64.
 fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim();
-    let half = hd / 2;
     let max = cfg.max_position_embeddings;
-    let inv: Vec<f64> = (0..half)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64))
-        .collect();
+    let (inv, attn) = cfg.rope_frequencies();
     let mut cos = Vec::with_capacity(max * hd);
     let mut sin = Vec::with_capacity(max * hd);
     for p in 0..max {
         for _ in 0..2 {
             for &f in &inv {
                 let a = p as f64 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() * attn);
+                sin.push(a.sin() * attn);
             }
         }
     }
@@ -566,7 +563,7 @@ fn read_gguf_as_hf(path: &Path, keep: &[usize]) -> Result<(LlamaConfig, HashMap<
         source,
     })?;
     let content = gguf_file::Content::read(&mut f).map_err(gguf_err)?;
-    let cfg = gguf_config(&content, path)?;
+    let cfg = gguf_config(&content, &mut f, path)?;
     check_layers(keep, cfg.num_hidden_layers)?;
     let mut get = |name: &str| -> Result<Tensor> {
         if !content.tensor_infos.contains_key(name) {

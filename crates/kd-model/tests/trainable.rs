@@ -334,6 +334,7 @@ fn grad_config(tied: bool) -> LlamaConfig {
         num_key_value_heads: 2,
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
+        rope_scaling: None,
         max_position_embeddings: 32,
         tie_word_embeddings: tied,
         bos_token_id: None,

@@ -35,6 +35,24 @@ pub enum Init {
 impl Init {
     /// Builds the student this initialisation describes, in f32 on `dev`.
     pub fn build(&self, dev: &Device) -> anyhow::Result<Student> {
+        let student = self.build_unchecked(dev)?;
+        // Checkpoints and the export are Hugging Face directories: refuse a student whose
+        // RoPE has no config.json form before training it.
+        if let Err(e) = student.cfg.to_hf_json() {
+            let path = match self {
+                Init::FromTeacher { path, .. } | Init::FromStudent { path } => path,
+                Init::Random { config, .. } => config,
+            };
+            anyhow::bail!(
+                "{}: {e}; a student is saved as a Hugging Face directory, so start it from a \
+                 Hugging Face teacher directory instead",
+                path.display()
+            );
+        }
+        Ok(student)
+    }
+
+    fn build_unchecked(&self, dev: &Device) -> anyhow::Result<Student> {
         Ok(match self {
             Init::FromTeacher { path, keep_layers } => {
                 Student::from_teacher(path, keep_layers, DType::F32, dev)?
@@ -437,12 +455,10 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
 /// (created if needed; files are written in place: see [`publish_export`]).
 pub fn export(student: &Student, shards: &Path, dest: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dest).map_err(io(dest))?;
-    let mut cfg = serde_json::to_value(&student.cfg)?;
-    cfg["model_type"] = "llama".into();
-    cfg["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
-    cfg["hidden_act"] = "silu".into();
-    cfg["torch_dtype"] = "float32".into();
-    cfg["head_dim"] = student.cfg.head_dim().into();
+    let cfg = student
+        .cfg
+        .to_hf_json()
+        .map_err(|e| anyhow::anyhow!("{}: cannot export the student: {e}", dest.display()))?;
     let config = dest.join("config.json");
     std::fs::write(&config, serde_json::to_vec_pretty(&cfg)?).map_err(io(&config))?;
     student.save_safetensors(&dest.join("model.safetensors"))?;
