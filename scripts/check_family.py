@@ -130,12 +130,22 @@ def run_case(case, work, cache, exe):
     for spec in ROWS:
         row = rows[spec["id"]]
         ids = row["input_ids"]
-        want_ids = hf_tok.apply_chat_template(spec["messages"], tokenize=True)
-        if hasattr(want_ids, "input_ids"):
-            want_ids = want_ids["input_ids"]
-        if list(ids) != list(want_ids):
-            return False, f"{spec['id']}: ids differ from transformers' rendering (first at " \
-                f"{next((i for i, (a, b) in enumerate(zip(ids, want_ids)) if a != b), min(len(ids), len(want_ids)))})"
+        # The prompt is the conversation before the reply, with the generation prompt; the
+        # stored row is the whole conversation rendered, up to the end of the reply's turn
+        # (templates such as Llama 3's always append another generation prompt after it).
+        def render(msgs, gen):
+            out = hf_tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+            return list(out["input_ids"] if hasattr(out, "keys") else out)
+        want_prompt = render(spec["messages"][:-1], True)
+        want_all = render(spec["messages"], False)
+        def first_diff(a, b):
+            return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        if list(ids[:row["prompt_len"]]) != want_prompt:
+            return False, f"{spec['id']}: prompt ids differ from transformers' rendering at " \
+                f"{first_diff(ids, want_prompt)}"
+        if list(ids) != want_all[:len(ids)]:
+            return False, f"{spec['id']}: ids differ from transformers' rendering at " \
+                f"{first_diff(ids, want_all)}"
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0].float()
         lp = torch.log_softmax(logits.double(), dim=-1)

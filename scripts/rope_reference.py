@@ -8,6 +8,11 @@ Needs torch and transformers (run by hand; the JSON is committed and the tests r
     pip install torch transformers
     python3 scripts/rope_reference.py
 
+With `--check-export DIR` it instead loads every `DIR/*/config.json` (left by the test
+`export_config_reads_back_identically` under target/tmp/rope-export/: the config.json a student
+export writes) with the installed `transformers` and compares its frequencies with ours
+(`expected.json` beside each); run it under transformers 4.x and 5.x.
+
 Configs in the 5.x form are written by `save_pretrained` of the installed version; configs
 in the 4.x form (top-level `rope_theta`, `rope_scaling`) are written by hand as 4.x wrote them
 and loaded with `from_pretrained`, as a user's downloaded file is.
@@ -137,7 +142,26 @@ def config_json(form, max_pos, rope, d):
     return raw
 
 
+def check_export(root):
+    bad = 0
+    for d in sorted(p for p in os.listdir(root) if os.path.isdir(os.path.join(root, p))):
+        cfg = LlamaConfig.from_pretrained(os.path.join(root, d))
+        emb = LlamaRotaryEmbedding(config=cfg)
+        inv = emb.inv_freq.to(torch.float64)
+        with open(os.path.join(root, d, "expected.json")) as f:
+            want = json.load(f)
+        rel = ((inv - torch.tensor(want["inv_freq"], dtype=torch.float64)).abs() / inv.abs()).max().item()
+        attn = float(emb.attention_scaling)
+        ok = rel < 1e-6 and abs(attn - want["attention_factor"]) < 1e-6
+        bad += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {d}: max rel err {rel:.1e}, attention factor {attn} (ours {want['attention_factor']})")
+    print(f"transformers {transformers.__version__}: {bad} failed")
+    sys.exit(1 if bad else 0)
+
+
 def main():
+    if len(sys.argv) > 2 and sys.argv[1] == "--check-export":
+        return check_export(sys.argv[2])
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
         os.path.dirname(__file__), "..", "crates", "kd-model", "tests", "data", "rope_reference.json")
     cases = []
@@ -145,7 +169,7 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             cfg_json = config_json(form, max_pos, rope, d)
             cfg = LlamaConfig.from_pretrained(d)
-            emb = LlamaRotaryEmbedding(cfg)
+            emb = LlamaRotaryEmbedding(config=cfg)
             inv = emb.inv_freq.to(torch.float64).tolist()
             cases.append(dict(name=name, config=cfg_json, inv_freq=inv,
                               attention_factor=float(emb.attention_scaling)))

@@ -338,8 +338,9 @@ fn gguf_linear_scaling_equals_the_config() {
     assert!(d < 1e-4, "{d}");
 }
 
-/// The student's export writes RoPE so that our loader (and `transformers` 4.x and 5.x, see
-/// `scripts/check_family.py`) reads back the same function.
+/// The student's export writes RoPE so that our loader reads back the same function, from
+/// both forms together or either alone. (`scripts/rope_reference.py --check-export` loads the
+/// configs this test leaves under `target/tmp/rope-export/` with `transformers`.)
 #[test]
 fn export_config_reads_back_identically() {
     let tok = Tokenizer::tiny_for_tests();
@@ -352,6 +353,13 @@ fn export_config_reads_back_identically() {
         assert_eq!(v["rope_parameters"]["rope_theta"], json!(theta), "{name}");
         let back = parse_hf_config(&v, Path::new("config.json")).unwrap();
         assert_eq!(back, cfg, "{name}");
+        // For `scripts/rope_reference.py --check-export`, which loads each with transformers.
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("rope-export").join(name);
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("config.json"), v.to_string()).unwrap();
+        let (inv, attn) = cfg.rope_frequencies();
+        let expected = json!({"inv_freq": inv, "attention_factor": attn});
+        std::fs::write(out.join("expected.json"), expected.to_string()).unwrap();
         // Each form alone reads the same.
         let mut only4 = v.clone();
         only4.as_object_mut().unwrap().remove("rope_parameters");
