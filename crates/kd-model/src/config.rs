@@ -2,9 +2,71 @@ use serde::{Deserialize, Serialize};
 
 use crate::rope::RopeScaling;
 
+/// The decoder families: one block shape (RMSNorm, RoPE, grouped-query attention, SwiGLU)
+/// with these differences.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// Llama 2/3.x, SmolLM2, TinyLlama.
+    #[default]
+    Llama,
+    /// Llama's block (a sliding window is a context limit here, see
+    /// [`LlamaConfig::sliding_window`]).
+    Mistral,
+    /// Biases on the q, k and v projections.
+    Qwen2,
+    /// An RMSNorm over each head of q and of k before RoPE.
+    Qwen3,
+}
+
+impl Arch {
+    /// The `model_type` of a `config.json` and `general.architecture` of a GGUF file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Arch> {
+        [Arch::Llama, Arch::Mistral, Arch::Qwen2, Arch::Qwen3]
+            .into_iter()
+            .find(|a| a.name() == s)
+    }
+
+    /// The `transformers` class of a causal LM of this family.
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    pub fn is_llama(&self) -> bool {
+        *self == Arch::Llama
+    }
+
+    /// Whether q, k and v carry biases.
+    pub fn qkv_bias(self) -> bool {
+        self == Arch::Qwen2
+    }
+
+    /// Whether q and k are RMS-normalised per head before RoPE.
+    pub fn qk_norm(self) -> bool {
+        self == Arch::Qwen3
+    }
+}
+
 /// Hyperparameters of a llama-family decoder, named as in a Hugging Face `config.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
+    /// The family (`model_type`); absent means llama.
+    #[serde(default, rename = "model_type", skip_serializing_if = "Arch::is_llama")]
+    pub arch: Arch,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -21,6 +83,16 @@ pub struct LlamaConfig {
     pub rope_scaling: Option<RopeScaling>,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
+    /// An explicit head size (`None`: `hidden_size / num_attention_heads`); the attention
+    /// width is `num_attention_heads × head_dim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// The attention window of models that use one (Mistral v0.1, Qwen with
+    /// `use_sliding_window`). Within it a sliding window attends to every earlier token, so
+    /// the model computes exactly that function by refusing longer sequences
+    /// ([`LlamaConfig::max_len`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default)]
@@ -47,7 +119,22 @@ pub const MAX_POSITIONS: usize = 1 << 20;
 
 impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Width of the attention (q rows, o columns): `num_attention_heads × head_dim`.
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim()
+    }
+
+    /// The longest sequence the model computes exactly: `max_position_embeddings`, or the
+    /// sliding window when that is shorter.
+    pub fn max_len(&self) -> usize {
+        match self.sliding_window {
+            Some(w) => w.min(self.max_position_embeddings),
+            None => self.max_position_embeddings,
+        }
     }
 
     /// RoPE inverse frequencies `[head_dim/2]` (f64) and the factor cos and sin are scaled by.
@@ -56,7 +143,7 @@ impl LlamaConfig {
     }
 
     /// The `config.json` `transformers` 4.x and 5.x both load as this model
-    /// (`LlamaForCausalLM`, f32): RoPE as a top-level `rope_theta` and `rope_scaling`, and the
+    /// (`LlamaForCausalLM` or the family's class, f32): RoPE as a top-level `rope_theta` and `rope_scaling`, and the
     /// same as `rope_parameters`. Refused when the RoPE has no `config.json` form (a GGUF
     /// file's `rope_freqs.weight` factors).
     pub fn to_hf_json(&self) -> Result<serde_json::Value, String> {
@@ -65,11 +152,18 @@ impl LlamaConfig {
         let mut v = serde_json::to_value(self).expect("config serializes");
         let m = v.as_object_mut().expect("config is an object");
         m.extend(rope);
-        m.insert("model_type".into(), "llama".into());
+        m.insert("model_type".into(), self.arch.name().into());
         m.insert(
             "architectures".into(),
-            serde_json::json!(["LlamaForCausalLM"]),
+            serde_json::json!([self.arch.hf_class()]),
         );
+        if let Some(w) = self.sliding_window {
+            m.insert("use_sliding_window".into(), true.into());
+            m.insert("max_window_layers".into(), 0.into());
+            m.insert("sliding_window".into(), w.into());
+        } else {
+            m.insert("sliding_window".into(), serde_json::Value::Null);
+        }
         m.insert("hidden_act".into(), "silu".into());
         m.insert("torch_dtype".into(), "float32".into());
         m.insert("head_dim".into(), self.head_dim().into());
@@ -81,7 +175,14 @@ impl LlamaConfig {
         let d = self.hidden_size;
         let hd = self.head_dim();
         let kv = self.num_key_value_heads * hd;
-        let per_layer = d * d * 2 + d * kv * 2 + 3 * d * self.intermediate_size + 2 * d;
+        let q = self.q_dim();
+        let mut per_layer = d * q * 2 + d * kv * 2 + 3 * d * self.intermediate_size + 2 * d;
+        if self.arch.qkv_bias() {
+            per_layer += q + 2 * kv;
+        }
+        if self.arch.qk_norm() {
+            per_layer += 2 * hd;
+        }
         let emb = self.vocab_size * d;
         let head = if self.tie_word_embeddings { 0 } else { emb };
         emb + head + d + per_layer * self.num_hidden_layers
@@ -90,7 +191,8 @@ impl LlamaConfig {
     /// Checks the shape rules the model relies on.
     pub fn validate(&self) -> Result<(), String> {
         if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+            || (self.head_dim.is_none()
+                && !self.hidden_size.is_multiple_of(self.num_attention_heads))
         {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
@@ -106,6 +208,12 @@ impl LlamaConfig {
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
+        }
+        if self.head_dim == Some(0) || self.head_dim.is_some_and(|h| h > 1 << 16) {
+            return Err(format!("head_dim {} is outside 1..=65536", self.head_dim()));
+        }
+        if self.sliding_window == Some(0) {
+            return Err("sliding_window must be positive".into());
         }
         if !self.head_dim().is_multiple_of(2) {
             return Err(format!(

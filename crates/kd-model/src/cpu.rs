@@ -14,8 +14,12 @@ use crate::config::LlamaConfig;
 use crate::kernels::{PanelMatrix, PanelView, exp_in_place, scale_max, silu_mul};
 
 pub struct CpuLayer {
+    /// q, k and v biases concatenated `[q_dim + 2·kv_dim]` (Qwen2).
+    pub qkv_bias: Option<Vec<f32>>,
+    /// Per-head RMSNorm weights `[head_dim]` for q and for k (Qwen3).
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     pub attn_norm: Vec<f32>,
-    /// q, k and v stacked: `[d + 2·kv_dim, d]`.
+    /// q, k and v stacked: `[q_dim + 2·kv_dim, d]`.
     pub qkv: PanelMatrix,
     pub o: PanelMatrix,
     pub ffn_norm: Vec<f32>,
@@ -184,10 +188,11 @@ impl CpuLlama {
         {
             row.copy_from_slice(&self.embed[id as usize * d..(id as usize + 1) * d]);
         }
-        let qkv_w = d + 2 * kvd;
+        let qd = cfg.q_dim();
+        let qkv_w = qd + 2 * kvd;
         let mut h = vec![0f32; n * d];
         let mut qkv = vec![0f32; n * qkv_w];
-        let mut att = vec![0f32; n * d];
+        let mut att = vec![0f32; n * qd];
         let mut proj = vec![0f32; n * d];
         let mut gu = vec![0f32; n * 2 * ff];
         let mut m = vec![0f32; n * ff];
@@ -198,7 +203,19 @@ impl CpuLlama {
                 .zip(pos.par_chunks(ROWS_PER_TASK))
                 .for_each(|(rows, ps)| {
                     for (row, &p) in rows.chunks_exact_mut(qkv_w).zip(ps) {
-                        self.rope(&mut row[..d + kvd], p);
+                        if let Some(b) = &layer.qkv_bias {
+                            add_in_place(row, b);
+                        }
+                        if let Some((qn, kn)) = &layer.qk_norm {
+                            let (q, k) = row[..qd + kvd].split_at_mut(qd);
+                            for head in q.chunks_exact_mut(hd) {
+                                rms_norm_row(head, qn, eps);
+                            }
+                            for head in k.chunks_exact_mut(hd) {
+                                rms_norm_row(head, kn, eps);
+                            }
+                        }
+                        self.rope(&mut row[..qd + kvd], p);
                     }
                 });
             for (s, seq) in seqs.iter_mut().enumerate() {
@@ -207,8 +224,8 @@ impl CpuLlama {
                     for kh in 0..nkv {
                         seq.heads[li * nkv + kh].push(
                             seq.len + t,
-                            &row[d + kh * hd..d + (kh + 1) * hd],
-                            &row[d + kvd + kh * hd..d + kvd + (kh + 1) * hd],
+                            &row[qd + kh * hd..qd + (kh + 1) * hd],
+                            &row[qd + kvd + kh * hd..qd + kvd + (kh + 1) * hd],
                         );
                     }
                 }
@@ -282,10 +299,11 @@ impl CpuLlama {
         out: &mut [f32],
     ) {
         let cfg = &self.cfg;
-        let d = cfg.hidden_size;
         let hd = cfg.head_dim();
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let rep = nh / nkv;
+        // Rows of `out` are q_dim wide.
+        let d = cfg.q_dim();
         let qkv_w = d + 2 * nkv * hd;
         let scale = 1.0 / (hd as f32).sqrt();
         let jobs: Vec<(usize, usize)> = (0..seqs.len())
@@ -391,6 +409,15 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
                 }
             }
         });
+}
+
+/// RMS norm of one row in place (Qwen3's per-head q/k norm).
+fn rms_norm_row(x: &mut [f32], w: &[f32], eps: f32) {
+    let ss = dot(x, x);
+    let inv = 1.0 / (ss / x.len() as f32 + eps).sqrt();
+    for (x, &w) in x.iter_mut().zip(w) {
+        *x = *x * inv * w;
+    }
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {

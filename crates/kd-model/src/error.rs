@@ -34,7 +34,7 @@ pub enum Error {
         found: Vec<usize>,
         expected: Vec<usize>,
     },
-    #[error("{path}: unsupported architecture `{arch}` (supported: llama)")]
+    #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2, qwen3)")]
     Architecture { path: PathBuf, arch: String },
     #[error("{path}: {source}")]
     Json {

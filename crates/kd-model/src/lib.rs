@@ -36,7 +36,7 @@ pub mod rope;
 pub mod testing;
 pub mod trainable;
 
-pub use config::LlamaConfig;
+pub use config::{Arch, LlamaConfig};
 pub use error::{Error, Result};
 pub use llama::{KvCache, Layer, Linear, Llama, log_softmax_f64};
 pub use loader::{Kernels, LoadedModel, ModelIdentity, Precision, load, load_with, sha256_file};

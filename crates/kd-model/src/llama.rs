@@ -26,6 +26,10 @@ impl Linear {
 }
 
 pub struct Layer {
+    /// q, k and v biases concatenated `[q_dim + 2·kv_dim]` (Qwen2).
+    pub qkv_bias: Option<Tensor>,
+    /// Per-head RMSNorm weights `[head_dim]` for q and for k (Qwen3).
+    pub qk_norm: Option<(Tensor, Tensor)>,
     pub attn_norm: Tensor,
     pub q: Linear,
     pub k: Linear,
@@ -259,7 +263,7 @@ impl Llama {
     }
 
     pub fn max_len(&self) -> usize {
-        self.cfg.max_position_embeddings
+        self.cfg.max_len()
     }
 
     fn check_ids(&self, rows: &[&[u32]]) -> Result<()> {
@@ -508,11 +512,23 @@ impl CandleLlama {
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*l, d]
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = layer.q.forward(&h)?;
-            let k = layer.k.forward(&h)?;
-            let v = layer.v.forward(&h)?;
-            let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let mut q = layer.q.forward(&h)?;
+            let mut k = layer.k.forward(&h)?;
+            let mut v = layer.v.forward(&h)?;
+            if let Some(bias) = &layer.qkv_bias {
+                let (qd, kvd) = (nh * hd, nkv * hd);
+                q = q.broadcast_add(&bias.narrow(0, 0, qd)?)?;
+                k = k.broadcast_add(&bias.narrow(0, qd, kvd)?)?;
+                v = v.broadcast_add(&bias.narrow(0, qd + kvd, kvd)?)?;
+            }
+            let mut q = q.reshape((b, l, nh, hd))?;
+            let mut k = k.reshape((b, l, nkv, hd))?;
+            if let Some((qn, kn)) = &layer.qk_norm {
+                q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, eps)?;
+                k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, eps)?;
+            }
+            let q = q.transpose(1, 2)?.contiguous()?;
+            let k = k.transpose(1, 2)?.contiguous()?;
             let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let (q, k) = if rope_interleaved {
                 (

@@ -10,7 +10,7 @@ use kd_tokenizer::Tokenizer;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::LlamaConfig;
+use crate::config::{Arch, LlamaConfig};
 use crate::cpu::{CpuLayer, CpuLlama};
 use crate::error::{Error, Result};
 use crate::kernels::PanelMatrix;
@@ -166,14 +166,40 @@ pub fn gguf_config<R: std::io::Read + std::io::Seek>(
             what: e.to_string(),
         })?
         .clone();
-    if arch != "llama" {
-        return Err(Error::Architecture {
-            path: path.to_path_buf(),
-            arch,
-        });
+    // llama.cpp writes Mistral models as `llama`.
+    let family = match Arch::from_name(&arch) {
+        Some(a @ (Arch::Llama | Arch::Qwen2 | Arch::Qwen3)) => a,
+        _ => {
+            return Err(Error::Architecture {
+                path: path.to_path_buf(),
+                arch,
+            });
+        }
+    };
+    let p = format!("{arch}.");
+    let p = p.as_str();
+    let refuse = |field: String, what: &str| Error::BadField {
+        path: path.to_path_buf(),
+        field,
+        what: what.into(),
+    };
+    if c.metadata
+        .contains_key(&format!("{p}attention.sliding_window"))
+    {
+        return Err(refuse(
+            format!("{p}attention.sliding_window"),
+            "a sliding window is not implemented for GGUF files",
+        ));
     }
-    let p = "llama.";
-    let vocab_size = match meta_usize(c, path, "llama.vocab_size") {
+    let key_length = meta_usize(c, path, &format!("{p}attention.key_length")).ok();
+    let value_length = meta_usize(c, path, &format!("{p}attention.value_length")).ok();
+    if value_length.is_some() && value_length != key_length {
+        return Err(refuse(
+            format!("{p}attention.value_length"),
+            "values of another width than keys are not implemented",
+        ));
+    }
+    let vocab_size = match meta_usize(c, path, &format!("{p}vocab_size")) {
         Ok(v) => v,
         Err(_) => meta(c, path, "tokenizer.ggml.tokens")?
             .to_vec()
@@ -194,6 +220,9 @@ pub fn gguf_config<R: std::io::Read + std::io::Seek>(
             .unwrap_or(1e-5),
         rope_theta: 10000.0,
         rope_scaling: None,
+        arch: family,
+        head_dim: key_length.filter(|&h| heads == 0 || h * heads != hidden),
+        sliding_window: None,
         max_position_embeddings: meta_usize(c, path, &format!("{p}context_length")).unwrap_or(2048),
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         bos_token_id: meta_usize(c, path, "tokenizer.ggml.bos_token_id")
@@ -205,7 +234,7 @@ pub fn gguf_config<R: std::io::Read + std::io::Seek>(
     };
     cfg.validate().map_err(|what| Error::BadField {
         path: path.to_path_buf(),
-        field: "llama.*".into(),
+        field: format!("{p}*"),
         what,
     })?;
     let mut cfg = cfg;
@@ -236,7 +265,7 @@ pub fn gguf_config<R: std::io::Read + std::io::Seek>(
     };
     let string = |k: &str| c.metadata.get(k).and_then(|v| v.to_string().ok().cloned());
     let (theta, scaling) =
-        crate::rope::parse_gguf("llama", &keys, &number, &string, cfg.head_dim(), freqs).map_err(
+        crate::rope::parse_gguf(&arch, &keys, &number, &string, cfg.head_dim(), freqs).map_err(
             |r| Error::BadField {
                 path: path.to_path_buf(),
                 field: r.key,
@@ -295,7 +324,9 @@ fn load_gguf(
         Ok(t)
     };
     let d = cfg.hidden_size;
-    let kvd = cfg.num_key_value_heads * cfg.head_dim();
+    let hd = cfg.head_dim();
+    let qd = cfg.q_dim();
+    let kvd = cfg.num_key_value_heads * hd;
     let ff = cfg.intermediate_size;
     let v = cfg.vocab_size;
     let embed = W::Q(get("token_embd.weight", &[v, d])?);
@@ -304,12 +335,33 @@ fn load_gguf(
     let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let n = |s: &str| format!("blk.{i}.{s}.weight");
+        let qkv_bias = if cfg.arch.qkv_bias() {
+            let mut b = |s: &str, len: usize| -> Result<Tensor> {
+                Ok(get(&format!("blk.{i}.{s}.bias"), &[len])?.dequantize(device)?)
+            };
+            Some(Tensor::cat(
+                &[b("attn_q", qd)?, b("attn_k", kvd)?, b("attn_v", kvd)?],
+                0,
+            )?)
+        } else {
+            None
+        };
+        let qk_norm = if cfg.arch.qk_norm() {
+            Some((
+                get(&n("attn_q_norm"), &[hd])?.dequantize(device)?,
+                get(&n("attn_k_norm"), &[hd])?.dequantize(device)?,
+            ))
+        } else {
+            None
+        };
         layers.push(RawLayer {
+            qkv_bias,
+            qk_norm,
             attn_norm: get(&n("attn_norm"), &[d])?.dequantize(device)?,
-            q: W::Q(get(&n("attn_q"), &[d, d])?),
+            q: W::Q(get(&n("attn_q"), &[qd, d])?),
             k: W::Q(get(&n("attn_k"), &[kvd, d])?),
             v: W::Q(get(&n("attn_v"), &[kvd, d])?),
-            o: W::Q(get(&n("attn_output"), &[d, d])?),
+            o: W::Q(get(&n("attn_output"), &[d, qd])?),
             ffn_norm: get(&n("ffn_norm"), &[d])?.dequantize(device)?,
             gate: W::Q(get(&n("ffn_gate"), &[ff, d])?),
             up: W::Q(get(&n("ffn_up"), &[ff, d])?),
@@ -328,7 +380,9 @@ fn load_gguf(
         layers,
         norm,
         lm_head,
-        rope_interleaved: true,
+        // llama.cpp permutes q/k rows into interleaved pairs for llama only; Qwen files keep
+        // the half-split layout (its NEOX RoPE).
+        rope_interleaved: cfg.arch == Arch::Llama,
     };
     let file_type = content
         .metadata
@@ -336,7 +390,7 @@ fn load_gguf(
         .and_then(|v| v.to_u32().ok())
         .map(file_type_name);
     let identity = ModelIdentity {
-        architecture: "llama".into(),
+        architecture: cfg.arch.name().into(),
         format: "gguf".into(),
         path: path.display().to_string(),
         weights_sha256: sha256_file(path)?,
@@ -402,11 +456,13 @@ const LLAMA_FIXED: &[(&str, Option<&str>)] = &[
     ("mlp_bias", None),
 ];
 
-/// A `config.json` value as a [`LlamaConfig`] (`path` names the file in errors). Every key
-/// `transformers`' `LlamaForCausalLM` reads is either implemented or refused by name: RoPE in
-/// both its 4.x and 5.x forms ([`crate::rope::parse_hf`]), `hidden_act` (silu), biases
-/// (none), an explicit `head_dim` (only `hidden_size / num_attention_heads`) and quantized
-/// weights (`quantization_config`).
+/// A `config.json` value as a [`LlamaConfig`] (`path` names the file in errors): `model_type`
+/// `llama`, `mistral`, `qwen2` or `qwen3`. Every key their `transformers` classes read is
+/// either implemented or refused by name: RoPE in both its 4.x and 5.x forms
+/// ([`crate::rope::parse_hf`]), `hidden_act` (silu), `attention_bias` and `mlp_bias` (false;
+/// Qwen2's q/k/v biases are part of the family), an explicit `head_dim`, a sliding window (a
+/// limit on sequence length, within which it changes nothing), and quantized weights
+/// (`quantization_config`, refused).
 pub fn parse_hf_config(v: &serde_json::Value, path: &Path) -> Result<LlamaConfig> {
     let bad = |field: &str, what: String| Error::BadField {
         path: path.to_path_buf(),
@@ -416,14 +472,19 @@ pub fn parse_hf_config(v: &serde_json::Value, path: &Path) -> Result<LlamaConfig
     let obj = v
         .as_object()
         .ok_or_else(|| bad("config", "expected a JSON object".into()))?;
-    if let Some(mt) = obj.get("model_type").and_then(|m| m.as_str())
-        && mt != "llama"
-    {
-        return Err(Error::Architecture {
-            path: path.to_path_buf(),
-            arch: mt.to_string(),
-        });
-    }
+    let arch = match obj.get("model_type") {
+        None | Some(serde_json::Value::Null) => Arch::Llama,
+        Some(v) => v
+            .as_str()
+            .and_then(Arch::from_name)
+            .ok_or_else(|| Error::Architecture {
+                path: path.to_path_buf(),
+                arch: v
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string()),
+            })?,
+    };
     for &(key, want) in LLAMA_FIXED {
         let ok = match (obj.get(key), want) {
             (None | Some(serde_json::Value::Null), _) => true,
@@ -446,7 +507,14 @@ pub fn parse_hf_config(v: &serde_json::Value, path: &Path) -> Result<LlamaConfig
         ));
     }
     let mut rest = obj.clone();
-    for k in ["rope_theta", "rope_scaling", "rope_parameters"] {
+    for k in [
+        "model_type",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "head_dim",
+        "sliding_window",
+    ] {
         rest.remove(k);
     }
     let mut cfg: LlamaConfig =
@@ -454,18 +522,39 @@ pub fn parse_hf_config(v: &serde_json::Value, path: &Path) -> Result<LlamaConfig
             path: path.to_path_buf(),
             source,
         })?;
-    cfg.validate().map_err(|what| bad("config", what))?;
-    if let Some(h) = obj.get("head_dim").filter(|h| !h.is_null())
-        && h.as_u64() != Some(cfg.head_dim() as u64)
-    {
-        return Err(bad(
-            "head_dim",
-            format!(
-                "{h} differs from hidden_size / num_attention_heads = {}: not implemented",
-                cfg.head_dim()
-            ),
-        ));
+    cfg.arch = arch;
+    let size = |key: &str| -> Result<Option<usize>> {
+        match obj.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n > 0 && n <= 1 << 40)
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| bad(key, format!("expected a positive integer, found {v}"))),
+        }
+    };
+    // Kept only when it differs from what it implies.
+    cfg.head_dim = size("head_dim")?.filter(|&h| {
+        cfg.num_attention_heads == 0 || h * cfg.num_attention_heads != cfg.hidden_size
+    });
+    // Mistral's window applies to every layer; Qwen's only with `use_sliding_window` (then to
+    // the layers from `max_window_layers` on, which `layer_types` spells out in 5.x). Llama
+    // has none. Within the window every layer attends to all earlier tokens.
+    let window = size("sliding_window")?;
+    let sliding_layers = obj
+        .get("layer_types")
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| a.iter().any(|t| t.as_str() == Some("sliding_attention")));
+    cfg.sliding_window = match arch {
+        Arch::Llama => None,
+        Arch::Mistral => window,
+        Arch::Qwen2 | Arch::Qwen3 => {
+            let on = obj.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true);
+            if on || sliding_layers { window } else { None }
+        }
     }
+    .filter(|&w| w < cfg.max_position_embeddings);
+    cfg.validate().map_err(|what| bad("config", what))?;
     let (theta, scaling) =
         crate::rope::parse_hf(obj, cfg.max_position_embeddings).map_err(|r| bad(&r.key, r.what))?;
     cfg.rope_theta = theta;
@@ -525,7 +614,9 @@ fn load_hf_dir(
         Ok(t)
     };
     let d = cfg.hidden_size;
-    let kvd = cfg.num_key_value_heads * cfg.head_dim();
+    let hd = cfg.head_dim();
+    let qd = cfg.q_dim();
+    let kvd = cfg.num_key_value_heads * hd;
     let ff = cfg.intermediate_size;
     let v = cfg.vocab_size;
     let embed = W::T(take("model.embed_tokens.weight", &[v, d])?);
@@ -534,13 +625,30 @@ fn load_hf_dir(
     let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
+        let qkv_bias = if cfg.arch.qkv_bias() {
+            let mut b = |n: &str, len: usize| take(&format!("{p}.self_attn.{n}.bias"), &[len]);
+            Some(Tensor::cat(
+                &[b("q_proj", qd)?, b("k_proj", kvd)?, b("v_proj", kvd)?],
+                0,
+            )?)
+        } else {
+            None
+        };
+        let qk_norm = if cfg.arch.qk_norm() {
+            let mut n = |n: &str| take(&format!("{p}.self_attn.{n}.weight"), &[hd]);
+            Some((n("q_norm")?, n("k_norm")?))
+        } else {
+            None
+        };
         let mut t = |n: &str, shape: &[usize]| take(&format!("{p}.{n}.weight"), shape);
         layers.push(RawLayer {
+            qkv_bias,
+            qk_norm,
             attn_norm: t("input_layernorm", &[d])?,
-            q: W::T(t("self_attn.q_proj", &[d, d])?),
+            q: W::T(t("self_attn.q_proj", &[qd, d])?),
             k: W::T(t("self_attn.k_proj", &[kvd, d])?),
             v: W::T(t("self_attn.v_proj", &[kvd, d])?),
-            o: W::T(t("self_attn.o_proj", &[d, d])?),
+            o: W::T(t("self_attn.o_proj", &[d, qd])?),
             ffn_norm: t("post_attention_layernorm", &[d])?,
             gate: W::T(t("mlp.gate_proj", &[ff, d])?),
             up: W::T(t("mlp.up_proj", &[ff, d])?),
@@ -566,7 +674,7 @@ fn load_hf_dir(
         h.update(sha256_file(&f)?.as_bytes());
     }
     let identity = ModelIdentity {
-        architecture: "llama".into(),
+        architecture: cfg.arch.name().into(),
         format: "safetensors".into(),
         path: dir.display().to_string(),
         weights_sha256: hex(&h.finalize()),
@@ -642,6 +750,10 @@ fn panels(parts: &[&W]) -> Result<PanelMatrix> {
 }
 
 struct RawLayer {
+    /// q, k and v biases concatenated (Qwen2).
+    qkv_bias: Option<Tensor>,
+    /// Per-head q and k RMSNorm weights (Qwen3).
+    qk_norm: Option<(Tensor, Tensor)>,
     attn_norm: Tensor,
     q: W,
     k: W,
@@ -678,6 +790,8 @@ impl RawModel {
             .into_iter()
             .map(|l| {
                 Ok(Layer {
+                    qkv_bias: l.qkv_bias,
+                    qk_norm: l.qk_norm,
                     attn_norm: l.attn_norm,
                     q: l.q.candle_linear(precision, device)?,
                     k: l.k.candle_linear(precision, device)?,
@@ -712,6 +826,11 @@ impl RawModel {
         let mut layers = Vec::new();
         for l in &self.layers {
             layers.push(CpuLayer {
+                qkv_bias: l.qkv_bias.as_ref().map(vec).transpose()?,
+                qk_norm: match &l.qk_norm {
+                    Some((q, k)) => Some((vec(q)?, vec(k)?)),
+                    None => None,
+                },
                 attn_norm: vec(&l.attn_norm)?,
                 qkv: panels(&[&l.q, &l.k, &l.v])?,
                 o: panels(&[&l.o])?,

@@ -24,6 +24,9 @@ pub fn tiny_config(vocab_size: usize) -> LlamaConfig {
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
         rope_scaling: None,
+        arch: crate::config::Arch::Llama,
+        head_dim: None,
+        sliding_window: None,
         max_position_embeddings: 256,
         tie_word_embeddings: true,
         bos_token_id: None,
@@ -65,7 +68,9 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Result<HashMap<String, Te
         Ok(())
     };
     let d = cfg.hidden_size;
-    let kvd = cfg.num_key_value_heads * cfg.head_dim();
+    let hd = cfg.head_dim();
+    let qd = cfg.q_dim();
+    let kvd = cfg.num_key_value_heads * hd;
     let ff = cfg.intermediate_size;
     let s = 1.0 / (d as f32).sqrt();
     mat("model.embed_tokens.weight".into(), cfg.vocab_size, d, 1.0)?;
@@ -74,10 +79,20 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Result<HashMap<String, Te
     }
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        mat(format!("{p}.self_attn.q_proj.weight"), d, d, s * 2.0)?;
+        mat(format!("{p}.self_attn.q_proj.weight"), qd, d, s * 2.0)?;
         mat(format!("{p}.self_attn.k_proj.weight"), kvd, d, s * 2.0)?;
         mat(format!("{p}.self_attn.v_proj.weight"), kvd, d, s)?;
-        mat(format!("{p}.self_attn.o_proj.weight"), d, d, s)?;
+        mat(
+            format!("{p}.self_attn.o_proj.weight"),
+            d,
+            qd,
+            1.0 / (qd as f32).sqrt(),
+        )?;
+        if cfg.arch.qkv_bias() {
+            for (n, len) in [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)] {
+                mat(format!("{p}.self_attn.{n}.bias"), 1, len, 0.5)?;
+            }
+        }
         mat(format!("{p}.mlp.gate_proj.weight"), ff, d, s)?;
         mat(format!("{p}.mlp.up_proj.weight"), ff, d, s)?;
         mat(
@@ -97,6 +112,23 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Result<HashMap<String, Te
         ones(format!("model.layers.{i}.post_attention_layernorm.weight"))?;
     }
     ones("model.norm.weight".into())?;
+    // Biases and per-head norms are vectors.
+    let names: Vec<String> = w.keys().filter(|k| k.ends_with(".bias")).cloned().collect();
+    for n in names {
+        let t = w[&n].flatten_all()?;
+        w.insert(n, t);
+    }
+    if cfg.arch.qk_norm() {
+        for i in 0..cfg.num_hidden_layers {
+            for n in ["q_norm", "k_norm"] {
+                let v: Vec<f32> = (0..hd).map(|_| 1.0 + 0.3 * rng.normal()).collect();
+                w.insert(
+                    format!("model.layers.{i}.self_attn.{n}.weight"),
+                    Tensor::from_vec(v, hd, &dev)?,
+                );
+            }
+        }
+    }
     Ok(w)
 }
 
@@ -227,32 +259,46 @@ pub fn write_gguf_with(
             })
         })
         .collect();
-    let meta: Vec<(&str, V)> = vec![
-        ("general.architecture", V::String("llama".into())),
-        ("llama.block_count", V::U32(cfg.num_hidden_layers as u32)),
-        (
-            "llama.context_length",
-            V::U32(cfg.max_position_embeddings as u32),
-        ),
-        ("llama.embedding_length", V::U32(cfg.hidden_size as u32)),
-        (
-            "llama.feed_forward_length",
-            V::U32(cfg.intermediate_size as u32),
-        ),
-        (
-            "llama.attention.head_count",
-            V::U32(cfg.num_attention_heads as u32),
-        ),
-        (
-            "llama.attention.head_count_kv",
-            V::U32(cfg.num_key_value_heads as u32),
-        ),
-        (
-            "llama.attention.layer_norm_rms_epsilon",
-            V::F32(cfg.rms_norm_eps as f32),
-        ),
-        ("llama.rope.freq_base", V::F32(cfg.rope_theta as f32)),
-        ("llama.rope.dimension_count", V::U32(cfg.head_dim() as u32)),
+    // llama.cpp writes Mistral as llama; only llama's q/k rows are permuted.
+    let arch = match cfg.arch {
+        crate::config::Arch::Mistral => "llama",
+        a => a.name(),
+    };
+    let interleave = arch == "llama";
+    let key = |k: &str| -> String { format!("{arch}.{k}") };
+    let keys: Vec<String> = [
+        "block_count",
+        "context_length",
+        "embedding_length",
+        "feed_forward_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "attention.layer_norm_rms_epsilon",
+        "rope.freq_base",
+        "rope.dimension_count",
+        "attention.key_length",
+        "attention.value_length",
+    ]
+    .iter()
+    .map(|k| key(k))
+    .collect();
+    let mut meta: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String(arch.into())),
+        (&keys[0], V::U32(cfg.num_hidden_layers as u32)),
+        (&keys[1], V::U32(cfg.max_position_embeddings as u32)),
+        (&keys[2], V::U32(cfg.hidden_size as u32)),
+        (&keys[3], V::U32(cfg.intermediate_size as u32)),
+        (&keys[4], V::U32(cfg.num_attention_heads as u32)),
+        (&keys[5], V::U32(cfg.num_key_value_heads as u32)),
+        (&keys[6], V::F32(cfg.rms_norm_eps as f32)),
+        (&keys[7], V::F32(cfg.rope_theta as f32)),
+        (&keys[8], V::U32(cfg.head_dim() as u32)),
+    ];
+    if cfg.head_dim.is_some() {
+        meta.push((&keys[9], V::U32(cfg.head_dim() as u32)));
+        meta.push((&keys[10], V::U32(cfg.head_dim() as u32)));
+    }
+    meta.extend(vec![
         ("tokenizer.ggml.model", V::String("gpt2".into())),
         (
             "tokenizer.ggml.pre",
@@ -268,11 +314,11 @@ pub fn write_gguf_with(
             "tokenizer.chat_template",
             V::String(tok.chat_template().unwrap().source().to_string()),
         ),
-    ];
-    let mut meta = meta;
+    ]);
+    let (scaling_type, scaling_factor) = (key("rope.scaling.type"), key("rope.scaling.factor"));
     if let Some(crate::rope::RopeScaling::Linear { factor }) = &cfg.rope_scaling {
-        meta.push(("llama.rope.scaling.type", V::String("linear".into())));
-        meta.push(("llama.rope.scaling.factor", V::F32(*factor as f32)));
+        meta.push((&scaling_type, V::String("linear".into())));
+        meta.push((&scaling_factor, V::F32(*factor as f32)));
     }
     for (k, v) in extra {
         meta.retain(|(m, _)| m != k);
@@ -302,16 +348,36 @@ pub fn write_gguf_with(
             h("post_attention_layernorm"),
             false,
         ));
+        let perm = |t: Tensor, heads: usize| if interleave { permute(&t, heads) } else { t };
         names.push((
             format!("blk.{i}.attn_q.weight"),
-            permute(&h("self_attn.q_proj"), cfg.num_attention_heads),
+            perm(h("self_attn.q_proj"), cfg.num_attention_heads),
             true,
         ));
         names.push((
             format!("blk.{i}.attn_k.weight"),
-            permute(&h("self_attn.k_proj"), cfg.num_key_value_heads),
+            perm(h("self_attn.k_proj"), cfg.num_key_value_heads),
             true,
         ));
+        if cfg.arch.qkv_bias() {
+            for (g, n) in [
+                ("attn_q", "q_proj"),
+                ("attn_k", "k_proj"),
+                ("attn_v", "v_proj"),
+            ] {
+                let b = w[&format!("model.layers.{i}.self_attn.{n}.bias")].clone();
+                names.push((format!("blk.{i}.{g}.bias"), b, false));
+            }
+        }
+        if cfg.arch.qk_norm() {
+            for (g, n) in [("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm")] {
+                names.push((
+                    format!("blk.{i}.{g}.weight"),
+                    h(&format!("self_attn.{n}")),
+                    false,
+                ));
+            }
+        }
         names.push((
             format!("blk.{i}.attn_v.weight"),
             h("self_attn.v_proj"),
@@ -361,14 +427,31 @@ pub fn write_gguf_with(
         let g = |n: &str| deq(&format!("blk.{i}.{n}.weight"));
         back.insert(hf("input_layernorm"), g("attn_norm"));
         back.insert(hf("post_attention_layernorm"), g("ffn_norm"));
+        let unperm = |t: Tensor, heads: usize| if interleave { unpermute(&t, heads) } else { t };
         back.insert(
             hf("self_attn.q_proj"),
-            unpermute(&g("attn_q"), cfg.num_attention_heads),
+            unperm(g("attn_q"), cfg.num_attention_heads),
         );
         back.insert(
             hf("self_attn.k_proj"),
-            unpermute(&g("attn_k"), cfg.num_key_value_heads),
+            unperm(g("attn_k"), cfg.num_key_value_heads),
         );
+        if cfg.arch.qkv_bias() {
+            for (gn, n) in [
+                ("attn_q", "q_proj"),
+                ("attn_k", "k_proj"),
+                ("attn_v", "v_proj"),
+            ] {
+                back.insert(
+                    format!("model.layers.{i}.self_attn.{n}.bias"),
+                    deq(&format!("blk.{i}.{gn}.bias")),
+                );
+            }
+        }
+        if cfg.arch.qk_norm() {
+            back.insert(hf("self_attn.q_norm"), g("attn_q_norm"));
+            back.insert(hf("self_attn.k_norm"), g("attn_k_norm"));
+        }
         back.insert(hf("self_attn.v_proj"), g("attn_v"));
         back.insert(hf("self_attn.o_proj"), g("attn_output"));
         back.insert(hf("mlp.gate_proj"), g("ffn_gate"));

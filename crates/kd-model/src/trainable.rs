@@ -148,6 +148,7 @@ impl Student {
             field: "config".into(),
             what,
         })?;
+        check_student_shape(&cfg, source)?;
         let mut take = |name: &str, expected: &[usize]| -> Result<Var> {
             let t = ts.remove(name).ok_or_else(|| Error::MissingTensor {
                 path: source.to_path_buf(),
@@ -526,6 +527,35 @@ fn check_layers(keep: &[usize], n_layers: usize) -> Result<()> {
     Ok(())
 }
 
+/// The trainable student is the llama block with `head_dim = hidden / heads`: other families
+/// and shapes are refused naming the file and the key.
+fn check_student_shape(cfg: &LlamaConfig, source: &Path) -> Result<()> {
+    let bad = |field: &str, what: String| Error::BadField {
+        path: source.to_path_buf(),
+        field: field.into(),
+        what,
+    };
+    if cfg.arch != crate::config::Arch::Llama {
+        return Err(bad(
+            "model_type",
+            format!(
+                "the trainable student implements llama only, not `{}`",
+                cfg.arch.name()
+            ),
+        ));
+    }
+    if cfg.head_dim() * cfg.num_attention_heads != cfg.hidden_size {
+        return Err(bad(
+            "head_dim",
+            format!(
+                "the trainable student needs head_dim = hidden_size / num_attention_heads, not {}",
+                cfg.head_dim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Cos/sin tables `[max_pos, head_dim]` for the half-split layout, computed in f64.
 fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim();
@@ -564,6 +594,7 @@ fn read_gguf_as_hf(path: &Path, keep: &[usize]) -> Result<(LlamaConfig, HashMap<
     })?;
     let content = gguf_file::Content::read(&mut f).map_err(gguf_err)?;
     let cfg = gguf_config(&content, &mut f, path)?;
+    check_student_shape(&cfg, path)?;
     check_layers(keep, cfg.num_hidden_layers)?;
     let mut get = |name: &str| -> Result<Tensor> {
         if !content.tensor_infos.contains_key(name) {
