@@ -464,3 +464,29 @@ pub fn write_gguf_with(
     gguf_file::write(&mut f, &meta_refs, &t_refs).unwrap();
     back
 }
+
+/// Logits `[len, vocab]` at every position of each row, prefilled together as one batch.
+pub fn batch_logits(m: &crate::Llama, rows: &[&[u32]]) -> Vec<Vec<Vec<f32>>> {
+    let (h, _) = m.prefill(rows, false).unwrap();
+    rows.iter()
+        .enumerate()
+        .map(|(r, ids)| {
+            let sel: Vec<(usize, usize)> = (0..ids.len()).map(|t| (r, t)).collect();
+            m.logits_at(&h, &sel).unwrap().to_vec2().unwrap()
+        })
+        .collect()
+}
+
+/// The largest difference between the log-softmax of corresponding logit rows.
+pub fn max_logprob_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    let mut max = 0f64;
+    for (x, y) in a.iter().zip(b) {
+        for (p, q) in crate::log_softmax_f64(x)
+            .iter()
+            .zip(crate::log_softmax_f64(y))
+        {
+            max = max.max((p - q).abs());
+        }
+    }
+    max
+}

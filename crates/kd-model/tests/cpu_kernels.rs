@@ -6,31 +6,11 @@
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
-use kd_model::testing::{random_weights, tiny_config, write_gguf, write_hf_dir};
-use kd_model::{Kernels, Llama, Precision, load_with, log_softmax_f64};
+use kd_model::testing::{
+    batch_logits, max_logprob_diff, random_weights, tiny_config, write_gguf, write_hf_dir,
+};
+use kd_model::{Kernels, Precision, load_with};
 use kd_tokenizer::Tokenizer;
-
-/// Logits `[len, vocab]` at every position of each row, prefilled together as one batch.
-fn batch_logits(m: &Llama, rows: &[&[u32]]) -> Vec<Vec<Vec<f32>>> {
-    let (h, _) = m.prefill(rows, false).unwrap();
-    rows.iter()
-        .enumerate()
-        .map(|(r, ids)| {
-            let sel: Vec<(usize, usize)> = (0..ids.len()).map(|t| (r, t)).collect();
-            m.logits_at(&h, &sel).unwrap().to_vec2().unwrap()
-        })
-        .collect()
-}
-
-fn max_logprob_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
-    let mut max = 0f64;
-    for (x, y) in a.iter().zip(b) {
-        for (p, q) in log_softmax_f64(x).iter().zip(log_softmax_f64(y)) {
-            max = max.max((p - q).abs());
-        }
-    }
-    max
-}
 
 fn rows() -> Vec<Vec<u32>> {
     vec![(5..40).collect(), (60..71).collect(), (100..123).collect()]

@@ -6,31 +6,22 @@
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
-use kd_model::testing::{Weights, random_weights, tiny_config, write_gguf_with, write_hf_dir};
-use kd_model::{Arch, Kernels, Llama, LlamaConfig, Precision, Student, load_with, log_softmax_f64};
+use kd_model::testing::{
+    Weights, batch_logits, max_logprob_diff, random_weights, tiny_config, write_gguf_with,
+    write_hf_dir,
+};
+use kd_model::{Arch, Kernels, Llama, LlamaConfig, Precision, Student, load_with};
 use kd_tokenizer::Tokenizer;
 
 fn logits(m: &Llama, rows: &[&[u32]]) -> Vec<Vec<Vec<f32>>> {
-    let (h, _) = m.prefill(rows, false).unwrap();
-    rows.iter()
-        .enumerate()
-        .map(|(r, ids)| {
-            let sel: Vec<(usize, usize)> = (0..ids.len()).map(|t| (r, t)).collect();
-            m.logits_at(&h, &sel).unwrap().to_vec2().unwrap()
-        })
-        .collect()
+    batch_logits(m, rows)
 }
 
 fn max_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f64 {
-    let mut max = 0f64;
-    for (ra, rb) in a.iter().zip(b) {
-        for (x, y) in ra.iter().zip(rb) {
-            for (p, q) in log_softmax_f64(x).iter().zip(log_softmax_f64(y)) {
-                max = max.max((p - q).abs());
-            }
-        }
-    }
-    max
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| max_logprob_diff(x, y))
+        .fold(0.0, f64::max)
 }
 
 fn families(tok: &Tokenizer) -> Vec<(&'static str, LlamaConfig)> {

@@ -8,7 +8,6 @@
 use candle_core::quantized::{GgmlDType, gguf_file};
 use candle_core::{DType, Device};
 use kd_model::loader::parse_hf_config;
-use kd_model::log_softmax_f64;
 use kd_model::testing::{random_weights, tiny_config, write_gguf_with, write_hf_dir};
 use kd_model::{Kernels, Llama, LlamaConfig, Precision, RopeScaling, Student, load_with};
 use kd_tokenizer::Tokenizer;
@@ -151,13 +150,7 @@ fn student_logits(s: &Student, ids: &[u32]) -> Vec<Vec<f32>> {
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
-    let mut max = 0f64;
-    for (x, y) in a.iter().zip(b) {
-        for (p, q) in log_softmax_f64(x).iter().zip(log_softmax_f64(y)) {
-            max = max.max((p - q).abs());
-        }
-    }
-    max
+    kd_model::testing::max_logprob_diff(a, b)
 }
 
 /// Every scaling type, written to `config.json` and read back, gives the same log-probs on
