@@ -148,6 +148,8 @@ pub(crate) fn from_gguf(content: &Content) -> Result<Tokenizer> {
         pad: opt_id(md, PAD)?,
         add_bos: opt_bool(md, ADD_BOS)?.unwrap_or(false),
         chat_template: opt_string(md, CHAT_TEMPLATE)?,
+        // llama.cpp does not normalise text for BPE vocabularies.
+        nfc: false,
     })
     .map_err(|e| match e {
         // `build` names its fields generically; give the GGUF key instead.

@@ -56,23 +56,34 @@ fn parse_tokenizer_json(root: &Value) -> Result<Parts> {
             });
         }
     }
-    match root.get("normalizer") {
-        None | Some(Value::Null) => {}
+    // No normalizer, NFC (Qwen), or a sequence of those.
+    let nfc = match root.get("normalizer") {
+        None | Some(Value::Null) => false,
         Some(n) => {
-            let empty_sequence = n.get("type").and_then(Value::as_str) == Some("Sequence")
-                && n.get("normalizers")
-                    .and_then(Value::as_array)
-                    .is_some_and(Vec::is_empty);
-            if !empty_sequence {
-                return Err(Error::Unsupported {
-                    what: format!(
-                        "normalizer `{}`",
-                        n.get("type").and_then(Value::as_str).unwrap_or("?")
-                    ),
-                });
+            let ty = |n: &Value| {
+                n.get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_string()
+            };
+            let list = match n.get("normalizers").and_then(Value::as_array) {
+                Some(list) if ty(n) == "Sequence" => list.clone(),
+                _ => vec![n.clone()],
+            };
+            let mut nfc = false;
+            for m in &list {
+                match ty(m).as_str() {
+                    "NFC" => nfc = true,
+                    other => {
+                        return Err(Error::Unsupported {
+                            what: format!("normalizer `{other}` (implemented: NFC)"),
+                        });
+                    }
+                }
             }
+            nfc
         }
-    }
+    };
     let pre = match root.get("pre_tokenizer") {
         None | Some(Value::Null) => {
             return Err(Error::Unsupported {
@@ -195,6 +206,7 @@ fn parse_tokenizer_json(root: &Value) -> Result<Parts> {
         pad: None,
         add_bos: false,
         chat_template: None,
+        nfc,
     })
 }
 
@@ -340,7 +352,7 @@ pub(crate) fn to_tokenizer_json(tok: &Tokenizer) -> Value {
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
+        "normalizer": if tok.nfc() { json!({"type": "NFC"}) } else { Value::Null },
         "pre_tokenizer": tok.pre().to_hf_json(),
         "post_processor": null,
         "decoder": {

@@ -74,7 +74,7 @@ impl Tokenizer {
     /// `add_bos_token`, `chat_template`) and `chat_template.jinja` (preferred, as
     /// in transformers). Errors name the file and field.
     ///
-    /// Supported: normalizer `null`; pre-tokenizers `Sequence`, `Digits`,
+    /// Supported: normalizer `null` or `NFC` (alone or in a `Sequence`, as Qwen ships it); pre-tokenizers `Sequence`, `Digits`,
     /// `ByteLevel` and `Split` (`Isolated` or `Removed`); added tokens (their
     /// `lstrip` / `rstrip` / `single_word` flags are ignored).
     pub fn from_tokenizer_json(path: &std::path::Path) -> Result<Tokenizer> {

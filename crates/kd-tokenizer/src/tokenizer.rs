@@ -52,6 +52,8 @@ struct Inner {
     pre: PreTokenizer,
     /// Take a whole word from the vocabulary before merging (Llama 3).
     ignore_merges: bool,
+    /// NFC-normalise text between special tokens before pre-tokenization.
+    nfc: bool,
     bos: Option<u32>,
     eos: Option<u32>,
     pad: Option<u32>,
@@ -74,6 +76,8 @@ pub(crate) struct Parts {
     pub(crate) pad: Option<u32>,
     pub(crate) add_bos: bool,
     pub(crate) chat_template: Option<String>,
+    /// Unicode NFC normalisation of text before pre-tokenization (Qwen's `tokenizer.json`).
+    pub(crate) nfc: bool,
 }
 
 impl Tokenizer {
@@ -121,6 +125,7 @@ impl Tokenizer {
             pad: None,
             add_bos: false,
             chat_template: None,
+            nfc: false,
         })
     }
 
@@ -137,6 +142,7 @@ impl Tokenizer {
             pad,
             add_bos,
             chat_template,
+            nfc,
         } = parts;
         if tokens.is_empty() {
             return Err(Error::invalid("tokens", "the vocabulary is empty"));
@@ -207,7 +213,7 @@ impl Tokenizer {
         }
 
         let specials = SpecialMatcher::new(&tokens, &kinds);
-        let fingerprint = fingerprint(&bytes, &kinds, &merges);
+        let fingerprint = fingerprint(&bytes, &kinds, &merges, nfc);
         let bos_text = bos
             .map(|id| tokens[id as usize].clone())
             .unwrap_or_default();
@@ -228,6 +234,7 @@ impl Tokenizer {
                 specials,
                 pre,
                 ignore_merges,
+                nfc,
                 bos,
                 eos,
                 pad,
@@ -339,6 +346,14 @@ impl Tokenizer {
             return;
         }
         let inner = &*self.inner;
+        let normalized;
+        let text = if inner.nfc {
+            use unicode_normalization::UnicodeNormalization;
+            normalized = text.nfc().collect::<String>();
+            normalized.as_str()
+        } else {
+            text
+        };
         for word in inner.pre.split(text) {
             let word = word.as_bytes();
             if inner.ignore_merges
@@ -500,6 +515,11 @@ impl Tokenizer {
     pub(crate) fn ignore_merges(&self) -> bool {
         self.inner.ignore_merges
     }
+
+    /// Whether text is NFC-normalised before pre-tokenization.
+    pub(crate) fn nfc(&self) -> bool {
+        self.inner.nfc
+    }
 }
 
 impl fmt::Debug for Tokenizer {
@@ -517,7 +537,7 @@ impl fmt::Debug for Tokenizer {
     }
 }
 
-fn fingerprint(bytes: &[Vec<u8>], kinds: &[TokenKind], merges: &[(u32, u32)]) -> String {
+fn fingerprint(bytes: &[Vec<u8>], kinds: &[TokenKind], merges: &[(u32, u32)], nfc: bool) -> String {
     let mut h = Sha256::new();
     h.update(b"kd-tokenizer/bpe/v1\0");
     h.update((bytes.len() as u64).to_le_bytes());
@@ -534,6 +554,10 @@ fn fingerprint(bytes: &[Vec<u8>], kinds: &[TokenKind], merges: &[(u32, u32)]) ->
     for &(l, r) in merges {
         h.update(l.to_le_bytes());
         h.update(r.to_le_bytes());
+    }
+    // Only when set, so that tokenizers without it keep their fingerprints.
+    if nfc {
+        h.update(b"\0normalizer:NFC");
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -625,3 +625,38 @@ fn python_tokenizers_agree(path: &Path, tok: &Tokenizer, texts: &[String]) {
     }
     eprintln!("python tokenizers agree on {} strings", texts.len());
 }
+
+/// Qwen's `tokenizer.json` normalises text to NFC: a decomposed accent encodes like the
+/// composed one (as Python `tokenizers` does), and only with the normalizer; any normalizer
+/// but NFC is refused by name.
+#[test]
+fn nfc_normalizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = Tokenizer::tiny_for_tests().to_tokenizer_json();
+    let load = |normalizer: serde_json::Value| {
+        let mut tj = base.clone();
+        tj["normalizer"] = normalizer;
+        let p = dir.path().join("tokenizer.json");
+        std::fs::write(&p, tj.to_string()).unwrap();
+        Tokenizer::from_tokenizer_json(&p)
+    };
+    let composed = "caf\u{e9} d\u{e9}j\u{e0}";
+    let decomposed = "cafe\u{301} de\u{301}ja\u{300}";
+    let nfc = load(serde_json::json!({"type": "NFC"})).unwrap();
+    assert_eq!(nfc.encode(decomposed, false), nfc.encode(composed, false));
+    let seq =
+        load(serde_json::json!({"type": "Sequence", "normalizers": [{"type": "NFC"}]})).unwrap();
+    assert_eq!(seq.encode(decomposed, false), nfc.encode(composed, false));
+    let plain = load(serde_json::Value::Null).unwrap();
+    assert_ne!(
+        plain.encode(decomposed, false),
+        plain.encode(composed, false)
+    );
+    assert_ne!(nfc.fingerprint(), plain.fingerprint());
+    // Written back with its normalizer.
+    assert_eq!(nfc.to_tokenizer_json()["normalizer"]["type"], "NFC");
+    let e = load(serde_json::json!({"type": "NFKC"}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NFKC"), "{e}");
+}
