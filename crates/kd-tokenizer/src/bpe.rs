@@ -39,20 +39,32 @@ impl Bpe {
             .collect()
     }
 
+    /// The token of one byte, if the vocabulary has one.
+    pub(crate) fn byte_id(&self, b: u8) -> Option<u32> {
+        self.byte_ids[b as usize]
+    }
+
     /// Appends the ids of one pre-tokenized word.
     pub(crate) fn encode_word(&self, word: &[u8], out: &mut Vec<u32>) {
-        let mut symbols: Vec<Symbol> = Vec::with_capacity(word.len());
-        for &b in word {
-            // As in `tokenizers` without an unk token: a byte with no token is dropped.
-            if let Some(id) = self.byte_ids[b as usize] {
-                let idx = symbols.len();
-                symbols.push(Symbol {
-                    id,
-                    prev: if idx == 0 { NONE } else { idx - 1 },
-                    next: idx + 1,
-                    len: 1,
-                });
-            }
+        // As in `tokenizers` without an unk token: a byte with no token is dropped.
+        let ids: Vec<u32> = word
+            .iter()
+            .filter_map(|&b| self.byte_ids[b as usize])
+            .collect();
+        self.merge(ids, out);
+    }
+
+    /// Applies the merges to a word given as its initial tokens and appends the result.
+    pub(crate) fn merge(&self, ids: Vec<u32>, out: &mut Vec<u32>) {
+        let mut symbols: Vec<Symbol> = Vec::with_capacity(ids.len());
+        for id in ids {
+            let idx = symbols.len();
+            symbols.push(Symbol {
+                id,
+                prev: if idx == 0 { NONE } else { idx - 1 },
+                next: idx + 1,
+                len: 1,
+            });
         }
         match symbols.len() {
             0 => return,

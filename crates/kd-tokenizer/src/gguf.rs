@@ -150,6 +150,7 @@ pub(crate) fn from_gguf(content: &Content) -> Result<Tokenizer> {
         chat_template: opt_string(md, CHAT_TEMPLATE)?,
         // llama.cpp does not normalise text for BPE vocabularies.
         nfc: false,
+        sp: None,
     })
     .map_err(|e| match e {
         // `build` names its fields generically; give the GGUF key instead.

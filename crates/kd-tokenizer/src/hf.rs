@@ -44,11 +44,11 @@ fn parse_tokenizer_json(root: &Value) -> Result<Parts> {
             what: format!("`model.type` = {kind} (only BPE is supported)"),
         });
     }
-    if model.get("byte_fallback").and_then(Value::as_bool) == Some(true) {
-        return Err(Error::Unsupported {
-            what: "`model.byte_fallback` = true (SentencePiece-style BPE)".into(),
-        });
-    }
+    let sp = if model.get("byte_fallback").and_then(Value::as_bool) == Some(true) {
+        Some(crate::sentencepiece::SpForm::from_json(root)?)
+    } else {
+        None
+    };
     for name in ["continuing_subword_prefix", "end_of_word_suffix"] {
         if !is_null_or_empty(model.get(name)) {
             return Err(Error::Unsupported {
@@ -56,8 +56,9 @@ fn parse_tokenizer_json(root: &Value) -> Result<Parts> {
             });
         }
     }
-    // No normalizer, NFC (Qwen), or a sequence of those.
+    // No normalizer, NFC (Qwen), or a sequence of those (SentencePiece's are read above).
     let nfc = match root.get("normalizer") {
+        _ if sp.is_some() => false,
         None | Some(Value::Null) => false,
         Some(n) => {
             let ty = |n: &Value| {
@@ -85,6 +86,8 @@ fn parse_tokenizer_json(root: &Value) -> Result<Parts> {
         }
     };
     let pre = match root.get("pre_tokenizer") {
+        // SentencePiece-style: no split into words beyond its own (see `SpForm`).
+        _ if sp.is_some() => PreTokenizer::none(),
         None | Some(Value::Null) => {
             return Err(Error::Unsupported {
                 what: "a tokenizer without `pre_tokenizer` (not byte-level)".into(),
@@ -207,6 +210,7 @@ fn parse_tokenizer_json(root: &Value) -> Result<Parts> {
         add_bos: false,
         chat_template: None,
         nfc,
+        sp,
     })
 }
 
@@ -347,7 +351,7 @@ pub(crate) fn to_tokenizer_json(tok: &Tokenizer) -> Value {
             .map(|(l, r)| json!(format!("{l} {r}")))
             .collect()
     };
-    json!({
+    let mut out = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
@@ -373,7 +377,17 @@ pub(crate) fn to_tokenizer_json(tok: &Tokenizer) -> Value {
             "vocab": vocab,
             "merges": merges,
         },
-    })
+    });
+    if let Some(sp) = tok.sentencepiece() {
+        let (normalizer, pre, decoder) = sp.to_json();
+        out["normalizer"] = normalizer;
+        out["pre_tokenizer"] = pre;
+        out["decoder"] = decoder;
+        out["model"]["byte_fallback"] = true.into();
+        out["model"]["fuse_unk"] = true.into();
+        out["model"]["unk_token"] = sp.unk.clone().into();
+    }
+    out
 }
 
 pub(crate) fn to_tokenizer_config_json(tok: &Tokenizer) -> Value {

@@ -45,6 +45,7 @@ mod fixture;
 mod gguf;
 mod hf;
 mod pretokenize;
+mod sentencepiece;
 mod tokenizer;
 
 pub use byte_level::{byte_to_char, bytes_to_vocab_form, char_to_byte, vocab_form_to_bytes};

@@ -272,6 +272,14 @@ pub(crate) struct PreTokenizer {
 }
 
 impl PreTokenizer {
+    /// No pre-tokenization: SentencePiece-style tokenizers split text themselves.
+    pub(crate) fn none() -> PreTokenizer {
+        PreTokenizer {
+            name: "sentencepiece".into(),
+            steps: Vec::new(),
+        }
+    }
+
     /// llama.cpp's preset for a `tokenizer.ggml.pre` value.
     pub(crate) fn from_preset(name: &str) -> Result<PreTokenizer> {
         use SplitBehavior::Isolated;

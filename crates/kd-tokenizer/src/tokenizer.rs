@@ -54,6 +54,9 @@ struct Inner {
     ignore_merges: bool,
     /// NFC-normalise text between special tokens before pre-tokenization.
     nfc: bool,
+    /// SentencePiece-style BPE: text prepared with `▁`, merges over characters, bytes as
+    /// fallback.
+    sp: Option<crate::sentencepiece::SpForm>,
     bos: Option<u32>,
     eos: Option<u32>,
     pad: Option<u32>,
@@ -78,6 +81,8 @@ pub(crate) struct Parts {
     pub(crate) chat_template: Option<String>,
     /// Unicode NFC normalisation of text before pre-tokenization (Qwen's `tokenizer.json`).
     pub(crate) nfc: bool,
+    /// SentencePiece-style BPE (`None`: byte-level BPE).
+    pub(crate) sp: Option<crate::sentencepiece::SpForm>,
 }
 
 impl Tokenizer {
@@ -126,6 +131,7 @@ impl Tokenizer {
             add_bos: false,
             chat_template: None,
             nfc: false,
+            sp: None,
         })
     }
 
@@ -143,6 +149,7 @@ impl Tokenizer {
             add_bos,
             chat_template,
             nfc,
+            sp,
         } = parts;
         if tokens.is_empty() {
             return Err(Error::invalid("tokens", "the vocabulary is empty"));
@@ -166,6 +173,7 @@ impl Tokenizer {
             .iter()
             .zip(&kinds)
             .map(|(t, k)| match k {
+                TokenKind::Normal if sp.is_some() => crate::sentencepiece::token_bytes(t),
                 TokenKind::Normal => vocab_form_to_bytes(t),
                 TokenKind::Control | TokenKind::UserDefined => t.as_bytes().to_vec(),
             })
@@ -183,7 +191,11 @@ impl Tokenizer {
 
         let mut byte_ids = [None; 256];
         for (b, slot) in byte_ids.iter_mut().enumerate() {
-            let form = byte_to_char(b as u8).to_string();
+            let form = if sp.is_some() {
+                format!("<0x{b:02X}>")
+            } else {
+                byte_to_char(b as u8).to_string()
+            };
             *slot = stored_to_id
                 .get(&form)
                 .copied()
@@ -213,7 +225,7 @@ impl Tokenizer {
         }
 
         let specials = SpecialMatcher::new(&tokens, &kinds);
-        let fingerprint = fingerprint(&bytes, &kinds, &merges, nfc);
+        let fingerprint = fingerprint(&bytes, &kinds, &merges, nfc, sp.as_ref());
         let bos_text = bos
             .map(|id| tokens[id as usize].clone())
             .unwrap_or_default();
@@ -235,6 +247,7 @@ impl Tokenizer {
                 pre,
                 ignore_merges,
                 nfc,
+                sp,
                 bos,
                 eos,
                 pad,
@@ -328,7 +341,7 @@ impl Tokenizer {
                 Some((len, id)) => {
                     // A match starts on a lead byte and spans whole characters,
                     // so both ends are char boundaries.
-                    self.encode_ordinary(&text[start..i], &mut out);
+                    self.encode_segment(&text[start..i], start == 0, &mut out);
                     out.push(id);
                     i += len;
                     start = i;
@@ -336,8 +349,45 @@ impl Tokenizer {
                 None => i += 1,
             }
         }
-        self.encode_ordinary(&text[start..], &mut out);
+        self.encode_segment(&text[start..], start == 0, &mut out);
         out
+    }
+
+    /// Text between special tokens (`starts_text`: it begins the input).
+    fn encode_segment(&self, text: &str, starts_text: bool, out: &mut Vec<u32>) {
+        let inner = &*self.inner;
+        let Some(sp) = &inner.sp else {
+            return self.encode_ordinary(text, out);
+        };
+        if text.is_empty() {
+            return;
+        }
+        let prepared = sp.prepare(text, starts_text);
+        let unk = sp
+            .unk
+            .as_deref()
+            .and_then(|u| inner.stored_to_id.get(u).copied());
+        for word in sp.words(&prepared) {
+            let mut ids = Vec::with_capacity(word.len());
+            let mut buf = [0u8; 4];
+            for c in word.chars() {
+                let s = c.encode_utf8(&mut buf);
+                match inner.stored_to_id.get(&*s) {
+                    Some(&id) if inner.kinds[id as usize] == TokenKind::Normal => ids.push(id),
+                    _ => {
+                        for b in s.bytes() {
+                            match (inner.bpe.byte_id(b), unk) {
+                                (Some(id), _) => ids.push(id),
+                                // `fuse_unk`: a run of unknowns is one token.
+                                (None, Some(u)) if ids.last() != Some(&u) => ids.push(u),
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+            }
+            inner.bpe.merge(ids, out);
+        }
     }
 
     /// Pre-tokenization and BPE for text without special tokens.
@@ -520,6 +570,11 @@ impl Tokenizer {
     pub(crate) fn nfc(&self) -> bool {
         self.inner.nfc
     }
+
+    /// The SentencePiece-style form, if this is not byte-level BPE.
+    pub(crate) fn sentencepiece(&self) -> Option<&crate::sentencepiece::SpForm> {
+        self.inner.sp.as_ref()
+    }
 }
 
 impl fmt::Debug for Tokenizer {
@@ -537,7 +592,13 @@ impl fmt::Debug for Tokenizer {
     }
 }
 
-fn fingerprint(bytes: &[Vec<u8>], kinds: &[TokenKind], merges: &[(u32, u32)], nfc: bool) -> String {
+fn fingerprint(
+    bytes: &[Vec<u8>],
+    kinds: &[TokenKind],
+    merges: &[(u32, u32)],
+    nfc: bool,
+    sp: Option<&crate::sentencepiece::SpForm>,
+) -> String {
     let mut h = Sha256::new();
     h.update(b"kd-tokenizer/bpe/v1\0");
     h.update((bytes.len() as u64).to_le_bytes());
@@ -558,6 +619,9 @@ fn fingerprint(bytes: &[Vec<u8>], kinds: &[TokenKind], merges: &[(u32, u32)], nf
     // Only when set, so that tokenizers without it keep their fingerprints.
     if nfc {
         h.update(b"\0normalizer:NFC");
+    }
+    if let Some(sp) = sp {
+        h.update(format!("\0sentencepiece:{:?}/{}", sp.prepend, sp.split).as_bytes());
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -1,0 +1,168 @@
+//! Real tokenizers of three families (Llama 2: SentencePiece-style BPE with byte fallback;
+//! Llama 3: byte-level BPE; Qwen3: byte-level BPE with NFC), fetched by
+//! `scripts/fetch_tokenizers.sh` into `data/tokenizers/`, against Python `tokenizers` on
+//! hard strings: whitespace runs, tabs, newlines, CJK, emoji, accents (composed and not),
+//! digits, code, and special tokens inside text. Skipped with a message when the files or
+//! Python `tokenizers` are missing, unless `KD_REQUIRE_TOKENIZERS=1` (CI sets it).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kd_tokenizer::Tokenizer;
+
+fn hard_strings(specials: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "Hello world",
+        " leading space",
+        "  two leading spaces and trailing  ",
+        "tabs\tand\t\ttabs",
+        "new\nlines\n\n\nand\r\ncrlf",
+        "    indented code\n        deeper",
+        "東京は日本の首都です。中文测试，标点！",
+        "emoji 🚀🙂👍🏽 and family 👨‍👩‍👧",
+        "naïve café déjà vu — Ångström",
+        "cafe\u{301} de\u{301}ja\u{300} (decomposed)",
+        "digits 1234567890 3.14159 1,000,000 2026-11-30",
+        "def f(x):\n    return x**2  # square\n\nprint(f(12))",
+        "fn main() { let v: Vec<u8> = vec![0xFF; 3]; }",
+        "mixed   spaces\u{a0}nbsp\u{2009}thin",
+        "",
+        " ",
+        "\n",
+        "a",
+        "ÀÉÎÕÜ àéîõü ß ø œ",
+        "Привет, мир! Γειά σου κόσμε",
+        "مرحبا بالعالم",
+        "▁already▁has▁metaspace",
+        "<0x41> looks like a byte token",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for s in specials {
+        v.push(format!("before{s}after"));
+        v.push(format!("{s} spaced {s}"));
+        v.push(format!("{s}{s}text"));
+    }
+    v
+}
+
+fn python_ids(path: &Path, texts: &[String]) -> Option<Vec<Vec<u32>>> {
+    let script = r#"
+import json, sys
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1])
+texts = json.load(sys.stdin)
+print(json.dumps([tok.encode(t, add_special_tokens=False).ids for t in texts]))
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(texts).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "python tokenizers: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/tokenizers")
+}
+
+fn required() -> bool {
+    std::env::var("KD_REQUIRE_TOKENIZERS").is_ok_and(|v| v == "1")
+}
+
+fn check_family(family: &str, specials: &[&str]) {
+    let path = dir().join(family).join("tokenizer.json");
+    if !path.exists() {
+        assert!(
+            !required(),
+            "{} missing: run scripts/fetch_tokenizers.sh",
+            path.display()
+        );
+        eprintln!(
+            "skipped: {} missing (scripts/fetch_tokenizers.sh)",
+            path.display()
+        );
+        return;
+    }
+    let tok = Tokenizer::from_tokenizer_json(&path).unwrap_or_else(|e| panic!("{family}: {e}"));
+    let texts = hard_strings(specials);
+    let Some(want) = python_ids(&path, &texts) else {
+        assert!(
+            !required(),
+            "Python `tokenizers` is needed (pip install tokenizers)"
+        );
+        eprintln!("skipped: Python `tokenizers` not available");
+        return;
+    };
+    let mut bad = Vec::new();
+    for (t, w) in texts.iter().zip(&want) {
+        let got = tok.encode(t, true);
+        if &got != w {
+            bad.push(format!("{t:?}:\n  ours   {got:?}\n  theirs {w:?}"));
+        }
+    }
+    eprintln!(
+        "{family}: {} of {} strings equal",
+        texts.len() - bad.len(),
+        texts.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "{family}: {} strings differ:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    // The tokenizer.json we write back (beside shards, in exports) encodes the same.
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("tokenizer.json");
+    std::fs::write(&p, tok.to_tokenizer_json().to_string()).unwrap();
+    let back = Tokenizer::from_tokenizer_json(&p).unwrap();
+    assert_eq!(
+        back.fingerprint(),
+        tok.fingerprint(),
+        "{family}: written back"
+    );
+    let again = python_ids(&p, &texts).expect("python reads what we write");
+    assert_eq!(
+        again, want,
+        "{family}: Python reads our tokenizer.json differently"
+    );
+}
+
+#[test]
+fn llama2_sentencepiece_byte_fallback() {
+    check_family("llama2", &["<s>", "</s>"]);
+}
+
+#[test]
+fn llama3_byte_level() {
+    check_family(
+        "llama3",
+        &["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>"],
+    );
+}
+
+#[test]
+fn qwen3_byte_level_nfc() {
+    check_family("qwen3", &["<|im_start|>", "<|im_end|>", "<think>"]);
+}
