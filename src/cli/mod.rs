@@ -16,10 +16,28 @@ pub fn run_main(body: impl FnOnce() -> anyhow::Result<()>) -> ! {
             }) {
                 std::process::exit(0);
             }
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             std::process::exit(1);
         }
     }
+}
+
+/// The error and its causes joined by `: `, leaving out a cause whose text the message so far
+/// already holds (errors that name their file also print their source, so the plain chain
+/// would repeat the path and the cause).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if msg.contains(&s) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&s);
+    }
+    msg
 }
 
 /// Makes glibc's allocator serve large blocks from the heap and keep freed memory, instead of
@@ -58,5 +76,32 @@ pub fn human_bytes(b: u64) -> String {
         format!("{:.1} kB", b / 1e3)
     } else {
         format!("{b} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: {source}")]
+    struct InFile {
+        path: String,
+        source: std::io::Error,
+    }
+
+    /// A cause that the message above it already prints is not printed again.
+    #[test]
+    fn error_chain_leaves_out_repeated_causes() {
+        let inner = std::io::Error::other("unsupported normalizer `NFKC`");
+        let e = anyhow::Error::new(InFile {
+            path: "m/tokenizer.json".into(),
+            source: inner,
+        })
+        .context("loading the teacher m");
+        assert_eq!(
+            super::error_chain(&e),
+            "loading the teacher m: m/tokenizer.json: unsupported normalizer `NFKC`"
+        );
+        let plain = anyhow::anyhow!("a").context("b");
+        assert_eq!(super::error_chain(&plain), "b: a");
     }
 }

@@ -41,7 +41,7 @@ pub enum Error {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{}", in_file(path, source))]
     Tokenizer {
         path: PathBuf,
         source: Box<kd_tokenizer::Error>,
@@ -78,3 +78,14 @@ impl From<candle_core::Error> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `source` prefixed with `path` unless its message already starts with it.
+fn in_file(path: &std::path::Path, source: &impl std::fmt::Display) -> String {
+    let msg = source.to_string();
+    let p = path.display().to_string();
+    if msg.starts_with(&p) {
+        msg
+    } else {
+        format!("{p}: {msg}")
+    }
+}

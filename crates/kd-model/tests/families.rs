@@ -226,3 +226,22 @@ fn student_refuses_other_families_by_name() {
         assert!(r.is_err(), "{name}: student from GGUF accepted");
     }
 }
+
+/// A tokenizer the loader does not implement is refused naming the file and the component,
+/// each once.
+#[test]
+fn unknown_tokenizer_component_is_refused_by_name() {
+    let tok = Tokenizer::tiny_for_tests();
+    let dir = tempfile::tempdir().unwrap();
+    kd_model::testing::write_tiny_teacher(dir.path(), 1).unwrap();
+    let p = dir.path().join("tokenizer.json");
+    let mut tj = tok.to_tokenizer_json();
+    tj["normalizer"] = serde_json::json!({"type": "NFKC"});
+    std::fs::write(&p, tj.to_string()).unwrap();
+    let e = match load_with(dir.path(), Precision::Exact, &Device::Cpu, Kernels::Auto) {
+        Ok(_) => panic!("accepted an NFKC normalizer"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("NFKC"), "{e}");
+    assert_eq!(e.matches(&p.display().to_string()).count(), 1, "{e}");
+}
