@@ -46,6 +46,34 @@ struct StudentLayer {
     gate: Var,
     up: Var,
     down: Var,
+    /// q, k and v biases (Qwen2).
+    qkv_bias: Option<[Var; 3]>,
+    /// Per-head q and k RMSNorm weights (Qwen3).
+    qk_norm: Option<[Var; 2]>,
+}
+
+impl StudentLayer {
+    /// The parameters in [`layer_shapes`] order.
+    fn vars(&self) -> Vec<&Var> {
+        let mut v = vec![
+            &self.attn_norm,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.o,
+            &self.ffn_norm,
+            &self.gate,
+            &self.up,
+            &self.down,
+        ];
+        if let Some(b) = &self.qkv_bias {
+            v.extend(b.iter());
+        }
+        if let Some(n) = &self.qk_norm {
+            v.extend(n.iter());
+        }
+        v
+    }
 }
 
 /// A llama decoder on [`Var`]s, differentiable end to end.
@@ -110,26 +138,40 @@ pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((rows, cols))?)
 }
 
-/// Hugging Face names of one layer's parameters with their shapes, in a fixed order.
-fn layer_shapes(cfg: &LlamaConfig) -> [(&'static str, Vec<usize>); 9] {
+/// Hugging Face names (within a layer) of one layer's parameters with their shapes, in a
+/// fixed order: the llama block's nine, then the family's own (Qwen2's q/k/v biases, Qwen3's
+/// q/k norms).
+fn layer_shapes(cfg: &LlamaConfig) -> Vec<(&'static str, Vec<usize>)> {
     let d = cfg.hidden_size;
-    let kvd = cfg.num_key_value_heads * cfg.head_dim();
+    let hd = cfg.head_dim();
+    let qd = cfg.q_dim();
+    let kvd = cfg.num_key_value_heads * hd;
     let ff = cfg.intermediate_size;
-    [
-        ("input_layernorm", vec![d]),
-        ("self_attn.q_proj", vec![d, d]),
-        ("self_attn.k_proj", vec![kvd, d]),
-        ("self_attn.v_proj", vec![kvd, d]),
-        ("self_attn.o_proj", vec![d, d]),
-        ("post_attention_layernorm", vec![d]),
-        ("mlp.gate_proj", vec![ff, d]),
-        ("mlp.up_proj", vec![ff, d]),
-        ("mlp.down_proj", vec![d, ff]),
-    ]
+    let mut v = vec![
+        ("input_layernorm.weight", vec![d]),
+        ("self_attn.q_proj.weight", vec![qd, d]),
+        ("self_attn.k_proj.weight", vec![kvd, d]),
+        ("self_attn.v_proj.weight", vec![kvd, d]),
+        ("self_attn.o_proj.weight", vec![d, qd]),
+        ("post_attention_layernorm.weight", vec![d]),
+        ("mlp.gate_proj.weight", vec![ff, d]),
+        ("mlp.up_proj.weight", vec![ff, d]),
+        ("mlp.down_proj.weight", vec![d, ff]),
+    ];
+    if cfg.arch.qkv_bias() {
+        v.push(("self_attn.q_proj.bias", vec![qd]));
+        v.push(("self_attn.k_proj.bias", vec![kvd]));
+        v.push(("self_attn.v_proj.bias", vec![kvd]));
+    }
+    if cfg.arch.qk_norm() {
+        v.push(("self_attn.q_norm.weight", vec![hd]));
+        v.push(("self_attn.k_norm.weight", vec![hd]));
+    }
+    v
 }
 
 fn layer_name(i: usize, n: &str) -> String {
-    format!("model.layers.{i}.{n}.weight")
+    format!("model.layers.{i}.{n}")
 }
 
 impl Student {
@@ -148,7 +190,6 @@ impl Student {
             field: "config".into(),
             what,
         })?;
-        check_student_shape(&cfg, source)?;
         let mut take = |name: &str, expected: &[usize]| -> Result<Var> {
             let t = ts.remove(name).ok_or_else(|| Error::MissingTensor {
                 path: source.to_path_buf(),
@@ -172,12 +213,12 @@ impl Student {
         // layer's tensors end the loop with an error long before a huge count would.
         let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
-            let mut vars = Vec::with_capacity(9);
+            let mut vars = Vec::with_capacity(14);
             for (n, shape) in layer_shapes(&cfg) {
                 vars.push(take(&layer_name(i, n), &shape)?);
             }
             let mut it = vars.into_iter();
-            let mut next = || it.next().expect("nine parameters per layer");
+            let mut next = || it.next().expect("a parameter per layer_shapes entry");
             layers.push(StudentLayer {
                 attn_norm: next(),
                 q: next(),
@@ -188,6 +229,8 @@ impl Student {
                 gate: next(),
                 up: next(),
                 down: next(),
+                qkv_bias: cfg.arch.qkv_bias().then(|| [next(), next(), next()]),
+                qk_norm: cfg.arch.qk_norm().then(|| [next(), next()]),
             });
         }
         let norm = take("model.norm.weight", &[d])?;
@@ -218,7 +261,9 @@ impl Student {
         let mut ts = HashMap::new();
         let mut mat = |name: String, shape: &[usize]| -> Result<()> {
             let n: usize = shape.iter().product();
-            let t = if shape.len() == 1 {
+            let t = if name.ends_with(".bias") {
+                Tensor::zeros(shape, DType::F32, &Device::Cpu)?
+            } else if shape.len() == 1 {
                 Tensor::ones(shape, DType::F32, &Device::Cpu)?
             } else {
                 let s = 1.0 / (shape[1] as f32).sqrt();
@@ -318,18 +363,7 @@ impl Student {
             out.push(("lm_head.weight".to_string(), h.clone()));
         }
         for (i, l) in self.layers.iter().enumerate() {
-            let vars = [
-                &l.attn_norm,
-                &l.q,
-                &l.k,
-                &l.v,
-                &l.o,
-                &l.ffn_norm,
-                &l.gate,
-                &l.up,
-                &l.down,
-            ];
-            for ((n, _), v) in layer_shapes(&self.cfg).iter().zip(vars) {
+            for ((n, _), v) in layer_shapes(&self.cfg).iter().zip(l.vars()) {
                 out.push((layer_name(i, n), v.clone()));
             }
         }
@@ -422,10 +456,10 @@ impl Student {
                 what: format!("row length {n} outside 1..={l}"),
             });
         }
-        if l > self.cfg.max_position_embeddings {
+        if l > self.cfg.max_len() {
             return Err(Error::TooLong {
                 len: l,
-                max: self.cfg.max_position_embeddings,
+                max: self.cfg.max_len(),
             });
         }
         let v: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
@@ -481,11 +515,22 @@ impl Student {
         let mut x = self.embed.index_select(&ids, 0)?; // [b*l, d]
         for layer in &self.layers {
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = h.matmul(&layer.q.t()?)?;
-            let k = h.matmul(&layer.k.t()?)?;
-            let v = h.matmul(&layer.v.t()?)?;
-            let q = q.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let mut q = h.matmul(&layer.q.t()?)?;
+            let mut k = h.matmul(&layer.k.t()?)?;
+            let mut v = h.matmul(&layer.v.t()?)?;
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                q = q.broadcast_add(bq)?;
+                k = k.broadcast_add(bk)?;
+                v = v.broadcast_add(bv)?;
+            }
+            let mut q = q.reshape((b, l, nh, hd))?;
+            let mut k = k.reshape((b, l, nkv, hd))?;
+            if let Some([nq, nk]) = &layer.qk_norm {
+                q = rms_norm(&q, nq, eps)?;
+                k = rms_norm(&k, nk, eps)?;
+            }
+            let q = q.transpose(1, 2)?.contiguous()?;
+            let k = k.transpose(1, 2)?.contiguous()?;
             let v = v.reshape((b, l, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let q = rope_half_split(&q, &cos, &sin)?;
             let k = rope_half_split(&k, &cos, &sin)?;
@@ -523,35 +568,6 @@ fn check_layers(keep: &[usize], n_layers: usize) -> Result<()> {
     }
     if let Some(&index) = keep.iter().find(|&&i| i >= n_layers) {
         return Err(Error::LayerOutOfRange { index, n_layers });
-    }
-    Ok(())
-}
-
-/// The trainable student is the llama block with `head_dim = hidden / heads`: other families
-/// and shapes are refused naming the file and the key.
-fn check_student_shape(cfg: &LlamaConfig, source: &Path) -> Result<()> {
-    let bad = |field: &str, what: String| Error::BadField {
-        path: source.to_path_buf(),
-        field: field.into(),
-        what,
-    };
-    if cfg.arch != crate::config::Arch::Llama {
-        return Err(bad(
-            "model_type",
-            format!(
-                "the trainable student implements llama only, not `{}`",
-                cfg.arch.name()
-            ),
-        ));
-    }
-    if cfg.head_dim() * cfg.num_attention_heads != cfg.hidden_size {
-        return Err(bad(
-            "head_dim",
-            format!(
-                "the trainable student needs head_dim = hidden_size / num_attention_heads, not {}",
-                cfg.head_dim()
-            ),
-        ));
     }
     Ok(())
 }
@@ -594,7 +610,6 @@ fn read_gguf_as_hf(path: &Path, keep: &[usize]) -> Result<(LlamaConfig, HashMap<
     })?;
     let content = gguf_file::Content::read(&mut f).map_err(gguf_err)?;
     let cfg = gguf_config(&content, &mut f, path)?;
-    check_student_shape(&cfg, path)?;
     check_layers(keep, cfg.num_hidden_layers)?;
     let mut get = |name: &str| -> Result<Tensor> {
         if !content.tensor_infos.contains_key(name) {
@@ -617,24 +632,35 @@ fn read_gguf_as_hf(path: &Path, keep: &[usize]) -> Result<(LlamaConfig, HashMap<
     if !cfg.tie_word_embeddings {
         ts.insert("lm_head.weight".into(), get("output.weight")?);
     }
+    // llama.cpp interleaves q/k rows for llama only.
+    let interleaved = cfg.arch == crate::config::Arch::Llama;
     for (new, &old) in keep.iter().enumerate() {
-        let g = |n: &str| format!("blk.{old}.{n}.weight");
-        let pairs = [
-            ("input_layernorm", "attn_norm"),
-            ("self_attn.q_proj", "attn_q"),
-            ("self_attn.k_proj", "attn_k"),
-            ("self_attn.v_proj", "attn_v"),
-            ("self_attn.o_proj", "attn_output"),
-            ("post_attention_layernorm", "ffn_norm"),
-            ("mlp.gate_proj", "ffn_gate"),
-            ("mlp.up_proj", "ffn_up"),
-            ("mlp.down_proj", "ffn_down"),
+        let g = |n: &str| format!("blk.{old}.{n}");
+        let mut pairs = vec![
+            ("input_layernorm.weight", "attn_norm.weight"),
+            ("self_attn.q_proj.weight", "attn_q.weight"),
+            ("self_attn.k_proj.weight", "attn_k.weight"),
+            ("self_attn.v_proj.weight", "attn_v.weight"),
+            ("self_attn.o_proj.weight", "attn_output.weight"),
+            ("post_attention_layernorm.weight", "ffn_norm.weight"),
+            ("mlp.gate_proj.weight", "ffn_gate.weight"),
+            ("mlp.up_proj.weight", "ffn_up.weight"),
+            ("mlp.down_proj.weight", "ffn_down.weight"),
         ];
+        if cfg.arch.qkv_bias() {
+            pairs.push(("self_attn.q_proj.bias", "attn_q.bias"));
+            pairs.push(("self_attn.k_proj.bias", "attn_k.bias"));
+            pairs.push(("self_attn.v_proj.bias", "attn_v.bias"));
+        }
+        if cfg.arch.qk_norm() {
+            pairs.push(("self_attn.q_norm.weight", "attn_q_norm.weight"));
+            pairs.push(("self_attn.k_norm.weight", "attn_k_norm.weight"));
+        }
         for (hf, gg) in pairs {
             let mut t = get(&g(gg))?;
             let heads = match gg {
-                "attn_q" => Some(cfg.num_attention_heads),
-                "attn_k" => Some(cfg.num_key_value_heads),
+                "attn_q.weight" if interleaved => Some(cfg.num_attention_heads),
+                "attn_k.weight" if interleaved => Some(cfg.num_key_value_heads),
                 _ => None,
             };
             if let Some(heads) = heads {

@@ -372,12 +372,23 @@ fn scalar(t: &Tensor) -> f64 {
 
 #[test]
 fn every_parameter_gradient_matches_central_finite_differences_in_f64() {
-    // Reference: central differences (L(θ+h) − L(θ−h)) / 2h, h = 1e-5, in f64 (truncation and
+    // Every family's parameters (Qwen2's biases, Qwen3's per-head norms and wider heads)
+    // included. Reference: central differences (L(θ+h) − L(θ−h)) / 2h, h = 1e-5, in f64 (truncation and
     // round-off both ~1e-10 here). Relative error |fd − g| / max(|fd|, |g|, 1e-3·max|G|) must
     // stay under 1e-5 for 4 random elements of every tensor (embedding elements drawn from
     // the rows of the tokens the batch uses).
-    for tied in [false, true] {
-        let cfg = grad_config(tied);
+    let mut qwen2 = grad_config(false);
+    qwen2.arch = kd_model::config::Arch::Qwen2;
+    let mut qwen3 = grad_config(true);
+    qwen3.arch = kd_model::config::Arch::Qwen3;
+    qwen3.head_dim = Some(6);
+    let configs = [
+        ("llama untied", grad_config(false)),
+        ("llama tied", grad_config(true)),
+        ("qwen2 (q/k/v biases)", qwen2),
+        ("qwen3 (q/k norms, head_dim 6)", qwen3),
+    ];
+    for (tied, cfg) in configs {
         let s = Student::random(&cfg, 11, DType::F64, &Device::Cpu).unwrap();
         let mut rng = Rng::new(99);
         // Norm weights away from 1, so their gradients are generic.
@@ -398,11 +409,11 @@ fn every_parameter_gradient_matches_central_finite_differences_in_f64() {
         for (name, var) in s.named_vars() {
             let g = grads
                 .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("tied={tied} {name}: no gradient"));
+                .unwrap_or_else(|| panic!("{tied}: {name}: no gradient"));
             let gv: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
             let gmax = gv.iter().fold(0f64, |m, x| m.max(x.abs()));
-            assert!(gmax > 1e-8, "tied={tied} {name}: gradient is zero");
-            if name == "model.embed_tokens.weight" && !tied {
+            assert!(gmax > 1e-8, "{tied}: {name}: gradient is zero");
+            if name == "model.embed_tokens.weight" && !cfg.tie_word_embeddings {
                 // Padding (id 0, used nowhere else) must not reach the loss.
                 let pad = gv[..cfg.hidden_size]
                     .iter()
@@ -434,14 +445,14 @@ fn every_parameter_gradient_matches_central_finite_differences_in_f64() {
                 max_rel = max_rel.max(rel);
                 assert!(
                     rel < 1e-5,
-                    "tied={tied} {name}[{i}]: backward {} vs finite difference {fd} (rel {rel:.1e})",
+                    "{tied}: {name}[{i}]: backward {} vs finite difference {fd} (rel {rel:.1e})",
                     gv[i]
                 );
             }
-            eprintln!("tied={tied} {name}: max rel FD error {max_rel:.1e} (max |grad| {gmax:.1e})");
+            eprintln!("{tied}: {name}: max rel FD error {max_rel:.1e} (max |grad| {gmax:.1e})");
             worst = worst.max(max_rel);
         }
-        eprintln!("tied={tied}: worst relative FD error {worst:.1e}");
+        eprintln!("{tied}: worst relative FD error {worst:.1e}");
         // The loss itself is unchanged after all the perturbations were undone.
         assert_eq!(scalar(&grad_loss(&s, &w)), scalar(&loss));
     }
