@@ -934,3 +934,60 @@ fn batches_without_distilled_positions_are_skipped() {
         }
     }
 }
+
+/// A Qwen3 teacher (per-head q/k norms, explicit head size, untied head) is distilled into a
+/// one-layer Qwen3 student: the dump, the run and the export work as for llama, the export
+/// is a Qwen3 directory, and both the teacher loader and the student read it as the same
+/// function.
+#[test]
+fn a_qwen3_teacher_is_distilled_into_a_smaller_qwen3() {
+    use kd_model::{Arch, Kernels, Precision};
+    let dir = util::tempdir();
+    let teacher = dir.path().join("teacher");
+    let tok = kd_tokenizer::Tokenizer::tiny_for_tests();
+    let mut cfg = kd_model::testing::tiny_config(tok.vocab_size());
+    cfg.arch = Arch::Qwen3;
+    cfg.head_dim = Some(16);
+    cfg.tie_word_embeddings = false;
+    let w = kd_model::testing::random_weights(&cfg, 8).unwrap();
+    kd_model::testing::write_hf_dir(&teacher, &cfg, &w, &tok).unwrap();
+    let rows: Vec<serde_json::Value> = (0..24)
+        .map(|i| serde_json::json!({"id": format!("q{i:02}"), "prompt": format!("sum {} and {}", i % 7, i * 5 % 13)}))
+        .collect();
+    let input = dir.path().join("in.jsonl");
+    util::write_jsonl(&input, &rows);
+    let shards = dir.path().join("shards");
+    dump(&teacher, &input, &shards, &[]);
+    let out = dir.path().join("qwen-student");
+    let p = pipeline(dir.path(), &shards, &teacher, &out);
+    util::run_ok("student-fit", &["--pipeline", p.to_str().unwrap()]);
+    let export = out.join("student");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["model_type"], "qwen3");
+    assert_eq!(config["architectures"][0], "Qwen3ForCausalLM");
+    assert_eq!(config["num_hidden_layers"], 1);
+    assert_eq!(config["head_dim"], 16);
+    let s =
+        kd_model::Student::from_hf_dir(&export, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    assert_eq!(s.cfg.arch, Arch::Qwen3);
+    let m = kd_model::load_with(
+        &export,
+        Precision::Exact,
+        &candle_core::Device::Cpu,
+        Kernels::Auto,
+    )
+    .unwrap();
+    let ids: Vec<u32> = (7..40).collect();
+    let want = kd_model::testing::batch_logits(&m.model, &[&ids]);
+    let (t, lengths) = s.batch(&[&ids]).unwrap();
+    let h = s.forward(&t, &lengths).unwrap().squeeze(0).unwrap();
+    let got: Vec<Vec<f32>> = s.logits(&h).unwrap().to_vec2().unwrap();
+    let d = kd_model::testing::max_logprob_diff(&got, &want[0]);
+    assert!(
+        d < 1e-4,
+        "export read by the teacher loader and the student differ by {d}"
+    );
+}

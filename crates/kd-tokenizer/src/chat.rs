@@ -86,6 +86,18 @@ impl ChatTemplate {
     /// variables `messages` (maps with `role` and `content`), `add_generation_prompt`,
     /// `bos_token`, `eos_token`, and `tools` / `documents` set to `None`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// [`ChatTemplate::render`] with extra template variables, as `apply_chat_template`'s
+    /// keyword arguments give them (`date_string`, `enable_thinking`, …); they may not
+    /// replace the variables `render` sets.
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        vars: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
         let env = self
             .env
             .as_ref()
@@ -102,13 +114,22 @@ impl ChatTemplate {
             .iter()
             .map(|m| Value::from_object(MessageObject(m.clone())))
             .collect();
-        let ctx = minijinja::context! {
+        let base = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
             tools => (),
             documents => (),
+        };
+        let ctx = if vars.is_empty() {
+            base
+        } else {
+            let extra: std::collections::BTreeMap<String, Value> = vars
+                .iter()
+                .map(|(k, v)| (k.clone(), json_value(v)))
+                .collect();
+            minijinja::context! { ..base, ..Value::from(extra) }
         };
         template.render(ctx).map_err(|e| match raised_message(&e) {
             Some(message) => Error::TemplateRaised { message },
@@ -142,6 +163,27 @@ impl fmt::Debug for ChatTemplate {
             .field("eos_token", &self.eos_token)
             .field("compiles", &self.env.is_ok())
             .finish()
+    }
+}
+
+/// A JSON value as a template value.
+fn json_value(v: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match v {
+        J::Null => Value::from(()),
+        J::Bool(b) => Value::from(*b),
+        J::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Value::from(i),
+            (None, Some(f)) => Value::from(f),
+            _ => Value::from(n.to_string()),
+        },
+        J::String(s) => Value::from(s.as_str()),
+        J::Array(a) => Value::from(a.iter().map(json_value).collect::<Vec<_>>()),
+        J::Object(m) => Value::from(
+            m.iter()
+                .map(|(k, v)| (k.clone(), json_value(v)))
+                .collect::<std::collections::BTreeMap<String, Value>>(),
+        ),
     }
 }
 

@@ -166,3 +166,49 @@ fn llama3_byte_level() {
 fn qwen3_byte_level_nfc() {
     check_family("qwen3", &["<|im_start|>", "<|im_end|>", "<think>"]);
 }
+
+/// Chat templates of Llama 2 Chat (`raise_exception`), Llama 3 Instruct, Llama 3.1 Instruct
+/// (`strftime_now` unless `date_string` is given) and Qwen3 (namespaces, loop controls, string
+/// methods) render as `transformers` rendered them (`tests/data/chat_reference.json`, from
+/// `scripts/chat_reference.py`), with and without the generation prompt; a conversation a
+/// template refuses is refused with its message.
+#[test]
+fn chat_templates_render_as_transformers_does() {
+    use kd_tokenizer::{ChatTemplate, Message};
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/chat_reference.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let mut n = 0;
+    for fam in doc["families"].as_array().unwrap() {
+        let name = fam["name"].as_str().unwrap();
+        let t = ChatTemplate::new(
+            fam["template"].as_str().unwrap().to_string(),
+            fam["bos_token"].as_str().unwrap().to_string(),
+            fam["eos_token"].as_str().unwrap().to_string(),
+        );
+        let vars = fam["variables"].as_object().unwrap();
+        for case in fam["cases"].as_array().unwrap() {
+            let messages: Vec<Message> = case["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+                .collect();
+            let agp = case["add_generation_prompt"].as_bool().unwrap();
+            let got = t.render_with(&messages, agp, vars);
+            match (&case["rendered"], &case["error"]) {
+                (serde_json::Value::String(want), _) => {
+                    let got = got.unwrap_or_else(|e| panic!("{name}: {e}"));
+                    assert_eq!(&got, want, "{name}, generation prompt {agp}");
+                }
+                (_, serde_json::Value::String(msg)) => {
+                    let e = got.expect_err(name).to_string();
+                    assert!(e.contains(msg.as_str()), "{name}: {e} lacks {msg}");
+                }
+                _ => panic!("{name}: case without result"),
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 40, "{n} renderings");
+}
