@@ -17,6 +17,8 @@ const BOS: &str = "tokenizer.ggml.bos_token_id";
 const EOS: &str = "tokenizer.ggml.eos_token_id";
 const PAD: &str = "tokenizer.ggml.padding_token_id";
 const ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
+const SCORES: &str = "tokenizer.ggml.scores";
+const ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
 const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
 
 type Metadata = HashMap<String, Value>;
@@ -86,15 +88,19 @@ pub(crate) fn split_merge(rule: &str) -> Option<(String, String)> {
 
 pub(crate) fn from_gguf(content: &Content) -> Result<Tokenizer> {
     let md = &content.metadata;
-    match opt_string(md, MODEL)?.as_deref() {
-        Some("gpt2") => {}
+    let spm = match opt_string(md, MODEL)?.as_deref() {
+        Some("gpt2") => false,
+        Some("llama") => true,
         Some(other) => {
             return Err(Error::Unsupported {
-                what: format!("`{MODEL}` = `{other}` (only `gpt2`, byte-level BPE, is supported)"),
+                what: format!(
+                    "`{MODEL}` = `{other}` (implemented: `gpt2`, byte-level BPE, and `llama`, \
+                     SentencePiece BPE)"
+                ),
             });
         }
         None => return Err(Error::missing(MODEL)),
-    }
+    };
     let tokens = string_array(md, TOKENS)?;
     let kinds = match md.get(TOKEN_TYPE) {
         None => vec![TokenKind::Normal; tokens.len()],
@@ -123,6 +129,9 @@ pub(crate) fn from_gguf(content: &Content) -> Result<Tokenizer> {
         }
         Some(_) => return Err(Error::wrong_type(TOKEN_TYPE, "an array of integers")),
     };
+    if spm {
+        return from_gguf_spm(md, tokens, kinds);
+    }
     let merges = string_array(md, MERGES)?
         .iter()
         .enumerate()
@@ -179,4 +188,90 @@ mod tests {
         assert_eq!(split_merge("nospace"), None);
         assert_eq!(split_merge(""), None);
     }
+}
+
+/// llama.cpp's SentencePiece vocabulary (`tokenizer.ggml.model` = `llama`): pieces with
+/// scores and no merge list. llama.cpp merges the adjacent pair whose joined piece is in the
+/// vocabulary with the highest score (leftmost on ties), falls back to `<0xNN>` byte pieces,
+/// and puts `▁` before every stretch of text that starts the input or follows a special
+/// token (`add_space_prefix`, default true). That is BPE with a merge `(a, b)` for every
+/// piece `a + b` of the vocabulary, ranked by the joined piece's score, which is how
+/// `transformers` converts the same model to `tokenizer.json`; so it is built that way here.
+fn from_gguf_spm(md: &Metadata, tokens: Vec<String>, kinds: Vec<TokenKind>) -> Result<Tokenizer> {
+    let scores: Vec<f32> = match md.get(SCORES) {
+        None => return Err(Error::missing(SCORES)),
+        Some(Value::Array(v)) => v
+            .iter()
+            .map(|x| match x {
+                Value::F32(f) => Ok(*f),
+                Value::F64(f) => Ok(*f as f32),
+                _ => Err(Error::wrong_type(SCORES, "an array of floats")),
+            })
+            .collect::<Result<_>>()?,
+        Some(_) => return Err(Error::wrong_type(SCORES, "an array of floats")),
+    };
+    if scores.len() != tokens.len() {
+        return Err(Error::invalid(
+            SCORES,
+            format!("{} scores for {} tokens", scores.len(), tokens.len()),
+        ));
+    }
+    // Types: 2 = unknown (kept as the fallback for bytes without a piece).
+    let unk = match md.get(TOKEN_TYPE) {
+        Some(Value::Array(types)) => types
+            .iter()
+            .position(|t| as_u64(t) == Some(2))
+            .map(|i| tokens[i].clone()),
+        _ => None,
+    };
+    let normal: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| kinds[*i] == TokenKind::Normal)
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut ranked: Vec<(f32, usize, String, String)> = Vec::new();
+    for (&piece, &id) in &normal {
+        if crate::sentencepiece::byte_token(piece).is_some() {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            let (a, b) = piece.split_at(at);
+            if normal.contains_key(a) && normal.contains_key(b) {
+                ranked.push((scores[id], id, a.to_string(), b.to_string()));
+            }
+        }
+    }
+    // Highest score first; then by piece id and split point, for a fixed order.
+    ranked.sort_by(|x, y| {
+        y.0.total_cmp(&x.0)
+            .then(x.1.cmp(&y.1))
+            .then(x.2.len().cmp(&y.2.len()))
+    });
+    let merges = ranked.into_iter().map(|(_, _, a, b)| (a, b)).collect();
+    let prepend = if opt_bool(md, ADD_SPACE_PREFIX)?.unwrap_or(true) {
+        crate::sentencepiece::Prepend::Always
+    } else {
+        crate::sentencepiece::Prepend::Never
+    };
+    Tokenizer::build(Parts {
+        tokens,
+        kinds,
+        merges,
+        merges_field: SCORES,
+        pre: PreTokenizer::none(),
+        ignore_merges: false,
+        bos: opt_id(md, BOS)?,
+        eos: opt_id(md, EOS)?,
+        pad: opt_id(md, PAD)?,
+        add_bos: opt_bool(md, ADD_BOS)?.unwrap_or(true),
+        chat_template: opt_string(md, CHAT_TEMPLATE)?,
+        nfc: false,
+        sp: Some(crate::sentencepiece::SpForm {
+            prepend,
+            split: false,
+            as_normalizer: true,
+            unk,
+        }),
+    })
 }

@@ -212,3 +212,92 @@ fn chat_templates_render_as_transformers_does() {
     }
     assert!(n >= 40, "{n} renderings");
 }
+
+/// llama.cpp's form of the same Llama 2 tokenizer (`tokenizer.ggml.model` = `llama`: pieces,
+/// scores and types, no merges; the scores those the merge list was made from)
+/// encodes every hard string as the `tokenizer.json` does, and so as Python `tokenizers`.
+#[test]
+fn llama2_gguf_sentencepiece_equals_tokenizer_json() {
+    use candle_core::quantized::gguf_file::{self, Value as V};
+    let path = dir().join("llama2").join("tokenizer.json");
+    if !path.exists() {
+        assert!(
+            !required(),
+            "{} missing: run scripts/fetch_tokenizers.sh",
+            path.display()
+        );
+        eprintln!(
+            "skipped: {} missing (scripts/fetch_tokenizers.sh)",
+            path.display()
+        );
+        return;
+    }
+    let json = Tokenizer::from_tokenizer_json(&path).unwrap();
+    let n = json.vocab_size() as u32;
+    let pieces: Vec<String> = (0..n)
+        .map(|i| json.vocab_string(i).unwrap().to_string())
+        .collect();
+    // SentencePiece scores as the merge list encodes them: a piece scores minus the rank of
+    // the first merge that makes it; pieces no merge makes score lowest.
+    let tj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut scores = vec![-1e9f32; n as usize];
+    for (rank, m) in tj["model"]["merges"].as_array().unwrap().iter().enumerate() {
+        let joined = match m {
+            serde_json::Value::String(s) => s.replacen(' ', "", 1),
+            serde_json::Value::Array(p) => {
+                format!("{}{}", p[0].as_str().unwrap(), p[1].as_str().unwrap())
+            }
+            _ => panic!("merge form"),
+        };
+        let id = json.token_id(&joined).unwrap() as usize;
+        scores[id] = scores[id].max(-(rank as f32));
+    }
+    let types: Vec<V> = pieces
+        .iter()
+        .map(|p| {
+            V::I32(match p.as_str() {
+                "<unk>" => 2,
+                "<s>" | "</s>" => 3,
+                p if p.starts_with("<0x") && p.len() == 6 => 6,
+                _ => 1,
+            })
+        })
+        .collect();
+    let meta: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String("llama".into())),
+        ("tokenizer.ggml.model", V::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens",
+            V::Array(pieces.iter().map(|p| V::String(p.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores",
+            V::Array(scores.iter().map(|&x| V::F32(x)).collect()),
+        ),
+        ("tokenizer.ggml.token_type", V::Array(types)),
+        ("tokenizer.ggml.bos_token_id", V::U32(1)),
+        ("tokenizer.ggml.eos_token_id", V::U32(2)),
+    ];
+    let d = tempfile::tempdir().unwrap();
+    let gguf = d.path().join("tok.gguf");
+    let refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&gguf).unwrap(), &refs, &[]).unwrap();
+    let content = gguf_file::Content::read(&mut std::fs::File::open(&gguf).unwrap()).unwrap();
+    let from_gguf = Tokenizer::from_gguf(&content).unwrap();
+    let texts = hard_strings(&["<s>", "</s>"]);
+    let mut bad = Vec::new();
+    for t in &texts {
+        let (a, b) = (from_gguf.encode(t, true), json.encode(t, true));
+        if a != b {
+            bad.push(format!("{t:?}:\n  gguf {a:?}\n  json {b:?}"));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} strings differ:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    assert_eq!(from_gguf.bos_id(), Some(1));
+}
