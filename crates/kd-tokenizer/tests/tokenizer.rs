@@ -460,10 +460,21 @@ fn gguf_errors_name_the_key() {
     assert!(matches!(err, Error::UnknownPreTokenizer { ref name, .. } if name == "mystery-pre"));
 
     let mut md = tiny_gguf("gpt2");
-    md.push(("tokenizer.ggml.model", GgufValue::String("llama".into())));
+    md.push(("tokenizer.ggml.model", GgufValue::String("t5".into())));
     md.swap_remove(0);
     let err = Tokenizer::from_gguf(&gguf(md)).unwrap_err();
     assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(err.to_string().contains("t5"), "{err}");
+
+    // A SentencePiece vocabulary needs its scores.
+    let mut md = tiny_gguf("gpt2");
+    md.push(("tokenizer.ggml.model", GgufValue::String("llama".into())));
+    md.swap_remove(0);
+    let err = Tokenizer::from_gguf(&gguf(md)).unwrap_err();
+    assert!(
+        matches!(err, Error::MissingField { ref field } if field == "tokenizer.ggml.scores"),
+        "{err}"
+    );
 
     let mut md = tiny_gguf("gpt2");
     md.push(("tokenizer.ggml.bos_token_id", GgufValue::U32(5000)));
