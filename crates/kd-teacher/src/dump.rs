@@ -562,6 +562,7 @@ fn write_tokenizer_files(model: &LoadedModel, dir: &Path) -> Result<()> {
     if let Some(id) = tok.bos_id() {
         cfg["bos_token"] = tok.token_text(id).into();
     }
+    cfg["add_bos_token"] = tok.add_bos_token().into();
     let cfg = serde_json::to_vec_pretty(&cfg).expect("config serializes");
     Ok(kd_shard::write_bytes_atomic(
         &dir.join("tokenizer_config.json"),

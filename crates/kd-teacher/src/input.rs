@@ -274,7 +274,13 @@ pub fn encode(
                 .map(|m| format!("{}: {}\n", m.role, m.content))
                 .collect::<String>(),
         };
-        let prompt = tok.encode(&prompt_text, false);
+        // As `tokenizer(text)` does: BOS first when the tokenizer says so (Llama 2 and 3).
+        let mut prompt = tok.encode(&prompt_text, false);
+        if tok.add_bos_token()
+            && let Some(bos) = tok.bos_id()
+        {
+            prompt.insert(0, bos);
+        }
         let response = response_text.map(|r| tok.encode(&r, false));
         return Ok(Encoded { prompt, response });
     }

@@ -252,11 +252,40 @@ fn config_template(config: &Value) -> Result<Option<String>> {
     }
 }
 
+/// The special token a `TemplateProcessing` post-processor puts before a single sequence
+/// (Llama 2's `<s>`, Llama 3's `<|begin_of_text|>`), looking inside a `Sequence`.
+fn leading_special(post: &Value) -> Option<String> {
+    match post.get("type").and_then(Value::as_str)? {
+        "Sequence" => post
+            .get("processors")?
+            .as_array()?
+            .iter()
+            .find_map(leading_special),
+        "TemplateProcessing" => {
+            let first = post.get("single")?.as_array()?.first()?;
+            first
+                .get("SpecialToken")?
+                .get("id")?
+                .as_str()
+                .map(str::to_string)
+        }
+        _ => None,
+    }
+}
+
 pub(crate) fn from_tokenizer_json(path: &Path) -> Result<Tokenizer> {
     let root = read_json(path)?;
     let mut tok = parse_tokenizer_json(&root)
         .and_then(Tokenizer::build)
         .map_err(|e| e.in_file(path))?;
+    // `tokenizer(text)` in transformers runs the post-processor: a leading special token is
+    // a BOS the prompt starts with (tokenizer_config.json's `add_bos_token` may still say
+    // otherwise).
+    if let Some(text) = root.get("post_processor").and_then(leading_special)
+        && let Some(id) = tok.token_id(&text)
+    {
+        tok = tok.with_bos(Some(id))?.with_add_bos(true);
+    }
 
     let config_path = path.with_file_name("tokenizer_config.json");
     let mut template = None;
@@ -278,10 +307,11 @@ pub(crate) fn from_tokenizer_json(path: &Path) -> Result<Tokenizer> {
             );
             let template = config_template(&config)?;
             let add_bos = match config.get("add_bos_token") {
-                None | Some(Value::Null) => false,
+                None | Some(Value::Null) => tok.add_bos_token(),
                 Some(Value::Bool(b)) => *b,
                 Some(_) => return Err(Error::wrong_type("add_bos_token", "a boolean")),
             };
+            let bos = bos.or(tok.bos_id());
             let tok = tok
                 .with_bos(bos)?
                 .with_eos(eos)?
@@ -358,7 +388,18 @@ pub(crate) fn to_tokenizer_json(tok: &Tokenizer) -> Value {
         "added_tokens": added,
         "normalizer": if tok.nfc() { json!({"type": "NFC"}) } else { Value::Null },
         "pre_tokenizer": tok.pre().to_hf_json(),
-        "post_processor": null,
+        "post_processor": match (tok.add_bos_token(), tok.bos_id().and_then(|b| tok.vocab_string(b))) {
+            (true, Some(bos)) => json!({
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [
+                    {"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                    {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}},
+                ],
+                "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id()], "tokens": [bos]}},
+            }),
+            _ => Value::Null,
+        },
         "decoder": {
             "type": "ByteLevel",
             "add_prefix_space": true,

@@ -48,17 +48,24 @@ fn hard_strings(specials: &[&str]) -> Vec<String> {
 }
 
 fn python_ids(path: &Path, texts: &[String]) -> Option<Vec<Vec<u32>>> {
+    python_encode(path, texts, false)
+}
+
+/// Python `tokenizers`' ids; `special`: with the post-processor (`tokenizer(text)`).
+fn python_encode(path: &Path, texts: &[String], special: bool) -> Option<Vec<Vec<u32>>> {
     let script = r#"
 import json, sys
 from tokenizers import Tokenizer
 tok = Tokenizer.from_file(sys.argv[1])
 texts = json.load(sys.stdin)
-print(json.dumps([tok.encode(t, add_special_tokens=False).ids for t in texts]))
+special = sys.argv[2] == "1"
+print(json.dumps([tok.encode(t, add_special_tokens=special).ids for t in texts]))
 "#;
     let mut child = Command::new("python3")
         .arg("-c")
         .arg(script)
         .arg(path)
+        .arg(if special { "1" } else { "0" })
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -132,6 +139,16 @@ fn check_family(family: &str, specials: &[&str]) {
         bad.len(),
         bad.join("\n")
     );
+    // A prompt as `tokenizer(text)` gives it: BOS first where the post-processor adds one
+    // (Llama 2 and 3, not Qwen).
+    let with_special = python_encode(&path, &texts, true).unwrap();
+    for (t, w) in texts.iter().zip(&with_special) {
+        let mut got = tok.encode(t, true);
+        if tok.add_bos_token() {
+            got.insert(0, tok.bos_id().unwrap());
+        }
+        assert_eq!(&got, w, "{family}: {t:?} with the post-processor");
+    }
     // The tokenizer.json we write back (beside shards, in exports) encodes the same.
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("tokenizer.json");
@@ -147,6 +164,9 @@ fn check_family(family: &str, specials: &[&str]) {
         again, want,
         "{family}: Python reads our tokenizer.json differently"
     );
+    let again = python_encode(&p, &texts, true).unwrap();
+    assert_eq!(again, with_special, "{family}: our post-processor differs");
+    assert_eq!(back.add_bos_token(), tok.add_bos_token(), "{family}");
 }
 
 #[test]
