@@ -991,3 +991,32 @@ fn a_qwen3_teacher_is_distilled_into_a_smaller_qwen3() {
         "export read by the teacher loader and the student differ by {d}"
     );
 }
+
+/// One `student-fit` per output folder: while another process holds the folder, a run is
+/// refused naming the lock, exits non-zero and leaves the folder alone; a lock file left by a
+/// killed run (not held) does not stop the next run.
+#[test]
+fn a_second_run_into_the_same_folder_is_refused() {
+    let (dir, teacher, shards) = tiny_setup();
+    let out = dir.path().join("locked");
+    let p = pipeline(dir.path(), &shards, &teacher, &out);
+    std::fs::create_dir_all(&out).unwrap();
+    let held = kd_shard::FolderLock::take(&out, kd_student::fit::LOCK_FILE).unwrap();
+    let o = util::run("student-fit", &["--pipeline", p.to_str().unwrap()]);
+    assert!(!o.status.success(), "a second run was not refused");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(".student-fit.lock"), "{err}");
+    assert!(
+        !out.join("metrics.jsonl").exists(),
+        "the refused run wrote metrics"
+    );
+    drop(held);
+    // What SIGKILL leaves: the file, unlocked.
+    std::fs::write(out.join(kd_student::fit::LOCK_FILE), b"").unwrap();
+    util::run_ok("student-fit", &["--pipeline", p.to_str().unwrap()]);
+    assert!(out.join("student/config.json").exists());
+    assert!(
+        !out.join(kd_student::fit::LOCK_FILE).exists(),
+        "the lock outlived the run"
+    );
+}

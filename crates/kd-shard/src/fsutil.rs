@@ -289,3 +289,78 @@ mod tests {
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     }
 }
+
+/// An output folder held by one process: an advisory lock (`flock`) on a file inside it. The
+/// operating system releases it when the holder exits, however it exits, so a folder left by
+/// a killed run is taken again at once (a resume works); a second live run is refused.
+pub struct FolderLock {
+    _file: File,
+    path: PathBuf,
+}
+
+/// Why [`FolderLock::take`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "{dir}: another process is writing here (it holds {lock}); wait for it to finish or \
+         choose another output folder"
+    )]
+    Locked { dir: PathBuf, lock: PathBuf },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl FolderLock {
+    /// Locks `dir/name` (created if needed; `dir` must exist).
+    pub fn take(dir: &Path, name: &str) -> std::result::Result<Self, LockError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = dir.join(name);
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        // A holder removes the file when it lets go, so the file we locked may no longer be
+        // the one at `path`; lock again until the locked file is the one on disk.
+        for _ in 0..16 {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io)?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(LockError::Locked {
+                        dir: dir.to_path_buf(),
+                        lock: path,
+                    });
+                }
+                Err(std::fs::TryLockError::Error(source)) => return Err(io(source)),
+            }
+            let held = file.metadata().map_err(io)?;
+            match std::fs::metadata(&path) {
+                Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
+                    return Ok(Self { _file: file, path });
+                }
+                _ => continue,
+            }
+        }
+        Err(LockError::Locked {
+            dir: dir.to_path_buf(),
+            lock: path,
+        })
+    }
+}
+
+/// Removes the lock file when the holder lets go of the folder (a finished run, or an error
+/// return after the lock was taken), so that a refused run leaves the folder as it found it.
+/// A killed run leaves the file behind, unlocked; the next run takes it again.
+impl Drop for FolderLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -113,7 +113,8 @@ mod writer;
 
 pub use error::{Error, Result};
 pub use fsutil::{
-    crash_point, hash_bytes, hash_file, injected_fault, tmp_path, write_bytes_atomic,
+    FolderLock, LockError, crash_point, hash_bytes, hash_file, injected_fault, tmp_path,
+    write_bytes_atomic,
 };
 pub use manifest::{
     FORMAT_NAME, MANIFEST_FILE, Manifest, PARTIAL_MANIFEST_FILE, PartInfo, ShardEntry, Totals,

@@ -446,6 +446,9 @@ fn checkpoint_dirs(out: &Path) -> Vec<PathBuf> {
     dirs
 }
 
+/// The lock file `fit` holds in its output folder while it runs.
+pub const LOCK_FILE: &str = ".student-fit.lock";
+
 /// The newest complete checkpoint under `out`, if any.
 pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
     checkpoint_dirs(out).pop()
@@ -502,6 +505,10 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
     cfg.loss
         .validate()
         .map_err(|e| anyhow::anyhow!("loss: {e}"))?;
+    // One run per output folder: a second one would interleave metrics.jsonl and race the
+    // checkpoints. The lock goes with the process, so a killed run can be resumed at once.
+    std::fs::create_dir_all(&cfg.out).map_err(io(&cfg.out))?;
+    let _lock = kd_shard::FolderLock::take(&cfg.out, LOCK_FILE)?;
     let teachers = open_teachers(cfg)?;
     let set = &teachers.sets()[0];
     let dev = Device::Cpu;

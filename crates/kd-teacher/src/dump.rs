@@ -118,64 +118,6 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Holds the output folder's lock for the life of the dump.
-struct FolderLock {
-    _file: std::fs::File,
-    path: PathBuf,
-}
-
-impl FolderLock {
-    fn take(dir: &Path) -> Result<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let path = dir.join(LOCK_FILE);
-        let io = |source| Error::Io {
-            path: path.clone(),
-            source,
-        };
-        // A holder removes the file when it lets go, so the file we locked may no longer be
-        // the one at `path`; lock again until the locked file is the one on disk.
-        for _ in 0..16 {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(io)?;
-            match file.try_lock() {
-                Ok(()) => {}
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(Error::Locked {
-                        dir: dir.to_path_buf(),
-                        lock: path,
-                    });
-                }
-                Err(std::fs::TryLockError::Error(source)) => return Err(io(source)),
-            }
-            let held = file.metadata().map_err(io)?;
-            match std::fs::metadata(&path) {
-                Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
-                    return Ok(Self { _file: file, path });
-                }
-                _ => continue,
-            }
-        }
-        Err(Error::Locked {
-            dir: dir.to_path_buf(),
-            lock: path,
-        })
-    }
-}
-
-/// Removes the lock file when the dump lets go of the folder: at the end of a finished dump,
-/// and on every error return after the lock was taken, so that a refused run (no `--resume`,
-/// other settings) leaves the folder as it found it. A killed dump leaves the file behind,
-/// unlocked; the next run takes it again.
-impl Drop for FolderLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 /// The slice of `n` records that part `index` of `count` takes.
 pub fn part_range(n: usize, index: usize, count: usize) -> std::ops::Range<usize> {
     (index * n / count)..((index + 1) * n / count)
@@ -323,7 +265,10 @@ pub fn dump(
         path: out_dir.to_path_buf(),
         source,
     })?;
-    let lock = FolderLock::take(out_dir)?;
+    let lock = kd_shard::FolderLock::take(out_dir, LOCK_FILE).map_err(|e| match e {
+        kd_shard::LockError::Locked { dir, lock } => Error::Locked { dir, lock },
+        kd_shard::LockError::Io { path, source } => Error::Io { path, source },
+    })?;
     remove_stray_tmp_files(out_dir)?;
 
     let mut manifest = identity_manifest(model, input, settings, opts.part);
