@@ -623,8 +623,17 @@ fn parts_merge_into_the_whole_dump() {
     c.dump(&input, &p1, &["--part", "1/2"]);
     assert_eq!(manifest(&p0).totals.rows, 9);
     assert_eq!(manifest(&p1).totals.rows, 9);
+    // While another process holds the destination, a merge is refused naming the lock.
+    std::fs::create_dir_all(&merged).unwrap();
+    let held = kd_shard::FolderLock::take(&merged, ".shard-cat-merge.lock").unwrap();
+    let o = util::run("shard-cat", &["merge", "--out", s(&merged), s(&p1), s(&p0)]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(".shard-cat-merge.lock"), "{err}");
+    drop(held);
     // Parts given out of order.
     util::run_ok("shard-cat", &["merge", "--out", s(&merged), s(&p1), s(&p0)]);
+    assert!(!merged.join(".shard-cat-merge.lock").exists());
     let m = manifest(&merged);
     assert!(m.complete);
     assert_eq!(m.part, None);

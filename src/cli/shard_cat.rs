@@ -410,6 +410,9 @@ fn print_row(
 
 /// Combines part folders into `dest`: links or copies each part's shards and tokenizer, then
 /// writes one manifest (last, atomically).
+/// The lock file `merge` holds in its destination while it works.
+pub const MERGE_LOCK_FILE: &str = ".shard-cat-merge.lock";
+
 pub fn merge(parts: &[PathBuf], dest: &Path) -> anyhow::Result<Manifest> {
     let mut ms = Vec::new();
     for p in parts {
@@ -423,10 +426,12 @@ pub fn merge(parts: &[PathBuf], dest: &Path) -> anyhow::Result<Manifest> {
         ms.push((m, p.clone()));
     }
     ms.sort_by_key(|(m, _)| m.part.map(|p| p.index));
+    std::fs::create_dir_all(dest).with_context(|| dest.display().to_string())?;
+    // One merge per folder, as one dump per folder.
+    let _lock = kd_shard::FolderLock::take(dest, MERGE_LOCK_FILE)?;
     if dest.join(kd_shard::MANIFEST_FILE).exists() {
         bail!("{}: already holds a manifest", dest.display());
     }
-    std::fs::create_dir_all(dest).with_context(|| dest.display().to_string())?;
     let merged = kd_shard::merge_manifests(&ms.iter().map(|(m, _)| m.clone()).collect::<Vec<_>>())?;
     for (m, dir) in &ms {
         for s in &m.shards {
