@@ -269,25 +269,7 @@ impl PanelMatrix {
     /// `y = x · Wᵀ` for `x` `[n, cols]` row-major; `y` is `[n, rows]` row-major. Runs on the
     /// rayon pool, split over output rows.
     pub fn matmul_into(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        let v = self.view();
-        v.check(x, n, y);
-        if n == 0 {
-            return;
-        }
-        let groups = self.rows.div_ceil(PANEL);
-        let pairs = groups.div_ceil(2);
-        let threads = rayon::current_num_threads().max(1);
-        // A few tasks per thread for balance, each a whole number of panel pairs.
-        let tasks = (threads * 4).min(pairs);
-        let per = pairs.div_ceil(tasks);
-        let out = SendPtr(y.as_mut_ptr());
-        (0..pairs.div_ceil(per)).into_par_iter().for_each(|t| {
-            let g0 = t * per * 2;
-            let g1 = ((t + 1) * per * 2).min(groups);
-            // SAFETY: task t writes only columns [g0*16, g1*16) ∩ [0, rows) of y, disjoint
-            // from every other task's; `y` outlives the parallel loop; `check` passed.
-            unsafe { v.task(x, n, out, g0, g1) };
-        });
+        self.view().par_matmul(x, n, y, false);
     }
 
     /// Allocating form of [`PanelMatrix::matmul_into`].
@@ -295,6 +277,133 @@ impl PanelMatrix {
         let mut y = vec![0f32; n * self.rows];
         self.matmul_into(x, n, &mut y);
         y
+    }
+}
+
+/// An f32 matrix packed into panel layout in a buffer reused from one product to the next.
+///
+/// The training engine multiplies by weights that change every step, by their transposes and
+/// by activations, so it packs on every product: the three shapes of a training step,
+/// `X·Wᵀ`, `dY·W` and `dYᵀ·X`, are all `x · Mᵀ` products with `M` packed from a row-major
+/// source or from its transpose. Packing reads and writes the matrix once; the product that
+/// follows does `2·rows` multiply-adds per packed value.
+#[derive(Default)]
+pub struct PackedF32 {
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+impl PackedF32 {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Floats of one panel (16 rows) of a matrix with `cols` columns.
+    fn panel_floats(cols: usize) -> usize {
+        cols.div_ceil(QK) * QK * PANEL
+    }
+
+    /// Floats this buffer needs for a `[rows, cols]` matrix.
+    pub fn floats_for(rows: usize, cols: usize) -> usize {
+        rows.div_ceil(PANEL) * Self::panel_floats(cols)
+    }
+
+    /// Reserves room for a `[rows, cols]` matrix, so that packing it later allocates nothing.
+    pub fn reserve(&mut self, rows: usize, cols: usize) {
+        let need = Self::floats_for(rows, cols);
+        self.data.reserve(need.saturating_sub(self.data.len()));
+    }
+
+    /// Bytes held.
+    pub fn capacity_bytes(&self) -> usize {
+        self.data.capacity() * 4
+    }
+
+    /// Packs `M [rows, cols]` from `src`: row-major `M` (`src[r·cols + c]`), or with
+    /// `transposed` row-major `Mᵀ` (`src[c·rows + r]`, a `[cols, rows]` matrix).
+    pub fn pack(&mut self, src: &[f32], rows: usize, cols: usize, transposed: bool) {
+        self.pack_with(src, rows, cols, transposed, true);
+    }
+
+    /// [`PackedF32::pack`] on the calling thread.
+    pub fn pack_serial(&mut self, src: &[f32], rows: usize, cols: usize, transposed: bool) {
+        self.pack_with(src, rows, cols, transposed, false);
+    }
+
+    fn pack_with(&mut self, src: &[f32], rows: usize, cols: usize, transposed: bool, par: bool) {
+        assert_eq!(src.len(), rows * cols, "matrix shape");
+        let pf = Self::panel_floats(cols);
+        self.data.clear();
+        self.data.resize(rows.div_ceil(PANEL) * pf, 0.0);
+        (self.rows, self.cols) = (rows, cols);
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let one = |(g, panel): (usize, &mut [f32])| {
+            let r0 = g * PANEL;
+            let nr = (rows - r0).min(PANEL);
+            if transposed {
+                for c in 0..cols {
+                    let at = (c / QK) * QK * PANEL + (c % QK) * PANEL;
+                    panel[at..at + nr].copy_from_slice(&src[c * rows + r0..][..nr]);
+                }
+            } else {
+                for r in 0..nr {
+                    let row = &src[(r0 + r) * cols..][..cols];
+                    for (c, &x) in row.iter().enumerate() {
+                        panel[(c / QK) * QK * PANEL + (c % QK) * PANEL + r] = x;
+                    }
+                }
+            }
+        };
+        if par {
+            self.data.par_chunks_mut(pf).enumerate().for_each(one);
+        } else {
+            self.data.chunks_mut(pf).enumerate().for_each(one);
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn view(&self) -> PanelView<'_> {
+        PanelView::f32(
+            &self.data,
+            self.rows,
+            self.cols,
+            Self::panel_floats(self.cols),
+        )
+    }
+
+    /// `y = x · Mᵀ` (or `y += x · Mᵀ` with `acc`) for `x` `[n, cols]`, `y` `[n, rows]`, on
+    /// the rayon pool. Each output element is summed over the columns in one fixed order.
+    pub fn matmul_into(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool) {
+        self.view().par_matmul(x, n, y, acc);
+    }
+
+    /// [`PackedF32::matmul_into`] on the calling thread (for callers that are already
+    /// parallel), with the same values.
+    pub fn matmul_serial(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool) {
+        let v = self.view();
+        v.check(x, n, y);
+        // SAFETY: `check` bounds every panel, input row and output row; this thread alone
+        // holds `y`.
+        unsafe {
+            v.task(
+                x,
+                n,
+                SendPtr(y.as_mut_ptr()),
+                0,
+                self.rows.div_ceil(PANEL),
+                acc,
+            )
+        };
     }
 }
 
@@ -326,7 +435,7 @@ impl<'a> PanelView<'a> {
         }
     }
 
-    fn check(&self, x: &[f32], n: usize, y: &[f32]) {
+    pub(crate) fn check(&self, x: &[f32], n: usize, y: &[f32]) {
         assert!(supported(), "panel products need AVX-512F or AVX2 with FMA");
         assert_eq!(x.len(), n * self.cols, "input shape");
         assert_eq!(y.len(), n * self.rows, "output shape");
@@ -341,12 +450,44 @@ impl<'a> PanelView<'a> {
         }
     }
 
+    /// `y = x · Wᵀ` (or `y += x · Wᵀ` with `acc`) on the rayon pool, split over output rows.
+    /// Each output element is summed in the same order whatever the thread count.
+    pub(crate) fn par_matmul(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool) {
+        self.check(x, n, y);
+        if n == 0 {
+            return;
+        }
+        let groups = self.rows.div_ceil(PANEL);
+        let pairs = groups.div_ceil(2);
+        let threads = rayon::current_num_threads().max(1);
+        // A few tasks per thread for balance, each a whole number of panel pairs.
+        let tasks = (threads * 4).min(pairs).max(1);
+        let per = pairs.div_ceil(tasks);
+        let out = SendPtr(y.as_mut_ptr());
+        (0..pairs.div_ceil(per)).into_par_iter().for_each(|t| {
+            let g0 = t * per * 2;
+            let g1 = ((t + 1) * per * 2).min(groups);
+            // SAFETY: task t writes only columns [g0*16, g1*16) ∩ [0, rows) of y, disjoint
+            // from every other task's; `y` outlives the parallel loop; `check` passed.
+            unsafe { self.task(x, n, out, g0, g1, acc) };
+        });
+    }
+
     /// `y = x · Wᵀ` on the calling thread.
     pub(crate) fn matmul_serial(&self, x: &[f32], n: usize, y: &mut [f32]) {
         self.check(x, n, y);
         // SAFETY: `check` bounds every panel, input row and output row; this thread alone
         // holds `y`.
-        unsafe { self.task(x, n, SendPtr(y.as_mut_ptr()), 0, self.rows.div_ceil(PANEL)) };
+        unsafe {
+            self.task(
+                x,
+                n,
+                SendPtr(y.as_mut_ptr()),
+                0,
+                self.rows.div_ceil(PANEL),
+                false,
+            )
+        };
     }
 
     /// Panels `g0..g1` against every input row.
@@ -355,7 +496,7 @@ impl<'a> PanelView<'a> {
     /// [`PanelView::check`] passed for `x`, `n` and the `[n, rows]` buffer `y` points to, of
     /// which this call writes only the columns of panels `g0..g1`, which no other thread
     /// writes.
-    unsafe fn task(&self, x: &[f32], n: usize, y: SendPtr, g0: usize, g1: usize) {
+    unsafe fn task(&self, x: &[f32], n: usize, y: SendPtr, g0: usize, g1: usize, acc: bool) {
         let avx2 = level() == Some(Level::Avx2);
         // Many input rows: expand each pair of quantized panels to f32 once per block of
         // rows instead of once per 8 rows. The expanded values are the very ones the
@@ -412,6 +553,7 @@ impl<'a> PanelView<'a> {
                             self.rows - g * PANEL,
                             self.rows.saturating_sub((g + 1) * PANEL),
                         ],
+                        acc,
                     };
                     // SAFETY: the panels g (and g+1 when `two`) exist, x holds rows b..b+nb,
                     // and y's columns for these panels belong to this task.
@@ -441,6 +583,8 @@ struct Call {
     y: *mut f32,
     /// Valid output rows in each of the two panels (≥ 16 means all).
     rows_valid: [usize; 2],
+    /// Add the products to `y` instead of overwriting it.
+    acc: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -660,7 +804,13 @@ mod simd {
                     ((1u32 << valid) - 1) as __mmask16
                 };
                 for b in 0..B {
-                    _mm512_mask_storeu_ps(c.y.add(b * rows + g * PANEL), mask, acc[b][g]);
+                    let y = c.y.add(b * rows + g * PANEL);
+                    let v = if c.acc {
+                        _mm512_add_ps(_mm512_maskz_loadu_ps(mask, y), acc[b][g])
+                    } else {
+                        acc[b][g]
+                    };
+                    _mm512_mask_storeu_ps(y, mask, v);
                 }
             }
         }

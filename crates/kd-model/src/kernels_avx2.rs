@@ -44,6 +44,7 @@ pub(super) unsafe fn dispatch(
                 x: c.x.wrapping_add(b * cols),
                 y: c.y.wrapping_add(b * rows + g * PANEL),
                 rows_valid: [c.rows_valid[g], 0],
+                acc: c.acc,
             };
             match format {
                 PanelFormat::Q40 => go!(0, n, &sub),
@@ -170,7 +171,14 @@ unsafe fn kernel<const B: usize, const F: u8>(blocks: usize, cols: usize, rows: 
             let mut out = [0f32; PANEL];
             _mm256_storeu_ps(out.as_mut_ptr(), acc[b][0]);
             _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[b][1]);
-            std::ptr::copy_nonoverlapping(out.as_ptr(), c.y.add(b * rows), valid);
+            let y = c.y.add(b * rows);
+            if c.acc {
+                for (i, o) in out.iter().take(valid).enumerate() {
+                    *y.add(i) += o;
+                }
+            } else {
+                std::ptr::copy_nonoverlapping(out.as_ptr(), y, valid);
+            }
         }
     }
 }

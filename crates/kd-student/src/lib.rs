@@ -45,6 +45,7 @@
 //! ```
 
 pub mod data;
+pub mod engine;
 pub mod eval;
 pub mod fit;
 pub mod optim;
