@@ -64,9 +64,29 @@ struct TrainArgs {
     /// CPU threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Training engine: `kernels` (the project's CPU kernels: llama and Mistral students on
+    /// AVX-512 or AVX2+FMA) or `candle` (candle autograd: every architecture and device).
+    /// Default: kernels where they run, candle otherwise. The run prints which one it uses.
+    #[arg(long)]
+    engine: Option<Engine>,
     /// Print the final summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Kernels,
+    Candle,
+}
+
+impl From<Engine> for kd_student::engine::EngineKind {
+    fn from(e: Engine) -> Self {
+        match e {
+            Engine::Kernels => kd_student::engine::EngineKind::Kernels,
+            Engine::Candle => kd_student::engine::EngineKind::Candle,
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,7 +266,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
                 cfg.out.display()
             );
         }
-        let s = fit(cfg, a.resume, !a.json)?;
+        let s = fit(cfg, a.resume, !a.json, a.engine.map(Into::into))?;
         if !a.json {
             print_summary(name, &s)?;
         }
@@ -276,8 +296,9 @@ fn print_summary(stage: &str, s: &FitSummary) -> anyhow::Result<()> {
     writeln!(out, "[{stage}] held-out at end:   {}", row(&s.final_eval))?;
     writeln!(
         out,
-        "[{stage}] {} steps, {} positions, {:.0} positions/s, checkpoint {}, export {}, peak memory {}",
+        "[{stage}] {} steps on the {} engine, {} positions, {:.0} positions/s, checkpoint {}, export {}, peak memory {}",
         s.steps,
+        s.engine,
         s.train_positions,
         s.positions_per_s,
         s.checkpoint.display(),
@@ -350,13 +371,24 @@ fn logits(l: LogitsArgs) -> anyhow::Result<()> {
         &candle_core::Device::Cpu,
     )?;
     let n = l.ids.len();
-    let ids = candle_core::Tensor::from_vec(l.ids.clone(), (1, n), &candle_core::Device::Cpu)?;
-    let hidden = student.forward(&ids, &[n])?;
-    let d = hidden.dim(2)?;
-    let z: Vec<Vec<f32>> = student
-        .logits(&hidden.reshape((n, d))?)?
-        .to_dtype(candle_core::DType::F32)?
-        .to_vec2()?;
+    // The kernel engine's forward pass where it runs, candle's otherwise.
+    let z: Vec<Vec<f32>> = if kd_student::engine::kernels_unsupported(&student.cfg, n).is_none() {
+        let mut k = kd_student::engine::KernelStudent::for_inference(&student, n, n, n)?;
+        let h = k.sequence_hidden(&l.ids)?;
+        let mut z = Vec::new();
+        k.logits_into(&h, n, &mut z);
+        z.chunks(student.cfg.vocab_size)
+            .map(|r| r.to_vec())
+            .collect()
+    } else {
+        let ids = candle_core::Tensor::from_vec(l.ids.clone(), (1, n), &candle_core::Device::Cpu)?;
+        let hidden = student.forward(&ids, &[n])?;
+        let d = hidden.dim(2)?;
+        student
+            .logits(&hidden.reshape((n, d))?)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2()?
+    };
     let rows: Vec<Vec<f64>> = z.iter().map(|r| kd_model::log_softmax_f64(r)).collect();
     let mut out = std::io::stdout().lock();
     // Written as one string so that a closed pipe surfaces as an io error (quiet exit).

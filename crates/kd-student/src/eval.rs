@@ -10,7 +10,8 @@ use kd_model::{LoadedModel, Precision};
 use serde::Serialize;
 
 use crate::data::{RowSource, ShardSet, Split};
-use crate::fit::{EvalReport, check_vocab, evaluate};
+use crate::engine::KernelStudent;
+use crate::fit::{EVAL_TOKENS, EvalModel, EvalReport, check_vocab, evaluate};
 
 /// What to evaluate and how.
 #[derive(Clone, Debug)]
@@ -81,7 +82,30 @@ pub fn run_eval(opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
     if let Some(m) = opts.max_rows {
         rows.truncate(m);
     }
-    let report = evaluate(&student, &set, &rows, opts.max_len, opts.logits_chunk)?;
+    let report = match crate::engine::kernels_unsupported(&student.cfg, opts.max_len) {
+        None => {
+            let mut k = KernelStudent::for_inference(
+                &student,
+                EVAL_TOKENS,
+                opts.max_len,
+                opts.logits_chunk,
+            )?;
+            evaluate(
+                &mut EvalModel::Kernels(&mut k),
+                &set,
+                &rows,
+                opts.max_len,
+                opts.logits_chunk,
+            )?
+        }
+        Some(_) => evaluate(
+            &mut EvalModel::Candle(&student),
+            &set,
+            &rows,
+            opts.max_len,
+            opts.logits_chunk,
+        )?,
+    };
     drop(student);
     let mut generations = Vec::new();
     if opts.generations > 0 {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{
     Batch, BatchConfig, Batcher, LoaderPosition, RowSource, ShardSet, Split, Teachers,
 };
+use crate::engine::{EngineKind, KernelStudent};
 use crate::optim::{AdamW, AdamWConfig, Decay, Schedule};
 use crate::train::{PositionTargets, loss_and_grads};
 
@@ -181,18 +182,99 @@ pub enum EvalRows<'a> {
 }
 
 impl EvalRows<'_> {
-    /// Evaluates `student` on these rows.
+    /// Evaluates `model` on these rows.
     pub fn evaluate(
         &self,
-        student: &Student,
+        model: &mut EvalModel<'_>,
         max_len: usize,
         chunk: usize,
     ) -> anyhow::Result<EvalReport> {
         match self {
-            EvalRows::Separate(t, rows) => evaluate(student, t, rows, max_len, chunk),
-            EvalRows::HeldOut(t, rows) => evaluate(student, *t, rows, max_len, chunk),
+            EvalRows::Separate(t, rows) => evaluate(model, t, rows, max_len, chunk),
+            EvalRows::HeldOut(t, rows) => evaluate(model, *t, rows, max_len, chunk),
         }
     }
+}
+
+/// The forward pass an evaluation runs: candle's on the student, or the kernel engine's.
+pub enum EvalModel<'a> {
+    Candle(&'a Student),
+    Kernels(&'a mut KernelStudent),
+}
+
+impl EvalModel<'_> {
+    fn vocab_size(&self) -> usize {
+        match self {
+            EvalModel::Candle(s) => s.vocab_size(),
+            EvalModel::Kernels(k) => k.cfg.vocab_size,
+        }
+    }
+
+    /// Final hidden states of `batch`'s distilled positions, `[n_pos, hidden]`.
+    fn position_hidden(&mut self, batch: &Batch) -> anyhow::Result<Vec<f32>> {
+        match self {
+            EvalModel::Kernels(k) => k.position_hidden(batch),
+            EvalModel::Candle(student) => {
+                let dev = student.device().clone();
+                let (b, l) = (batch.batch_size(), batch.seq_len);
+                let ids = candle_core::Tensor::from_vec(batch.input_ids.clone(), (b, l), &dev)?;
+                let lengths: Vec<usize> = batch.lengths.iter().map(|&x| x as usize).collect();
+                let hidden = student.forward(&ids, &lengths)?.detach();
+                let d = hidden.dim(2)?;
+                let idx: Vec<u32> = (0..batch.n_pos())
+                    .map(|p| batch.pos_row[p] * l as u32 + batch.pos_t[p])
+                    .collect();
+                let n = idx.len();
+                let h = hidden
+                    .reshape((b * l, d))?
+                    .index_select(&candle_core::Tensor::from_vec(idx, n, &dev)?, 0)?;
+                Ok(h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+            }
+        }
+    }
+
+    /// Logits `[n, vocab]` of hidden rows `h` `[n, hidden]`.
+    fn logits(&mut self, h: &[f32], n: usize, out: &mut Vec<f32>) -> anyhow::Result<()> {
+        match self {
+            EvalModel::Kernels(k) => k.logits_into(h, n, out),
+            EvalModel::Candle(student) => {
+                let d = h.len() / n.max(1);
+                let t = candle_core::Tensor::from_slice(h, (n, d), student.device())?
+                    .to_dtype(student.dtype())?;
+                *out = student
+                    .logits(&t)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rows in order, grouped so that a group's padded tokens stay within [`EVAL_TOKENS`]: a
+/// forward pass keeps every intermediate of a group alive, so this bounds its memory.
+fn eval_groups<'r, S: RowSource + ?Sized>(
+    src: &S,
+    rows: &'r [usize],
+    max_len: usize,
+) -> Vec<&'r [usize]> {
+    let mut groups: Vec<&[usize]> = Vec::new();
+    let (mut start, mut longest) = (0, 0);
+    for (i, &r) in rows.iter().enumerate() {
+        let len = src.row_len(r).min(max_len);
+        let wide = longest.max(len);
+        if i > start && wide * (i + 1 - start) > EVAL_TOKENS {
+            groups.push(&rows[start..i]);
+            (start, longest) = (i, len);
+        } else {
+            longest = wide;
+        }
+    }
+    if start < rows.len() {
+        groups.push(&rows[start..]);
+    }
+    groups
 }
 
 /// Per-token metrics on held-out rows.
@@ -210,13 +292,13 @@ pub struct EvalReport {
 }
 
 /// Most padded tokens per evaluation forward pass.
-const EVAL_TOKENS: usize = 1024;
+pub const EVAL_TOKENS: usize = 1024;
 
 /// Evaluates `student` on `rows` of `src`, against each position's [`PositionTargets`]
 /// (the teachers' mixture when there are several). One forward pass per batch of rows; the
 /// logits of `chunk` positions at a time give every metric.
 pub fn evaluate<S: RowSource + ?Sized>(
-    student: &Student,
+    model: &mut EvalModel<'_>,
     src: &S,
     rows: &[usize],
     max_len: usize,
@@ -232,52 +314,23 @@ pub fn evaluate<S: RowSource + ?Sized>(
         divergence: Divergence::ReverseKl,
         ..fwd
     };
-    let dev = student.device().clone();
-    let v = student.vocab_size();
+    let v = model.vocab_size();
     let chunk = chunk.max(1);
     let mut r = EvalReport::default();
     let (mut f, mut rv, mut agree, mut nll) = (0.0, 0.0, 0usize, 0.0);
-    // Rows in order, grouped so that a group's padded tokens stay within EVAL_TOKENS: the
-    // forward pass keeps every intermediate of a group alive, so this bounds its memory.
-    let mut groups: Vec<&[usize]> = Vec::new();
-    let (mut start, mut longest) = (0, 0);
-    for (i, &r) in rows.iter().enumerate() {
-        let len = src.row_len(r).min(max_len);
-        let wide = longest.max(len);
-        if i > start && wide * (i + 1 - start) > EVAL_TOKENS {
-            groups.push(&rows[start..i]);
-            (start, longest) = (i, len);
-        } else {
-            longest = wide;
-        }
-    }
-    if start < rows.len() {
-        groups.push(&rows[start..]);
-    }
-    for group in groups {
+    let mut z = Vec::new();
+    for group in eval_groups(src, rows, max_len) {
         let batch = Batch::collect(src, group, max_len, 0);
         let n = batch.n_pos();
         if n == 0 {
             continue;
         }
         let targets = PositionTargets::of(&batch, v)?;
-        let (b, l) = (batch.batch_size(), batch.seq_len);
-        let ids = candle_core::Tensor::from_vec(batch.input_ids.clone(), (b, l), &dev)?;
-        let lengths: Vec<usize> = batch.lengths.iter().map(|&x| x as usize).collect();
-        let hidden = student.forward(&ids, &lengths)?.detach();
-        let d = hidden.dim(2)?;
-        let flat = hidden.reshape((b * l, d))?;
+        let hidden = model.position_hidden(&batch)?;
+        let d = hidden.len() / n;
         for s in (0..n).step_by(chunk) {
             let len = chunk.min(n - s);
-            let idx: Vec<u32> = (s..s + len)
-                .map(|p| batch.pos_row[p] * l as u32 + batch.pos_t[p])
-                .collect();
-            let h = flat.index_select(&candle_core::Tensor::from_vec(idx, len, &dev)?, 0)?;
-            let z: Vec<f32> = student
-                .logits(&h)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
+            model.logits(&hidden[s * d..(s + len) * d], len, &mut z)?;
             let positions: Vec<kd_loss::Position<'_, f64, f32>> = (0..len)
                 .map(|i| {
                     let (topk_ids, topk_logprobs) = targets.get(s + i);
@@ -319,6 +372,10 @@ pub fn evaluate<S: RowSource + ?Sized>(
 #[derive(Clone, Debug, Serialize)]
 pub struct FitSummary {
     pub steps: u64,
+    /// The training engine (`kernels` or `candle`).
+    pub engine: String,
+    /// Memory the kernel engine planned at start (none on the candle engine).
+    pub planned_bytes: Option<usize>,
     pub resumed_from: Option<u64>,
     pub initial: EvalReport,
     pub last_train_loss: f64,
@@ -387,14 +444,52 @@ fn publish_dir(
     Ok(())
 }
 
+/// The engine a run trains with, holding the optimizer state (and for the kernel engine the
+/// parameters: the candle student is brought up to date before it is saved or exported).
+enum Trainer {
+    Candle(AdamW),
+    Kernels(Box<KernelStudent>),
+}
+
+impl Trainer {
+    fn steps(&self) -> u64 {
+        match self {
+            Trainer::Candle(o) => o.step,
+            Trainer::Kernels(k) => k.step,
+        }
+    }
+
+    fn sync(&self, student: &Student) -> anyhow::Result<()> {
+        if let Trainer::Kernels(k) = self {
+            k.write_to(student)?;
+        }
+        Ok(())
+    }
+
+    fn save_state(&self, path: &Path) -> anyhow::Result<()> {
+        match self {
+            Trainer::Candle(o) => Ok(o.save_state(path)?),
+            Trainer::Kernels(k) => k.save_state(path),
+        }
+    }
+
+    fn eval_model<'a>(&'a mut self, student: &'a Student) -> EvalModel<'a> {
+        match self {
+            Trainer::Candle(_) => EvalModel::Candle(student),
+            Trainer::Kernels(k) => EvalModel::Kernels(k),
+        }
+    }
+}
+
 /// Writes checkpoint `checkpoints/step-NNNNNNNN` with [`publish_dir`]: the weights, config and
 /// tokenizer (so a checkpoint is also a Hugging Face directory), AdamW moments and state.
 fn save_checkpoint(
     dir: &Path,
     student: &Student,
-    opt: &AdamW,
+    trainer: &Trainer,
     state: &CheckpointState,
 ) -> anyhow::Result<PathBuf> {
+    trainer.sync(student)?;
     let final_dir = dir
         .join("checkpoints")
         .join(format!("step-{:08}", state.step));
@@ -403,7 +498,7 @@ fn save_checkpoint(
         || format!("checkpoint-before-rename:{}", state.step),
         |tmp| {
             export(student, &state.config.shards, tmp)?;
-            opt.save_state(&tmp.join("optimizer.safetensors"))?;
+            trainer.save_state(&tmp.join("optimizer.safetensors"))?;
             let state_path = tmp.join("state.json");
             std::fs::write(&state_path, serde_json::to_vec_pretty(state)?)
                 .map_err(io(&state_path))?;
@@ -501,7 +596,15 @@ fn interrupted() -> bool {
 }
 
 /// Runs (or, with `resume`, continues) a training run.
-pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitSummary> {
+///
+/// `engine` forces a training engine; none picks the kernel engine where it runs (a llama or
+/// Mistral student on an AVX-512 or AVX2 CPU) and candle otherwise.
+pub fn fit(
+    cfg: &FitConfig,
+    resume: bool,
+    progress: bool,
+    engine: Option<EngineKind>,
+) -> anyhow::Result<FitSummary> {
     cfg.loss
         .validate()
         .map_err(|e| anyhow::anyhow!("loss: {e}"))?;
@@ -563,7 +666,41 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         max_epochs: None,
     };
     let mut batcher = Batcher::new(&teachers, &split.train, bcfg)?;
-    let mut opt = AdamW::new(student.named_vars(), cfg.adamw.clone())?;
+    let (kind, why_candle) = crate::engine::choose(engine, &student.cfg, cfg.max_len, &dev)?;
+    let new_trainer = |student: &Student| -> anyhow::Result<Trainer> {
+        Ok(match kind {
+            EngineKind::Candle => {
+                Trainer::Candle(AdamW::new(student.named_vars(), cfg.adamw.clone())?)
+            }
+            EngineKind::Kernels => Trainer::Kernels(Box::new(KernelStudent::new(
+                student,
+                cfg.adamw.clone(),
+                cfg.token_budget.max(EVAL_TOKENS),
+                cfg.max_len,
+                cfg.logits_chunk,
+            )?)),
+        })
+    };
+    let mut trainer = new_trainer(&student)?;
+    let mut plan_bytes = None;
+    if progress {
+        match &trainer {
+            Trainer::Kernels(k) => {
+                let level = match kd_model::kernels::level() {
+                    Some(kd_model::kernels::Level::Avx512) => "AVX-512",
+                    _ => "AVX2",
+                };
+                eprintln!("engine: kernels ({level}); memory plan: {}", k.plan());
+            }
+            Trainer::Candle(_) => match &why_candle {
+                Some(why) => eprintln!("engine: candle ({why})"),
+                None => eprintln!("engine: candle"),
+            },
+        }
+    }
+    if let Trainer::Kernels(k) = &trainer {
+        plan_bytes = Some(k.plan().total_bytes());
+    }
     let fingerprint = teachers_fingerprint(&teachers);
     let mut resumed_from = None;
     let mut train_positions = 0u64;
@@ -594,8 +731,17 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
             );
         }
         student.load_safetensors(&ck.join("model.safetensors"))?;
-        opt = AdamW::new(student.named_vars(), cfg.adamw.clone())?;
-        opt.load_state(&ck.join("optimizer.safetensors"), state.step)?;
+        let opt_path = ck.join("optimizer.safetensors");
+        match &mut trainer {
+            Trainer::Candle(opt) => {
+                *opt = AdamW::new(student.named_vars(), cfg.adamw.clone())?;
+                opt.load_state(&opt_path, state.step)?;
+            }
+            Trainer::Kernels(k) => {
+                k.read_from(&student)?;
+                k.load_state(&opt_path, state.step)?;
+            }
+        }
         batcher.restore(state.loader)?;
         resumed_from = Some(state.step);
         train_positions = state.train_positions;
@@ -634,14 +780,21 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
                 serde_json::json!({"step": step, "train_positions": train_positions, "eval": r});
             writeln!(metrics, "{line}").map_err(io(&metrics_path))
         };
-    let initial = eval_rows.evaluate(&student, cfg.max_len, cfg.logits_chunk)?;
+    let initial = eval_rows.evaluate(
+        &mut trainer.eval_model(&student),
+        cfg.max_len,
+        cfg.logits_chunk,
+    )?;
     if resumed_from.is_none() {
         log_eval(&mut metrics, 0, 0, &initial)?;
     }
     if progress {
         eprintln!(
             "held-out at step {}: forward KL {:.4}, top-1 agreement {:.3} ({} positions)",
-            opt.step, initial.forward_kl, initial.top1_agreement, initial.positions
+            trainer.steps(),
+            initial.forward_kl,
+            initial.top1_agreement,
+            initial.positions
         );
     }
     let bar = if progress {
@@ -650,7 +803,7 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
             indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  eta {eta}")
                 .expect("a valid template"),
         );
-        b.set_position(opt.step);
+        b.set_position(trainer.steps());
         b
     } else {
         indicatif::ProgressBar::hidden()
@@ -659,8 +812,8 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
     let (mut positions, mut last_loss) = (0usize, f64::NAN);
     let mut last_ck = latest_checkpoint(&cfg.out);
     let mut final_eval = None;
-    while opt.step < cfg.steps {
-        let step = opt.step;
+    while trainer.steps() < cfg.steps {
+        let step = trainer.steps();
         if interrupted() {
             let state = CheckpointState {
                 step,
@@ -669,14 +822,14 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
                 config: cfg.clone(),
                 shards_fingerprint: fingerprint.clone(),
             };
-            let ck = save_checkpoint(&cfg.out, &student, &opt, &state)?;
+            let ck = save_checkpoint(&cfg.out, &student, &trainer, &state)?;
             anyhow::bail!(
                 "interrupted at step {step}; checkpoint {} (continue with --resume)",
                 ck.display()
             );
         }
         // One optimizer step over `grad_accum` micro-batches, weighted by their positions.
-        let mut micro = Vec::new();
+        let (mut micro, mut micro_grads) = (Vec::new(), Vec::new());
         for _ in 0..cfg.grad_accum.max(1) {
             // A batch whose rows' prompts all fill `max_len` has nothing to distil: take the
             // next one (deterministically, so a resume sees the same sequence).
@@ -697,7 +850,15 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
                     );
                 }
             };
-            let (mut l, g) = loss_and_grads(&student, &batch, &cfg.loss, cfg.logits_chunk, true)?;
+            let mut l = match &mut trainer {
+                Trainer::Candle(_) => {
+                    let (l, g) =
+                        loss_and_grads(&student, &batch, &cfg.loss, cfg.logits_chunk, true)?;
+                    micro_grads.extend(g);
+                    l
+                }
+                Trainer::Kernels(k) => k.accumulate(&batch, &cfg.loss, cfg.logits_chunk)?,
+            };
             if kd_shard::injected_fault(|| format!("nan-loss:{step}")) {
                 l.total = f64::NAN;
             }
@@ -711,20 +872,25 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
                         .unwrap_or_else(|| "none".into())
                 );
             }
-            if let Some(g) = g {
-                micro.push((l, g));
-            }
+            micro.push(l);
         }
-        let (loss, grads) = crate::train::combine_micro_batches(micro, opt.params())?;
+        let loss = crate::train::combine_losses(&micro);
         if loss.positions == 0 {
             anyhow::bail!("step {step}: the batch has no distilled positions");
         }
         kd_shard::crash_point(|| format!("before-update:{step}"));
-        let info = opt.step(&grads, sched.lr_at(step), cfg.max_grad_norm)?;
+        let info = match &mut trainer {
+            Trainer::Candle(opt) => {
+                let parts = micro.into_iter().zip(micro_grads).collect();
+                let (_, grads) = crate::train::combine_micro_batches(parts, opt.params())?;
+                opt.step(&grads, sched.lr_at(step), cfg.max_grad_norm)?
+            }
+            Trainer::Kernels(k) => k.step(sched.lr_at(step), cfg.max_grad_norm),
+        };
         positions += loss.positions;
         train_positions += loss.positions as u64;
         last_loss = loss.total;
-        let done = opt.step;
+        let done = trainer.steps();
         bar.set_position(done);
         if done % cfg.log_every.max(1) == 0 || done == cfg.steps {
             let rate = positions as f64 / start.elapsed().as_secs_f64().max(1e-9);
@@ -743,7 +909,11 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
         }
         let eval_now = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
         if eval_now {
-            let r = eval_rows.evaluate(&student, cfg.max_len, cfg.logits_chunk)?;
+            let r = eval_rows.evaluate(
+                &mut trainer.eval_model(&student),
+                cfg.max_len,
+                cfg.logits_chunk,
+            )?;
             log_eval(&mut metrics, done, train_positions, &r)?;
             if progress {
                 bar.println(format!(
@@ -761,7 +931,7 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
                 config: cfg.clone(),
                 shards_fingerprint: fingerprint.clone(),
             };
-            last_ck = Some(save_checkpoint(&cfg.out, &student, &opt, &state)?);
+            last_ck = Some(save_checkpoint(&cfg.out, &student, &trainer, &state)?);
             if let Some(keep) = cfg.keep_checkpoints {
                 prune_checkpoints(&cfg.out, keep)?;
             }
@@ -770,13 +940,20 @@ pub fn fit(cfg: &FitConfig, resume: bool, progress: bool) -> anyhow::Result<FitS
     bar.finish_and_clear();
     let final_eval = match final_eval {
         Some(r) => r,
-        None => eval_rows.evaluate(&student, cfg.max_len, cfg.logits_chunk)?,
+        None => eval_rows.evaluate(
+            &mut trainer.eval_model(&student),
+            cfg.max_len,
+            cfg.logits_chunk,
+        )?,
     };
+    trainer.sync(&student)?;
     let export_dir = cfg.out.join("student");
     publish_export(&student, &cfg.shards, &export_dir)?;
     let secs = start.elapsed().as_secs_f64();
     let summary = FitSummary {
-        steps: opt.step,
+        steps: trainer.steps(),
+        engine: kind.name().to_string(),
+        planned_bytes: plan_bytes,
         resumed_from,
         initial,
         last_train_loss: last_loss,

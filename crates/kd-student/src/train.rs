@@ -204,6 +204,22 @@ pub fn loss_and_grads(
     Ok((loss, Some(grads)))
 }
 
+/// The loss of micro-batches taken as one step: their means weighted by distilled positions.
+pub fn combine_losses(micro: &[BatchLoss]) -> BatchLoss {
+    let n_pos: usize = micro.iter().map(|l| l.positions).sum();
+    let mut loss = BatchLoss {
+        positions: n_pos,
+        ..Default::default()
+    };
+    for l in micro {
+        let w = l.positions as f64 / n_pos.max(1) as f64;
+        loss.divergence += w * l.divergence;
+        loss.hard_ce += w * l.hard_ce;
+        loss.total += w * l.total;
+    }
+    loss
+}
+
 /// Combines micro-batches into one step: the loss and every gradient are averaged weighted by
 /// distilled positions, which equals the token mean over all of them (gradient accumulation).
 pub fn combine_micro_batches(
@@ -211,19 +227,12 @@ pub fn combine_micro_batches(
     params: &[(String, Var)],
 ) -> kd_model::Result<(BatchLoss, GradStore)> {
     let n_pos: usize = micro.iter().map(|(l, _)| l.positions).sum();
-    let mut loss = BatchLoss {
-        positions: n_pos,
-        ..Default::default()
-    };
+    let losses: Vec<BatchLoss> = micro.iter().map(|(l, _)| *l).collect();
+    let loss = combine_losses(&losses);
     let weights: Vec<f64> = micro
         .iter()
         .map(|(l, _)| l.positions as f64 / n_pos.max(1) as f64)
         .collect();
-    for ((l, _), w) in micro.iter().zip(&weights) {
-        loss.divergence += w * l.divergence;
-        loss.hard_ce += w * l.hard_ce;
-        loss.total += w * l.total;
-    }
     if micro.len() == 1 {
         let (_, g) = micro.pop().expect("one micro-batch");
         return Ok((loss, g));

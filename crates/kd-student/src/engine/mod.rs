@@ -387,6 +387,35 @@ impl KernelStudent {
         max_len: usize,
         chunk: usize,
     ) -> anyhow::Result<Self> {
+        Self::build(student, adam, tokens, max_len, chunk, true)
+    }
+
+    /// The forward pass and the head only (evaluation, logits): no gradients, moments or
+    /// backward buffers.
+    pub fn for_inference(
+        student: &Student,
+        tokens: usize,
+        max_len: usize,
+        chunk: usize,
+    ) -> anyhow::Result<Self> {
+        Self::build(
+            student,
+            AdamWConfig::default(),
+            tokens,
+            max_len,
+            chunk,
+            false,
+        )
+    }
+
+    fn build(
+        student: &Student,
+        adam: AdamWConfig,
+        tokens: usize,
+        max_len: usize,
+        chunk: usize,
+        training: bool,
+    ) -> anyhow::Result<Self> {
         let cfg = student.cfg.clone();
         if let Some(why) = kernels_unsupported(&cfg, max_len) {
             anyhow::bail!("the kernel engine cannot train this student: {why}");
@@ -460,9 +489,9 @@ impl KernelStudent {
         let mut me = KernelStudent {
             cfg,
             params: vec![0.0; total],
-            grads: vec![0.0; total],
-            m: vec![0.0; total],
-            v: vec![0.0; total],
+            grads: vec![0.0; if training { total } else { 0 }],
+            m: vec![0.0; if training { total } else { 0 }],
+            v: vec![0.0; if training { total } else { 0 }],
             slots,
             embed,
             layers,
@@ -477,7 +506,7 @@ impl KernelStudent {
             pending: 0,
         };
         me.read_from(student)?;
-        me.reserve(tokens, max_len, chunk);
+        me.reserve(tokens, max_len, chunk, training);
         Ok(me)
     }
 
@@ -502,7 +531,7 @@ impl KernelStudent {
 
     /// Sizes every buffer for `tokens` tokens in rows of up to `max_len` (the worst case of
     /// the attention probabilities: `tokens · max_len` per head) and head chunks of `chunk`.
-    fn reserve(&mut self, tokens: usize, max_len: usize, chunk: usize) {
+    fn reserve(&mut self, tokens: usize, max_len: usize, chunk: usize, training: bool) {
         let (d, qd, _, qkvd, f, v) = self.dims();
         let n = tokens.max(1);
         let len = max_len.min(n).max(1);
@@ -525,29 +554,36 @@ impl KernelStudent {
             act += s;
         }
         let wide = (2 * f).max(qkvd).max(d).max(qd);
-        let mut back = n * d;
-        ws.dhf.reserve_exact(n * d);
-        let sizes = backward_sizes((d, qd, qkvd, f), n);
-        for (b, s) in ws.backward_bufs().into_iter().zip(sizes) {
-            b.reserve_exact(s);
-            back += s;
+        let mut back = 0;
+        if training {
+            back += n * d;
+            ws.dhf.reserve_exact(n * d);
+            let sizes = backward_sizes((d, qd, qkvd, f), n);
+            for (b, s) in ws.backward_bufs().into_iter().zip(sizes) {
+                b.reserve_exact(s);
+                back += s;
+            }
+            // Backward products pack activations, `[width, tokens]`.
+            ws.pk.reserve(n.max(wide), wide);
         }
-        // The layer products pack the largest of a weight and an activation.
-        ws.pk.reserve(wide, d.max(f).max(n));
-        ws.pk.reserve(n.max(wide), wide);
+        // The layer products pack the largest weight.
+        ws.pk.reserve(wide, d.max(f));
         let mut head = 0;
+        let train_only = if training { 1 } else { 0 };
         for (b, s) in [
             (&mut ws.z, chunk * v),
-            (&mut ws.gz, chunk * v),
-            (&mut ws.gt, chunk * v),
+            (&mut ws.gz, train_only * chunk * v),
+            (&mut ws.gt, train_only * chunk * v),
             (&mut ws.hc, chunk * d),
-            (&mut ws.dhc, chunk * d),
+            (&mut ws.dhc, train_only * chunk * d),
         ] {
             b.reserve_exact(s);
             head += s;
         }
         ws.head_w.reserve(v, d);
-        ws.head_wt.reserve(d, v);
+        if training {
+            ws.head_wt.reserve(d, v);
+        }
         let workers = rayon::current_num_threads().max(1);
         ws.scratch.resize_with(workers, attention::Scratch::default);
         for s in &mut ws.scratch {
@@ -560,8 +596,8 @@ impl KernelStudent {
             max_len: len,
             chunk,
             params_bytes: total,
-            grads_bytes: total,
-            moments_bytes: 2 * total,
+            grads_bytes: self.grads.len() * 4,
+            moments_bytes: (self.m.len() + self.v.len()) * 4,
             activations_bytes: 4 * act,
             backward_bytes: 4 * back + ws.pk.capacity_bytes(),
             head_bytes: 4 * head + ws.head_w.capacity_bytes() + ws.head_wt.capacity_bytes(),
@@ -1019,6 +1055,9 @@ impl KernelStudent {
         chunk: usize,
         grads: bool,
     ) -> anyhow::Result<BatchLoss> {
+        if grads && self.grads.is_empty() {
+            anyhow::bail!("this kernel student was built for inference only");
+        }
         let n = batch.n_pos();
         if n == 0 {
             return Ok(BatchLoss::default());
@@ -1065,6 +1104,20 @@ impl KernelStudent {
             out.extend_from_slice(&self.ws.hf[r * d..(r + 1) * d]);
         }
         Ok(out)
+    }
+
+    /// Final hidden states `[len, hidden]` of every position of one token sequence.
+    pub fn sequence_hidden(&mut self, ids: &[u32]) -> anyhow::Result<Vec<f32>> {
+        let n = ids.len();
+        let p = Packed {
+            ids: ids.to_vec(),
+            pos: (0..n as u32).collect(),
+            segs: vec![(0, n)],
+            rows: (0..n).collect(),
+        };
+        self.check_ids(&p)?;
+        self.forward(&p);
+        Ok(self.ws.hf[..n * self.cfg.hidden_size].to_vec())
     }
 
     /// Logits `[n, vocab]` of hidden rows `h` `[n, hidden]`.
