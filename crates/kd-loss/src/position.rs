@@ -224,28 +224,25 @@ pub(crate) fn loss_into<L: Real, Z: Real, G: GradElem>(
         }
     }
     // Pass 2: shifted sums for LSE_V(z), LSE_V(u) and LSE_{j∉S}(u), all shifted by the
-    // global maximum. With a gradient to write, the terms are kept so that pass 3 divides
-    // instead of exponentiating again (one exp per token at τ = 1, two otherwise).
+    // global maximum. The terms are kept so that pass 3 divides instead of exponentiating
+    // again: one exponential per token at τ = 1, two otherwise, batched (`exp_shifted`).
     let same = tau == 1.0;
-    let keep = grad.is_some();
-    let mut e1s: Vec<f64> = Vec::with_capacity(if keep { v } else { 0 });
-    let mut ets: Vec<f64> = Vec::with_capacity(if keep && bucket && !same { v } else { 0 });
-    let (mut s1, mut st, mut sc) = (0.0f64, 0.0f64, 0.0f64);
-    for (j, &member) in in_s.iter().enumerate() {
-        let x = z(j);
-        let e1 = (x - zmax).exp();
-        s1 += e1;
-        if keep {
-            e1s.push(e1);
+    let zs: Vec<f64> = p.student_logits.iter().map(|x| x.to_f64()).collect();
+    let mut e1s = vec![0.0f64; v];
+    crate::math::exp_shifted(&zs, zmax, 1.0, &mut e1s);
+    let s1: f64 = e1s.iter().sum();
+    let mut ets: Vec<f64> = Vec::new();
+    let (mut st, mut sc) = (0.0f64, 0.0f64);
+    if bucket {
+        if !same {
+            ets = vec![0.0f64; v];
+            crate::math::exp_shifted(&zs, zmax, 1.0 / tau, &mut ets);
         }
-        if bucket {
-            let et = if same { e1 } else { ((x - zmax) / tau).exp() };
-            st += et;
-            if keep && !same {
-                ets.push(et);
-            }
+        let et: &[f64] = if same { &e1s } else { &ets };
+        st = et.iter().sum();
+        for (&e, &member) in et.iter().zip(&in_s) {
             if !member {
-                sc += et;
+                sc += e;
             }
         }
     }

@@ -15,6 +15,7 @@ mod map;
 mod multi;
 mod set;
 mod split;
+mod synth;
 
 pub use batcher::{Batch, BatchConfig, Batcher, LoaderPosition, Targets};
 pub use cache::{CACHE_DIR, CACHE_VERSION, CacheStatus};
@@ -22,6 +23,7 @@ pub use error::{Error, Result};
 pub use multi::Teachers;
 pub use set::{RowView, ShardSet};
 pub use split::{Split, holdout_score, is_held_out};
+pub use synth::synthetic_batch;
 
 /// Rows that a [`Batcher`] and [`Batch::collect`] can read: one shard set, or several
 /// teachers joined by id. Row numbering is teacher 0's.

@@ -50,6 +50,9 @@ use crate::optim::{AdamWConfig, StepInfo, decays};
 use crate::train::{BatchLoss, PositionTargets};
 use ops::{dw_acc, linear_backward, rms_backward, rms_forward, xwt};
 
+/// Vocabulary columns per slab of the head's transpose (see `Workspace::head_wt`).
+const SLAB: usize = 2048;
+
 /// Which training engine runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineKind {
@@ -250,7 +253,12 @@ struct Workspace {
     partial: Vec<f32>,
     pk: PackedF32,
     head_w: PackedF32,
-    head_wt: PackedF32,
+    /// The head's transpose `[hidden, vocab]` in slabs of [`SLAB`] vocabulary columns: `∂L/∂h`
+    /// sums over the whole vocabulary, and a product whose inner dimension is 49152 long
+    /// streams its inputs from memory; slab by slab they stay in cache.
+    head_wt: Vec<PackedF32>,
+    /// One slab of a chunk's `∂L/∂z`, `[chunk, SLAB]`.
+    gs: Vec<f32>,
     /// Whether `head_w` holds the current head weights.
     head_w_fresh: bool,
     z: Vec<f32>,
@@ -582,7 +590,12 @@ impl KernelStudent {
         }
         ws.head_w.reserve(v, d);
         if training {
-            ws.head_wt.reserve(d, v);
+            ws.head_wt.resize_with(v.div_ceil(SLAB), PackedF32::new);
+            for (i, pk) in ws.head_wt.iter_mut().enumerate() {
+                pk.reserve(d, SLAB.min(v - i * SLAB));
+            }
+            ws.gs.reserve_exact(chunk * SLAB);
+            head += chunk * SLAB;
         }
         let workers = rayon::current_num_threads().max(1);
         ws.scratch.resize_with(workers, attention::Scratch::default);
@@ -600,7 +613,9 @@ impl KernelStudent {
             moments_bytes: (self.m.len() + self.v.len()) * 4,
             activations_bytes: 4 * act,
             backward_bytes: 4 * back + ws.pk.capacity_bytes(),
-            head_bytes: 4 * head + ws.head_w.capacity_bytes() + ws.head_wt.capacity_bytes(),
+            head_bytes: 4 * head
+                + ws.head_w.capacity_bytes()
+                + ws.head_wt.iter().map(|p| p.capacity_bytes()).sum::<usize>(),
             attention_scratch_bytes: ws.scratch.iter().map(|s| s.bytes()).sum(),
         };
     }
@@ -947,7 +962,12 @@ impl KernelStudent {
             self.ws.head_w_fresh = true;
         }
         if transposed_too {
-            self.ws.head_wt.pack(w, d, v, true);
+            let slabs = v.div_ceil(SLAB);
+            self.ws.head_wt.resize_with(slabs, PackedF32::new);
+            for (i, pk) in self.ws.head_wt.iter_mut().enumerate() {
+                let (a, b) = (i * SLAB, ((i + 1) * SLAB).min(v));
+                pk.pack(&w[a * d..b * d], d, b - a, true);
+            }
         }
     }
 
@@ -1017,7 +1037,15 @@ impl KernelStudent {
             let k = len as f32;
             ws.gz.par_iter_mut().for_each(|x| *x *= k);
             fit(&mut ws.dhc, len * d);
-            ws.head_wt.matmul_into(&ws.gz, len, &mut ws.dhc, false);
+            ws.dhc.fill(0.0);
+            for (i, pk) in ws.head_wt.iter().enumerate() {
+                let (a, b) = (i * SLAB, ((i + 1) * SLAB).min(v));
+                fit(&mut ws.gs, len * (b - a));
+                for (r, row) in ws.gs.chunks_exact_mut(b - a).enumerate() {
+                    row.copy_from_slice(&ws.gz[r * v + a..r * v + b]);
+                }
+                pk.matmul_into(&ws.gs, len, &mut ws.dhc, true);
+            }
             for (i, &r) in p.rows[s..s + len].iter().enumerate() {
                 ws.dhf[r * d..(r + 1) * d].copy_from_slice(&ws.dhc[i * d..(i + 1) * d]);
             }

@@ -1,0 +1,216 @@
+//! Training throughput on the real student's shape: the 6-layer SmolLM2 student (hidden 576,
+//! 9 heads over 3 key/value heads, MLP 1536, tied 49152-token head; 49.6 M parameters), two
+//! 512-token rows per step (`token_budget = 1024`), 461 distilled positions per row, top-32
+//! targets, forward KL with the bucket tail, AdamW with clipping — on the kernel engine and on
+//! the candle engine, in the same invocation. Each engine runs in its own child process, so
+//! that its peak resident memory (`VmHWM`) is its own.
+//!
+//! Also reports the physical ceiling: training FLOPs per position (6 × parameters in products
+//! plus attention) divided by the rate of the kernels' f32 product measured here on a
+//! training-sized product.
+//!
+//! Run: `cargo bench --bench training` (`-- --steps N` for more steps). Writes
+//! `target/bench/training.json`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use kd_loss::{Divergence, LossConfig, TailPolicy};
+use kd_model::kernels::PackedF32;
+use kd_model::trainable::Student;
+use kd_student::data::synthetic_batch;
+use kd_student::engine::KernelStudent;
+use kd_student::optim::{AdamW, AdamWConfig};
+
+const ROWS: [usize; 2] = [512, 512];
+const PROMPT: usize = 51;
+const TOP_K: usize = 32;
+
+fn student_config() -> kd_model::LlamaConfig {
+    let mut c = kd_model::testing::tiny_config(49152);
+    c.hidden_size = 576;
+    c.intermediate_size = 1536;
+    c.num_attention_heads = 9;
+    c.num_key_value_heads = 3;
+    c.num_hidden_layers = 6;
+    c.max_position_embeddings = 8192;
+    c.rope_theta = 100000.0;
+    c
+}
+
+fn peak_rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// One engine's run in this process: prints `positions/s peak_bytes` on stdout.
+fn child(engine: &str, steps: usize) {
+    let cfg = student_config();
+    let student = Student::random(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    let loss = LossConfig {
+        divergence: Divergence::ForwardKl,
+        temperature: 1.0,
+        alpha: 1.0,
+        tail: TailPolicy::Bucket,
+    };
+    let chunk = 128;
+    let batches: Vec<_> = (0..=steps as u64)
+        .map(|s| synthetic_batch(cfg.vocab_size, &ROWS, PROMPT, TOP_K, 100 + s))
+        .collect();
+    let mut positions = 0;
+    let mut start = Instant::now();
+    match engine {
+        "kernels" => {
+            let mut k =
+                KernelStudent::new(&student, AdamWConfig::default(), 1024, 512, chunk).unwrap();
+            for (i, b) in batches.iter().enumerate() {
+                if i == 1 {
+                    start = Instant::now();
+                }
+                let l = k.accumulate(b, &loss, chunk).unwrap();
+                k.step(1e-4, 1.0);
+                if i > 0 {
+                    positions += l.positions;
+                }
+            }
+        }
+        _ => {
+            let mut opt = AdamW::new(student.named_vars(), AdamWConfig::default()).unwrap();
+            for (i, b) in batches.iter().enumerate() {
+                if i == 1 {
+                    start = Instant::now();
+                }
+                let (l, g) =
+                    kd_student::train::loss_and_grads(&student, b, &loss, chunk, true).unwrap();
+                opt.step(&g.unwrap(), 1e-4, 1.0).unwrap();
+                if i > 0 {
+                    positions += l.positions;
+                }
+            }
+        }
+    }
+    let rate = positions as f64 / start.elapsed().as_secs_f64();
+    println!("{rate} {}", peak_rss());
+}
+
+/// GFLOP/s of the packed f32 product on a training-sized product (the MLP's gate+up over a
+/// 1024-token batch), packing included.
+fn gemm_rate() -> f64 {
+    let (n, out, inn) = (1024, 3072, 576);
+    let x: Vec<f32> = (0..n * inn)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let w: Vec<f32> = (0..out * inn)
+        .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let mut y = vec![0f32; n * out];
+    let mut pk = PackedF32::new();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        pk.pack(&w, out, inn, false);
+        pk.matmul_into(&x, n, &mut y, false);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * out * inn) as f64 / best / 1e9
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let steps = args
+        .iter()
+        .position(|a| a == "--steps")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4usize);
+    if let Ok(engine) = std::env::var("KD_BENCH_ENGINE") {
+        child(&engine, steps);
+        return;
+    }
+    if !kd_model::kernels::supported() {
+        eprintln!(
+            "this CPU has neither AVX-512F nor AVX2+FMA: the kernel engine does not run here"
+        );
+        return;
+    }
+    let level = match kd_model::kernels::level() {
+        Some(kd_model::kernels::Level::Avx512) => "AVX-512",
+        _ => "AVX2",
+    };
+    let exe = std::env::current_exe().unwrap();
+    let mut results = Vec::new();
+    for engine in ["kernels", "candle"] {
+        let out = std::process::Command::new(&exe)
+            .args(["--steps", &steps.to_string()])
+            .env("KD_BENCH_ENGINE", engine)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{engine}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut it = text.split_whitespace();
+        let rate: f64 = it.next().unwrap().parse().unwrap();
+        let peak: u64 = it.next().unwrap().parse().unwrap();
+        results.push((engine, rate, peak));
+    }
+    let cfg = student_config();
+    // Products per position: every weight matrix (the tied head once) → 2 FLOPs forward,
+    // 4 backward; attention: q·kᵀ and p·v over on average half a 512-token row, ×3 for the
+    // backward.
+    let d = cfg.hidden_size;
+    let layer = d * cfg.q_dim()
+        + 2 * d * cfg.num_key_value_heads * cfg.head_dim()
+        + cfg.q_dim() * d
+        + 3 * d * cfg.intermediate_size;
+    let matmul_params = cfg.num_hidden_layers * layer + cfg.vocab_size * d;
+    let attn = cfg.num_hidden_layers * 2 * 2 * 256 * cfg.q_dim();
+    let flops = 6.0 * matmul_params as f64 + 3.0 * attn as f64;
+    let rate = gemm_rate();
+    let ceiling = rate * 1e9 / flops;
+    println!(
+        "instruction set: {level}, {} threads",
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<8} {:>12} {:>12}",
+        "engine", "positions/s", "peak RSS MB"
+    );
+    for (e, r, p) in &results {
+        println!("{e:<8} {r:>12.1} {:>12.0}", *p as f64 / 1e6);
+    }
+    println!(
+        "kernels / candle: {:.2}× positions/s, {:.2}× peak memory",
+        results[0].1 / results[1].1,
+        results[0].2 as f64 / results[1].2 as f64
+    );
+    println!(
+        "ceiling: {:.1} GFLOP/s (packed f32 product, 1024×576 · 576×3072) / {:.0} MFLOP per position = {ceiling:.0} positions/s; kernels at {:.0}% of it",
+        rate,
+        flops / 1e6,
+        100.0 * results[0].1 / ceiling
+    );
+    let json = serde_json::json!({
+        "instruction_set": level,
+        "steps": steps,
+        "engines": results.iter().map(|(e, r, p)| serde_json::json!({"engine": e, "positions_per_s": r, "peak_rss_bytes": p})).collect::<Vec<_>>(),
+        "gemm_gflops": rate,
+        "flops_per_position": flops,
+        "ceiling_positions_per_s": ceiling,
+    });
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("training.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+}
