@@ -9,6 +9,9 @@
 //! plus attention) divided by the rate of the kernels' f32 product measured here on a
 //! training-sized product.
 //!
+//! The figures move with the machine (shared CPUs): compare the two engines of one run, and
+//! run it twice.
+//!
 //! Run: `cargo bench --bench training` (`-- --steps N` for more steps). Writes
 //! `target/bench/training.json`.
 
@@ -49,8 +52,10 @@ fn peak_rss() -> u64 {
         .unwrap_or(0)
 }
 
-/// One engine's run in this process: prints `positions/s peak_bytes` on stdout.
+/// One engine's run in this process: prints `positions/s peak_bytes` on stdout. The
+/// allocator is set up as in the binaries (freed memory kept), as `student-fit` runs.
 fn child(engine: &str, steps: usize) {
+    kd_distill::cli::keep_freed_memory();
     let cfg = student_config();
     let student = Student::random(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
     let loss = LossConfig {

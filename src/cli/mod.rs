@@ -45,7 +45,7 @@ pub fn error_chain(e: &anyhow::Error) -> String {
 /// hundreds of megabytes each step, and the kernel zeroing fresh pages cost a quarter of the
 /// run time (measured: `student-fit` on the 6-layer SmolLM2 student went from 60 to 120
 /// positions/s). Peak memory is unchanged: freed blocks are reused, not accumulated.
-fn keep_freed_memory() {
+pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
     unsafe {

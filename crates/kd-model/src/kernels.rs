@@ -22,8 +22,12 @@ const PANEL: usize = 16;
 const QK: usize = 32;
 /// Input rows multiplied together by one kernel call.
 const MAX_B: usize = 8;
-/// Input rows kept in cache while every panel of a task passes over them.
-const X_BLOCK: usize = 64;
+/// Input rows kept in cache while every panel of a task passes over them: 64, or 128 for
+/// inputs of at most 1024 columns (≤ 512 KB), so that a large matrix (the 49152-row output
+/// head) is streamed from memory half as often.
+fn x_block(cols: usize) -> usize {
+    if cols <= 1024 { 128 } else { 64 }
+}
 /// From this many input rows on, quantized panels are expanded to f32 once per row block.
 const EXPAND_MIN_ROWS: usize = 16;
 
@@ -516,7 +520,7 @@ impl<'a> PanelView<'a> {
         };
         let mut xb = 0;
         while xb < n {
-            let xe = (xb + X_BLOCK).min(n);
+            let xe = (xb + x_block(self.cols)).min(n);
             let mut g = g0;
             while g < g1 {
                 let two = g + 1 < g1;
