@@ -125,7 +125,7 @@ impl LlamaConfig {
 
     /// Width of the attention (q rows, o columns): `num_attention_heads × head_dim`.
     pub fn q_dim(&self) -> usize {
-        self.num_attention_heads * self.head_dim()
+        self.num_attention_heads.saturating_mul(self.head_dim())
     }
 
     /// The longest sequence the model computes exactly: `max_position_embeddings`, or the

@@ -535,7 +535,8 @@ pub fn parse_hf_config(v: &serde_json::Value, path: &Path) -> Result<LlamaConfig
     };
     // Kept only when it differs from what it implies.
     cfg.head_dim = size("head_dim")?.filter(|&h| {
-        cfg.num_attention_heads == 0 || h * cfg.num_attention_heads != cfg.hidden_size
+        cfg.num_attention_heads == 0
+            || h.checked_mul(cfg.num_attention_heads) != Some(cfg.hidden_size)
     });
     // Mistral's window applies to every layer; Qwen's only with `use_sliding_window` (then to
     // the layers from `max_window_layers` on, which `layer_types` spells out in 5.x). Llama
