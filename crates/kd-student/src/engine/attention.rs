@@ -4,8 +4,8 @@
 //! The forward pass keeps the attention probabilities `P` of every (sequence, head): at most
 //! `token_budget × max_len × heads` floats per layer (19 MB for a 1024-token batch of 512-token
 //! rows with 9 heads), which costs less than recomputing `softmax(Q·Kᵀ)` in the backward pass
-//! would in time. The products are full squares (the masked half is computed and zeroed):
-//! on rows this short that is cheaper than a triangular blocking.
+//! would in time. The products run by blocks of 64 query rows (or key rows), each against
+//! only the keys (or queries) the causal mask lets it see.
 //!
 //! Work is split into one task per (sequence, key/value head): a task owns its output columns,
 //! and the query heads sharing a key/value head are summed inside it, in order, so results do
@@ -112,6 +112,80 @@ fn run_tasks(scratch: &mut [Scratch], tasks: usize, f: impl Fn(usize, &mut Scrat
     });
 }
 
+/// Query rows per block of the causal products: rows `q0..q1` attend to keys `0..q1` only, so
+/// each block multiplies by a prefix of the keys and about 44% of a full square's products
+/// are skipped at 512 tokens. Skipped terms are exact zeros, so the values equal the full
+/// products'.
+const QB: usize = 64;
+
+/// `out[t, j] = Σ_c a[t, c]·b[j, c]` for `j` below the end of `t`'s block (`a`, `b`
+/// `[len, hd]`, `out` `[len, len]`); the other entries of `out` are left as they were.
+fn causal_abt(
+    pk: &mut PackedF32,
+    tmp: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    len: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    for q0 in (0..len).step_by(QB) {
+        let q1 = (q0 + QB).min(len);
+        let rows = q1 - q0;
+        pk.pack_serial(&b[..q1 * hd], q1, hd, false);
+        pk.matmul_serial(&a[q0 * hd..q1 * hd], rows, &mut tmp[..rows * q1], false);
+        for r in 0..rows {
+            out[(q0 + r) * len..(q0 + r) * len + q1].copy_from_slice(&tmp[r * q1..(r + 1) * q1]);
+        }
+    }
+}
+
+/// `out = p · v` for `p` `[len, len]` zero above the diagonal and `v`, `out` `[len, hd]`.
+fn causal_pv(
+    pk: &mut PackedF32,
+    tmp: &mut [f32],
+    p: &[f32],
+    v: &[f32],
+    len: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    for q0 in (0..len).step_by(QB) {
+        let q1 = (q0 + QB).min(len);
+        let rows = q1 - q0;
+        for r in 0..rows {
+            tmp[r * q1..(r + 1) * q1].copy_from_slice(&p[(q0 + r) * len..(q0 + r) * len + q1]);
+        }
+        pk.pack_serial(&v[..q1 * hd], hd, q1, true);
+        pk.matmul_serial(&tmp[..rows * q1], rows, &mut out[q0 * hd..q1 * hd], false);
+    }
+}
+
+/// `out += pᵀ · d` for `p` `[len, len]` zero above the diagonal and `d`, `out` `[len, hd]`:
+/// key rows `k0..k1` of `out` take query rows `k0..len`.
+fn causal_ptd(
+    pk: &mut PackedF32,
+    tmp: &mut [f32],
+    p: &[f32],
+    d: &[f32],
+    len: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    for k0 in (0..len).step_by(QB) {
+        let k1 = (k0 + QB).min(len);
+        let (rows, w) = (k1 - k0, len - k0);
+        for r in 0..rows {
+            let x = &mut tmp[r * w..(r + 1) * w];
+            for (c, x) in x.iter_mut().enumerate() {
+                *x = p[(k0 + c) * len + k0 + r];
+            }
+        }
+        pk.pack_serial(&d[k0 * hd..len * hd], hd, w, true);
+        pk.matmul_serial(&tmp[..rows * w], rows, &mut out[k0 * hd..k1 * hd], true);
+    }
+}
+
 /// Forward: `att[:, h·hd..] = softmax(q_h k_gᵀ · scale + causal mask) v_g` for every head
 /// `h` of group `g`; the probabilities go to `probs` at [`prob_offsets`].
 pub fn forward(
@@ -152,13 +226,12 @@ pub fn forward(
         ); // v
         for h in g * rep..(g + 1) * rep {
             gather(qkv, stride, start, len, h * hd, hd, &mut sc.a); // q
-            sc.pk.pack_serial(&sc.b[..len * hd], len, hd, false);
             // SAFETY: (s, h) owns probs[poff[s] + h·len² ..][..len²]: heads of one sequence
             // and sequences do not overlap (`prob_offsets`), and only this task writes it.
             let p = unsafe {
                 std::slice::from_raw_parts_mut(pp.0.add(poff[s] + h * len * len), len * len)
             };
-            sc.pk.matmul_serial(&sc.a[..len * hd], len, p, false);
+            causal_abt(&mut sc.pk, &mut sc.t, &sc.a, &sc.b, len, hd, p);
             for t in 0..len {
                 let row = &mut p[t * len..(t + 1) * len];
                 let (live, masked) = row.split_at_mut(t + 1);
@@ -174,8 +247,7 @@ pub fn forward(
                 }
                 masked.fill(0.0);
             }
-            sc.pk.pack_serial(&sc.c[..len * hd], hd, len, true);
-            sc.pk.matmul_serial(p, len, &mut sc.a[..len * hd], false);
+            causal_pv(&mut sc.pk, &mut sc.t, p, &sc.c, len, hd, &mut sc.a);
             for t in 0..len {
                 // SAFETY: columns h·hd..(h+1)·hd of this sequence's rows belong to head h,
                 // which only this task computes.
@@ -227,11 +299,8 @@ pub fn backward(
             let p = &probs[poff[s] + h * len * len..][..len * len];
             gather(datt, qd, start, len, h * hd, hd, &mut sc.a); // dO
             // dV += Pᵀ dO
-            super::ops::transpose_serial(p, len, len, &mut sc.t);
-            sc.pk.pack_serial(&sc.a[..n], hd, len, true);
-            sc.pk
-                .matmul_serial(&sc.t[..len * len], len, &mut sc.acc_v[..n], true);
-            // dP = dO Vᵀ
+            causal_ptd(&mut sc.pk, &mut sc.t, p, &sc.a, len, hd, &mut sc.acc_v);
+            // dP = dO Vᵀ (where P is not masked)
             gather(
                 qkv,
                 stride,
@@ -241,9 +310,7 @@ pub fn backward(
                 hd,
                 &mut sc.b,
             ); // v
-            sc.pk.pack_serial(&sc.b[..n], len, hd, false);
-            sc.pk
-                .matmul_serial(&sc.a[..n], len, &mut sc.s[..len * len], false);
+            causal_abt(&mut sc.pk, &mut sc.t, &sc.a, &sc.b, len, hd, &mut sc.s);
             // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale (zero where masked)
             for t in 0..len {
                 let pr = &p[t * len..(t + 1) * len];
@@ -262,9 +329,7 @@ pub fn backward(
             }
             // dQ = dS K
             gather(qkv, stride, start, len, qd + g * hd, hd, &mut sc.b); // k
-            sc.pk.pack_serial(&sc.b[..n], hd, len, true);
-            sc.pk
-                .matmul_serial(&sc.s[..len * len], len, &mut sc.c[..n], false);
+            causal_pv(&mut sc.pk, &mut sc.t, &sc.s, &sc.b, len, hd, &mut sc.c);
             for t in 0..len {
                 // SAFETY: the q columns of head h in this sequence's rows belong to this task.
                 unsafe {
@@ -276,11 +341,8 @@ pub fn backward(
                 };
             }
             // dK += dSᵀ Q
-            super::ops::transpose_serial(&sc.s[..len * len], len, len, &mut sc.t);
             gather(qkv, stride, start, len, h * hd, hd, &mut sc.b); // q
-            sc.pk.pack_serial(&sc.b[..n], hd, len, true);
-            sc.pk
-                .matmul_serial(&sc.t[..len * len], len, &mut sc.acc_k[..n], true);
+            causal_ptd(&mut sc.pk, &mut sc.t, &sc.s, &sc.b, len, hd, &mut sc.acc_k);
         }
         for t in 0..len {
             // SAFETY: the k and v columns of group g in this sequence's rows belong to this
