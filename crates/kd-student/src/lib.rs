@@ -5,7 +5,11 @@
 //!
 //! - [`data`]: verified shard sets served from a memory-mapped cache, id-hash splits, and
 //!   deterministic, resumable batches of distilled positions.
-//! - [`train`]: one step's loss and gradients: the output head in chunks outside autograd with
+//! - [`engine`]: the two training engines: the project's CPU kernels (llama and Mistral
+//!   students: flat buffers, hand-written backward per layer, fused chunked head and loss,
+//!   fused AdamW; the default where it runs) and candle autograd (every architecture and
+//!   device; the reference).
+//! - [`train`]: the candle engine's step: the output head in chunks outside autograd with
 //!   `kd_loss`'s exact gradients, one backward pass through the transformer.
 //! - [`optim`]: AdamW with its state on disk, schedules, clipping.
 //! - [`fit`]: a whole run: checkpoints published atomically, exact resume, held-out

@@ -1,8 +1,8 @@
 //! Two training engines for the same student and the same arithmetic.
 //!
 //! - **candle** ([`crate::train`]): candle autograd on [`kd_model::Student`]'s `Var`s. It runs
-//!   every architecture the student loader reads, on any device candle has (CUDA included),
-//!   and is the reference the kernel engine is checked against.
+//!   every architecture the student loader reads, in device-generic code (`student-fit` runs
+//!   it on the CPU), and is the reference the kernel engine is checked against.
 //! - **kernels** ([`KernelStudent`]): a llama/Mistral student on the project's own CPU
 //!   kernels (`kd_model::kernels`, AVX-512 or AVX2+FMA chosen at run time). All parameters
 //!   live in one flat `f32` buffer, all gradients in a second and the AdamW moments in two
