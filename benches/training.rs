@@ -20,7 +20,6 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use kd_loss::{Divergence, LossConfig, TailPolicy};
-use kd_model::kernels::PackedF32;
 use kd_model::trainable::Student;
 use kd_student::data::synthetic_batch;
 use kd_student::engine::KernelStudent;
@@ -30,33 +29,11 @@ const ROWS: [usize; 2] = [512, 512];
 const PROMPT: usize = 51;
 const TOP_K: usize = 32;
 
-fn student_config() -> kd_model::LlamaConfig {
-    let mut c = kd_model::testing::tiny_config(49152);
-    c.hidden_size = 576;
-    c.intermediate_size = 1536;
-    c.num_attention_heads = 9;
-    c.num_key_value_heads = 3;
-    c.num_hidden_layers = 6;
-    c.max_position_embeddings = 8192;
-    c.rope_theta = 100000.0;
-    c
-}
-
-fn peak_rss() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
-
 /// One engine's run in this process: prints `positions/s peak_bytes` on stdout. The
 /// allocator is set up as in the binaries (freed memory kept), as `student-fit` runs.
 fn child(engine: &str, steps: usize) {
     kd_distill::cli::keep_freed_memory();
-    let cfg = student_config();
+    let cfg = kd_model::testing::smollm2_student_config();
     let student = Student::random(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
     let loss = LossConfig {
         divergence: Divergence::ForwardKl,
@@ -101,29 +78,7 @@ fn child(engine: &str, steps: usize) {
         }
     }
     let rate = positions as f64 / start.elapsed().as_secs_f64();
-    println!("{rate} {}", peak_rss());
-}
-
-/// GFLOP/s of the packed f32 product on a training-sized product (the MLP's gate+up over a
-/// 1024-token batch), packing included.
-fn gemm_rate() -> f64 {
-    let (n, out, inn) = (1024, 3072, 576);
-    let x: Vec<f32> = (0..n * inn)
-        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
-        .collect();
-    let w: Vec<f32> = (0..out * inn)
-        .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
-        .collect();
-    let mut y = vec![0f32; n * out];
-    let mut pk = PackedF32::new();
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
-        pk.pack(&w, out, inn, false);
-        pk.matmul_into(&x, n, &mut y, false);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    2.0 * (n * out * inn) as f64 / best / 1e9
+    println!("{rate} {}", kd_teacher::dump::peak_rss_bytes().unwrap_or(0));
 }
 
 fn main() {
@@ -167,7 +122,7 @@ fn main() {
         let peak: u64 = it.next().unwrap().parse().unwrap();
         results.push((engine, rate, peak));
     }
-    let cfg = student_config();
+    let cfg = kd_model::testing::smollm2_student_config();
     // Products per position: every weight matrix (the tied head once) → 2 FLOPs forward,
     // 4 backward; attention: q·kᵀ and p·v over on average half a 512-token row, ×3 for the
     // backward.
@@ -179,7 +134,8 @@ fn main() {
     let matmul_params = cfg.num_hidden_layers * layer + cfg.vocab_size * d;
     let attn = cfg.num_hidden_layers * 2 * 2 * 256 * cfg.q_dim();
     let flops = 6.0 * matmul_params as f64 + 3.0 * attn as f64;
-    let rate = gemm_rate();
+    // The MLP's gate+up over a 1024-token batch, packing included.
+    let rate = kd_model::testing::packed_product_gflops(1024, 3072, 576, true);
     let ceiling = rate * 1e9 / flops;
     println!(
         "instruction set: {level}, {} threads",

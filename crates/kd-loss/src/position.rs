@@ -239,7 +239,8 @@ pub(crate) fn loss_into<L: Real, Z: Real, G: GradElem>(
             crate::math::exp_shifted(&zs, zmax, 1.0 / tau, &mut ets);
         }
         let et: &[f64] = if same { &e1s } else { &ets };
-        st = et.iter().sum();
+        // At τ = 1 the tempered terms are the plain ones, already summed.
+        st = if same { s1 } else { et.iter().sum() };
         for (&e, &member) in et.iter().zip(&in_s) {
             if !member {
                 sc += e;

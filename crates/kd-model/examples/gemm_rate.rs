@@ -1,7 +1,6 @@
-//! GFLOP/s of the packed f32 product on a training step's shapes (packing excluded):
-//! `cargo run --release -p kd-model --example gemm_rate`.
-use kd_model::kernels::PackedF32;
-use std::time::Instant;
+//! GFLOP/s of the packed f32 product on a training step's shapes (packing excluded): the
+//! layers' products over a 1024-token batch, and the output head's three over a chunk of 128
+//! positions. `cargo run --release -p kd-model --example gemm_rate`.
 
 fn main() {
     for (n, out, inn) in [
@@ -12,24 +11,7 @@ fn main() {
         (128, 576, 49152),
         (49152, 576, 128),
     ] {
-        let x: Vec<f32> = (0..n * inn)
-            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
-            .collect();
-        let w: Vec<f32> = (0..out * inn)
-            .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
-            .collect();
-        let mut y = vec![0f32; n * out];
-        let mut pk = PackedF32::new();
-        let mut best = f64::MAX;
-        pk.pack(&w, out, inn, false);
-        for _ in 0..7 {
-            let t = Instant::now();
-            pk.matmul_into(&x, n, &mut y, false);
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        println!(
-            "{n}x{inn} · ({out}x{inn})ᵀ: {:.1} GFLOP/s",
-            2.0 * (n * out * inn) as f64 / best / 1e9
-        );
+        let r = kd_model::testing::packed_product_gflops(n, out, inn, false);
+        println!("{n}x{inn} · ({out}x{inn})ᵀ: {r:.1} GFLOP/s");
     }
 }

@@ -332,7 +332,7 @@ impl CpuLlama {
                 }
                 let mut sc = vec![0f32; nq * keys];
                 PanelView::f32(&cache.k, keys, hd, HeadKv::key_panel_floats(hd))
-                    .matmul_serial(&q, nq, &mut sc);
+                    .matmul_serial(&q, nq, &mut sc, false);
                 let mut inv = Vec::with_capacity(nq);
                 for (i, row) in sc.chunks_exact_mut(keys).enumerate() {
                     let visible = start + t0 + i / rep + 1;
@@ -343,7 +343,7 @@ impl CpuLlama {
                 }
                 let mut o = vec![0f32; nq * hd];
                 PanelView::f32(&cache.v, hd, keys, cache.cap_blocks * BLOCK_F)
-                    .matmul_serial(&sc, nq, &mut o);
+                    .matmul_serial(&sc, nq, &mut o, false);
                 for (i, (o, inv)) in o.chunks_exact(hd).zip(&inv).enumerate() {
                     let r = offs[s] + t0 + i / rep;
                     let h = kh * rep + i % rep;

@@ -394,20 +394,7 @@ impl PackedF32 {
     /// [`PackedF32::matmul_into`] on the calling thread (for callers that are already
     /// parallel), with the same values.
     pub fn matmul_serial(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool) {
-        let v = self.view();
-        v.check(x, n, y);
-        // SAFETY: `check` bounds every panel, input row and output row; this thread alone
-        // holds `y`.
-        unsafe {
-            v.task(
-                x,
-                n,
-                SendPtr(y.as_mut_ptr()),
-                0,
-                self.rows.div_ceil(PANEL),
-                acc,
-            )
-        };
+        self.view().matmul_serial(x, n, y, acc);
     }
 }
 
@@ -477,8 +464,8 @@ impl<'a> PanelView<'a> {
         });
     }
 
-    /// `y = x · Wᵀ` on the calling thread.
-    pub(crate) fn matmul_serial(&self, x: &[f32], n: usize, y: &mut [f32]) {
+    /// `y = x · Wᵀ` (or `y += x · Wᵀ` with `acc`) on the calling thread.
+    pub(crate) fn matmul_serial(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool) {
         self.check(x, n, y);
         // SAFETY: `check` bounds every panel, input row and output row; this thread alone
         // holds `y`.
@@ -489,7 +476,7 @@ impl<'a> PanelView<'a> {
                 SendPtr(y.as_mut_ptr()),
                 0,
                 self.rows.div_ceil(PANEL),
-                false,
+                acc,
             )
         };
     }

@@ -34,6 +34,45 @@ pub fn tiny_config(vocab_size: usize) -> LlamaConfig {
     }
 }
 
+/// The 6-layer SmolLM2 student's shape (hidden 576, MLP 1536, 9 heads over 3 key/value heads
+/// of 64, tied 49152-token head, RoPE θ = 100000): what the engine tests and the training
+/// benchmark run at full size.
+pub fn smollm2_student_config() -> LlamaConfig {
+    let mut c = tiny_config(49152);
+    c.hidden_size = 576;
+    c.intermediate_size = 1536;
+    c.num_attention_heads = 9;
+    c.num_key_value_heads = 3;
+    c.num_hidden_layers = 6;
+    c.max_position_embeddings = 8192;
+    c.rope_theta = 100000.0;
+    c
+}
+
+/// GFLOP/s of the packed f32 product `x [n, inn] · W [out, inn]ᵀ` (best of 7 calls; with
+/// `pack`, each call packs `W` too, as a training step does).
+pub fn packed_product_gflops(n: usize, out: usize, inn: usize, pack: bool) -> f64 {
+    let x: Vec<f32> = (0..n * inn)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let w: Vec<f32> = (0..out * inn)
+        .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let mut y = vec![0f32; n * out];
+    let mut pk = crate::kernels::PackedF32::new();
+    pk.pack(&w, out, inn, false);
+    let mut best = f64::MAX;
+    for _ in 0..7 {
+        let t = std::time::Instant::now();
+        if pack {
+            pk.pack(&w, out, inn, false);
+        }
+        pk.matmul_into(&x, n, &mut y, false);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * out * inn) as f64 / best / 1e9
+}
+
 /// Deterministic pseudo-random numbers (xorshift64*), roughly normal via a sum of uniforms.
 pub struct Rng(u64);
 

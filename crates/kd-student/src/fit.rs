@@ -221,9 +221,7 @@ impl EvalModel<'_> {
                 let lengths: Vec<usize> = batch.lengths.iter().map(|&x| x as usize).collect();
                 let hidden = student.forward(&ids, &lengths)?.detach();
                 let d = hidden.dim(2)?;
-                let idx: Vec<u32> = (0..batch.n_pos())
-                    .map(|p| batch.pos_row[p] * l as u32 + batch.pos_t[p])
-                    .collect();
+                let idx = batch.flat_positions();
                 let n = idx.len();
                 let h = hidden
                     .reshape((b * l, d))?

@@ -122,12 +122,7 @@ pub fn loss_and_grads(
     let lengths: Vec<usize> = batch.lengths.iter().map(|&x| x as usize).collect();
     let hidden = student.forward(&ids, &lengths)?;
     let d = hidden.dim(2)?;
-    let idx: Vec<u32> = batch
-        .pos_row
-        .iter()
-        .zip(&batch.pos_t)
-        .map(|(&r, &t)| r * l as u32 + t)
-        .collect();
+    let idx = batch.flat_positions();
     let sel = hidden
         .reshape((b * l, d))?
         .index_select(&Tensor::from_vec(idx, n, &dev)?, 0)?;

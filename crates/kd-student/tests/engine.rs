@@ -78,14 +78,7 @@ fn gradients_equal_candle_autograd_on_tiny_students() {
 fn gradients_equal_candle_autograd_on_the_real_student_shape() {
     // The 6-layer SmolLM2 student: hidden 576, 9 heads over 3 key/value heads of 64, MLP
     // 1536, tied 49152-token head.
-    let mut cfg = tiny_config(49152);
-    cfg.hidden_size = 576;
-    cfg.intermediate_size = 1536;
-    cfg.num_attention_heads = 9;
-    cfg.num_key_value_heads = 3;
-    cfg.num_hidden_layers = 6;
-    cfg.max_position_embeddings = 8192;
-    cfg.rope_theta = 100000.0;
+    let cfg = kd_model::testing::smollm2_student_config();
     let batch = synthetic_batch(cfg.vocab_size, &[70, 45], 10, 32, 21);
     let (name, worst, lk, lc) = worst_group(&cfg, 5, &batch, &fkl(1.0, 1.0), 32);
     eprintln!("real shape: loss {lk:.6} vs {lc:.6}, worst group {name} {worst:.2e}");

@@ -131,6 +131,16 @@ impl Batch {
         self.pos_row.len()
     }
 
+    /// Each distilled position's index into the padded `[b·l]` token grid (`row·l + t`).
+    pub fn flat_positions(&self) -> Vec<u32> {
+        let l = self.seq_len as u32;
+        self.pos_row
+            .iter()
+            .zip(&self.pos_t)
+            .map(|(&r, &t)| r * l + t)
+            .collect()
+    }
+
     /// Gathers rows `rows` of `src` into a batch (see the type's documentation for truncation).
     pub fn collect<S: RowSource + ?Sized>(
         src: &S,

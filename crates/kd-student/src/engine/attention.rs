@@ -27,6 +27,18 @@ pub struct Dims {
     pub scale: f32,
 }
 
+impl Dims {
+    /// First column of key/value head `g`'s keys in the `[q | k | v]` rows.
+    fn k_col(&self, g: usize) -> usize {
+        (self.heads + g) * self.hd
+    }
+
+    /// First column of key/value head `g`'s values.
+    fn v_col(&self, g: usize) -> usize {
+        (self.heads + self.kv_heads + g) * self.hd
+    }
+}
+
 /// Per-worker scratch, sized for the longest sequence.
 #[derive(Default)]
 pub struct Scratch {
@@ -214,16 +226,8 @@ pub fn forward(
         // The whole wrappers, not their raw-pointer fields, are what the closure may share.
         #[allow(clippy::redundant_locals)]
         let (pp, ap) = (pp, ap);
-        gather(qkv, stride, start, len, qd + g * hd, hd, &mut sc.b); // k
-        gather(
-            qkv,
-            stride,
-            start,
-            len,
-            qd + (kv_heads + g) * hd,
-            hd,
-            &mut sc.c,
-        ); // v
+        gather(qkv, stride, start, len, dims.k_col(g), hd, &mut sc.b); // k
+        gather(qkv, stride, start, len, dims.v_col(g), hd, &mut sc.c); // v
         for h in g * rep..(g + 1) * rep {
             gather(qkv, stride, start, len, h * hd, hd, &mut sc.a); // q
             // SAFETY: (s, h) owns probs[poff[s] + h·len² ..][..len²]: heads of one sequence
@@ -301,15 +305,7 @@ pub fn backward(
             // dV += Pᵀ dO
             causal_ptd(&mut sc.pk, &mut sc.t, p, &sc.a, len, hd, &mut sc.acc_v);
             // dP = dO Vᵀ (where P is not masked)
-            gather(
-                qkv,
-                stride,
-                start,
-                len,
-                qd + (kv_heads + g) * hd,
-                hd,
-                &mut sc.b,
-            ); // v
+            gather(qkv, stride, start, len, dims.v_col(g), hd, &mut sc.b); // v
             causal_abt(&mut sc.pk, &mut sc.t, &sc.a, &sc.b, len, hd, &mut sc.s);
             // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale (zero where masked)
             for t in 0..len {
@@ -328,7 +324,7 @@ pub fn backward(
                 dr[t + 1..].fill(0.0);
             }
             // dQ = dS K
-            gather(qkv, stride, start, len, qd + g * hd, hd, &mut sc.b); // k
+            gather(qkv, stride, start, len, dims.k_col(g), hd, &mut sc.b); // k
             causal_pv(&mut sc.pk, &mut sc.t, &sc.s, &sc.b, len, hd, &mut sc.c);
             for t in 0..len {
                 // SAFETY: the q columns of head h in this sequence's rows belong to this task.
@@ -350,12 +346,12 @@ pub fn backward(
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     sc.acc_k.as_ptr().add(t * hd),
-                    dp.0.add((start + t) * stride + qd + g * hd),
+                    dp.0.add((start + t) * stride + dims.k_col(g)),
                     hd,
                 );
                 std::ptr::copy_nonoverlapping(
                     sc.acc_v.as_ptr().add(t * hd),
-                    dp.0.add((start + t) * stride + qd + (kv_heads + g) * hd),
+                    dp.0.add((start + t) * stride + dims.v_col(g)),
                     hd,
                 );
             }
