@@ -31,7 +31,7 @@ const TOP_K: usize = 32;
 
 /// One engine's run in this process: prints `positions/s peak_bytes` on stdout. The
 /// allocator is set up as in the binaries (freed memory kept), as `student-fit` runs.
-fn child(engine: &str, steps: usize) {
+fn child(engine: &str, steps: usize, chunk: usize) {
     kd_distill::cli::keep_freed_memory();
     let cfg = kd_model::testing::smollm2_student_config();
     let student = Student::random(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
@@ -41,7 +41,6 @@ fn child(engine: &str, steps: usize) {
         alpha: 1.0,
         tail: TailPolicy::Bucket,
     };
-    let chunk = 128;
     let batches: Vec<_> = (0..=steps as u64)
         .map(|s| synthetic_batch(cfg.vocab_size, &ROWS, PROMPT, TOP_K, 100 + s))
         .collect();
@@ -61,6 +60,7 @@ fn child(engine: &str, steps: usize) {
                     positions += l.positions;
                 }
             }
+            eprintln!("kernel engine time: {}", k.timings());
         }
         _ => {
             let mut opt = AdamW::new(student.named_vars(), AdamWConfig::default()).unwrap();
@@ -89,8 +89,14 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(4usize);
+    let chunk = args
+        .iter()
+        .position(|a| a == "--chunk")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128usize);
     if let Ok(engine) = std::env::var("KD_BENCH_ENGINE") {
-        child(&engine, steps);
+        child(&engine, steps, chunk);
         return;
     }
     if !kd_model::kernels::supported() {
@@ -105,16 +111,25 @@ fn main() {
     };
     let exe = std::env::current_exe().unwrap();
     let mut results = Vec::new();
+    // `--engine kernels` (or `candle`) runs one engine only.
+    let only = args
+        .iter()
+        .position(|a| a == "--engine")
+        .and_then(|i| args.get(i + 1));
     for engine in ["kernels", "candle"] {
+        if only.is_some_and(|o| o != engine) {
+            continue;
+        }
         let out = std::process::Command::new(&exe)
-            .args(["--steps", &steps.to_string()])
+            .args(["--steps", &steps.to_string(), "--chunk", &chunk.to_string()])
             .env("KD_BENCH_ENGINE", engine)
+            .stderr(std::process::Stdio::inherit())
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "{engine}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "the {engine} engine's run failed: {}",
+            out.status
         );
         let text = String::from_utf8_lossy(&out.stdout);
         let mut it = text.split_whitespace();
@@ -148,16 +163,23 @@ fn main() {
     for (e, r, p) in &results {
         println!("{e:<8} {r:>12.1} {:>12.0}", *p as f64 / 1e6);
     }
-    println!(
-        "kernels / candle: {:.2}× positions/s, {:.2}× peak memory",
-        results[0].1 / results[1].1,
-        results[0].2 as f64 / results[1].2 as f64
-    );
+    if let [(_, r0, p0), (_, r1, p1)] = results[..] {
+        println!(
+            "kernels / candle: {:.2}× positions/s, {:.2}× peak memory",
+            r0 / r1,
+            p0 as f64 / p1 as f64
+        );
+    }
     println!(
         "ceiling: {:.1} GFLOP/s (packed f32 product, 1024×576 · 576×3072) / {:.0} MFLOP per position = {ceiling:.0} positions/s; kernels at {:.0}% of it",
         rate,
         flops / 1e6,
-        100.0 * results[0].1 / ceiling
+        100.0
+            * results
+                .iter()
+                .find(|r| r.0 == "kernels")
+                .map_or(0.0, |r| r.1)
+            / ceiling
     );
     let json = serde_json::json!({
         "instruction_set": level,

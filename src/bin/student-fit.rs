@@ -307,6 +307,25 @@ fn print_summary(stage: &str, s: &FitSummary) -> anyhow::Result<()> {
             .map(human_bytes)
             .unwrap_or_else(|| "unknown".into())
     )?;
+    if let Some(secs) = &s.engine_seconds {
+        let total: f64 = secs.values().sum::<f64>().max(1e-12);
+        let order = [
+            "forward",
+            "head_forward",
+            "loss",
+            "head_backward",
+            "backward",
+            "optimizer",
+        ];
+        let parts: Vec<String> = order
+            .iter()
+            .filter_map(|k| {
+                secs.get(*k)
+                    .map(|v| format!("{} {:.0}%", k.replace('_', " "), 100.0 * v / total))
+            })
+            .collect();
+        writeln!(out, "[{stage}] time in steps: {}", parts.join(", "))?;
+    }
     Ok(())
 }
 

@@ -214,25 +214,22 @@ pub(crate) fn loss_into<L: Real, Z: Real, G: GradElem>(
     let bucket = cfg.tail == TailPolicy::Bucket && !is_mse;
     let has_tail = bucket && k < v;
 
-    // Pass 1: maxima over V and over the complement of S.
-    let (mut zmax, mut zmax_c) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
-    for (j, &member) in in_s.iter().enumerate() {
-        let x = z(j);
-        zmax = zmax.max(x);
-        if !member {
-            zmax_c = zmax_c.max(x);
-        }
-    }
-    // Pass 2: shifted sums for LSE_V(z), LSE_V(u) and LSE_{j∉S}(u), all shifted by the
-    // global maximum. The terms are kept so that pass 3 divides instead of exponentiating
-    // again: one exponential per token at τ = 1, two otherwise, batched (`exp_shifted`).
-    let same = tau == 1.0;
+    // Pass 1: the maximum over V (written so that it vectorises; NaN logits are skipped as
+    // `f64::max` skips them).
     let zs: Vec<f64> = p.student_logits.iter().map(|x| x.to_f64()).collect();
+    let zmax = zs
+        .iter()
+        .fold(f64::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    // Pass 2: shifted sums for LSE_V(z), LSE_V(u) and LSE_{j∉S}(u), all shifted by the
+    // global maximum, and the maximum over the complement of S. The terms are kept so that
+    // pass 3 divides instead of exponentiating again: one exponential per token at τ = 1,
+    // two otherwise, batched (`exp_shifted`).
+    let same = tau == 1.0;
     let mut e1s = vec![0.0f64; v];
     crate::math::exp_shifted(&zs, zmax, 1.0, &mut e1s);
     let s1: f64 = e1s.iter().sum();
     let mut ets: Vec<f64> = Vec::new();
-    let (mut st, mut sc) = (0.0f64, 0.0f64);
+    let (mut st, mut sc, mut zmax_c) = (0.0f64, 0.0f64, f64::NEG_INFINITY);
     if bucket {
         if !same {
             ets = vec![0.0f64; v];
@@ -241,9 +238,10 @@ pub(crate) fn loss_into<L: Real, Z: Real, G: GradElem>(
         let et: &[f64] = if same { &e1s } else { &ets };
         // At τ = 1 the tempered terms are the plain ones, already summed.
         st = if same { s1 } else { et.iter().sum() };
-        for (&e, &member) in et.iter().zip(&in_s) {
+        for ((&e, &member), &x) in et.iter().zip(&in_s).zip(&zs) {
             if !member {
                 sc += e;
+                zmax_c = zmax_c.max(x);
             }
         }
     }
@@ -317,21 +315,40 @@ pub(crate) fn loss_into<L: Real, Z: Real, G: GradElem>(
         } else {
             0.0
         };
-        for (j, &member) in in_s.iter().enumerate() {
-            if member {
-                continue;
+        // Outside S the gradient is c_ce·e1_j + c_tail·et_j (less wc at the label), with
+        // one vectorised pass over V when the tail shares the global shift; S is written
+        // after it.
+        let c_ce = if wc == 0.0 { 0.0 } else { wc / s1 };
+        if tail_coef == 0.0 || shared_tail {
+            let c_tail = if tail_coef == 0.0 {
+                0.0
+            } else {
+                tail_coef / sc
+            };
+            if same || c_tail == 0.0 {
+                let c = c_ce + c_tail;
+                for (g, &e) in grad.iter_mut().zip(&e1s) {
+                    *g = G::from_f64(c * e);
+                }
+            } else {
+                for ((g, &e), &t) in grad.iter_mut().zip(&e1s).zip(ets) {
+                    *g = G::from_f64(c_ce * e + c_tail * t);
+                }
             }
-            let mut val = ce(j);
-            if tail_coef != 0.0 {
+            if !in_s[y] && wc != 0.0 {
+                let t = if c_tail == 0.0 { 0.0 } else { c_tail * ets[y] };
+                grad[y] = G::from_f64(c_ce * e1s[y] - wc + t);
+            }
+        } else {
+            for (j, &member) in in_s.iter().enumerate() {
+                if member {
+                    continue;
+                }
+                let mut val = ce(j);
                 // q_j / Q_tail = exp(u_j − LSE_{i∉S} u_i).
-                let share = if shared_tail {
-                    ets[j] / sc
-                } else {
-                    (z(j) / tau - lse_c).exp()
-                };
-                val += tail_coef * share;
+                val += tail_coef * (z(j) / tau - lse_c).exp();
+                grad[j] = G::from_f64(val);
             }
-            grad[j] = G::from_f64(val);
         }
         // On S: g_a − Q_a·G (q_a = Q_a in bucket, the renormalised Q_a in renorm), or 2d/c.
         for (a, &id) in ids.iter().enumerate() {

@@ -451,10 +451,36 @@ impl<'a> PanelView<'a> {
         let groups = self.rows.div_ceil(PANEL);
         let pairs = groups.div_ceil(2);
         let threads = rayon::current_num_threads().max(1);
+        let out = SendPtr(y.as_mut_ptr());
+        // Tasks split the panels, so every task reads all of x. When x is much larger than
+        // the matrix (a head gradient: 49152 rows of x against 576 rows of W), split x's
+        // rows instead, so that each task reads its share of x once and re-reads only the
+        // small matrix. Each output is the same sequence of multiply-adds either way.
+        let xb = x_block(self.cols);
+        if n >= 4 * self.rows && n >= 2 * threads * xb {
+            let blocks = n.div_ceil(xb);
+            let per = blocks.div_ceil((threads * 4).min(blocks)) * xb;
+            let (cols, rows) = (self.cols, self.rows);
+            (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
+                let (r0, r1) = (t * per, ((t + 1) * per).min(n));
+                // SAFETY: task t writes only rows [r0, r1) of y, disjoint from every other
+                // task's; `y` outlives the parallel loop; `check` passed for all n rows.
+                unsafe {
+                    self.task(
+                        &x[r0 * cols..r1 * cols],
+                        r1 - r0,
+                        out.offset(r0 * rows),
+                        0,
+                        groups,
+                        acc,
+                    )
+                };
+            });
+            return;
+        }
         // A few tasks per thread for balance, each a whole number of panel pairs.
         let tasks = (threads * 4).min(pairs).max(1);
         let per = pairs.div_ceil(tasks);
-        let out = SendPtr(y.as_mut_ptr());
         (0..pairs.div_ceil(per)).into_par_iter().for_each(|t| {
             let g0 = t * per * 2;
             let g1 = ((t + 1) * per * 2).min(groups);
@@ -564,6 +590,16 @@ struct SendPtr(*mut f32);
 // SAFETY: used only to hand disjoint regions of one buffer to rayon tasks.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer `n` floats further.
+    ///
+    /// # Safety
+    /// As `pointer::add`: the result stays inside the buffer.
+    unsafe fn offset(self, n: usize) -> SendPtr {
+        SendPtr(unsafe { self.0.add(n) })
+    }
+}
 
 /// One kernel invocation: up to two panels against up to eight input rows.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -1241,6 +1277,37 @@ mod tests {
                 );
             }
             off += r;
+        }
+    }
+
+    #[test]
+    fn tall_inputs_split_by_rows_give_the_serial_products_bits() {
+        if !supported() {
+            return;
+        }
+        // n ≥ 4·rows takes the split over x's rows; a ragged last block and a matrix whose
+        // rows are not a whole number of panels included.
+        let mut rng = crate::testing::Rng::new(5);
+        for (n, rows, cols) in [(1000, 40, 24), (4500, 21, 130)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.normal()).collect();
+            let y0: Vec<f32> = (0..n * rows).map(|_| rng.normal()).collect();
+            let mut pk = PackedF32::new();
+            pk.pack(&w, rows, cols, false);
+            for acc in [false, true] {
+                let (mut par, mut ser) = (y0.clone(), y0.clone());
+                pk.matmul_into(&x, n, &mut par, acc);
+                pk.matmul_serial(&x, n, &mut ser, acc);
+                assert!(par == ser, "n {n}, rows {rows}, cols {cols}, acc {acc}");
+                let want = dense_product(&w, rows, cols, &x, n);
+                for (i, (&g, &e)) in par.iter().zip(&want).enumerate() {
+                    let e = e + if acc { f64::from(y0[i]) } else { 0.0 };
+                    assert!(
+                        (f64::from(g) - e).abs() <= 1e-3 * (1.0 + e.abs()),
+                        "element {i}"
+                    );
+                }
+            }
         }
     }
 

@@ -374,6 +374,9 @@ pub struct FitSummary {
     pub engine: String,
     /// Memory the kernel engine planned at start (none on the candle engine).
     pub planned_bytes: Option<usize>,
+    /// Seconds the kernel engine spent per phase of its steps in this process (none on the
+    /// candle engine).
+    pub engine_seconds: Option<std::collections::BTreeMap<String, f64>>,
     pub resumed_from: Option<u64>,
     pub initial: EvalReport,
     pub last_train_loss: f64,
@@ -454,6 +457,13 @@ impl Trainer {
         match self {
             Trainer::Candle(o) => o.step,
             Trainer::Kernels(k) => k.step,
+        }
+    }
+
+    fn timings(&self) -> Option<crate::engine::Timings> {
+        match self {
+            Trainer::Candle(_) => None,
+            Trainer::Kernels(k) => Some(*k.timings()),
         }
     }
 
@@ -952,6 +962,12 @@ pub fn fit(
         steps: trainer.steps(),
         engine: kind.name().to_string(),
         planned_bytes: plan_bytes,
+        engine_seconds: trainer.timings().map(|t| {
+            t.phases()
+                .iter()
+                .map(|(k, d)| (k.to_string(), d.as_secs_f64()))
+                .collect()
+        }),
         resumed_from,
         initial,
         last_train_loss: last_loss,

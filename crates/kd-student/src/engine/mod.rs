@@ -37,6 +37,7 @@ pub mod attention;
 pub mod ops;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use candle_core::{Device, Tensor};
@@ -181,6 +182,59 @@ impl LayerActs {
             &mut self.gu,
             &mut self.m,
         ]
+    }
+}
+
+/// Where the engine's time went since it was built: wall-clock time per phase of a step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    /// The layers' forward pass (embedding gather to the final norm).
+    pub forward: Duration,
+    /// Packing the head's weights (and their transpose) and its forward product (logits of
+    /// each chunk).
+    pub head_forward: Duration,
+    /// `kd_loss` on the logits: the loss and `∂L/∂z`.
+    pub loss: Duration,
+    /// The head's backward products: `∂L/∂h` and the head's gradient.
+    pub head_backward: Duration,
+    /// The layers' backward pass.
+    pub backward: Duration,
+    /// AdamW with clipping.
+    pub step: Duration,
+}
+
+impl Timings {
+    pub fn total(&self) -> Duration {
+        self.phases().iter().map(|p| p.1).sum()
+    }
+
+    /// The phases by name, in the order of a step.
+    pub fn phases(&self) -> [(&'static str, Duration); 6] {
+        [
+            ("forward", self.forward),
+            ("head_forward", self.head_forward),
+            ("loss", self.loss),
+            ("head_backward", self.head_backward),
+            ("backward", self.backward),
+            ("optimizer", self.step),
+        ]
+    }
+}
+
+impl std::fmt::Display for Timings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let total = self.total().as_secs_f64().max(1e-12);
+        let pct = |d: Duration| 100.0 * d.as_secs_f64() / total;
+        write!(
+            f,
+            "forward {:.0}%, head forward {:.0}%, loss {:.0}%, head backward {:.0}%, backward {:.0}%, optimizer {:.0}%",
+            pct(self.forward),
+            pct(self.head_forward),
+            pct(self.loss),
+            pct(self.head_backward),
+            pct(self.backward),
+            pct(self.step)
+        )
     }
 }
 
@@ -378,6 +432,7 @@ pub struct KernelStudent {
     sin: Vec<f32>,
     ws: Workspace,
     plan: Plan,
+    timings: Timings,
     pub adam: AdamWConfig,
     /// Optimizer steps taken.
     pub step: u64,
@@ -509,6 +564,7 @@ impl KernelStudent {
             sin,
             ws: Workspace::default(),
             plan: Plan::default(),
+            timings: Timings::default(),
             adam,
             step: 0,
             pending: 0,
@@ -521,6 +577,11 @@ impl KernelStudent {
     /// The memory reserved at start.
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Time spent per phase since the engine was built.
+    pub fn timings(&self) -> &Timings {
+        &self.timings
     }
 
     fn dims(&self) -> (usize, usize, usize, usize, usize, usize) {
@@ -986,11 +1047,14 @@ impl KernelStudent {
         let n = p.ids.len();
         let npos = p.rows.len();
         let targets = PositionTargets::of(batch, v)?;
+        let t0 = Instant::now();
         self.pack_head(grads);
+        self.timings.head_forward += t0.elapsed();
         let KernelStudent {
             ws,
             grads: gbuf,
             head,
+            timings,
             ..
         } = self;
         let chunk = chunk.max(1);
@@ -1010,7 +1074,10 @@ impl KernelStudent {
             for (i, &r) in p.rows[s..s + len].iter().enumerate() {
                 ws.hc[i * d..(i + 1) * d].copy_from_slice(&ws.hf[r * d..(r + 1) * d]);
             }
+            let t0 = Instant::now();
             ws.head_w.matmul_into(&ws.hc, len, &mut ws.z, false);
+            let t1 = Instant::now();
+            timings.head_forward += t1 - t0;
             let positions: Vec<Position<'_, f64, f32>> = (0..len)
                 .map(|i| {
                     let (topk_ids, topk_logprobs) = targets.get(s + i);
@@ -1031,11 +1098,11 @@ impl KernelStudent {
             sums.hard_ce += means.hard_ce * len as f64;
             sums.total += means.total * len as f64;
             if !grads {
+                timings.loss += t1.elapsed();
                 continue;
             }
-            // kd_loss gives the chunk mean's gradient; the engine accumulates sums.
-            let k = len as f32;
-            ws.gz.par_iter_mut().for_each(|x| *x *= k);
+            let t2 = Instant::now();
+            timings.loss += t2 - t1;
             fit(&mut ws.dhc, len * d);
             ws.dhc.fill(0.0);
             for (i, pk) in ws.head_wt.iter().enumerate() {
@@ -1046,9 +1113,18 @@ impl KernelStudent {
                 }
                 pk.matmul_into(&ws.gs, len, &mut ws.dhc, true);
             }
+            // kd_loss gives the chunk mean's gradient and the engine accumulates sums: the
+            // factor `len` goes on the two small operands (`∂L/∂h` and `h`), not on `∂L/∂z`.
+            let k = len as f32;
             for (i, &r) in p.rows[s..s + len].iter().enumerate() {
-                ws.dhf[r * d..(r + 1) * d].copy_from_slice(&ws.dhc[i * d..(i + 1) * d]);
+                for (a, &b) in ws.dhf[r * d..(r + 1) * d]
+                    .iter_mut()
+                    .zip(&ws.dhc[i * d..(i + 1) * d])
+                {
+                    *a = b * k;
+                }
             }
+            ws.hc.iter_mut().for_each(|x| *x *= k);
             fit(&mut ws.gt, len * v);
             dw_acc(
                 &mut ws.pk,
@@ -1060,6 +1136,7 @@ impl KernelStudent {
                 d,
                 &mut gbuf[*head..*head + v * d],
             );
+            timings.head_backward += t2.elapsed();
         }
         Ok(sums)
     }
@@ -1092,10 +1169,14 @@ impl KernelStudent {
         }
         let p = Packed::of(batch);
         self.check_ids(&p)?;
+        let t0 = Instant::now();
         self.forward(&p);
+        self.timings.forward += t0.elapsed();
         let sums = self.head_loss(batch, &p, cfg, chunk, grads)?;
         if grads {
+            let t0 = Instant::now();
             self.backward(&p);
+            self.timings.backward += t0.elapsed();
             self.pending += n;
         }
         Ok(BatchLoss {
@@ -1160,19 +1241,21 @@ impl KernelStudent {
     /// clears the gradients.
     pub fn step(&mut self, lr: f64, max_grad_norm: f64) -> StepInfo {
         const BLOCK: usize = 1 << 16;
-        let mean = 1.0 / self.pending.max(1) as f32;
-        self.grads.par_iter_mut().for_each(|g| *g *= mean);
+        let t0 = Instant::now();
+        // One pass for the norm and one for the update (which also clears the gradients):
+        // the mean over positions and the clipping factor fold into one scale.
+        let mean = 1.0 / self.pending.max(1) as f64;
         let sq: Vec<f64> = self
             .grads
             .par_chunks(BLOCK)
             .map(|c| c.iter().map(|&g| f64::from(g) * f64::from(g)).sum())
             .collect();
-        let grad_norm = sq.iter().sum::<f64>().sqrt();
+        let grad_norm = mean * sq.iter().sum::<f64>().sqrt();
         let clip = max_grad_norm > 0.0 && grad_norm > max_grad_norm;
         let scale = if clip {
-            (max_grad_norm / (grad_norm + 1e-6)) as f32
+            (mean * max_grad_norm / (grad_norm + 1e-6)) as f32
         } else {
-            1.0
+            mean as f32
         };
         self.step += 1;
         let t = self.step as i32;
@@ -1192,22 +1275,23 @@ impl KernelStudent {
             let r = s.off..s.off + s.len;
             self.params[r.clone()]
                 .par_chunks_mut(BLOCK)
-                .zip(self.grads[r.clone()].par_chunks(BLOCK))
+                .zip(self.grads[r.clone()].par_chunks_mut(BLOCK))
                 .zip(self.m[r.clone()].par_chunks_mut(BLOCK))
                 .zip(self.v[r].par_chunks_mut(BLOCK))
                 .for_each(|(((p, g), m), v)| {
                     for i in 0..p.len() {
-                        let g = g[i] * scale;
-                        m[i] = m[i] * b1 + g * (1.0 - b1);
-                        v[i] = v[i] * b2 + g * g * (1.0 - b2);
+                        let gi = g[i] * scale;
+                        g[i] = 0.0;
+                        m[i] = m[i] * b1 + gi * (1.0 - b1);
+                        v[i] = v[i] * b2 + gi * gi * (1.0 - b2);
                         let u = (m[i] / bc1) / ((v[i] / bc2).sqrt() + eps);
                         p[i] = p[i] * keep - u * lr32;
                     }
                 });
         }
-        self.grads.par_iter_mut().for_each(|g| *g = 0.0);
         self.pending = 0;
         self.ws.head_w_fresh = false;
+        self.timings.step += t0.elapsed();
         StepInfo {
             grad_norm,
             lr,
