@@ -1142,7 +1142,7 @@ fn damaged_caches_are_refused_by_verify_and_student_fit() {
             Box::new(|d: &Path| {
                 let p = d.join(MANIFEST_FILE);
                 let mut v: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-                v["format_version"] = json!(2);
+                v["format_version"] = json!(kd_shard::FORMAT_VERSION + 1);
                 std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
             }),
             MANIFEST_FILE,

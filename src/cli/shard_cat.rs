@@ -54,8 +54,11 @@ pub enum Cmd {
     /// Rows, tokens, positions, bytes per distilled position, mean tail mass, mean top-1
     /// probability.
     Stats { dir: PathBuf },
-    /// The shard and manifest schema (version 1).
-    Schema,
+    /// The shard and manifest schema (the newest version, 2; `--version 1` for the first).
+    Schema {
+        #[arg(long, default_value_t = kd_shard::FORMAT_VERSION, value_parser = clap::value_parser!(u32).range(1..=kd_shard::FORMAT_VERSION as i64))]
+        version: u32,
+    },
     /// Combine the dumps of a `teacher-dump --part I/N` job into one folder with one manifest
     /// (shards are hard-linked, or copied across filesystems).
     Merge {
@@ -188,6 +191,17 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
                     human_bytes(s.bytes)
                 )?;
                 writeln!(out, "bytes per position     {:.1}", s.bytes_per_position)?;
+                writeln!(out, "bytes per entry        {:.2}", s.bytes_per_entry)?;
+                writeln!(
+                    out,
+                    "format version         {}{}",
+                    s.format_version,
+                    if s.format_version >= 2 {
+                        " (log-probs in steps of 1/1024 nats)"
+                    } else {
+                        " (f32 log-probs)"
+                    }
+                )?;
                 writeln!(out, "mean tail mass         {:.4}", s.mean_tail_mass)?;
                 writeln!(out, "mean top-1 probability {:.4}", s.mean_top1_prob)?;
                 writeln!(
@@ -204,11 +218,11 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
                 }
             }
         }
-        Cmd::Schema => {
+        Cmd::Schema { version } => {
             writeln!(
                 out,
                 "{}",
-                serde_json::to_string_pretty(&kd_shard::schema_json())?
+                serde_json::to_string_pretty(&kd_shard::schema_json_of(version))?
             )?;
         }
         Cmd::Merge { parts, out: dest } => {

@@ -86,6 +86,11 @@ pub struct Args {
     /// AVX-512 (or AVX2 with FMA) the exact default is faster too (measured 2x at batch 1).
     #[arg(long)]
     pub approx_quantized: bool,
+    /// Shard format: 2 stores log-probs as integers in steps of 1/1024 nats (each at most
+    /// 1/1024 nats below the exact value, never above), 1 stores exact f32 log-probs. Every
+    /// reader takes both; `shard-cat stats` prints the bytes per entry.
+    #[arg(long, default_value_t = kd_shard::FORMAT_VERSION, value_parser = clap::value_parser!(u32).range(1..=kd_shard::FORMAT_VERSION as i64))]
+    pub shard_format: u32,
     /// CPU threads (0 = all cores) [default: 0].
     #[arg(long)]
     pub threads: Option<usize>,
@@ -180,6 +185,7 @@ impl Args {
                 part,
                 progress: !self.no_progress && !self.json,
                 logits_chunk: 256,
+                shard_format: self.shard_format,
             },
             limit: self.limit.or(p.limit),
             skip_bad_lines: self.skip_bad_lines || p.skip_bad_lines.unwrap_or(false),

@@ -25,6 +25,8 @@
 //!
 //! The module docs of [`position`] give the gradient of every divergence under both tail
 //! policies. [`combine_teachers`] averages several teachers into one sparse target.
+//! [`sampled`] holds the estimator for sampled targets (N draws from the teacher instead of
+//! its top k): unbiased for forward KL at τ = 1, derived in its module docs.
 //!
 //! ## Example
 //!
@@ -60,6 +62,7 @@ mod config;
 mod error;
 mod math;
 pub mod position;
+pub mod sampled;
 
 pub use batch::batch_loss;
 pub use combine::combine_teachers;

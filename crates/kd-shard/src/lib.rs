@@ -24,6 +24,29 @@
 //! is self-describing. [`schema_json`] (= `schemas/shard-v1.json`) describes all of this for
 //! machines; `schemas/manifest-v1.schema.json` is the JSON Schema of the manifest.
 //!
+//! ## Shard format v2 (written by default)
+//!
+//! The same seven columns, except that the two log-prob columns hold integers:
+//!
+//! | column | type | meaning |
+//! | --- | --- | --- |
+//! | `topk_logprob_gaps` | `list<uint32>` | within a position, `round(-lp[r]·S) - round(-lp[r-1]·S)` (gap 0: `round(-lp[0]·S)`) |
+//! | `token_logprob_q` | `list<uint32>` | `round(-lp·S)` of the token that actually follows |
+//!
+//! with `S` = `kd.logprob_scale` = [`LOGPROB_SCALE`] = 1024 in the key-value metadata. Decoding
+//! is one line: `topk_logprobs = -cumsum(gaps per position) / S` (numpy: `-np.cumsum(np.reshape(gaps,
+//! (-1, k)), axis=1) / S`), `token_logprob = -q / S`. The writer rounds `-lp·S` up, so every
+//! decoded value is at most 1/1024 nats below the teacher's f32 value and never above it:
+//! probabilities never grow, so the decoded top-k never sums past 1 and the tail mass never
+//! shrinks (a tail of 1e-4 stays a tail; rounding to the nearest step could erase it and
+//! make reverse KL infinite). The rank order is kept (gaps are ≥ 0) and `-q / 1024` is exact
+//! in f32. Gaps are small integers whose high
+//! bytes are zero, so with BYTE_STREAM_SPLIT zstd stores the top-k log-probs in about a
+//! third of the bytes of v1's floats; the top-k ids use BYTE_STREAM_SPLIT too (integer
+//! BYTE_STREAM_SPLIT needs a reader of Parquet 2.11 or later, e.g. pyarrow ≥ 17; format 1,
+//! `teacher-dump --shard-format 1`, keeps exact floats and dictionary ids for older readers).
+//! Readers take both versions; [`schema_json_of`]`(2)` = `schemas/shard-v2.json`.
+//!
 //! ## Position convention
 //!
 //! Distilled position `t` runs over `prompt_len-1 ..= len-2` and holds the teacher's
@@ -50,6 +73,11 @@
 //! timestamps).
 //!
 //! ## Storage (measured)
+//!
+//! Format 2 against format 1 at k = 32, `cargo run -p kd-shard --release --example encodings
+//! out/quickstart-v1` (the quickstart's 3680 positions, one file) and `... encodings 20000`
+//! (synthetic): 92.3 against 162.4 B/position on the quickstart, 69.7 against 138.0 on the
+//! synthetic rows. The tables below are format 1's encodings.
 //!
 //! Bytes per distilled position at k=32 on [`synth::realistic_rows`] (49152 vocabulary, 2000
 //! positions, zstd level 3), measured with
@@ -83,7 +111,9 @@
 //! let dir = tempfile::tempdir()?;
 //! let rows = kd_shard::synth::tiny_rows(10, 4);
 //! let entry = write_shard(dir.path(), "shard-00000.parquet", 4, &rows)?;
-//! assert_eq!(read_shard(&dir.path().join(&entry.file))?, rows);
+//! // Format 2 stores log-probs in steps of 1/1024 nats.
+//! let stored: Vec<_> = rows.iter().map(|r| r.as_stored_v2(4)).collect();
+//! assert_eq!(read_shard(&dir.path().join(&entry.file))?, stored);
 //!
 //! let mut m = Manifest::new(
 //!     "example 0.1.0",
@@ -122,13 +152,19 @@ pub use manifest::{
 };
 pub use reader::{ShardMeta, ShardReader, read_shard, read_shard_meta};
 pub use row::{LOGPROB_SLACK, MASS_SLACK, Row, Source};
-pub use schema::{COLUMNS, META_FORMAT_VERSION, META_TOP_K, arrow_schema, schema_json};
+pub use schema::{
+    COLUMNS, COLUMNS_V2, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_TOP_K,
+    arrow_schema, arrow_schema_of, arrow_schema_v2, schema_json, schema_json_of,
+};
 pub use stats::{SourceStats, Stats, StatsBuilder, stats_dir};
 pub use verify::{Problem, ProblemKind, VerifyReport, verify_dir};
 pub use writer::{ValueEncoding, WriteOptions, created_by, write_shard, write_shard_with};
 
-/// The shard and manifest format version this library writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The shard and manifest format version this library writes by default and the newest it
+/// reads. Version 2 stores log-probs as integers (steps of 1/[`LOGPROB_SCALE`] nats); version
+/// 1 (exact f32 log-probs) is still read everywhere and written on request
+/// ([`WriteOptions::format_version`]).
+pub const FORMAT_VERSION: u32 = 2;
 
 #[cfg(test)]
 mod tests;

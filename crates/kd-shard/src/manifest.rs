@@ -594,8 +594,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join(MANIFEST_FILE);
         let mut v = serde_json::to_value(sample(None)).unwrap();
-        v["format_version"] = json!(2);
-        // A v2 manifest may have a different shape: the version is checked first.
+        v["format_version"] = json!(FORMAT_VERSION + 1);
+        // A newer manifest may have a different shape: the version is checked first.
         v.as_object_mut().unwrap().remove("shards");
         std::fs::write(&p, v.to_string()).unwrap();
         match read_manifest(&p) {
@@ -605,7 +605,7 @@ mod tests {
                 supported,
             }) => {
                 assert_eq!(path, p);
-                assert_eq!((found, supported), (2, FORMAT_VERSION));
+                assert_eq!((found, supported), (FORMAT_VERSION + 1, FORMAT_VERSION));
             }
             other => panic!("expected UnsupportedVersion, got {other:?}"),
         }

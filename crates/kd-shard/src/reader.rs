@@ -8,7 +8,7 @@ use arrow::datatypes::{ArrowPrimitiveType, DataType, Float32Type, UInt32Type};
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
-use crate::schema::{META_FORMAT_VERSION, META_TOP_K, check_arrow_schema};
+use crate::schema::{META_FORMAT_VERSION, META_LOGPROB_SCALE, META_TOP_K, check_arrow_schema};
 use crate::{Error, FORMAT_VERSION, Result, Row, Source};
 
 /// What a shard's footer says about it, without decoding any rows.
@@ -24,6 +24,9 @@ pub struct ShardMeta {
     pub row_groups: usize,
     /// The writer's `created_by` string.
     pub created_by: Option<String>,
+    /// `kd.logprob_scale` of a v2 shard (stored integer `q` is the log-prob `-q / scale`);
+    /// `None` for v1, which stores f32 log-probs.
+    pub logprob_scale: Option<u32>,
 }
 
 /// Rows decoded per Arrow batch; bounds the reader's working memory.
@@ -149,7 +152,26 @@ impl ShardReader {
                 ));
             }
         };
-        check_arrow_schema(path, builder.schema())?;
+        let logprob_scale = if format_version >= 2 {
+            let s = kv(kvs, META_LOGPROB_SCALE).ok_or_else(|| {
+                Error::schema(
+                    path,
+                    format!("missing Parquet metadata key {META_LOGPROB_SCALE}"),
+                )
+            })?;
+            match s.trim().parse::<u32>() {
+                Ok(v) if v > 0 => Some(v),
+                _ => {
+                    return Err(Error::schema(
+                        path,
+                        format!("{META_LOGPROB_SCALE} = {s:?} is not a positive integer"),
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        check_arrow_schema(path, builder.schema(), format_version)?;
         let rows = u64::try_from(fmd.num_rows())
             .map_err(|_| Error::corrupt(path, format!("negative row count {}", fmd.num_rows())))?;
         let meta = ShardMeta {
@@ -158,6 +180,7 @@ impl ShardReader {
             rows,
             row_groups: md.num_row_groups(),
             created_by: fmd.created_by().map(str::to_string),
+            logprob_scale,
         };
         let batches = guard(path, || {
             builder
@@ -205,7 +228,10 @@ impl Iterator for ShardReader {
                 }),
                 Some(Ok(b)) => Ok(Some(b)),
             })
-            .and_then(|b| b.map(|b| decode_batch(path, &b)).transpose());
+            .and_then(|b| {
+                b.map(|b| decode_batch(path, &b, self.meta.k, self.meta.logprob_scale))
+                    .transpose()
+            });
             match batch {
                 Ok(Some(rows)) => self.current = rows.into_iter(),
                 Ok(None) => {
@@ -291,8 +317,14 @@ impl<'a, T: ArrowPrimitiveType> ListCol<'a, T> {
     }
 }
 
-/// Converts one record batch (whose schema was checked at open) into rows.
-fn decode_batch(path: &Path, b: &RecordBatch) -> Result<Vec<Row>> {
+/// Converts one record batch (whose schema was checked at open) into rows: v1's f32
+/// log-probs as stored, v2's integers (`scale` given) decoded.
+fn decode_batch(path: &Path, b: &RecordBatch, k: usize, scale: Option<u32>) -> Result<Vec<Row>> {
+    let names = if scale.is_some() {
+        crate::schema::COLUMNS_V2
+    } else {
+        crate::schema::COLUMNS
+    };
     if b.num_columns() != 7 {
         return Err(Error::schema(
             path,
@@ -303,7 +335,7 @@ fn decode_batch(path: &Path, b: &RecordBatch) -> Result<Vec<Row>> {
         if c.null_count() > 0 {
             return Err(Error::corrupt(
                 path,
-                format!("column {} has nulls", crate::schema::COLUMNS[i]),
+                format!("column {} has nulls", names[i]),
             ));
         }
     }
@@ -315,23 +347,65 @@ fn decode_batch(path: &Path, b: &RecordBatch) -> Result<Vec<Row>> {
         .as_primitive_opt::<UInt32Type>()
         .ok_or_else(|| Error::schema(path, "column prompt_len is not uint32"))?;
     let topk_ids = ListCol::<UInt32Type>::new(path, "topk_ids", b.column(4))?;
-    let topk_logprobs = ListCol::<Float32Type>::new(path, "topk_logprobs", b.column(5))?;
-    let token_logprob = ListCol::<Float32Type>::new(path, "token_logprob", b.column(6))?;
+    let floats = match scale {
+        None => Some((
+            ListCol::<Float32Type>::new(path, names[5], b.column(5))?,
+            ListCol::<Float32Type>::new(path, names[6], b.column(6))?,
+        )),
+        Some(_) => None,
+    };
+    let ints = match scale {
+        Some(_) => Some((
+            ListCol::<UInt32Type>::new(path, names[5], b.column(5))?,
+            ListCol::<UInt32Type>::new(path, names[6], b.column(6))?,
+        )),
+        None => None,
+    };
     let mut rows = Vec::with_capacity(b.num_rows());
     for i in 0..b.num_rows() {
         let s = sources.value(i);
         let source = Source::parse(s).ok_or_else(|| {
             Error::corrupt(path, format!("row {i} of batch: unknown source {s:?}"))
         })?;
+        let (topk_logprobs, token_logprob) = match (&floats, &ints, scale) {
+            (Some((a, b)), _, _) => (a.get(path, names[5], i)?, b.get(path, names[6], i)?),
+            (_, Some((a, b)), Some(scale)) => {
+                let gaps = a.get(path, names[5], i)?;
+                let q = b.get(path, names[6], i)?;
+                (decode_gaps(&gaps, k, scale), decode_q(&q, scale))
+            }
+            _ => unreachable!("one of the two column kinds is decoded"),
+        };
         rows.push(Row {
             id: ids.value(i).to_string(),
             source,
             input_ids: input_ids.get(path, "input_ids", i)?,
             prompt_len: prompt_len.value(i),
             topk_ids: topk_ids.get(path, "topk_ids", i)?,
-            topk_logprobs: topk_logprobs.get(path, "topk_logprobs", i)?,
-            token_logprob: token_logprob.get(path, "token_logprob", i)?,
+            topk_logprobs,
+            token_logprob,
         });
     }
     Ok(rows)
+}
+
+/// v2's `topk_logprob_gaps` back to log-probs: `-cumsum(gaps within a position) / scale`
+/// (a ragged last position, which [`Row::validate`] rejects, is decoded the same way).
+pub(crate) fn decode_gaps(gaps: &[u32], k: usize, scale: u32) -> Vec<f32> {
+    let inv = 1.0 / f64::from(scale);
+    let mut out = Vec::with_capacity(gaps.len());
+    for pos in gaps.chunks(k.max(1)) {
+        let mut q = 0u64;
+        for &g in pos {
+            q += u64::from(g);
+            out.push((-(q as f64) * inv) as f32);
+        }
+    }
+    out
+}
+
+/// v2's `token_logprob_q` back to log-probs: `-q / scale`.
+pub(crate) fn decode_q(q: &[u32], scale: u32) -> Vec<f32> {
+    let inv = 1.0 / f64::from(scale);
+    q.iter().map(|&q| (-f64::from(q) * inv) as f32).collect()
 }

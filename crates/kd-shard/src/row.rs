@@ -67,6 +67,31 @@ pub struct Row {
 }
 
 impl Row {
+    /// The row as a reader gets it back from a shard of format 2 with `k` entries per
+    /// position: every log-prob rounded down to a multiple of 1/[`crate::LOGPROB_SCALE`] nats
+    /// (at most 1/1024 nats below the exact value). The row must be valid.
+    pub fn as_stored_v2(&self, k: usize) -> Row {
+        let scale = f64::from(crate::LOGPROB_SCALE);
+        let round = |lp: f32| {
+            let q = (-f64::from(lp) * scale).ceil().max(0.0);
+            (-q / scale) as f32
+        };
+        let mut topk_logprobs = Vec::with_capacity(self.topk_logprobs.len());
+        for pos in self.topk_logprobs.chunks(k.max(1)) {
+            let mut prev = 0f32;
+            for &lp in pos {
+                let v = round(lp).min(prev);
+                topk_logprobs.push(v);
+                prev = v;
+            }
+        }
+        Row {
+            topk_logprobs,
+            token_logprob: self.token_logprob.iter().map(|&lp| round(lp)).collect(),
+            ..self.clone()
+        }
+    }
+
     /// Number of distilled positions, `input_ids.len() - prompt_len` (0 if `prompt_len`
     /// is out of range; [`Row::validate`] rejects that).
     pub fn n_pos(&self) -> usize {

@@ -1,5 +1,5 @@
-//! The canonical Arrow schema of a v1 shard, its Parquet metadata keys, and the
-//! machine-readable description kept in `schemas/shard-v1.json`.
+//! The canonical Arrow schemas of v1 and v2 shards, their Parquet metadata keys, and the
+//! machine-readable descriptions kept in `schemas/shard-v1.json` and `schemas/shard-v2.json`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,10 +14,30 @@ pub const META_FORMAT_VERSION: &str = "kd.format_version";
 /// Parquet key-value metadata key holding `k`, the number of entries per position.
 pub const META_TOP_K: &str = "kd.top_k";
 
+/// Parquet key-value metadata key of a v2 shard holding the log-prob scale `S` (decimal
+/// string): a stored integer `q` stands for the log-probability `-q / S`.
+pub const META_LOGPROB_SCALE: &str = "kd.logprob_scale";
+
+/// The log-prob scale v2 shards are written with: steps of 1/1024 nats, rounded down (toward
+/// smaller probabilities), so every stored log-prob is within 1/1024 nats (< 1e-3) of the
+/// exact one and never above it, and `-q / 1024` is exact in f32.
+pub const LOGPROB_SCALE: u32 = 1024;
+
 /// Name of the list element field (the Parquet LIST convention's `element`).
 pub(crate) const LIST_ITEM: &str = "element";
 
-/// Column names in file order.
+/// Column names of a v2 shard in file order.
+pub const COLUMNS_V2: [&str; 7] = [
+    "id",
+    "source",
+    "input_ids",
+    "prompt_len",
+    "topk_ids",
+    "topk_logprob_gaps",
+    "token_logprob_q",
+];
+
+/// Column names of a v1 shard in file order.
 pub const COLUMNS: [&str; 7] = [
     "id",
     "source",
@@ -34,15 +54,42 @@ fn list_of(dt: DataType) -> DataType {
 
 /// The canonical schema of a v1 shard: seven non-null columns, lists of non-null items.
 pub fn arrow_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("id", DataType::Utf8, false),
-        Field::new("source", DataType::Utf8, false),
-        Field::new("input_ids", list_of(DataType::UInt32), false),
-        Field::new("prompt_len", DataType::UInt32, false),
-        Field::new("topk_ids", list_of(DataType::UInt32), false),
-        Field::new("topk_logprobs", list_of(DataType::Float32), false),
-        Field::new("token_logprob", list_of(DataType::Float32), false),
-    ]))
+    columns_schema(&COLUMNS, DataType::Float32)
+}
+
+/// The canonical schema of a v2 shard: as v1, with the two log-prob columns stored as
+/// integers (`topk_logprob_gaps`, `token_logprob_q`).
+pub fn arrow_schema_v2() -> SchemaRef {
+    columns_schema(&COLUMNS_V2, DataType::UInt32)
+}
+
+/// id, source, input_ids, prompt_len, topk_ids, then two log-prob lists of `logprob` items.
+fn columns_schema(names: &[&str; 7], logprob: DataType) -> SchemaRef {
+    let types = [
+        DataType::Utf8,
+        DataType::Utf8,
+        list_of(DataType::UInt32),
+        DataType::UInt32,
+        list_of(DataType::UInt32),
+        list_of(logprob.clone()),
+        list_of(logprob),
+    ];
+    Arc::new(Schema::new(
+        names
+            .iter()
+            .zip(types)
+            .map(|(n, t)| Field::new(*n, t, false))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// The canonical schema of format `version` (1 or 2).
+pub fn arrow_schema_of(version: u32) -> SchemaRef {
+    if version >= 2 {
+        arrow_schema_v2()
+    } else {
+        arrow_schema()
+    }
 }
 
 /// Whether a type found in a file is acceptable where `expected` is canonical: list element
@@ -59,14 +106,16 @@ fn type_compatible(expected: &DataType, found: &DataType) -> bool {
     }
 }
 
-/// Checks that `found` has exactly the v1 columns, in order, with compatible types.
-pub(crate) fn check_arrow_schema(path: &Path, found: &Schema) -> Result<(), Error> {
-    let expected = arrow_schema();
+/// Checks that `found` has exactly the columns of format `version`, in order, with
+/// compatible types.
+pub(crate) fn check_arrow_schema(path: &Path, found: &Schema, version: u32) -> Result<(), Error> {
+    let expected = arrow_schema_of(version);
+    let want = if version >= 2 { COLUMNS_V2 } else { COLUMNS };
     let names: Vec<&str> = found.fields().iter().map(|f| f.name().as_str()).collect();
-    if names != COLUMNS {
+    if names != want {
         return Err(Error::schema(
             path,
-            format!("columns are {names:?}, expected {COLUMNS:?}"),
+            format!("columns are {names:?}, expected {want:?} (format version {version})"),
         ));
     }
     for (e, f) in expected.fields().iter().zip(found.fields()) {
@@ -85,14 +134,61 @@ pub(crate) fn check_arrow_schema(path: &Path, found: &Schema) -> Result<(), Erro
     Ok(())
 }
 
-/// Machine-readable description of the shard columns, the position convention, the Parquet
-/// metadata keys and the manifest fields. Equal to the content of `schemas/shard-v1.json`
-/// (a test keeps the two in sync; `KD_BLESS=1 cargo test -p kd-shard` rewrites the file).
+/// Machine-readable description of the newest format ([`FORMAT_VERSION`]); see
+/// [`schema_json_of`].
 pub fn schema_json() -> Value {
+    schema_json_of(FORMAT_VERSION)
+}
+
+/// Machine-readable description of format `version` (1 or 2): the shard columns, the position
+/// convention, the Parquet metadata keys and the manifest fields. Equal to the content of
+/// `schemas/shard-v{version}.json` (a test keeps them in sync; `KD_BLESS=1 cargo test -p
+/// kd-shard` rewrites the files).
+pub fn schema_json_of(version: u32) -> Value {
+    let mut v = schema_json_v1();
+    if version < 2 {
+        return v;
+    }
+    v["format_version"] = json!(2);
+    v["$comment"] = json!(
+        "Generated from kd_shard::schema_json_of(2); edit the code, then run `KD_BLESS=1 cargo test -p kd-shard schema_file` to rewrite this file."
+    );
+    v["container"]["value_encodings"] = json!(
+        "written with BYTE_STREAM_SPLIT for topk_ids, topk_logprob_gaps and token_logprob_q and dictionary encoding for input_ids; readers must accept any standard Parquet encoding"
+    );
+    v["parquet_key_value_metadata"][META_LOGPROB_SCALE] = json!({
+        "type": "string",
+        "description": "S, the log-prob scale, as a decimal integer (1024): a stored integer q stands for the log-probability -q / S"
+    });
+    v["decoding"] = json!({
+        "topk_logprobs": "topk_logprobs[j*k + r] = -(topk_logprob_gaps[j*k] + ... + topk_logprob_gaps[j*k + r]) / S, i.e. numpy: -np.cumsum(np.reshape(gaps, (-1, k)), axis=1) / S",
+        "token_logprob": "token_logprob[j] = -token_logprob_q[j] / S",
+        "error_bound": "every decoded log-prob is at most 1/S nats (1/1024 < 1e-3) below the teacher's exact f32 value and never above it: the writer rounds -log_prob * S up to an integer (so probabilities never grow and the tail mass 1 - sum(exp) never shrinks) and stores the differences of those integers within a position",
+        "rank_order": "within a position, entries stay sorted by log-prob descending, so the gaps are non-negative; equal decoded values may come from distinct exact values"
+    });
+    let cols = v["columns"].as_array_mut().expect("columns");
+    cols[5] = json!({
+        "name": "topk_logprob_gaps",
+        "type": "list<uint32>",
+        "nullable": false,
+        "length": "n_pos * k",
+        "description": "the teacher's top-k log-probabilities at T=1, aligned with topk_ids, as integer gaps: within a position, gap r is ceil(-log_prob[r] * S) - ceil(-log_prob[r-1] * S) (gap 0 is ceil(-log_prob[0] * S)); decoded log-probs are <= 0, non-increasing within a position, sum(exp) <= 1 (slack 1e-3)"
+    });
+    cols[6] = json!({
+        "name": "token_logprob_q",
+        "type": "list<uint32>",
+        "nullable": false,
+        "length": "n_pos",
+        "description": "ceil(-log_prob * S) of the token that actually follows, input_ids[t+1]"
+    });
+    v
+}
+
+fn schema_json_v1() -> Value {
     json!({
-        "$comment": "Generated from kd_shard::schema_json(); edit the code, then run `KD_BLESS=1 cargo test -p kd-shard schema_file` to rewrite this file.",
+        "$comment": "Generated from kd_shard::schema_json_of(1); edit the code, then run `KD_BLESS=1 cargo test -p kd-shard schema_file` to rewrite this file.",
         "format": "kd-shard",
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,
         "container": {
             "file_type": "parquet",
             "file_extension": ".parquet",
@@ -211,11 +307,18 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")
     }
 
-    /// `schema_json()` and `schemas/shard-v1.json` stay equal; `KD_BLESS=1` rewrites the file.
+    /// `schema_json_of(v)` and `schemas/shard-v{v}.json` stay equal; `KD_BLESS=1` rewrites
+    /// the files.
     #[test]
     fn schema_file_matches_code() {
-        let path = repo_schemas_dir().join("shard-v1.json");
-        let code = schema_json();
+        for version in 1..=FORMAT_VERSION {
+            schema_file_matches(version);
+        }
+    }
+
+    fn schema_file_matches(version: u32) {
+        let path = repo_schemas_dir().join(format!("shard-v{version}.json"));
+        let code = schema_json_of(version);
         if std::env::var_os("KD_BLESS").is_some() {
             let text = serde_json::to_string_pretty(&code).unwrap() + "\n";
             std::fs::write(&path, text).unwrap();
@@ -237,15 +340,22 @@ mod tests {
 
     #[test]
     fn schema_json_lists_the_arrow_columns() {
-        let v = schema_json();
+        for version in 1..=FORMAT_VERSION {
+            schema_json_lists_columns_of(version);
+        }
+    }
+
+    fn schema_json_lists_columns_of(version: u32) {
+        let v = schema_json_of(version);
+        assert_eq!(v["format_version"], version);
         let names: Vec<&str> = v["columns"]
             .as_array()
             .unwrap()
             .iter()
             .map(|c| c["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, COLUMNS);
-        let schema = arrow_schema();
+        assert_eq!(names, if version >= 2 { COLUMNS_V2 } else { COLUMNS });
+        let schema = arrow_schema_of(version);
         for (c, f) in v["columns"].as_array().unwrap().iter().zip(schema.fields()) {
             let ty = match f.data_type() {
                 DataType::Utf8 => "utf8".to_string(),
@@ -265,17 +375,20 @@ mod tests {
     #[test]
     fn schema_check_accepts_canonical_and_rejects_others() {
         let p = Path::new("x.parquet");
-        check_arrow_schema(p, &arrow_schema()).unwrap();
+        check_arrow_schema(p, &arrow_schema(), 1).unwrap();
+        check_arrow_schema(p, &arrow_schema_v2(), 2).unwrap();
+        assert!(check_arrow_schema(p, &arrow_schema(), 2).is_err());
+        assert!(check_arrow_schema(p, &arrow_schema_v2(), 1).is_err());
         let mut fields: Vec<Field> = arrow_schema()
             .fields()
             .iter()
             .map(|f| f.as_ref().clone())
             .collect();
         fields[5] = Field::new("topk_logprobs", list_of(DataType::Float64), false);
-        let r = check_arrow_schema(p, &Schema::new(fields.clone()));
+        let r = check_arrow_schema(p, &Schema::new(fields.clone()), 1);
         assert!(matches!(r, Err(Error::Schema { .. })));
         fields.pop();
-        let r = check_arrow_schema(p, &Schema::new(fields));
+        let r = check_arrow_schema(p, &Schema::new(fields), 1);
         assert!(matches!(r, Err(Error::Schema { .. })));
     }
 }

@@ -41,6 +41,11 @@ pub struct Stats {
     pub bytes: u64,
     /// `bytes / positions` (0 without positions).
     pub bytes_per_position: f64,
+    /// `bytes / (positions · k)`: bytes per stored (id, log-prob) entry, everything in the
+    /// files included (0 without positions).
+    pub bytes_per_entry: f64,
+    /// The manifest's format version (1: f32 log-probs; 2: integer log-probs).
+    pub format_version: u32,
     /// Mean over positions of `max(0, 1 - Σ exp(topk_logprobs))`: probability mass outside the top k.
     pub mean_tail_mass: f64,
     /// Mean over positions of the top-1 probability.
@@ -147,6 +152,12 @@ impl StatsBuilder {
             } else {
                 bytes as f64 / self.all.positions as f64
             },
+            bytes_per_entry: if self.all.positions == 0 || self.k == 0 {
+                0.0
+            } else {
+                bytes as f64 / (self.all.positions as f64 * self.k as f64)
+            },
+            format_version: crate::FORMAT_VERSION,
             mean_tail_mass: tail,
             mean_top1_prob: top1,
             mean_token_logprob: tok,
@@ -167,5 +178,7 @@ pub fn stats_dir(dir: &Path) -> Result<Stats> {
         }
     }
     let bytes = crate::manifest::Totals::of(&m.shards).bytes;
-    Ok(b.finish(m.shards.len(), bytes, m.vocab_size()))
+    let mut s = b.finish(m.shards.len(), bytes, m.vocab_size());
+    s.format_version = m.format_version;
+    Ok(s)
 }

@@ -9,6 +9,15 @@ use crate::*;
 
 const K: usize = 4;
 
+/// What a reader of a shard of format `version` with `k` entries per position gets back.
+fn stored(rows: &[Row], k: usize, version: u32) -> Vec<Row> {
+    if version >= 2 {
+        rows.iter().map(|r| r.as_stored_v2(k)).collect()
+    } else {
+        rows.to_vec()
+    }
+}
+
 fn manifest_for(entries: Vec<ShardEntry>) -> Manifest {
     let mut m = Manifest::new(
         "kd-shard-tests 0",
@@ -55,7 +64,21 @@ fn round_trip() {
     let rows = tiny_rows(25, K);
     let e = write_shard(d.path(), "a/b/shard.parquet", K, &rows).unwrap();
     let path = d.path().join("a/b/shard.parquet");
-    assert_eq!(read_shard(&path).unwrap(), rows);
+    assert_eq!(read_shard(&path).unwrap(), stored(&rows, K, FORMAT_VERSION));
+    // Every decoded log-prob is within 1/1024 nats of the written one.
+    for (a, b) in read_shard(&path).unwrap().iter().zip(&rows) {
+        for (x, y) in a
+            .topk_logprobs
+            .iter()
+            .zip(&b.topk_logprobs)
+            .chain(a.token_logprob.iter().zip(&b.token_logprob))
+        {
+            assert!(x <= y && y - x < 1.0 / 1024.0, "{x} vs {y}");
+        }
+    }
+    // Format 1 stores the exact values.
+    write_shard_with(d.path(), "v1.parquet", K, &rows, &WriteOptions::v1()).unwrap();
+    assert_eq!(read_shard(&d.path().join("v1.parquet")).unwrap(), rows);
     assert_eq!(e.file, "a/b/shard.parquet");
     assert_eq!(e.rows, 25);
     assert_eq!(
@@ -86,15 +109,20 @@ fn round_trip() {
 fn round_trip_many_row_groups_and_options() {
     let d = tempfile::tempdir().unwrap();
     let rows = tiny_rows(40, 3);
-    for (i, enc) in [
-        ValueEncoding::Dictionary,
-        ValueEncoding::Plain,
-        ValueEncoding::ByteStreamSplit,
+    for (i, (enc, version)) in [
+        (ValueEncoding::Dictionary, 1),
+        (ValueEncoding::Plain, 1),
+        (ValueEncoding::ByteStreamSplit, 1),
+        (ValueEncoding::Dictionary, 2),
+        (ValueEncoding::Plain, 2),
+        (ValueEncoding::ByteStreamSplit, 2),
+        (ValueEncoding::DeltaBinaryPacked, 2),
     ]
     .into_iter()
     .enumerate()
     {
         let opts = WriteOptions {
+            format_version: version,
             row_group_rows: 7,
             zstd_level: 1,
             float_encoding: enc,
@@ -109,7 +137,11 @@ fn round_trip_many_row_groups_and_options() {
         write_shard_with(d.path(), &name, 3, &rows, &opts).unwrap();
         let path = d.path().join(&name);
         assert_eq!(read_shard_meta(&path).unwrap().row_groups, 6);
-        assert_eq!(read_shard(&path).unwrap(), rows);
+        assert_eq!(
+            read_shard(&path).unwrap(),
+            stored(&rows, 3, version),
+            "{enc:?} v{version}"
+        );
     }
 }
 
@@ -138,7 +170,10 @@ fn realistic_rows_round_trip() {
     let rows = synth::realistic_rows(&cfg);
     let d = tempfile::tempdir().unwrap();
     write_shard(d.path(), "r.parquet", 16, &rows).unwrap();
-    assert_eq!(read_shard(&d.path().join("r.parquet")).unwrap(), rows);
+    assert_eq!(
+        read_shard(&d.path().join("r.parquet")).unwrap(),
+        stored(&rows, 16, FORMAT_VERSION)
+    );
 }
 
 #[test]
@@ -190,8 +225,9 @@ fn shard_is_self_describing() {
         .unwrap();
     let kv = r.metadata().file_metadata().key_value_metadata().unwrap();
     let get = |k: &str| kv.iter().find(|e| e.key == k).and_then(|e| e.value.clone());
-    assert_eq!(get(META_FORMAT_VERSION).as_deref(), Some("1"));
+    assert_eq!(get(META_FORMAT_VERSION).as_deref(), Some("2"));
     assert_eq!(get(META_TOP_K).as_deref(), Some("4"));
+    assert_eq!(get(META_LOGPROB_SCALE).as_deref(), Some("1024"));
 }
 
 #[test]
@@ -220,8 +256,8 @@ fn verify_accepts_good_dir_and_stats_add_up() {
     let by: u64 = s.by_source.values().map(|x| x.positions).sum();
     assert_eq!(by, s.positions);
     assert_eq!(s.by_source["generated"].positions, s.response_tokens);
-    // Reference: the means recomputed directly from the rows (f64, tolerance 1e-9).
-    let rows = tiny_rows(30, K);
+    // Reference: the means recomputed directly from the rows as stored (f64, tolerance 1e-9).
+    let rows = stored(&tiny_rows(30, K), K, FORMAT_VERSION);
     let n: usize = rows.iter().map(Row::n_pos).sum();
     let top1: f64 = rows
         .iter()
@@ -292,14 +328,14 @@ fn newer_manifest_version_is_refused() {
     let (d, m) = cache_dir();
     let mp = d.path().join(MANIFEST_FILE);
     let mut v = serde_json::to_value(&m).unwrap();
-    v["format_version"] = json!(2);
+    v["format_version"] = json!(FORMAT_VERSION + 1);
     std::fs::write(&mp, serde_json::to_string_pretty(&v).unwrap()).unwrap();
     match verify_dir(d.path(), true) {
         Err(Error::UnsupportedVersion {
             path,
-            found: 2,
+            found,
             supported: FORMAT_VERSION,
-        }) => assert_eq!(path, mp),
+        }) => assert_eq!((path, found), (mp.clone(), FORMAT_VERSION + 1)),
         r => panic!("expected UnsupportedVersion, got {r:?}"),
     }
     assert!(matches!(
@@ -330,19 +366,37 @@ fn write_raw(path: &Path, schema: arrow::datatypes::SchemaRef, kv: &[(&str, &str
 #[test]
 fn shard_metadata_and_schema_are_checked() {
     let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("v2.parquet");
+    let p = d.path().join("v3.parquet");
     write_raw(
         &p,
-        arrow_schema(),
-        &[(META_FORMAT_VERSION, "2"), (META_TOP_K, "4")],
+        arrow_schema_v2(),
+        &[(META_FORMAT_VERSION, "3"), (META_TOP_K, "4")],
     );
     match read_shard(&p) {
         Err(Error::UnsupportedVersion {
             path,
-            found: 2,
-            supported: 1,
+            found: 3,
+            supported: 2,
         }) => assert_eq!(path, p),
         r => panic!("expected UnsupportedVersion, got {r:?}"),
+    }
+    // A v2 shard needs its log-prob scale, a positive integer, and the v2 columns.
+    let v2 = |scale: Option<&'static str>| {
+        let mut kv = vec![(META_FORMAT_VERSION, "2"), (META_TOP_K, "4")];
+        kv.extend(scale.map(|s| (META_LOGPROB_SCALE, s)));
+        kv
+    };
+    for (schema, scale, ok) in [
+        (arrow_schema_v2(), None, false),
+        (arrow_schema_v2(), Some("0"), false),
+        (arrow_schema(), Some("1024"), false),
+        (arrow_schema_v2(), Some("1024"), true),
+    ] {
+        write_raw(&p, schema, &v2(scale));
+        match read_shard(&p) {
+            Ok(rows) => assert!(ok && rows.is_empty(), "{scale:?}"),
+            Err(e) => assert!(!ok && matches!(e, Error::Schema { .. }), "{scale:?}: {e:?}"),
+        }
     }
     write_raw(&p, arrow_schema(), &[(META_FORMAT_VERSION, "1")]);
     assert!(matches!(read_shard(&p), Err(Error::Schema { .. })));
@@ -421,7 +475,7 @@ fn merged_part_directories_verify() {
     for s in &merged.shards {
         all.extend(read_shard(&d.path().join(&s.file)).unwrap());
     }
-    assert_eq!(all, rows);
+    assert_eq!(all, stored(&rows, K, FORMAT_VERSION));
 }
 
 /// Silences the default panic message for panics raised inside the parquet crate, which the
@@ -517,23 +571,45 @@ fn python_with_pyarrow() -> Option<PathBuf> {
 }
 
 /// Interop: pyarrow reads a shard with the expected types, metadata and values.
-/// Skips (with a message) when python3 or pyarrow is missing, unless
-/// `KD_REQUIRE_PYARROW=1`, where it fails.
-#[test]
-fn pyarrow_reads_shard() {
-    let Some(py) = python_with_pyarrow() else {
+/// python3 with pyarrow, or `None` after printing that `test` is skipped; fails instead when
+/// `KD_REQUIRE_PYARROW=1`.
+fn pyarrow_or_skip(test: &str) -> Option<PathBuf> {
+    let py = python_with_pyarrow();
+    if py.is_none() {
         assert!(
             std::env::var_os("KD_REQUIRE_PYARROW").is_none(),
             "KD_REQUIRE_PYARROW is set but python3 with pyarrow is not available"
         );
-        eprintln!(
-            "SKIPPED pyarrow_reads_shard: python3 with pyarrow not found (pip install pyarrow)"
-        );
+        eprintln!("SKIPPED {test}: python3 with pyarrow not found (pip install pyarrow)");
+    }
+    py
+}
+
+/// Runs `script` with the shard path as its argument; its stdout parsed as JSON.
+fn run_python(py: &Path, script: &str, path: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(py)
+        .args(["-c", script])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pyarrow failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Skips (with a message) when python3 or pyarrow is missing, unless
+/// `KD_REQUIRE_PYARROW=1`, where it fails.
+#[test]
+fn pyarrow_reads_shard() {
+    let Some(py) = pyarrow_or_skip("pyarrow_reads_shard") else {
         return;
     };
     let d = tempfile::tempdir().unwrap();
     let rows = tiny_rows(9, K);
-    write_shard(d.path(), "s.parquet", K, &rows).unwrap();
+    write_shard_with(d.path(), "s.parquet", K, &rows, &WriteOptions::v1()).unwrap();
     let script = r#"
 import json, sys
 import pyarrow.parquet as pq
@@ -557,17 +633,7 @@ print(json.dumps({
     "token_logprob": t.column("token_logprob")[8].as_py(),
 }))
 "#;
-    let out = std::process::Command::new(py)
-        .args(["-c", script])
-        .arg(d.path().join("s.parquet"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pyarrow failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = run_python(&py, script, &d.path().join("s.parquet"));
     assert_eq!(v["rows"], 9);
     assert_eq!(v["columns"], json!(COLUMNS));
     assert_eq!(
@@ -598,6 +664,56 @@ print(json.dumps({
     assert_eq!(lps, r.topk_logprobs);
     let tl: Vec<f32> = serde_json::from_value(v["token_logprob"].clone()).unwrap();
     assert_eq!(tl, r.token_logprob);
+}
+
+/// pyarrow reads a v2 shard and decodes its log-probs with nothing but the formula of
+/// `schemas/shard-v2.json` (`-cumsum(gaps within a position) / S`, `-q / S`): each within
+/// 1/1024 nats of the values written. Skips like [`pyarrow_reads_shard`].
+#[test]
+fn pyarrow_decodes_a_v2_shard_with_the_documented_formula() {
+    let Some(py) = pyarrow_or_skip("pyarrow_decodes_a_v2_shard") else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let rows = tiny_rows(9, K);
+    write_shard(d.path(), "s.parquet", K, &rows).unwrap();
+    let script = r#"
+import json, sys
+from itertools import accumulate
+import pyarrow.parquet as pq
+t = pq.read_table(sys.argv[1])
+md = {k.decode(): v.decode() for k, v in t.schema.metadata.items() if k.decode().startswith("kd.")}
+k, S = int(md["kd.top_k"]), int(md["kd.logprob_scale"])
+out = []
+for gaps, q in zip(t.column("topk_logprob_gaps").to_pylist(), t.column("token_logprob_q").to_pylist()):
+    lps = [-c / S for j in range(0, len(gaps), k) for c in accumulate(gaps[j:j + k])]
+    out.append({"topk_logprobs": lps, "token_logprob": [-x / S for x in q]})
+print(json.dumps({"meta": md, "columns": t.column_names, "rows": out}))
+"#;
+    let v = run_python(&py, script, &d.path().join("s.parquet"));
+    assert_eq!(
+        v["meta"],
+        json!({"kd.format_version": "2", "kd.top_k": "4", "kd.logprob_scale": "1024"})
+    );
+    assert_eq!(v["columns"], json!(COLUMNS_V2));
+    let got = v["rows"].as_array().unwrap();
+    assert_eq!(got.len(), rows.len());
+    let mut worst = 0f64;
+    for (g, r) in got.iter().zip(&rows) {
+        let lps: Vec<f64> = serde_json::from_value(g["topk_logprobs"].clone()).unwrap();
+        let tl: Vec<f64> = serde_json::from_value(g["token_logprob"].clone()).unwrap();
+        assert_eq!(lps.len(), r.topk_logprobs.len());
+        assert_eq!(tl.len(), r.token_logprob.len());
+        for (a, b) in lps
+            .iter()
+            .zip(&r.topk_logprobs)
+            .chain(tl.iter().zip(&r.token_logprob))
+        {
+            worst = worst.max((a - f64::from(*b)).abs());
+        }
+    }
+    assert!(worst <= 1.0 / 1024.0, "worst error {worst}");
+    assert!(worst > 0.0, "the values are quantized");
 }
 
 /// `schemas/manifest-v1.schema.json` lists exactly the fields `Manifest` serialises.

@@ -16,7 +16,9 @@ use parquet::schema::types::ColumnPath;
 
 use crate::fsutil::{HashingWriter, safe_join, write_atomic};
 use crate::manifest::ShardEntry;
-use crate::schema::{LIST_ITEM, META_FORMAT_VERSION, META_TOP_K, arrow_schema};
+use crate::schema::{
+    LIST_ITEM, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_TOP_K, arrow_schema_of,
+};
 use crate::{Error, FORMAT_VERSION, Result, Row, Source};
 
 /// How the values of one family of columns are encoded inside Parquet pages (before zstd).
@@ -40,28 +42,59 @@ pub struct WriteOptions {
     pub zstd_level: i32,
     /// Rows (sequences) per row group at most.
     pub row_group_rows: usize,
-    /// Encoding of `topk_logprobs` and `token_logprob` values.
+    /// Encoding of the log-prob columns' values (v1: `topk_logprobs` and `token_logprob`;
+    /// v2: `topk_logprob_gaps` and `token_logprob_q`).
     pub float_encoding: ValueEncoding,
     /// Encoding of `topk_ids` values.
     pub topk_id_encoding: ValueEncoding,
     /// Encoding of `input_ids` values.
     pub input_id_encoding: ValueEncoding,
+    /// Format version to write: 2 (integer log-probs within 1/1024 nats, the default) or 1
+    /// (exact f32 log-probs).
+    pub format_version: u32,
 }
 
 impl Default for WriteOptions {
-    /// zstd level 3, 256 rows per row group, BYTE_STREAM_SPLIT floats, dictionary ids.
+    /// Format 2, zstd level 3, 256 rows per row group, BYTE_STREAM_SPLIT log-prob integers
+    /// and top-k ids, dictionary input ids.
     ///
-    /// Measured with `cargo run -p kd-shard --release --example encodings` on
-    /// `synth::realistic_rows` (Zipf-like logits over a 49152 vocabulary, k=32, 2000
-    /// positions): 224.38 B/position with Parquet's default dictionary encoding everywhere,
-    /// 138.15 B/position with BYTE_STREAM_SPLIT floats (full table in the crate docs).
+    /// Measured with `cargo run -p kd-shard --release --example encodings out/quickstart-v1`
+    /// on the quickstart's 3680 positions at k = 32, all rows in one file: 92.3 B/position
+    /// (v1 with BYTE_STREAM_SPLIT floats and dictionary ids, [`WriteOptions::v1`]: 162.4;
+    /// Parquet's default dictionary encoding everywhere: 248.9). On 20000 synthetic positions
+    /// (`synth::realistic_rows`): 69.7 against 138.0.
     fn default() -> Self {
         WriteOptions {
             zstd_level: 3,
             row_group_rows: 256,
             float_encoding: ValueEncoding::ByteStreamSplit,
-            topk_id_encoding: ValueEncoding::Dictionary,
+            topk_id_encoding: ValueEncoding::ByteStreamSplit,
             input_id_encoding: ValueEncoding::Dictionary,
+            format_version: FORMAT_VERSION,
+        }
+    }
+}
+
+impl WriteOptions {
+    /// Format 1 as it has always been written: exact f32 log-probs with BYTE_STREAM_SPLIT,
+    /// dictionary-encoded ids.
+    pub fn v1() -> Self {
+        WriteOptions {
+            topk_id_encoding: ValueEncoding::Dictionary,
+            format_version: 1,
+            ..WriteOptions::default()
+        }
+    }
+
+    /// The defaults of format `version` (1 or 2).
+    pub fn for_version(version: u32) -> Self {
+        if version == 1 {
+            Self::v1()
+        } else {
+            WriteOptions {
+                format_version: version,
+                ..WriteOptions::default()
+            }
         }
     }
 }
@@ -106,6 +139,49 @@ fn apply_encoding(
     }
 }
 
+/// The `kd.*` key-value metadata of a shard of format `version`.
+fn kd_metadata(k: usize, version: u32) -> Vec<(String, String)> {
+    let mut v = vec![
+        (META_FORMAT_VERSION.to_string(), version.to_string()),
+        (META_TOP_K.to_string(), k.to_string()),
+    ];
+    if version >= 2 {
+        v.push((META_LOGPROB_SCALE.to_string(), LOGPROB_SCALE.to_string()));
+    }
+    v
+}
+
+/// `ceil(-log_prob · LOGPROB_SCALE)`, at least 0: the decoded value is never above the
+/// exact one. `None` beyond u32 (a log-prob below about −4.2 million nats).
+fn quantize(lp: f32) -> Option<u32> {
+    let q = (-f64::from(lp) * f64::from(LOGPROB_SCALE)).ceil().max(0.0);
+    (q <= f64::from(u32::MAX)).then_some(q as u32)
+}
+
+/// A row's log-probs as v2 integers: `(topk_logprob_gaps, token_logprob_q)`. The row is
+/// valid (each position sorted by log-prob descending), so the rounded-up values are
+/// non-decreasing within a position and the gaps non-negative.
+fn quantize_row(r: &Row, k: usize) -> std::result::Result<(Vec<u32>, Vec<u32>), String> {
+    let range = |lp: f32| {
+        quantize(lp).ok_or_else(|| format!("log-prob {lp} is below the range of format 2"))
+    };
+    let mut gaps = Vec::with_capacity(r.topk_logprobs.len());
+    for pos in r.topk_logprobs.chunks(k.max(1)) {
+        let mut prev = 0u32;
+        for &lp in pos {
+            let q = range(lp)?.max(prev);
+            gaps.push(q - prev);
+            prev = q;
+        }
+    }
+    let q = r
+        .token_logprob
+        .iter()
+        .map(|&lp| range(lp))
+        .collect::<std::result::Result<_, _>>()?;
+    Ok((gaps, q))
+}
+
 fn writer_properties(k: usize, opts: &WriteOptions, path: &Path) -> Result<WriterProperties> {
     let level = ZstdLevel::try_new(opts.zstd_level).map_err(|e| Error::parquet(path, e))?;
     let mut b = WriterProperties::builder()
@@ -114,12 +190,19 @@ fn writer_properties(k: usize, opts: &WriteOptions, path: &Path) -> Result<Write
         .set_compression(Compression::ZSTD(level))
         .set_max_row_group_row_count(Some(opts.row_group_rows.max(1)))
         .set_statistics_enabled(EnabledStatistics::Chunk)
-        .set_key_value_metadata(Some(vec![
-            KeyValue::new(META_FORMAT_VERSION.to_string(), FORMAT_VERSION.to_string()),
-            KeyValue::new(META_TOP_K.to_string(), k.to_string()),
-        ]));
-    b = apply_encoding(b, "topk_logprobs", opts.float_encoding);
-    b = apply_encoding(b, "token_logprob", opts.float_encoding);
+        .set_key_value_metadata(Some(
+            kd_metadata(k, opts.format_version)
+                .into_iter()
+                .map(|(k, v)| KeyValue::new(k, v))
+                .collect(),
+        ));
+    if opts.format_version >= 2 {
+        b = apply_encoding(b, "topk_logprob_gaps", opts.float_encoding);
+        b = apply_encoding(b, "token_logprob_q", opts.float_encoding);
+    } else {
+        b = apply_encoding(b, "topk_logprobs", opts.float_encoding);
+        b = apply_encoding(b, "token_logprob", opts.float_encoding);
+    }
     b = apply_encoding(b, "topk_ids", opts.topk_id_encoding);
     b = apply_encoding(b, "input_ids", opts.input_id_encoding);
     Ok(b.build())
@@ -164,7 +247,12 @@ fn batch_ranges(rows: &[Row], max_rows: usize) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-fn record_batch(schema: &SchemaRef, rows: &[Row], path: &Path) -> Result<RecordBatch> {
+fn record_batch(
+    schema: &SchemaRef,
+    rows: &[Row],
+    quantized: Option<&[(Vec<u32>, Vec<u32>)]>,
+    path: &Path,
+) -> Result<RecordBatch> {
     let too_big = || Error::corrupt(path, "list values exceed i32 offsets in one batch");
     let id: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.id)));
     let source: ArrayRef = Arc::new(StringArray::from_iter_values(
@@ -187,20 +275,40 @@ fn record_batch(schema: &SchemaRef, rows: &[Row], path: &Path) -> Result<RecordB
             rows.iter().flat_map(|r| r.topk_ids.iter().copied()),
         )),
     );
-    let topk_logprobs = list_array(
-        DataType::Float32,
-        offsets(rows.iter().map(|r| r.topk_logprobs.len())).ok_or_else(too_big)?,
-        Arc::new(Float32Array::from_iter_values(
-            rows.iter().flat_map(|r| r.topk_logprobs.iter().copied()),
-        )),
-    );
-    let token_logprob = list_array(
-        DataType::Float32,
-        offsets(rows.iter().map(|r| r.token_logprob.len())).ok_or_else(too_big)?,
-        Arc::new(Float32Array::from_iter_values(
-            rows.iter().flat_map(|r| r.token_logprob.iter().copied()),
-        )),
-    );
+    let (topk_logprobs, token_logprob) = match quantized {
+        None => (
+            list_array(
+                DataType::Float32,
+                offsets(rows.iter().map(|r| r.topk_logprobs.len())).ok_or_else(too_big)?,
+                Arc::new(Float32Array::from_iter_values(
+                    rows.iter().flat_map(|r| r.topk_logprobs.iter().copied()),
+                )),
+            ),
+            list_array(
+                DataType::Float32,
+                offsets(rows.iter().map(|r| r.token_logprob.len())).ok_or_else(too_big)?,
+                Arc::new(Float32Array::from_iter_values(
+                    rows.iter().flat_map(|r| r.token_logprob.iter().copied()),
+                )),
+            ),
+        ),
+        Some(q) => (
+            list_array(
+                DataType::UInt32,
+                offsets(q.iter().map(|r| r.0.len())).ok_or_else(too_big)?,
+                Arc::new(UInt32Array::from_iter_values(
+                    q.iter().flat_map(|r| r.0.iter().copied()),
+                )),
+            ),
+            list_array(
+                DataType::UInt32,
+                offsets(q.iter().map(|r| r.1.len())).ok_or_else(too_big)?,
+                Arc::new(UInt32Array::from_iter_values(
+                    q.iter().flat_map(|r| r.1.iter().copied()),
+                )),
+            ),
+        ),
+    };
     RecordBatch::try_new(
         schema.clone(),
         vec![
@@ -262,17 +370,36 @@ pub fn write_shard_with(
             entry.response_tokens += r.n_pos() as u64;
         }
     }
+    let version = opts.format_version;
+    if version == 0 || version > FORMAT_VERSION {
+        return Err(Error::UnsupportedVersion {
+            path: path.clone(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let quantized = if version >= 2 {
+        let mut q = Vec::with_capacity(rows.len());
+        for (index, r) in rows.iter().enumerate() {
+            q.push(quantize_row(r, k).map_err(|what| Error::InvalidRow {
+                path: path.clone(),
+                index,
+                id: r.id.clone(),
+                what,
+            })?);
+        }
+        Some(q)
+    } else {
+        None
+    };
     let props = writer_properties(k, opts, &path)?;
     // The kd.* keys also go into the Arrow schema's metadata, which pyarrow and polars show
     // as the table's metadata (they read it from the embedded ARROW:schema).
     let schema = Arc::new(
-        arrow_schema().as_ref().clone().with_metadata(
-            [
-                (META_FORMAT_VERSION.to_string(), FORMAT_VERSION.to_string()),
-                (META_TOP_K.to_string(), k.to_string()),
-            ]
-            .into_iter()
-            .collect::<std::collections::BTreeMap<_, _>>(),
+        arrow_schema_of(version).as_ref().clone().with_metadata(
+            kd_metadata(k, version)
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>(),
         ),
     );
     let (sha, bytes) = write_atomic(&path, |file| {
@@ -280,7 +407,8 @@ pub fn write_shard_with(
         let mut w = ArrowWriter::try_new(HashingWriter::new(file), schema.clone(), Some(props))
             .map_err(pq)?;
         for range in batch_ranges(rows, opts.row_group_rows.max(1)) {
-            w.write(&record_batch(&schema, &rows[range], &path)?)
+            let q = quantized.as_deref().map(|q| &q[range.clone()]);
+            w.write(&record_batch(&schema, &rows[range], q, &path)?)
                 .map_err(pq)?;
         }
         let (file, sha, bytes) = w.into_inner().map_err(pq)?.finish();

@@ -87,6 +87,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Most positions whose full-vocabulary logits are held at once while scoring.
     pub logits_chunk: usize,
+    /// Shard format to write: 2 (integer log-probs within 1/1024 nats; the default) or 1
+    /// (f32 log-probs). Recorded in the manifest, so a resume must use the same.
+    pub shard_format: u32,
 }
 
 /// What a dump did.
@@ -136,6 +139,7 @@ pub fn identity_manifest(
     input: &Input,
     settings: &DumpSettings,
     part: Option<(usize, usize)>,
+    format_version: u32,
 ) -> Manifest {
     let id = &model.identity;
     let teacher = serde_json::json!({
@@ -162,7 +166,7 @@ pub fn identity_manifest(
     });
     let mut m = Manifest {
         format: kd_shard::FORMAT_NAME.to_string(),
-        format_version: kd_shard::FORMAT_VERSION,
+        format_version,
         producer: format!("teacher-dump {}", env!("CARGO_PKG_VERSION")),
         teacher,
         tokenizer,
@@ -271,7 +275,7 @@ pub fn dump(
     })?;
     remove_stray_tmp_files(out_dir)?;
 
-    let mut manifest = identity_manifest(model, input, settings, opts.part);
+    let mut manifest = identity_manifest(model, input, settings, opts.part, opts.shard_format);
     let final_path = out_dir.join(kd_shard::MANIFEST_FILE);
     let partial_path = out_dir.join(kd_shard::PARTIAL_MANIFEST_FILE);
     let mut done: Vec<Option<ShardEntry>> = Vec::new();
@@ -410,8 +414,14 @@ pub fn dump(
             }
             rows.extend(by_index.into_iter().map(|r| r.expect("every row done")));
         }
-        let entry =
-            kd_shard::write_shard(out_dir, &shard_name(opts.part, j), settings.top_k, &rows)?;
+        let write = kd_shard::WriteOptions::for_version(opts.shard_format);
+        let entry = kd_shard::write_shard_with(
+            out_dir,
+            &shard_name(opts.part, j),
+            settings.top_k,
+            &rows,
+            &write,
+        )?;
         kd_shard::crash_point(|| format!("after-shard:{j}"));
         done[j] = Some(entry);
         written += 1;

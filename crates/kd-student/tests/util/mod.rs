@@ -26,10 +26,12 @@ pub fn write_set(dir: &Path, rows: &[Row], k: usize, n_shards: usize, tok: &str)
     dir.to_path_buf()
 }
 
-/// A fresh temp dir holding `tiny_rows(n, k)` in `n_shards` shards.
+/// A shard set of `n` tiny rows with `k` entries per position in `n_shards` shards, and its
+/// rows as a reader gets them back.
 pub fn tiny_set(n: usize, k: usize, n_shards: usize) -> (tempfile::TempDir, Vec<Row>) {
     let d = tempfile::tempdir().unwrap();
     let rows = kd_shard::synth::tiny_rows(n, k);
     write_set(d.path(), &rows, k, n_shards, "toy-tok");
-    (d, rows)
+    // The rows as the shards hold them (format 2 rounds log-probs to 1/1024 nats).
+    (d, rows.iter().map(|r| r.as_stored_v2(k)).collect())
 }
