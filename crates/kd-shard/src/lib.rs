@@ -24,7 +24,7 @@
 //! is self-describing. [`schema_json`] (= `schemas/shard-v1.json`) describes all of this for
 //! machines; `schemas/manifest-v1.schema.json` is the JSON Schema of the manifest.
 //!
-//! ## Shard format v2 (written by default)
+//! ## Shard format v2 (`teacher-dump --shard-format 2`)
 //!
 //! The same seven columns, except that the two log-prob columns hold integers:
 //!
@@ -45,7 +45,9 @@
 //! third of the bytes of v1's floats; the top-k ids use BYTE_STREAM_SPLIT too (integer
 //! BYTE_STREAM_SPLIT needs a reader of Parquet 2.11 or later, e.g. pyarrow ≥ 17; format 1,
 //! `teacher-dump --shard-format 1`, keeps exact floats and dictionary ids for older readers).
-//! Readers take both versions; [`schema_json_of`]`(2)` = `schemas/shard-v2.json`.
+//! Readers take both versions; [`schema_json_of`]`(2)` = `schemas/shard-v2.json`. Format 1 stays
+//! the default ([`DEFAULT_FORMAT_VERSION`]): rounding every entry down can inflate a tiny tail
+//! mass by up to ~1e-3, which reverse KL and JSD would see.
 //!
 //! ## Position convention
 //!
@@ -75,8 +77,8 @@
 //! ## Storage (measured)
 //!
 //! Format 2 against format 1 at k = 32, `cargo run -p kd-shard --release --example encodings
-//! out/quickstart-v1` (the quickstart's 3680 positions, one file) and `... encodings 20000`
-//! (synthetic): 92.3 against 162.4 B/position on the quickstart, 69.7 against 138.0 on the
+//! out/quickstart` (the quickstart's 3680 positions, one file) and `... encodings 20000`
+//! (synthetic): 97.4 against 162.4 B/position on the quickstart, 74.2 against 138.0 on the
 //! synthetic rows. The tables below are format 1's encodings.
 //!
 //! Bytes per distilled position at k=32 on [`synth::realistic_rows`] (49152 vocabulary, 2000
@@ -111,9 +113,7 @@
 //! let dir = tempfile::tempdir()?;
 //! let rows = kd_shard::synth::tiny_rows(10, 4);
 //! let entry = write_shard(dir.path(), "shard-00000.parquet", 4, &rows)?;
-//! // Format 2 stores log-probs in steps of 1/1024 nats.
-//! let stored: Vec<_> = rows.iter().map(|r| r.as_stored_v2(4)).collect();
-//! assert_eq!(read_shard(&dir.path().join(&entry.file))?, stored);
+//! assert_eq!(read_shard(&dir.path().join(&entry.file))?, rows);
 //!
 //! let mut m = Manifest::new(
 //!     "example 0.1.0",
@@ -160,11 +160,16 @@ pub use stats::{SourceStats, Stats, StatsBuilder, stats_dir};
 pub use verify::{Problem, ProblemKind, VerifyReport, verify_dir};
 pub use writer::{ValueEncoding, WriteOptions, created_by, write_shard, write_shard_with};
 
-/// The shard and manifest format version this library writes by default and the newest it
-/// reads. Version 2 stores log-probs as integers (steps of 1/[`LOGPROB_SCALE`] nats); version
-/// 1 (exact f32 log-probs) is still read everywhere and written on request
-/// ([`WriteOptions::format_version`]).
+/// The newest shard and manifest format version this library reads and writes. Version 2
+/// stores log-probs as integers (steps of 1/[`LOGPROB_SCALE`] nats), written on request
+/// ([`WriteOptions::v2`]); version 1 stores exact f32 log-probs.
 pub const FORMAT_VERSION: u32 = 2;
+
+/// The format written by default: 1, exact log-probs. Format 2 rounds every log-prob down by
+/// up to 1/1024 nats, which can inflate a tiny tail mass (1 − Σ top-k) by up to about 1e-3:
+/// forward KL does not notice (0.1% after 100 steps), but reverse KL and JSD weigh the
+/// tail's logarithm, so they would train and evaluate against a different tail.
+pub const DEFAULT_FORMAT_VERSION: u32 = 1;
 
 #[cfg(test)]
 mod tests;

@@ -192,7 +192,7 @@ impl Manifest {
     ) -> Manifest {
         let mut m = Manifest {
             format: FORMAT_NAME.to_string(),
-            format_version: FORMAT_VERSION,
+            format_version: crate::DEFAULT_FORMAT_VERSION,
             producer: producer.into(),
             teacher,
             tokenizer,

@@ -157,7 +157,7 @@ impl StatsBuilder {
             } else {
                 bytes as f64 / (self.all.positions as f64 * self.k as f64)
             },
-            format_version: crate::FORMAT_VERSION,
+            format_version: crate::DEFAULT_FORMAT_VERSION,
             mean_tail_mass: tail,
             mean_top1_prob: top1,
             mean_token_logprob: tok,

@@ -64,9 +64,15 @@ fn round_trip() {
     let rows = tiny_rows(25, K);
     let e = write_shard(d.path(), "a/b/shard.parquet", K, &rows).unwrap();
     let path = d.path().join("a/b/shard.parquet");
-    assert_eq!(read_shard(&path).unwrap(), stored(&rows, K, FORMAT_VERSION));
-    // Every decoded log-prob is within 1/1024 nats of the written one.
-    for (a, b) in read_shard(&path).unwrap().iter().zip(&rows) {
+    assert_eq!(
+        read_shard(&path).unwrap(),
+        stored(&rows, K, DEFAULT_FORMAT_VERSION)
+    );
+    // Format 2: every decoded log-prob is at most 1/1024 nats below the written one.
+    write_shard_with(d.path(), "v2.parquet", K, &rows, &WriteOptions::v2()).unwrap();
+    let v2 = read_shard(&d.path().join("v2.parquet")).unwrap();
+    assert_eq!(v2, stored(&rows, K, 2));
+    for (a, b) in v2.iter().zip(&rows) {
         for (x, y) in a
             .topk_logprobs
             .iter()
@@ -76,9 +82,6 @@ fn round_trip() {
             assert!(x <= y && y - x < 1.0 / 1024.0, "{x} vs {y}");
         }
     }
-    // Format 1 stores the exact values.
-    write_shard_with(d.path(), "v1.parquet", K, &rows, &WriteOptions::v1()).unwrap();
-    assert_eq!(read_shard(&d.path().join("v1.parquet")).unwrap(), rows);
     assert_eq!(e.file, "a/b/shard.parquet");
     assert_eq!(e.rows, 25);
     assert_eq!(
@@ -101,7 +104,7 @@ fn round_trip() {
     let meta = read_shard_meta(&path).unwrap();
     assert_eq!(meta.k, K);
     assert_eq!(meta.rows, 25);
-    assert_eq!(meta.format_version, FORMAT_VERSION);
+    assert_eq!(meta.format_version, DEFAULT_FORMAT_VERSION);
     assert_eq!(meta.created_by.as_deref(), Some(created_by().as_str()));
 }
 
@@ -172,7 +175,7 @@ fn realistic_rows_round_trip() {
     write_shard(d.path(), "r.parquet", 16, &rows).unwrap();
     assert_eq!(
         read_shard(&d.path().join("r.parquet")).unwrap(),
-        stored(&rows, 16, FORMAT_VERSION)
+        stored(&rows, 16, DEFAULT_FORMAT_VERSION)
     );
 }
 
@@ -220,7 +223,14 @@ fn atomic_publish_leaves_no_tmp_file() {
 fn shard_is_self_describing() {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let d = tempfile::tempdir().unwrap();
-    write_shard(d.path(), "s.parquet", K, &tiny_rows(3, K)).unwrap();
+    write_shard_with(
+        d.path(),
+        "s.parquet",
+        K,
+        &tiny_rows(3, K),
+        &WriteOptions::v2(),
+    )
+    .unwrap();
     let r = SerializedFileReader::new(std::fs::File::open(d.path().join("s.parquet")).unwrap())
         .unwrap();
     let kv = r.metadata().file_metadata().key_value_metadata().unwrap();
@@ -257,7 +267,7 @@ fn verify_accepts_good_dir_and_stats_add_up() {
     assert_eq!(by, s.positions);
     assert_eq!(s.by_source["generated"].positions, s.response_tokens);
     // Reference: the means recomputed directly from the rows as stored (f64, tolerance 1e-9).
-    let rows = stored(&tiny_rows(30, K), K, FORMAT_VERSION);
+    let rows = stored(&tiny_rows(30, K), K, DEFAULT_FORMAT_VERSION);
     let n: usize = rows.iter().map(Row::n_pos).sum();
     let top1: f64 = rows
         .iter()
@@ -475,7 +485,7 @@ fn merged_part_directories_verify() {
     for s in &merged.shards {
         all.extend(read_shard(&d.path().join(&s.file)).unwrap());
     }
-    assert_eq!(all, stored(&rows, K, FORMAT_VERSION));
+    assert_eq!(all, stored(&rows, K, DEFAULT_FORMAT_VERSION));
 }
 
 /// Silences the default panic message for panics raised inside the parquet crate, which the
@@ -609,7 +619,7 @@ fn pyarrow_reads_shard() {
     };
     let d = tempfile::tempdir().unwrap();
     let rows = tiny_rows(9, K);
-    write_shard_with(d.path(), "s.parquet", K, &rows, &WriteOptions::v1()).unwrap();
+    write_shard(d.path(), "s.parquet", K, &rows).unwrap();
     let script = r#"
 import json, sys
 import pyarrow.parquet as pq
@@ -676,7 +686,7 @@ fn pyarrow_decodes_a_v2_shard_with_the_documented_formula() {
     };
     let d = tempfile::tempdir().unwrap();
     let rows = tiny_rows(9, K);
-    write_shard(d.path(), "s.parquet", K, &rows).unwrap();
+    write_shard_with(d.path(), "s.parquet", K, &rows, &WriteOptions::v2()).unwrap();
     let script = r#"
 import json, sys
 from itertools import accumulate

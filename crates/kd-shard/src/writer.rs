@@ -19,7 +19,7 @@ use crate::manifest::ShardEntry;
 use crate::schema::{
     LIST_ITEM, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_TOP_K, arrow_schema_of,
 };
-use crate::{Error, FORMAT_VERSION, Result, Row, Source};
+use crate::{DEFAULT_FORMAT_VERSION, Error, FORMAT_VERSION, Result, Row, Source};
 
 /// How the values of one family of columns are encoded inside Parquet pages (before zstd).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,46 +55,49 @@ pub struct WriteOptions {
 }
 
 impl Default for WriteOptions {
-    /// Format 2, zstd level 3, 256 rows per row group, BYTE_STREAM_SPLIT log-prob integers
-    /// and top-k ids, dictionary input ids.
+    /// Format 1 ([`DEFAULT_FORMAT_VERSION`]): zstd level 3, 256 rows per row group,
+    /// BYTE_STREAM_SPLIT floats, dictionary ids.
     ///
-    /// Measured with `cargo run -p kd-shard --release --example encodings out/quickstart-v1`
-    /// on the quickstart's 3680 positions at k = 32, all rows in one file: 92.3 B/position
-    /// (v1 with BYTE_STREAM_SPLIT floats and dictionary ids, [`WriteOptions::v1`]: 162.4;
-    /// Parquet's default dictionary encoding everywhere: 248.9). On 20000 synthetic positions
-    /// (`synth::realistic_rows`): 69.7 against 138.0.
+    /// Measured with `cargo run -p kd-shard --release --example encodings` on
+    /// `synth::realistic_rows` (Zipf-like logits over a 49152 vocabulary, k=32, 2000
+    /// positions): 224.38 B/position with Parquet's default dictionary encoding everywhere,
+    /// 138.15 B/position with BYTE_STREAM_SPLIT floats (full table in the crate docs).
     fn default() -> Self {
         WriteOptions {
             zstd_level: 3,
             row_group_rows: 256,
             float_encoding: ValueEncoding::ByteStreamSplit,
-            topk_id_encoding: ValueEncoding::ByteStreamSplit,
+            topk_id_encoding: ValueEncoding::Dictionary,
             input_id_encoding: ValueEncoding::Dictionary,
-            format_version: FORMAT_VERSION,
+            format_version: DEFAULT_FORMAT_VERSION,
         }
     }
 }
 
 impl WriteOptions {
-    /// Format 1 as it has always been written: exact f32 log-probs with BYTE_STREAM_SPLIT,
-    /// dictionary-encoded ids.
-    pub fn v1() -> Self {
+    /// Format 2: integer log-probs and top-k ids, both BYTE_STREAM_SPLIT.
+    ///
+    /// Measured with `cargo run -p kd-shard --release --example encodings out/quickstart`
+    /// on the quickstart's 3680 positions at k = 32, all rows in one file: 97.4 B/position
+    /// (format 1: 162.4); on 20000 synthetic positions (`synth::realistic_rows`): 74.2
+    /// against 138.0.
+    pub fn v2() -> Self {
         WriteOptions {
-            topk_id_encoding: ValueEncoding::Dictionary,
-            format_version: 1,
+            topk_id_encoding: ValueEncoding::ByteStreamSplit,
+            format_version: 2,
             ..WriteOptions::default()
         }
     }
 
     /// The defaults of format `version` (1 or 2).
     pub fn for_version(version: u32) -> Self {
-        if version == 1 {
-            Self::v1()
-        } else {
+        if version >= 2 {
             WriteOptions {
                 format_version: version,
-                ..WriteOptions::default()
+                ..Self::v2()
             }
+        } else {
+            WriteOptions::default()
         }
     }
 }

@@ -168,8 +168,20 @@ struct Cache {
 
 impl Cache {
     fn new() -> Cache {
+        Cache::of_version(kd_shard::DEFAULT_FORMAT_VERSION)
+    }
+
+    /// A cache whose shard is written in format `version`.
+    fn of_version(version: u32) -> Cache {
         let dir = tempfile::tempdir().unwrap();
-        let entry = write_shard(dir.path(), SHARD, K, &tiny_rows(8, K)).unwrap();
+        let entry = kd_shard::write_shard_with(
+            dir.path(),
+            SHARD,
+            K,
+            &tiny_rows(8, K),
+            &kd_shard::WriteOptions::for_version(version),
+        )
+        .unwrap();
         let mut m = Manifest::new(
             "kd-shard-fuzz 0",
             json!({"architecture": "toy", "vocab_size": TINY_VOCAB, "weights_sha256": "00"}),
@@ -241,9 +253,11 @@ fn shard_input() -> impl Strategy<Value = ShardInput> {
     ]
 }
 
-fn shard_cache() -> &'static std::sync::Mutex<Cache> {
-    static C: std::sync::OnceLock<std::sync::Mutex<Cache>> = std::sync::OnceLock::new();
-    C.get_or_init(|| std::sync::Mutex::new(Cache::new()))
+/// The shard caches of format 1 and format 2: every mutation runs against one of them.
+fn shard_cache(v2: bool) -> &'static std::sync::Mutex<Cache> {
+    static C: [std::sync::OnceLock<std::sync::Mutex<Cache>>; 2] =
+        [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    C[v2 as usize].get_or_init(|| std::sync::Mutex::new(Cache::of_version(1 + v2 as u32)))
 }
 
 proptest! {
@@ -252,9 +266,9 @@ proptest! {
     /// A mutated shard: every reader returns (rows or an error naming the shard), and both
     /// verification depths report a problem unless the bytes are unchanged.
     #[test]
-    fn mutated_shard_is_an_error_or_a_problem(input in shard_input()) {
+    fn mutated_shard_is_an_error_or_a_problem(input in shard_input(), v2 in any::<bool>()) {
         install_panic_hook();
-        let c = shard_cache().lock().unwrap_or_else(|e| e.into_inner());
+        let c = shard_cache(v2).lock().unwrap_or_else(|e| e.into_inner());
         let p = c.path(SHARD);
         let bytes = match &input {
             ShardInput::Mutated(m) => apply(&c.shard, c.footer(), m),

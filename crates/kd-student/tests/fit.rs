@@ -65,7 +65,7 @@ fn tiny_dump(
         part: None,
         progress: false,
         logits_chunk: 64,
-        shard_format: kd_shard::FORMAT_VERSION,
+        shard_format: kd_shard::DEFAULT_FORMAT_VERSION,
     };
     let shards = dir.join("shards");
     dump(&teacher, &input, &settings, &opts, &shards).unwrap();

@@ -16,7 +16,7 @@
 //!     max_new_tokens: 128, temperature: 0.0, top_p: 1.0, seed: 0, chat_template: true,
 //!     rows_per_shard: 64, precision: kd_model::Precision::Exact };
 //! let opts = dump::RunOptions { batch_size: 8, resume: false, part: None, progress: true,
-//!     logits_chunk: 256, shard_format: kd_shard::FORMAT_VERSION };
+//!     logits_chunk: 256, shard_format: kd_shard::DEFAULT_FORMAT_VERSION };
 //! let summary = dump::dump(&model, &input, &settings, &opts, "out/shards".as_ref()).unwrap();
 //! println!("{:.1} tokens/s", summary.tokens_per_s);
 //! ```

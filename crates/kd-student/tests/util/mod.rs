@@ -32,6 +32,5 @@ pub fn tiny_set(n: usize, k: usize, n_shards: usize) -> (tempfile::TempDir, Vec<
     let d = tempfile::tempdir().unwrap();
     let rows = kd_shard::synth::tiny_rows(n, k);
     write_set(d.path(), &rows, k, n_shards, "toy-tok");
-    // The rows as the shards hold them (format 2 rounds log-probs to 1/1024 nats).
-    (d, rows.iter().map(|r| r.as_stored_v2(k)).collect())
+    (d, rows)
 }
