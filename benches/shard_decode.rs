@@ -4,7 +4,7 @@
 //! 49152-token vocabulary, k = 32, 20 000 positions in 80 rows, one shard), plus the bytes of
 //! each file. Both formats are timed in the same invocation, alternately, best of 7.
 //!
-//! Run: `cargo bench --bench loader`.
+//! Run: `cargo bench --bench shard_decode`.
 
 use std::time::Instant;
 
