@@ -40,7 +40,7 @@ pub struct Args {
     pub mixed: bool,
     /// Log-probabilities kept per position [default: 32]. On the first 16 quickstart prompts
     /// with SmolLM2-135M the mass outside the top k averaged 12.6% at k=8, 6.5% at k=32 and 4.5% at
-    /// k=64, for about 168 bytes per position at k=32 against 318 at k=64 (102 and 188 in format 2); the bucket tail
+    /// k=64, for about 107 bytes per position at k=32 against 193 at k=64 (format 2); the bucket tail
     /// policy of the losses accounts for the rest exactly. `shard-cat stats` prints a dump's
     /// mean tail mass.
     #[arg(long)]
@@ -86,10 +86,10 @@ pub struct Args {
     /// AVX-512 (or AVX2 with FMA) the exact default is faster too (measured 2x at batch 1).
     #[arg(long)]
     pub approx_quantized: bool,
-    /// Shard format: 1 stores exact f32 log-probs; 2 stores them as integers in steps of
-    /// 1/1024 nats (each at most 1/1024 nats below the exact value), 39% smaller at k=32, but
-    /// a tiny tail mass can grow by up to ~1e-3, which moves reverse KL and JSD (forward KL
-    /// is unaffected). Every reader takes both; `shard-cat stats` prints bytes per entry.
+    /// Shard format: 2 stores log-probs as integers (each within 1/1024 nats of the exact
+    /// value) and each position's tail mass (to 1e-6 relative), 36% smaller at k=32; 1
+    /// stores exact f32 log-probs. Every reader takes both; `shard-cat stats` prints the
+    /// bytes per entry.
     #[arg(long, default_value_t = kd_shard::DEFAULT_FORMAT_VERSION, value_parser = clap::value_parser!(u32).range(1..=kd_shard::FORMAT_VERSION as i64))]
     pub shard_format: u32,
     /// CPU threads (0 = all cores) [default: 0].

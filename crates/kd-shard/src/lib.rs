@@ -24,30 +24,31 @@
 //! is self-describing. [`schema_json`] (= `schemas/shard-v1.json`) describes all of this for
 //! machines; `schemas/manifest-v1.schema.json` is the JSON Schema of the manifest.
 //!
-//! ## Shard format v2 (`teacher-dump --shard-format 2`)
+//! ## Shard format v2 (written by default)
 //!
-//! The same seven columns, except that the two log-prob columns hold integers:
+//! The v1 columns with the two log-prob columns as integers, plus each position's tail mass:
 //!
 //! | column | type | meaning |
 //! | --- | --- | --- |
-//! | `topk_logprob_gaps` | `list<uint32>` | within a position, `round(-lp[r]·S) - round(-lp[r-1]·S)` (gap 0: `round(-lp[0]·S)`) |
-//! | `token_logprob_q` | `list<uint32>` | `round(-lp·S)` of the token that actually follows |
+//! | `topk_logprob_gaps` | `list<uint32>` | within a position, `ceil(-lp[r]·S) - ceil(-lp[r-1]·S)` (gap 0: `ceil(-lp[0]·S)`) |
+//! | `token_logprob_q` | `list<uint32>` | `ceil(-lp·S)` of the token that actually follows |
+//! | `tail_logmass_q` | `list<uint32>` | per position `round(-ln(r)·T)`, r = 1 − Σ exp(top-k), [`NO_TAIL`] when r ≤ 0 |
 //!
-//! with `S` = `kd.logprob_scale` = [`LOGPROB_SCALE`] = 1024 in the key-value metadata. Decoding
-//! is one line: `topk_logprobs = -cumsum(gaps per position) / S` (numpy: `-np.cumsum(np.reshape(gaps,
-//! (-1, k)), axis=1) / S`), `token_logprob = -q / S`. The writer rounds `-lp·S` up, so every
-//! decoded value is at most 1/1024 nats below the teacher's f32 value and never above it:
-//! probabilities never grow, so the decoded top-k never sums past 1 and the tail mass never
-//! shrinks (a tail of 1e-4 stays a tail; rounding to the nearest step could erase it and
-//! make reverse KL infinite). The rank order is kept (gaps are ≥ 0) and `-q / 1024` is exact
-//! in f32. Gaps are small integers whose high
-//! bytes are zero, so with BYTE_STREAM_SPLIT zstd stores the top-k log-probs in about a
-//! third of the bytes of v1's floats; the top-k ids use BYTE_STREAM_SPLIT too (integer
-//! BYTE_STREAM_SPLIT needs a reader of Parquet 2.11 or later, e.g. pyarrow ≥ 17; format 1,
-//! `teacher-dump --shard-format 1`, keeps exact floats and dictionary ids for older readers).
-//! Readers take both versions; [`schema_json_of`]`(2)` = `schemas/shard-v2.json`. Format 1 stays
-//! the default ([`DEFAULT_FORMAT_VERSION`]): rounding every entry down can inflate a tiny tail
-//! mass by up to ~1e-3, which reverse KL and JSD would see.
+//! with `S` = `kd.logprob_scale` = [`LOGPROB_SCALE`] = 1024 and `T` = `kd.tail_scale` =
+//! [`TAIL_SCALE`] = 2^20 in the key-value metadata. Decoding (numpy): `lp = -np.cumsum(
+//! np.reshape(gaps, (-1, k)), axis=1) / S`, each within 1/1024 nats of the exact value; then
+//! per position `lp += log((1 - tail) / sum(exp(lp)))` with `tail = exp(-q_tail / T)`, which
+//! restores the teacher's tail mass (to 1e-6 relative) and keeps each entry within the bound
+//! (the shift is a weighted mean of the rounding errors). Without the tail column, rounding
+//! alone can inflate a tail of 1e-5 to ~5e-4 or erase it, and reverse KL and JSD, which weigh
+//! the tail's logarithm, would see a different teacher. `token_logprob = -q / S` plus its
+//! position's shift (so a next token in the top k decodes to its top-k value). The rank order is kept (gaps are ≥ 0). Gaps are small
+//! integers whose high bytes are zero, so with BYTE_STREAM_SPLIT zstd stores the top-k
+//! log-probs in about a third of the bytes of v1's floats; the top-k ids use
+//! BYTE_STREAM_SPLIT too (integer BYTE_STREAM_SPLIT needs a reader of Parquet 2.11 or later,
+//! e.g. pyarrow ≥ 17; format 1, `teacher-dump --shard-format 1`, keeps exact floats and
+//! dictionary ids for older readers).
+//! Readers take both versions; [`schema_json_of`]`(2)` = `schemas/shard-v2.json`.
 //!
 //! ## Position convention
 //!
@@ -78,7 +79,7 @@
 //!
 //! Format 2 against format 1 at k = 32, `cargo run -p kd-shard --release --example encodings
 //! out/quickstart` (the quickstart's 3680 positions, one file) and `... encodings 20000`
-//! (synthetic): 97.4 against 162.4 B/position on the quickstart, 74.2 against 138.0 on the
+//! (synthetic): 102.4 against 162.4 B/position on the quickstart, 79.6 against 138.0 on the
 //! synthetic rows. The tables below are format 1's encodings.
 //!
 //! Bytes per distilled position at k=32 on [`synth::realistic_rows`] (49152 vocabulary, 2000
@@ -113,7 +114,9 @@
 //! let dir = tempfile::tempdir()?;
 //! let rows = kd_shard::synth::tiny_rows(10, 4);
 //! let entry = write_shard(dir.path(), "shard-00000.parquet", 4, &rows)?;
-//! assert_eq!(read_shard(&dir.path().join(&entry.file))?, rows);
+//! // Format 2 keeps log-probs within 1/1024 nats and the tail mass.
+//! let stored: Vec<_> = rows.iter().map(|r| r.as_stored_v2(4)).collect();
+//! assert_eq!(read_shard(&dir.path().join(&entry.file))?, stored);
 //!
 //! let mut m = Manifest::new(
 //!     "example 0.1.0",
@@ -138,6 +141,7 @@ mod row;
 mod schema;
 mod stats;
 pub mod synth;
+mod v2;
 mod verify;
 mod writer;
 
@@ -153,23 +157,22 @@ pub use manifest::{
 pub use reader::{ShardMeta, ShardReader, read_shard, read_shard_meta};
 pub use row::{LOGPROB_SLACK, MASS_SLACK, Row, Source};
 pub use schema::{
-    COLUMNS, COLUMNS_V2, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_TOP_K,
-    arrow_schema, arrow_schema_of, arrow_schema_v2, schema_json, schema_json_of,
+    COLUMNS, COLUMNS_V2, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_TAIL_SCALE,
+    META_TOP_K, arrow_schema, arrow_schema_of, arrow_schema_v2, schema_json, schema_json_of,
 };
 pub use stats::{SourceStats, Stats, StatsBuilder, stats_dir};
+pub use v2::{NO_TAIL, TAIL_SCALE};
 pub use verify::{Problem, ProblemKind, VerifyReport, verify_dir};
 pub use writer::{ValueEncoding, WriteOptions, created_by, write_shard, write_shard_with};
 
 /// The newest shard and manifest format version this library reads and writes. Version 2
-/// stores log-probs as integers (steps of 1/[`LOGPROB_SCALE`] nats), written on request
-/// ([`WriteOptions::v2`]); version 1 stores exact f32 log-probs.
+/// stores log-probs as integers (steps of 1/[`LOGPROB_SCALE`] nats) and each position's tail
+/// mass; version 1 stores exact f32 log-probs.
 pub const FORMAT_VERSION: u32 = 2;
 
-/// The format written by default: 1, exact log-probs. Format 2 rounds every log-prob down by
-/// up to 1/1024 nats, which can inflate a tiny tail mass (1 − Σ top-k) by up to about 1e-3:
-/// forward KL does not notice (0.1% after 100 steps), but reverse KL and JSD weigh the
-/// tail's logarithm, so they would train and evaluate against a different tail.
-pub const DEFAULT_FORMAT_VERSION: u32 = 1;
+/// The format written by default: 2. Format 1 (exact f32 log-probs) is written on request
+/// ([`WriteOptions::v1`], `teacher-dump --shard-format 1`).
+pub const DEFAULT_FORMAT_VERSION: u32 = 2;
 
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,9 @@ use arrow::datatypes::{ArrowPrimitiveType, DataType, Float32Type, UInt32Type};
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
-use crate::schema::{META_FORMAT_VERSION, META_LOGPROB_SCALE, META_TOP_K, check_arrow_schema};
+use crate::schema::{
+    META_FORMAT_VERSION, META_LOGPROB_SCALE, META_TAIL_SCALE, META_TOP_K, check_arrow_schema,
+};
 use crate::{Error, FORMAT_VERSION, Result, Row, Source};
 
 /// What a shard's footer says about it, without decoding any rows.
@@ -27,6 +29,8 @@ pub struct ShardMeta {
     /// `kd.logprob_scale` of a v2 shard (stored integer `q` is the log-prob `-q / scale`);
     /// `None` for v1, which stores f32 log-probs.
     pub logprob_scale: Option<u32>,
+    /// `kd.tail_scale` of a v2 shard; `None` for v1.
+    pub tail_scale: Option<u32>,
 }
 
 /// Rows decoded per Arrow batch; bounds the reader's working memory.
@@ -152,24 +156,25 @@ impl ShardReader {
                 ));
             }
         };
-        let logprob_scale = if format_version >= 2 {
-            let s = kv(kvs, META_LOGPROB_SCALE).ok_or_else(|| {
-                Error::schema(
-                    path,
-                    format!("missing Parquet metadata key {META_LOGPROB_SCALE}"),
-                )
+        let positive = |key: &str| -> Result<u32> {
+            let s = kv(kvs, key).ok_or_else(|| {
+                Error::schema(path, format!("missing Parquet metadata key {key}"))
             })?;
             match s.trim().parse::<u32>() {
-                Ok(v) if v > 0 => Some(v),
-                _ => {
-                    return Err(Error::schema(
-                        path,
-                        format!("{META_LOGPROB_SCALE} = {s:?} is not a positive integer"),
-                    ));
-                }
+                Ok(v) if v > 0 => Ok(v),
+                _ => Err(Error::schema(
+                    path,
+                    format!("{key} = {s:?} is not a positive integer"),
+                )),
             }
+        };
+        let (logprob_scale, tail_scale) = if format_version >= 2 {
+            (
+                Some(positive(META_LOGPROB_SCALE)?),
+                Some(positive(META_TAIL_SCALE)?),
+            )
         } else {
-            None
+            (None, None)
         };
         check_arrow_schema(path, builder.schema(), format_version)?;
         let rows = u64::try_from(fmd.num_rows())
@@ -181,6 +186,7 @@ impl ShardReader {
             row_groups: md.num_row_groups(),
             created_by: fmd.created_by().map(str::to_string),
             logprob_scale,
+            tail_scale,
         };
         let batches = guard(path, || {
             builder
@@ -228,10 +234,7 @@ impl Iterator for ShardReader {
                 }),
                 Some(Ok(b)) => Ok(Some(b)),
             })
-            .and_then(|b| {
-                b.map(|b| decode_batch(path, &b, self.meta.k, self.meta.logprob_scale))
-                    .transpose()
-            });
+            .and_then(|b| b.map(|b| decode_batch(path, &b, &self.meta)).transpose());
             match batch {
                 Ok(Some(rows)) => self.current = rows.into_iter(),
                 Ok(None) => {
@@ -318,17 +321,22 @@ impl<'a, T: ArrowPrimitiveType> ListCol<'a, T> {
 }
 
 /// Converts one record batch (whose schema was checked at open) into rows: v1's f32
-/// log-probs as stored, v2's integers (`scale` given) decoded.
-fn decode_batch(path: &Path, b: &RecordBatch, k: usize, scale: Option<u32>) -> Result<Vec<Row>> {
-    let names = if scale.is_some() {
-        crate::schema::COLUMNS_V2
+/// log-probs as stored, v2's integers decoded ([`crate::v2`]).
+fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Row>> {
+    let scales = meta.logprob_scale.zip(meta.tail_scale);
+    let names: &[&str] = if scales.is_some() {
+        &crate::schema::COLUMNS_V2
     } else {
-        crate::schema::COLUMNS
+        &crate::schema::COLUMNS
     };
-    if b.num_columns() != 7 {
+    if b.num_columns() != names.len() {
         return Err(Error::schema(
             path,
-            format!("batch has {} columns, expected 7", b.num_columns()),
+            format!(
+                "batch has {} columns, expected {}",
+                b.num_columns(),
+                names.len()
+            ),
         ));
     }
     for (i, c) in b.columns().iter().enumerate() {
@@ -347,19 +355,26 @@ fn decode_batch(path: &Path, b: &RecordBatch, k: usize, scale: Option<u32>) -> R
         .as_primitive_opt::<UInt32Type>()
         .ok_or_else(|| Error::schema(path, "column prompt_len is not uint32"))?;
     let topk_ids = ListCol::<UInt32Type>::new(path, "topk_ids", b.column(4))?;
-    let floats = match scale {
-        None => Some((
-            ListCol::<Float32Type>::new(path, names[5], b.column(5))?,
-            ListCol::<Float32Type>::new(path, names[6], b.column(6))?,
-        )),
-        Some(_) => None,
-    };
-    let ints = match scale {
-        Some(_) => Some((
-            ListCol::<UInt32Type>::new(path, names[5], b.column(5))?,
-            ListCol::<UInt32Type>::new(path, names[6], b.column(6))?,
-        )),
-        None => None,
+    enum LogProbs<'a> {
+        F32(ListCol<'a, Float32Type>, ListCol<'a, Float32Type>),
+        Int(
+            ListCol<'a, UInt32Type>,
+            ListCol<'a, UInt32Type>,
+            ListCol<'a, UInt32Type>,
+            (u32, u32),
+        ),
+    }
+    let lps = match scales {
+        None => LogProbs::F32(
+            ListCol::new(path, names[5], b.column(5))?,
+            ListCol::new(path, names[6], b.column(6))?,
+        ),
+        Some(s) => LogProbs::Int(
+            ListCol::new(path, names[5], b.column(5))?,
+            ListCol::new(path, names[6], b.column(6))?,
+            ListCol::new(path, names[7], b.column(7))?,
+            s,
+        ),
     };
     let mut rows = Vec::with_capacity(b.num_rows());
     for i in 0..b.num_rows() {
@@ -367,14 +382,25 @@ fn decode_batch(path: &Path, b: &RecordBatch, k: usize, scale: Option<u32>) -> R
         let source = Source::parse(s).ok_or_else(|| {
             Error::corrupt(path, format!("row {i} of batch: unknown source {s:?}"))
         })?;
-        let (topk_logprobs, token_logprob) = match (&floats, &ints, scale) {
-            (Some((a, b)), _, _) => (a.get(path, names[5], i)?, b.get(path, names[6], i)?),
-            (_, Some((a, b)), Some(scale)) => {
+        let (topk_logprobs, token_logprob) = match &lps {
+            LogProbs::F32(a, b) => (a.get(path, names[5], i)?, b.get(path, names[6], i)?),
+            LogProbs::Int(a, b, t, (scale, tail_scale)) => {
                 let gaps = a.get(path, names[5], i)?;
                 let q = b.get(path, names[6], i)?;
-                (decode_gaps(&gaps, k, scale), decode_q(&q, scale))
+                let tail = t.get(path, names[7], i)?;
+                if tail.len().checked_mul(meta.k) != Some(gaps.len()) {
+                    return Err(Error::corrupt(
+                        path,
+                        format!(
+                            "row {i} of batch: {} tail entries for {} top-k entries (k = {})",
+                            tail.len(),
+                            gaps.len(),
+                            meta.k
+                        ),
+                    ));
+                }
+                crate::v2::decode(&gaps, &q, &tail, meta.k, *scale, *tail_scale)
             }
-            _ => unreachable!("one of the two column kinds is decoded"),
         };
         rows.push(Row {
             id: ids.value(i).to_string(),
@@ -387,25 +413,4 @@ fn decode_batch(path: &Path, b: &RecordBatch, k: usize, scale: Option<u32>) -> R
         });
     }
     Ok(rows)
-}
-
-/// v2's `topk_logprob_gaps` back to log-probs: `-cumsum(gaps within a position) / scale`
-/// (a ragged last position, which [`Row::validate`] rejects, is decoded the same way).
-pub(crate) fn decode_gaps(gaps: &[u32], k: usize, scale: u32) -> Vec<f32> {
-    let inv = 1.0 / f64::from(scale);
-    let mut out = Vec::with_capacity(gaps.len());
-    for pos in gaps.chunks(k.max(1)) {
-        let mut q = 0u64;
-        for &g in pos {
-            q += u64::from(g);
-            out.push((-(q as f64) * inv) as f32);
-        }
-    }
-    out
-}
-
-/// v2's `token_logprob_q` back to log-probs: `-q / scale`.
-pub(crate) fn decode_q(q: &[u32], scale: u32) -> Vec<f32> {
-    let inv = 1.0 / f64::from(scale);
-    q.iter().map(|&q| (-f64::from(q) * inv) as f32).collect()
 }

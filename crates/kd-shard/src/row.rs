@@ -68,26 +68,19 @@ pub struct Row {
 
 impl Row {
     /// The row as a reader gets it back from a shard of format 2 with `k` entries per
-    /// position: every log-prob rounded down to a multiple of 1/[`crate::LOGPROB_SCALE`] nats
-    /// (at most 1/1024 nats below the exact value). The row must be valid.
+    /// position: every top-k log-prob within 1/1024 nats of the exact value with the tail
+    /// mass kept, and the next token's log-prob the same way (see the crate docs). The row
+    /// must be valid.
+    ///
+    /// # Panics
+    /// If a log-prob is below format 2's range (about −4.2 million nats).
     pub fn as_stored_v2(&self, k: usize) -> Row {
-        let scale = f64::from(crate::LOGPROB_SCALE);
-        let round = |lp: f32| {
-            let q = (-f64::from(lp) * scale).ceil().max(0.0);
-            (-q / scale) as f32
-        };
-        let mut topk_logprobs = Vec::with_capacity(self.topk_logprobs.len());
-        for pos in self.topk_logprobs.chunks(k.max(1)) {
-            let mut prev = 0f32;
-            for &lp in pos {
-                let v = round(lp).min(prev);
-                topk_logprobs.push(v);
-                prev = v;
-            }
-        }
+        let (gaps, q, tail) = crate::v2::encode_row(self, k).expect("a row in format 2's range");
+        let (topk_logprobs, token_logprob) =
+            crate::v2::decode(&gaps, &q, &tail, k, crate::LOGPROB_SCALE, crate::TAIL_SCALE);
         Row {
             topk_logprobs,
-            token_logprob: self.token_logprob.iter().map(|&lp| round(lp)).collect(),
+            token_logprob,
             ..self.clone()
         }
     }

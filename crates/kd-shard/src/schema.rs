@@ -26,8 +26,12 @@ pub const LOGPROB_SCALE: u32 = 1024;
 /// Name of the list element field (the Parquet LIST convention's `element`).
 pub(crate) const LIST_ITEM: &str = "element";
 
+/// Parquet key-value metadata key of a v2 shard holding the tail scale `T` (decimal string):
+/// `tail_logmass_q` holds round(-ln(tail mass) · T).
+pub const META_TAIL_SCALE: &str = "kd.tail_scale";
+
 /// Column names of a v2 shard in file order.
-pub const COLUMNS_V2: [&str; 7] = [
+pub const COLUMNS_V2: [&str; 8] = [
     "id",
     "source",
     "input_ids",
@@ -35,6 +39,7 @@ pub const COLUMNS_V2: [&str; 7] = [
     "topk_ids",
     "topk_logprob_gaps",
     "token_logprob_q",
+    "tail_logmass_q",
 ];
 
 /// Column names of a v1 shard in file order.
@@ -60,7 +65,10 @@ pub fn arrow_schema() -> SchemaRef {
 /// The canonical schema of a v2 shard: as v1, with the two log-prob columns stored as
 /// integers (`topk_logprob_gaps`, `token_logprob_q`).
 pub fn arrow_schema_v2() -> SchemaRef {
-    columns_schema(&COLUMNS_V2, DataType::UInt32)
+    let base = columns_schema(COLUMNS_V2[..7].try_into().expect("seven"), DataType::UInt32);
+    let mut fields: Vec<Field> = base.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(COLUMNS_V2[7], list_of(DataType::UInt32), false));
+    Arc::new(Schema::new(fields))
 }
 
 /// id, source, input_ids, prompt_len, topk_ids, then two log-prob lists of `logprob` items.
@@ -110,7 +118,7 @@ fn type_compatible(expected: &DataType, found: &DataType) -> bool {
 /// compatible types.
 pub(crate) fn check_arrow_schema(path: &Path, found: &Schema, version: u32) -> Result<(), Error> {
     let expected = arrow_schema_of(version);
-    let want = if version >= 2 { COLUMNS_V2 } else { COLUMNS };
+    let want: &[&str] = if version >= 2 { &COLUMNS_V2 } else { &COLUMNS };
     let names: Vec<&str> = found.fields().iter().map(|f| f.name().as_str()).collect();
     if names != want {
         return Err(Error::schema(
@@ -156,14 +164,19 @@ pub fn schema_json_of(version: u32) -> Value {
     v["container"]["value_encodings"] = json!(
         "written with BYTE_STREAM_SPLIT for topk_ids, topk_logprob_gaps and token_logprob_q and dictionary encoding for input_ids; readers must accept any standard Parquet encoding"
     );
+    v["parquet_key_value_metadata"][META_TAIL_SCALE] = json!({
+        "type": "string",
+        "description": "T, the tail scale, as a decimal integer (1048576): tail_logmass_q holds round(-ln(tail mass) * T)"
+    });
     v["parquet_key_value_metadata"][META_LOGPROB_SCALE] = json!({
         "type": "string",
         "description": "S, the log-prob scale, as a decimal integer (1024): a stored integer q stands for the log-probability -q / S"
     });
     v["decoding"] = json!({
-        "topk_logprobs": "topk_logprobs[j*k + r] = -(topk_logprob_gaps[j*k] + ... + topk_logprob_gaps[j*k + r]) / S, i.e. numpy: -np.cumsum(np.reshape(gaps, (-1, k)), axis=1) / S",
-        "token_logprob": "token_logprob[j] = -token_logprob_q[j] / S",
-        "error_bound": "every decoded log-prob is at most 1/S nats (1/1024 < 1e-3) below the teacher's exact f32 value and never above it: the writer rounds -log_prob * S up to an integer (so probabilities never grow and the tail mass 1 - sum(exp) never shrinks) and stores the differences of those integers within a position",
+        "topk_logprobs": "lp = -np.cumsum(np.reshape(topk_logprob_gaps, (-1, k)), axis=1) / S (each within 1/S nats of the exact value), then per position lp += log((1 - tail) / sum(exp(lp))) with tail = exp(-tail_logmass_q / T) (0 where tail_logmass_q is 4294967295), so that the top-k and the tail mass add up to 1 as the teacher's did",
+        "tail_mass": "exp(-tail_logmass_q / T): the teacher's probability outside the top k (1e-6 relative), 0 where tail_logmass_q is 4294967295",
+        "token_logprob": "token_logprob = -token_logprob_q / S plus the position's shift log((1 - tail) / sum(exp(lp))) from the top-k decoding, so a next token in the top k decodes to its top-k value",
+        "error_bound": "every decoded top-k log-prob is within 1/S nats (1/1024 < 1e-3) of the teacher's exact f32 value: the writer rounds -log_prob * S up to an integer and stores the differences of those integers within a position; the shift by the tail is a weighted mean of the rounding errors, so it keeps each entry within the bound; token_logprob, rounded up the same way and given the same shift, is within 1/S too",
         "rank_order": "within a position, entries stay sorted by log-prob descending, so the gaps are non-negative; equal decoded values may come from distinct exact values"
     });
     let cols = v["columns"].as_array_mut().expect("columns");
@@ -181,6 +194,13 @@ pub fn schema_json_of(version: u32) -> Value {
         "length": "n_pos",
         "description": "ceil(-log_prob * S) of the token that actually follows, input_ids[t+1]"
     });
+    cols.push(json!({
+        "name": "tail_logmass_q",
+        "type": "list<uint32>",
+        "nullable": false,
+        "length": "n_pos",
+        "description": "round(-ln(1 - sum(exp(exact top-k log-probs))) * T) per position, 4294967295 when the top k holds all the mass"
+    }));
     v
 }
 
@@ -354,7 +374,8 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, if version >= 2 { COLUMNS_V2 } else { COLUMNS });
+        let want: &[&str] = if version >= 2 { &COLUMNS_V2 } else { &COLUMNS };
+        assert_eq!(names, want);
         let schema = arrow_schema_of(version);
         for (c, f) in v["columns"].as_array().unwrap().iter().zip(schema.fields()) {
             let ty = match f.data_type() {

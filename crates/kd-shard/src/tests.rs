@@ -68,18 +68,22 @@ fn round_trip() {
         read_shard(&path).unwrap(),
         stored(&rows, K, DEFAULT_FORMAT_VERSION)
     );
-    // Format 2: every decoded log-prob is at most 1/1024 nats below the written one.
+    // Format 2: every decoded log-prob within 1/1024 nats of the written one (the next
+    // token's never above it), and each position's tail mass the written one's.
     write_shard_with(d.path(), "v2.parquet", K, &rows, &WriteOptions::v2()).unwrap();
     let v2 = read_shard(&d.path().join("v2.parquet")).unwrap();
     assert_eq!(v2, stored(&rows, K, 2));
+    let tail = |lps: &[f32]| 1.0 - lps.iter().map(|&l| f64::from(l).exp()).sum::<f64>();
     for (a, b) in v2.iter().zip(&rows) {
-        for (x, y) in a
-            .topk_logprobs
-            .iter()
-            .zip(&b.topk_logprobs)
-            .chain(a.token_logprob.iter().zip(&b.token_logprob))
-        {
-            assert!(x <= y && y - x < 1.0 / 1024.0, "{x} vs {y}");
+        for (x, y) in a.topk_logprobs.iter().zip(&b.topk_logprobs) {
+            assert!((x - y).abs() <= 1.0 / 1024.0 + 1e-6, "{x} vs {y}");
+        }
+        for (x, y) in a.token_logprob.iter().zip(&b.token_logprob) {
+            assert!((x - y).abs() <= 1.0 / 1024.0 + 1e-6, "{x} vs {y}");
+        }
+        for (x, y) in a.topk_logprobs.chunks(K).zip(b.topk_logprobs.chunks(K)) {
+            let (tx, ty) = (tail(x), tail(y));
+            assert!((tx - ty).abs() <= 1e-6 + 1e-5 * ty, "tail {tx} vs {ty}");
         }
     }
     assert_eq!(e.file, "a/b/shard.parquet");
@@ -238,6 +242,7 @@ fn shard_is_self_describing() {
     assert_eq!(get(META_FORMAT_VERSION).as_deref(), Some("2"));
     assert_eq!(get(META_TOP_K).as_deref(), Some("4"));
     assert_eq!(get(META_LOGPROB_SCALE).as_deref(), Some("1024"));
+    assert_eq!(get(META_TAIL_SCALE).as_deref(), Some("1048576"));
 }
 
 #[test]
@@ -392,7 +397,11 @@ fn shard_metadata_and_schema_are_checked() {
     }
     // A v2 shard needs its log-prob scale, a positive integer, and the v2 columns.
     let v2 = |scale: Option<&'static str>| {
-        let mut kv = vec![(META_FORMAT_VERSION, "2"), (META_TOP_K, "4")];
+        let mut kv = vec![
+            (META_FORMAT_VERSION, "2"),
+            (META_TOP_K, "4"),
+            (META_TAIL_SCALE, "1048576"),
+        ];
         kv.extend(scale.map(|s| (META_LOGPROB_SCALE, s)));
         kv
     };
@@ -619,7 +628,7 @@ fn pyarrow_reads_shard() {
     };
     let d = tempfile::tempdir().unwrap();
     let rows = tiny_rows(9, K);
-    write_shard(d.path(), "s.parquet", K, &rows).unwrap();
+    write_shard_with(d.path(), "s.parquet", K, &rows, &WriteOptions::v1()).unwrap();
     let script = r#"
 import json, sys
 import pyarrow.parquet as pq
@@ -688,22 +697,29 @@ fn pyarrow_decodes_a_v2_shard_with_the_documented_formula() {
     let rows = tiny_rows(9, K);
     write_shard_with(d.path(), "s.parquet", K, &rows, &WriteOptions::v2()).unwrap();
     let script = r#"
-import json, sys
+import json, math, sys
 from itertools import accumulate
 import pyarrow.parquet as pq
 t = pq.read_table(sys.argv[1])
 md = {k.decode(): v.decode() for k, v in t.schema.metadata.items() if k.decode().startswith("kd.")}
-k, S = int(md["kd.top_k"]), int(md["kd.logprob_scale"])
+k, S, T = int(md["kd.top_k"]), int(md["kd.logprob_scale"]), int(md["kd.tail_scale"])
 out = []
-for gaps, q in zip(t.column("topk_logprob_gaps").to_pylist(), t.column("token_logprob_q").to_pylist()):
-    lps = [-c / S for j in range(0, len(gaps), k) for c in accumulate(gaps[j:j + k])]
-    out.append({"topk_logprobs": lps, "token_logprob": [-x / S for x in q]})
+cols = [t.column(c).to_pylist() for c in ("topk_logprob_gaps", "token_logprob_q", "tail_logmass_q")]
+for gaps, q, tails in zip(*cols):
+    lps, shifts = [], []
+    for j, tq in zip(range(0, len(gaps), k), tails):
+        lp = [-c / S for c in accumulate(gaps[j:j + k])]
+        tail = 0.0 if tq == 4294967295 else math.exp(-tq / T)
+        shift = math.log((1 - tail) / sum(math.exp(x) for x in lp))
+        lps += [x + shift for x in lp]
+        shifts.append(shift)
+    out.append({"topk_logprobs": lps, "token_logprob": [-x / S + s for x, s in zip(q, shifts)]})
 print(json.dumps({"meta": md, "columns": t.column_names, "rows": out}))
 "#;
     let v = run_python(&py, script, &d.path().join("s.parquet"));
     assert_eq!(
         v["meta"],
-        json!({"kd.format_version": "2", "kd.top_k": "4", "kd.logprob_scale": "1024"})
+        json!({"kd.format_version": "2", "kd.top_k": "4", "kd.logprob_scale": "1024", "kd.tail_scale": "1048576"})
     );
     assert_eq!(v["columns"], json!(COLUMNS_V2));
     let got = v["rows"].as_array().unwrap();
@@ -722,7 +738,7 @@ print(json.dumps({"meta": md, "columns": t.column_names, "rows": out}))
             worst = worst.max((a - f64::from(*b)).abs());
         }
     }
-    assert!(worst <= 1.0 / 1024.0, "worst error {worst}");
+    assert!(worst <= 1.0 / 1024.0 + 1e-6, "worst error {worst}");
     assert!(worst > 0.0, "the values are quantized");
 }
 

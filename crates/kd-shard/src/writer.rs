@@ -17,7 +17,8 @@ use parquet::schema::types::ColumnPath;
 use crate::fsutil::{HashingWriter, safe_join, write_atomic};
 use crate::manifest::ShardEntry;
 use crate::schema::{
-    LIST_ITEM, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_TOP_K, arrow_schema_of,
+    LIST_ITEM, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_TAIL_SCALE, META_TOP_K,
+    arrow_schema_of,
 };
 use crate::{DEFAULT_FORMAT_VERSION, Error, FORMAT_VERSION, Result, Row, Source};
 
@@ -55,37 +56,42 @@ pub struct WriteOptions {
 }
 
 impl Default for WriteOptions {
-    /// Format 1 ([`DEFAULT_FORMAT_VERSION`]): zstd level 3, 256 rows per row group,
-    /// BYTE_STREAM_SPLIT floats, dictionary ids.
+    /// The defaults of [`DEFAULT_FORMAT_VERSION`] (format 2).
+    fn default() -> Self {
+        Self::for_version(DEFAULT_FORMAT_VERSION)
+    }
+}
+
+impl WriteOptions {
+    /// Format 1: zstd level 3, 256 rows per row group, BYTE_STREAM_SPLIT floats, dictionary
+    /// ids.
     ///
     /// Measured with `cargo run -p kd-shard --release --example encodings` on
     /// `synth::realistic_rows` (Zipf-like logits over a 49152 vocabulary, k=32, 2000
     /// positions): 224.38 B/position with Parquet's default dictionary encoding everywhere,
     /// 138.15 B/position with BYTE_STREAM_SPLIT floats (full table in the crate docs).
-    fn default() -> Self {
+    pub fn v1() -> Self {
         WriteOptions {
             zstd_level: 3,
             row_group_rows: 256,
             float_encoding: ValueEncoding::ByteStreamSplit,
             topk_id_encoding: ValueEncoding::Dictionary,
             input_id_encoding: ValueEncoding::Dictionary,
-            format_version: DEFAULT_FORMAT_VERSION,
+            format_version: 1,
         }
     }
-}
 
-impl WriteOptions {
-    /// Format 2: integer log-probs and top-k ids, both BYTE_STREAM_SPLIT.
+    /// Format 2: as format 1 with integer log-probs and top-k ids, both BYTE_STREAM_SPLIT.
     ///
     /// Measured with `cargo run -p kd-shard --release --example encodings out/quickstart`
-    /// on the quickstart's 3680 positions at k = 32, all rows in one file: 97.4 B/position
-    /// (format 1: 162.4); on 20000 synthetic positions (`synth::realistic_rows`): 74.2
-    /// against 138.0.
+    /// (a format-1 dump) on the quickstart's 3680 positions at k = 32, all rows in one file:
+    /// 102.4 B/position (format 1: 162.4); on 20000 synthetic positions
+    /// (`synth::realistic_rows`): 79.6 against 138.0.
     pub fn v2() -> Self {
         WriteOptions {
             topk_id_encoding: ValueEncoding::ByteStreamSplit,
             format_version: 2,
-            ..WriteOptions::default()
+            ..Self::v1()
         }
     }
 
@@ -97,7 +103,7 @@ impl WriteOptions {
                 ..Self::v2()
             }
         } else {
-            WriteOptions::default()
+            Self::v1()
         }
     }
 }
@@ -150,39 +156,9 @@ fn kd_metadata(k: usize, version: u32) -> Vec<(String, String)> {
     ];
     if version >= 2 {
         v.push((META_LOGPROB_SCALE.to_string(), LOGPROB_SCALE.to_string()));
+        v.push((META_TAIL_SCALE.to_string(), crate::TAIL_SCALE.to_string()));
     }
     v
-}
-
-/// `ceil(-log_prob · LOGPROB_SCALE)`, at least 0: the decoded value is never above the
-/// exact one. `None` beyond u32 (a log-prob below about −4.2 million nats).
-fn quantize(lp: f32) -> Option<u32> {
-    let q = (-f64::from(lp) * f64::from(LOGPROB_SCALE)).ceil().max(0.0);
-    (q <= f64::from(u32::MAX)).then_some(q as u32)
-}
-
-/// A row's log-probs as v2 integers: `(topk_logprob_gaps, token_logprob_q)`. The row is
-/// valid (each position sorted by log-prob descending), so the rounded-up values are
-/// non-decreasing within a position and the gaps non-negative.
-fn quantize_row(r: &Row, k: usize) -> std::result::Result<(Vec<u32>, Vec<u32>), String> {
-    let range = |lp: f32| {
-        quantize(lp).ok_or_else(|| format!("log-prob {lp} is below the range of format 2"))
-    };
-    let mut gaps = Vec::with_capacity(r.topk_logprobs.len());
-    for pos in r.topk_logprobs.chunks(k.max(1)) {
-        let mut prev = 0u32;
-        for &lp in pos {
-            let q = range(lp)?.max(prev);
-            gaps.push(q - prev);
-            prev = q;
-        }
-    }
-    let q = r
-        .token_logprob
-        .iter()
-        .map(|&lp| range(lp))
-        .collect::<std::result::Result<_, _>>()?;
-    Ok((gaps, q))
 }
 
 fn writer_properties(k: usize, opts: &WriteOptions, path: &Path) -> Result<WriterProperties> {
@@ -253,7 +229,7 @@ fn batch_ranges(rows: &[Row], max_rows: usize) -> Vec<std::ops::Range<usize>> {
 fn record_batch(
     schema: &SchemaRef,
     rows: &[Row],
-    quantized: Option<&[(Vec<u32>, Vec<u32>)]>,
+    quantized: Option<&[(Vec<u32>, Vec<u32>, Vec<u32>)]>,
     path: &Path,
 ) -> Result<RecordBatch> {
     let too_big = || Error::corrupt(path, "list values exceed i32 offsets in one batch");
@@ -278,6 +254,22 @@ fn record_batch(
             rows.iter().flat_map(|r| r.topk_ids.iter().copied()),
         )),
     );
+    let u32_list = |lens: &mut dyn Iterator<Item = usize>,
+                    vals: &mut dyn Iterator<Item = u32>|
+     -> Result<ArrayRef> {
+        Ok(list_array(
+            DataType::UInt32,
+            offsets(lens).ok_or_else(too_big)?,
+            Arc::new(UInt32Array::from_iter_values(vals)),
+        ))
+    };
+    let tail = match quantized {
+        Some(q) => Some(u32_list(
+            &mut q.iter().map(|r| r.2.len()),
+            &mut q.iter().flat_map(|r| r.2.iter().copied()),
+        )?),
+        None => None,
+    };
     let (topk_logprobs, token_logprob) = match quantized {
         None => (
             list_array(
@@ -312,19 +304,17 @@ fn record_batch(
             ),
         ),
     };
-    RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            id,
-            source,
-            input_ids,
-            prompt_len,
-            topk_ids,
-            topk_logprobs,
-            token_logprob,
-        ],
-    )
-    .map_err(|source| Error::Arrow {
+    let mut columns = vec![
+        id,
+        source,
+        input_ids,
+        prompt_len,
+        topk_ids,
+        topk_logprobs,
+        token_logprob,
+    ];
+    columns.extend(tail);
+    RecordBatch::try_new(schema.clone(), columns).map_err(|source| Error::Arrow {
         path: path.to_path_buf(),
         source,
     })
@@ -384,12 +374,14 @@ pub fn write_shard_with(
     let quantized = if version >= 2 {
         let mut q = Vec::with_capacity(rows.len());
         for (index, r) in rows.iter().enumerate() {
-            q.push(quantize_row(r, k).map_err(|what| Error::InvalidRow {
-                path: path.clone(),
-                index,
-                id: r.id.clone(),
-                what,
-            })?);
+            q.push(
+                crate::v2::encode_row(r, k).map_err(|what| Error::InvalidRow {
+                    path: path.clone(),
+                    index,
+                    id: r.id.clone(),
+                    what,
+                })?,
+            );
         }
         Some(q)
     } else {

@@ -32,5 +32,11 @@ pub fn tiny_set(n: usize, k: usize, n_shards: usize) -> (tempfile::TempDir, Vec<
     let d = tempfile::tempdir().unwrap();
     let rows = kd_shard::synth::tiny_rows(n, k);
     write_set(d.path(), &rows, k, n_shards, "toy-tok");
-    (d, rows)
+    // The rows as the shards hold them (format 2: log-probs within 1/1024 nats).
+    let stored = if kd_shard::DEFAULT_FORMAT_VERSION >= 2 {
+        rows.iter().map(|r| r.as_stored_v2(k)).collect()
+    } else {
+        rows
+    };
+    (d, stored)
 }
