@@ -94,7 +94,7 @@ pub(crate) fn decode(
                 } else {
                     (-f64::from(t) / f64::from(tail_scale)).exp()
                 };
-                let mass: f64 = vals.iter().map(|v| v.exp()).sum();
+                let mass = position_mass(pos, vals.first().copied().unwrap_or(0.0), scale);
                 if mass > 0.0 && r < 1.0 {
                     (1.0 - r).ln() - mass.ln()
                 } else {
@@ -112,4 +112,32 @@ pub(crate) fn decode(
         .map(|(j, &q)| (-f64::from(q) * inv + shifts.get(j).copied().unwrap_or(0.0)) as f32)
         .collect();
     (topk, token)
+}
+
+/// Σ exp(lp) over one position from its gaps: exp(lp_0) once, then each next term is the
+/// previous one times exp(−gap/scale), read from a table for gaps below 4096 (one
+/// exponential per position instead of k; the products agree with direct exponentials to a
+/// few ulp).
+fn position_mass(gaps: &[u32], first: f64, scale: u32) -> f64 {
+    const TABLE: usize = 4096;
+    static STEPS: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    let table = STEPS.get_or_init(|| {
+        (0..TABLE)
+            .map(|g| (-(g as f64) / f64::from(LOGPROB_SCALE)).exp())
+            .collect()
+    });
+    let step = |g: u32| {
+        if scale == LOGPROB_SCALE && (g as usize) < TABLE {
+            table[g as usize]
+        } else {
+            (-f64::from(g) / f64::from(scale)).exp()
+        }
+    };
+    let mut e = first.exp();
+    let mut mass = e;
+    for &g in gaps.iter().skip(1) {
+        e *= step(g);
+        mass += e;
+    }
+    mass
 }
