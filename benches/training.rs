@@ -81,18 +81,18 @@ fn child(engine: &str, steps: usize, chunk: usize) {
     println!("{rate} {}", kd_teacher::dump::peak_rss_bytes().unwrap_or(0));
 }
 
+/// The value after `--name` on the command line.
+fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).map(String::as_str)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let steps = args
-        .iter()
-        .position(|a| a == "--steps")
-        .and_then(|i| args.get(i + 1))
+    let steps = arg(&args, "--steps")
         .and_then(|v| v.parse().ok())
         .unwrap_or(4usize);
-    let chunk = args
-        .iter()
-        .position(|a| a == "--chunk")
-        .and_then(|i| args.get(i + 1))
+    let chunk = arg(&args, "--chunk")
         .and_then(|v| v.parse().ok())
         .unwrap_or(128usize);
     if let Ok(engine) = std::env::var("KD_BENCH_ENGINE") {
@@ -112,10 +112,7 @@ fn main() {
     let exe = std::env::current_exe().unwrap();
     let mut results = Vec::new();
     // `--engine kernels` (or `candle`) runs one engine only.
-    let only = args
-        .iter()
-        .position(|a| a == "--engine")
-        .and_then(|i| args.get(i + 1));
+    let only = arg(&args, "--engine");
     for engine in ["kernels", "candle"] {
         if only.is_some_and(|o| o != engine) {
             continue;

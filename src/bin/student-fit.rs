@@ -308,23 +308,15 @@ fn print_summary(stage: &str, s: &FitSummary) -> anyhow::Result<()> {
             .unwrap_or_else(|| "unknown".into())
     )?;
     if let Some(secs) = &s.engine_seconds {
-        let total: f64 = secs.values().sum::<f64>().max(1e-12);
-        let order = [
-            "forward",
-            "head_forward",
-            "loss",
-            "head_backward",
-            "backward",
-            "optimizer",
-        ];
-        let parts: Vec<String> = order
+        let phases: Vec<(&str, f64)> = kd_student::engine::Timings::PHASES
             .iter()
-            .filter_map(|k| {
-                secs.get(*k)
-                    .map(|v| format!("{} {:.0}%", k.replace('_', " "), 100.0 * v / total))
-            })
+            .filter_map(|k| secs.get(*k).map(|v| (*k, *v)))
             .collect();
-        writeln!(out, "[{stage}] time in steps: {}", parts.join(", "))?;
+        writeln!(
+            out,
+            "[{stage}] time in steps: {}",
+            kd_student::engine::phase_shares(&phases)
+        )?;
     }
     Ok(())
 }

@@ -324,11 +324,7 @@ impl<'a, T: ArrowPrimitiveType> ListCol<'a, T> {
 /// log-probs as stored, v2's integers decoded ([`crate::v2`]).
 fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Row>> {
     let scales = meta.logprob_scale.zip(meta.tail_scale);
-    let names: &[&str] = if scales.is_some() {
-        &crate::schema::COLUMNS_V2
-    } else {
-        &crate::schema::COLUMNS
-    };
+    let names = crate::schema::columns_of(meta.format_version);
     if b.num_columns() != names.len() {
         return Err(Error::schema(
             path,

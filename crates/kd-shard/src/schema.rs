@@ -91,6 +91,11 @@ fn columns_schema(names: &[&str; 7], logprob: DataType) -> SchemaRef {
     ))
 }
 
+/// The column names of format `version` (1 or 2), in file order.
+pub(crate) fn columns_of(version: u32) -> &'static [&'static str] {
+    if version >= 2 { &COLUMNS_V2 } else { &COLUMNS }
+}
+
 /// The canonical schema of format `version` (1 or 2).
 pub fn arrow_schema_of(version: u32) -> SchemaRef {
     if version >= 2 {
@@ -118,7 +123,7 @@ fn type_compatible(expected: &DataType, found: &DataType) -> bool {
 /// compatible types.
 pub(crate) fn check_arrow_schema(path: &Path, found: &Schema, version: u32) -> Result<(), Error> {
     let expected = arrow_schema_of(version);
-    let want: &[&str] = if version >= 2 { &COLUMNS_V2 } else { &COLUMNS };
+    let want = columns_of(version);
     let names: Vec<&str> = found.fields().iter().map(|f| f.name().as_str()).collect();
     if names != want {
         return Err(Error::schema(
@@ -374,7 +379,7 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap())
             .collect();
-        let want: &[&str] = if version >= 2 { &COLUMNS_V2 } else { &COLUMNS };
+        let want = columns_of(version);
         assert_eq!(names, want);
         let schema = arrow_schema_of(version);
         for (c, f) in v["columns"].as_array().unwrap().iter().zip(schema.fields()) {

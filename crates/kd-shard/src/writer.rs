@@ -226,6 +226,24 @@ fn batch_ranges(rows: &[Row], max_rows: usize) -> Vec<std::ops::Range<usize>> {
     out
 }
 
+/// A `list<uint32>` column with one list per slice.
+fn u32_lists<'a>(lists: impl Iterator<Item = &'a [u32]> + Clone) -> Option<ArrayRef> {
+    Some(list_array(
+        DataType::UInt32,
+        offsets(lists.clone().map(<[u32]>::len))?,
+        Arc::new(UInt32Array::from_iter_values(lists.flatten().copied())),
+    ))
+}
+
+/// A `list<float32>` column with one list per slice.
+fn f32_lists<'a>(lists: impl Iterator<Item = &'a [f32]> + Clone) -> Option<ArrayRef> {
+    Some(list_array(
+        DataType::Float32,
+        offsets(lists.clone().map(<[f32]>::len))?,
+        Arc::new(Float32Array::from_iter_values(lists.flatten().copied())),
+    ))
+}
+
 fn record_batch(
     schema: &SchemaRef,
     rows: &[Row],
@@ -237,83 +255,31 @@ fn record_batch(
     let source: ArrayRef = Arc::new(StringArray::from_iter_values(
         rows.iter().map(|r| r.source.as_str()),
     ));
-    let input_ids = list_array(
-        DataType::UInt32,
-        offsets(rows.iter().map(|r| r.input_ids.len())).ok_or_else(too_big)?,
-        Arc::new(UInt32Array::from_iter_values(
-            rows.iter().flat_map(|r| r.input_ids.iter().copied()),
-        )),
-    );
     let prompt_len: ArrayRef = Arc::new(UInt32Array::from_iter_values(
         rows.iter().map(|r| r.prompt_len),
     ));
-    let topk_ids = list_array(
-        DataType::UInt32,
-        offsets(rows.iter().map(|r| r.topk_ids.len())).ok_or_else(too_big)?,
-        Arc::new(UInt32Array::from_iter_values(
-            rows.iter().flat_map(|r| r.topk_ids.iter().copied()),
-        )),
-    );
-    let u32_list = |lens: &mut dyn Iterator<Item = usize>,
-                    vals: &mut dyn Iterator<Item = u32>|
-     -> Result<ArrayRef> {
-        Ok(list_array(
-            DataType::UInt32,
-            offsets(lens).ok_or_else(too_big)?,
-            Arc::new(UInt32Array::from_iter_values(vals)),
-        ))
-    };
-    let tail = match quantized {
-        Some(q) => Some(u32_list(
-            &mut q.iter().map(|r| r.2.len()),
-            &mut q.iter().flat_map(|r| r.2.iter().copied()),
-        )?),
-        None => None,
-    };
-    let (topk_logprobs, token_logprob) = match quantized {
-        None => (
-            list_array(
-                DataType::Float32,
-                offsets(rows.iter().map(|r| r.topk_logprobs.len())).ok_or_else(too_big)?,
-                Arc::new(Float32Array::from_iter_values(
-                    rows.iter().flat_map(|r| r.topk_logprobs.iter().copied()),
-                )),
-            ),
-            list_array(
-                DataType::Float32,
-                offsets(rows.iter().map(|r| r.token_logprob.len())).ok_or_else(too_big)?,
-                Arc::new(Float32Array::from_iter_values(
-                    rows.iter().flat_map(|r| r.token_logprob.iter().copied()),
-                )),
-            ),
-        ),
-        Some(q) => (
-            list_array(
-                DataType::UInt32,
-                offsets(q.iter().map(|r| r.0.len())).ok_or_else(too_big)?,
-                Arc::new(UInt32Array::from_iter_values(
-                    q.iter().flat_map(|r| r.0.iter().copied()),
-                )),
-            ),
-            list_array(
-                DataType::UInt32,
-                offsets(q.iter().map(|r| r.1.len())).ok_or_else(too_big)?,
-                Arc::new(UInt32Array::from_iter_values(
-                    q.iter().flat_map(|r| r.1.iter().copied()),
-                )),
-            ),
-        ),
-    };
     let mut columns = vec![
-        id,
-        source,
-        input_ids,
-        prompt_len,
-        topk_ids,
-        topk_logprobs,
-        token_logprob,
+        Some(id),
+        Some(source),
+        u32_lists(rows.iter().map(|r| r.input_ids.as_slice())),
+        Some(prompt_len),
+        u32_lists(rows.iter().map(|r| r.topk_ids.as_slice())),
     ];
-    columns.extend(tail);
+    match quantized {
+        None => {
+            columns.push(f32_lists(rows.iter().map(|r| r.topk_logprobs.as_slice())));
+            columns.push(f32_lists(rows.iter().map(|r| r.token_logprob.as_slice())));
+        }
+        Some(q) => {
+            columns.push(u32_lists(q.iter().map(|r| r.0.as_slice())));
+            columns.push(u32_lists(q.iter().map(|r| r.1.as_slice())));
+            columns.push(u32_lists(q.iter().map(|r| r.2.as_slice())));
+        }
+    }
+    let columns = columns
+        .into_iter()
+        .collect::<Option<Vec<ArrayRef>>>()
+        .ok_or_else(too_big)?;
     RecordBatch::try_new(schema.clone(), columns).map_err(|source| Error::Arrow {
         path: path.to_path_buf(),
         source,

@@ -208,34 +208,45 @@ impl Timings {
         self.phases().iter().map(|p| p.1).sum()
     }
 
+    /// The phases' names, in the order of a step (the keys of `summary.json`'s
+    /// `engine_seconds`).
+    pub const PHASES: [&'static str; 6] = [
+        "forward",
+        "head_forward",
+        "loss",
+        "head_backward",
+        "backward",
+        "optimizer",
+    ];
+
     /// The phases by name, in the order of a step.
     pub fn phases(&self) -> [(&'static str, Duration); 6] {
-        [
-            ("forward", self.forward),
-            ("head_forward", self.head_forward),
-            ("loss", self.loss),
-            ("head_backward", self.head_backward),
-            ("backward", self.backward),
-            ("optimizer", self.step),
-        ]
+        let d = [
+            self.forward,
+            self.head_forward,
+            self.loss,
+            self.head_backward,
+            self.backward,
+            self.step,
+        ];
+        std::array::from_fn(|i| (Self::PHASES[i], d[i]))
     }
 }
 
 impl std::fmt::Display for Timings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let total = self.total().as_secs_f64().max(1e-12);
-        let pct = |d: Duration| 100.0 * d.as_secs_f64() / total;
-        write!(
-            f,
-            "forward {:.0}%, head forward {:.0}%, loss {:.0}%, head backward {:.0}%, backward {:.0}%, optimizer {:.0}%",
-            pct(self.forward),
-            pct(self.head_forward),
-            pct(self.loss),
-            pct(self.head_backward),
-            pct(self.backward),
-            pct(self.step)
-        )
+        let secs = self.phases().map(|(n, d)| (n, d.as_secs_f64()));
+        f.write_str(&phase_shares(&secs))
     }
+}
+
+/// "forward 13%, head forward 14%, …": each phase's share of the seconds given.
+pub fn phase_shares(secs: &[(&str, f64)]) -> String {
+    let total = secs.iter().map(|p| p.1).sum::<f64>().max(1e-12);
+    secs.iter()
+        .map(|(n, s)| format!("{} {:.0}%", n.replace('_', " "), 100.0 * s / total))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Memory the engine reserves at start, by purpose.
