@@ -36,6 +36,7 @@ fn measure(
     let engine = Engine {
         model,
         top_k: 32,
+        draws: kd_teacher::engine::Draws::default(),
         stop_ids: vec![],
         max_new_tokens: new_tokens,
         sampling: SamplingConfig {
@@ -91,9 +92,9 @@ fn measure(
     }
     let mut work = Work::default();
     let t = Instant::now();
-    let pairs: Vec<(&[u32], &[u32])> = score
+    let pairs: Vec<(&str, &[u32], &[u32])> = score
         .iter()
-        .map(|e| (e.prompt.as_slice(), e.response.as_deref().unwrap()))
+        .map(|e| ("bench", e.prompt.as_slice(), e.response.as_deref().unwrap()))
         .collect();
     engine.score(&pairs, 8, &mut work).expect("scores");
     let s = t.elapsed().as_secs_f64();

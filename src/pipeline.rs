@@ -24,6 +24,8 @@ pub struct DumpSection {
     pub score: Option<bool>,
     pub mixed: Option<bool>,
     pub top_k: Option<usize>,
+    /// `top:K`, `sample:N` or `top:K,sample:N` (see `teacher-dump --targets`).
+    pub targets: Option<String>,
     pub max_new_tokens: Option<usize>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,

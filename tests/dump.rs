@@ -87,7 +87,8 @@ impl Case {
             ("--max-new-tokens", "12"),
             ("--rows-per-shard", "4"),
         ] {
-            if !extra.contains(&flag) {
+            let set = extra.contains(&flag) || (flag == "--top-k" && extra.contains(&"--targets"));
+            if !set {
                 a.extend([flag.to_string(), default.to_string()]);
             }
         }
@@ -377,6 +378,134 @@ fn sampling_is_reproducible_per_prompt() {
     let got = responses(&other);
     let changed = want.iter().filter(|(id, r)| got[*id] != **r).count();
     assert!(changed > 0, "seed 6 gave the same 16 responses as seed 5");
+}
+
+/// `--targets top:16,sample:12`: every position holds 12 draws whose log-probs are the
+/// teacher's (they agree with its top-k where both hold an id), whose frequencies follow the
+/// teacher's distribution, and which do not depend on the batch size or on the top-k beside
+/// them; `sample:N` alone stores no top-k; format 1 and malformed specs are refused;
+/// `shard-cat` shows, verifies and summarises them.
+#[test]
+fn sampled_targets_follow_the_teacher_and_do_not_depend_on_batching() {
+    let c = Case::soft();
+    let input = c.input("in.jsonl", &prompts(12));
+    let (both, b1, only) = (c.path("both"), c.path("both-b1"), c.path("only"));
+    let common = ["--max-new-tokens", "12", "--seed", "3"];
+    let with = |extra: &[&'static str]| [&common[..], extra].concat();
+    c.dump(
+        &input,
+        &both,
+        &with(&["--targets", "top:16,sample:12", "--batch-size", "4"]),
+    );
+    c.dump(
+        &input,
+        &b1,
+        &with(&["--targets", "sample:12,top:16", "--batch-size", "1"]),
+    );
+    c.dump(
+        &input,
+        &only,
+        &with(&["--targets", "sample:12", "--batch-size", "4"]),
+    );
+    let m = manifest(&both);
+    assert_eq!((m.top_k(), m.samples()), (16, 12));
+    assert_eq!(
+        (manifest(&only).top_k(), manifest(&only).samples()),
+        (0, 12)
+    );
+    let (rb, r1, ro) = (rows(&both), rows(&b1), rows(&only));
+    let (mut positions, mut top1_draws, mut top1_mass, mut checked) = (0usize, 0usize, 0f64, 0);
+    for ((a, b), o) in rb.iter().zip(&r1).zip(&ro) {
+        assert_eq!(a.sample_ids.len(), 12 * a.n_pos(), "{}", a.id);
+        assert!(o.topk_ids.is_empty() && o.topk_logprobs.is_empty());
+        // Draws are a function of (seed, id, position) and the teacher's distribution.
+        assert_eq!(a.input_ids, o.input_ids);
+        assert_eq!(
+            a.sample_ids, o.sample_ids,
+            "{}: top-k beside the draws changed them",
+            a.id
+        );
+        if kd_model::kernels::supported() {
+            assert_eq!(
+                a.sample_ids, b.sample_ids,
+                "{}: batch size changed the draws",
+                a.id
+            );
+        }
+        for j in 0..a.n_pos() {
+            let top = &a.topk_ids[j * TOP_K..(j + 1) * TOP_K];
+            let counts = a.sample_counts(j, 12);
+            assert_eq!(counts.iter().map(|c| c.1).sum::<u32>(), 12);
+            for (id, _, lp) in &counts {
+                if let Some(r) = top.iter().position(|t| t == id) {
+                    let d = (lp - a.topk_logprobs[j * TOP_K + r]).abs();
+                    assert!(
+                        d <= 2.0 / 1024.0 + 1e-6,
+                        "{}: draw {id} log-prob off by {d}",
+                        a.id
+                    );
+                    checked += 1;
+                }
+            }
+            top1_draws += counts
+                .iter()
+                .find(|c| c.0 == top[0])
+                .map_or(0, |c| c.1 as usize);
+            top1_mass += f64::from(a.topk_logprobs[j * TOP_K]).exp();
+            positions += 1;
+        }
+    }
+    assert!(
+        checked > positions,
+        "too few draws inside the top-k to compare"
+    );
+    // The share of draws landing on the teacher's top-1 estimates its mean probability: the
+    // standard error is at most sqrt(0.25 / draws).
+    let (share, mean) = (
+        top1_draws as f64 / (12 * positions) as f64,
+        top1_mass / positions as f64,
+    );
+    let se = (0.25 / (12 * positions) as f64).sqrt();
+    eprintln!(
+        "{positions} positions: top-1 share of draws {share:.4}, mean top-1 probability {mean:.4}"
+    );
+    assert!(
+        (share - mean).abs() < 5.0 * se,
+        "{share} vs {mean} (5 se = {})",
+        5.0 * se
+    );
+
+    // shard-cat: verify, stats and head know the draws.
+    let o = shard_cat(&["verify", s(&only)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stats = String::from_utf8(shard_cat(&["stats", s(&both)]).stdout).unwrap();
+    assert!(stats.contains("draws per position     12"), "{stats}");
+    assert!(stats.contains("(a top-k entry or a draw)"), "{stats}");
+    let head = String::from_utf8(shard_cat(&["head", s(&only), "--rows", "1"]).stdout).unwrap();
+    assert!(
+        head.contains("12 draws from the teacher") && head.contains(" ×"),
+        "{head}"
+    );
+    let json = shard_cat(&["--json", "head", s(&both), "--rows", "1"]);
+    let v: Value = serde_json::from_slice(&json.stdout).unwrap();
+    let drawn: u64 = v["positions"][0]["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(drawn, 12);
+
+    let err = c.dump_fails(
+        &input,
+        &c.path("v1"),
+        &["--targets", "sample:4", "--shard-format", "1"],
+    );
+    assert!(err.contains("format 1") && err.contains("sampled"), "{err}");
+    for bad in ["top:4,top:5", "sample:0", "sample", "most:3"] {
+        let err = c.dump_fails(&input, &c.path("bad"), &["--targets", bad]);
+        assert!(err.contains("--targets"), "{bad}: {err}");
+    }
 }
 
 /// Starts a 40-row dump (10 shards), kills it with SIGKILL once its partial manifest lists

@@ -43,14 +43,7 @@ logits_chunk = 64
 
 #[test]
 fn killed_and_resumed_run_equals_an_uninterrupted_one() {
-    let dir = util::tempdir();
-    let teacher = dir.path().join("teacher");
-    kd_model::testing::write_tiny_teacher(&teacher, 21).unwrap();
-    let rows: Vec<serde_json::Value> = (0..40)
-        .map(|i| serde_json::json!({"id": format!("r{i:02}"), "prompt": format!("count {} then {}", i % 9, i * 3 % 11)}))
-        .collect();
-    let input = dir.path().join("in.jsonl");
-    util::write_jsonl(&input, &rows);
+    let (dir, teacher, input) = tiny_teacher_and_input();
     let shards = dir.path().join("shards");
     util::run_ok(
         "teacher-dump",
@@ -341,8 +334,14 @@ fn latest_step(out: &Path) -> u64 {
         .unwrap()
 }
 
-/// Dumps `rows` through the tiny `teacher` into `out` with extra flags.
+/// `teacher-dump` with `--top-k 16` (unless `extra` gives `--targets`), 12 new tokens and 16
+/// rows per shard, then `extra`.
 fn dump(teacher: &Path, input: &Path, out: &Path, extra: &[&str]) {
+    let top: &[&str] = if extra.contains(&"--targets") {
+        &[]
+    } else {
+        &["--top-k", "16"]
+    };
     let mut args = vec![
         "--teacher",
         teacher.to_str().unwrap(),
@@ -350,14 +349,15 @@ fn dump(teacher: &Path, input: &Path, out: &Path, extra: &[&str]) {
         input.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-        "--top-k",
-        "16",
+    ];
+    args.extend_from_slice(top);
+    args.extend_from_slice(&[
         "--max-new-tokens",
         "12",
         "--rows-per-shard",
         "16",
         "--no-progress",
-    ];
+    ]);
     args.extend_from_slice(extra);
     util::run_ok("teacher-dump", &args);
 }
@@ -593,7 +593,8 @@ fn two_teachers_are_distilled_as_their_mixture() {
 }
 
 /// A tiny teacher, a 40-row dump of it and the folder they live in.
-fn tiny_setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+/// A temp dir with the tiny teacher (seed 21) and 40 short prompts: `(dir, teacher, input)`.
+fn tiny_teacher_and_input() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = util::tempdir();
     let teacher = dir.path().join("teacher");
     kd_model::testing::write_tiny_teacher(&teacher, 21).unwrap();
@@ -602,6 +603,11 @@ fn tiny_setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
         .collect();
     let input = dir.path().join("in.jsonl");
     util::write_jsonl(&input, &rows);
+    (dir, teacher, input)
+}
+
+fn tiny_setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let (dir, teacher, input) = tiny_teacher_and_input();
     let shards = dir.path().join("shards");
     dump(
         &teacher,
@@ -1084,4 +1090,119 @@ fn a_second_run_into_the_same_folder_is_refused() {
         !out.join(kd_student::fit::LOCK_FILE).exists(),
         "the lock outlived the run"
     );
+}
+
+/// Sampled targets end to end: a `top:16,sample:12` dump trains on its draws (plug-in
+/// targets whose probabilities are the counts over 12), evaluates its held-out rows against
+/// the top-k, and held-out forward KL falls; losses without an unbiased estimate are refused
+/// unless asked for by name, infinite ones always; a draws-only cache refuses a held-out
+/// evaluation it cannot do.
+#[test]
+fn sampled_targets_train_with_the_unbiased_estimator() {
+    let (dir, teacher, input) = tiny_teacher_and_input();
+    let (both, only) = (dir.path().join("both"), dir.path().join("only"));
+    for (out, targets) in [(&both, "top:16,sample:12"), (&only, "sample:12")] {
+        let extra = ["--targets", targets, "--temperature", "1.0", "--seed", "2"];
+        dump(&teacher, &input, out, &extra);
+    }
+
+    // The loader's plug-in targets: counts over 12, padded with never-drawn ids at -inf.
+    let set = kd_student::data::ShardSet::open_targets(
+        &both,
+        Some(kd_student::data::TargetKind::Sampled),
+    )
+    .unwrap();
+    assert_eq!(set.k(), 12);
+    let shard_rows = kd_shard::read_shard(&both.join("shard-00000.parquet")).unwrap();
+    for (view, row) in set.rows().zip(&shard_rows) {
+        assert_eq!(view.id, row.id);
+        for j in 0..view.n_pos() {
+            let ids = &view.topk_ids[j * 12..(j + 1) * 12];
+            let lps = &view.topk_logprobs[j * 12..(j + 1) * 12];
+            let mass: f64 = lps.iter().map(|&l| f64::from(l).exp()).sum();
+            assert!((mass - 1.0).abs() < 1e-6, "plug-in mass {mass}");
+            for (id, c, _) in row.sample_counts(j, 12) {
+                let r = ids.iter().position(|&i| i == id).expect("drawn id kept");
+                assert!((f64::from(lps[r]).exp() - f64::from(c) / 12.0).abs() < 1e-6);
+            }
+            let drawn = row.sample_counts(j, 12).len();
+            assert!(lps[drawn..].iter().all(|l| *l == f32::NEG_INFINITY));
+        }
+    }
+    // The default for a cache with both kinds is its top-k.
+    let top = kd_student::data::ShardSet::open(&both).unwrap();
+    assert_eq!(
+        (top.targets(), top.k()),
+        (kd_student::data::TargetKind::TopK, 16)
+    );
+
+    let with = |out: &Path, shards: &Path, loss: &str, extra: &str| {
+        let p = pipeline(dir.path(), shards, &teacher, out);
+        let text = std::fs::read_to_string(&p).unwrap().replace(
+            r#"loss = { divergence = { kind = "forward_kl" }, temperature = 2.0, alpha = 0.7 }"#,
+            &format!("loss = {loss}\n{extra}"),
+        );
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let fkl = r#"{ divergence = { kind = "forward_kl" }, temperature = 1.0, alpha = 1.0 }"#;
+    let a = dir.path().join("a");
+    let pa = with(&a, &both, fkl, r#"targets = "sampled""#);
+    let summary = util::run_ok(
+        "student-fit",
+        &["--pipeline", pa.to_str().unwrap(), "--json"],
+    );
+    let s: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    let (before, after) = (
+        s["initial"]["forward_kl"].as_f64().unwrap(),
+        s["final_eval"]["forward_kl"].as_f64().unwrap(),
+    );
+    assert!(
+        after < before,
+        "held-out forward KL (against the top-k) {before} -> {after}"
+    );
+    assert!(
+        s["initial"]["reverse_kl"].as_f64().unwrap().is_finite(),
+        "evaluation used the top-k"
+    );
+
+    let refused = |p: &Path| {
+        let o = util::run("student-fit", &["--pipeline", p.to_str().unwrap()]);
+        assert!(!o.status.success());
+        String::from_utf8(o.stderr).unwrap()
+    };
+    let jsd = r#"{ divergence = { kind = "jsd", beta = 0.5 }, temperature = 1.0, alpha = 1.0 }"#;
+    let e = refused(&with(
+        &dir.path().join("b"),
+        &both,
+        jsd,
+        r#"targets = "sampled""#,
+    ));
+    assert!(e.contains("plug_in") && e.contains("unbiased"), "{e}");
+    let hot = r#"{ divergence = { kind = "forward_kl" }, temperature = 2.0, alpha = 1.0 }"#;
+    let e = refused(&with(&dir.path().join("c"), &only, hot, ""));
+    assert!(e.contains("temperature 2"), "{e}");
+    let rkl = r#"{ divergence = { kind = "reverse_kl" }, temperature = 1.0, alpha = 1.0 }"#;
+    let e = refused(&with(
+        &dir.path().join("d"),
+        &only,
+        rkl,
+        r#"estimator = "plug_in""#,
+    ));
+    assert!(e.contains("infinite"), "{e}");
+    let e = refused(&with(&dir.path().join("e"), &only, fkl, ""));
+    assert!(
+        e.contains("held-out evaluation needs the teacher's top-k"),
+        "{e}"
+    );
+    // Without held-out rows, a draws-only cache trains.
+    let f = dir.path().join("f");
+    let pf = with(&f, &only, fkl, "");
+    let text = std::fs::read_to_string(&pf)
+        .unwrap()
+        .replace("holdout_fraction = 0.25", "holdout_fraction = 0.0")
+        .replace("steps = 30", "steps = 4");
+    std::fs::write(&pf, text).unwrap();
+    util::run_ok("student-fit", &["--pipeline", pf.to_str().unwrap()]);
+    assert!(f.join("student/model.safetensors").exists());
 }

@@ -108,6 +108,7 @@ fn greedy_generation_reproduces_reference_continuations() {
     let engine = Engine {
         model: &m.model,
         top_k: 20,
+        draws: kd_teacher::engine::Draws::default(),
         stop_ids: m.tokenizer.stop_ids(),
         max_new_tokens: 32,
         sampling: SamplingConfig {

@@ -27,7 +27,7 @@ pub enum Cmd {
     /// Summary of the manifest: teacher, tokenizer, input, settings, shards, totals.
     Ls { dir: PathBuf },
     /// Print the first rows: prompt, response, and per position the actual token and the
-    /// teacher's top tokens with probabilities.
+    /// teacher's top tokens with probabilities (and the draws of sampled targets, with counts).
     Head {
         dir: PathBuf,
         /// Rows to print.
@@ -128,7 +128,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
                     if shown >= rows {
                         break 'outer;
                     }
-                    print_row(&row?, m.top_k(), tok.as_ref(), &view, args.json, out)?;
+                    print_row(&row?, &m, tok.as_ref(), &view, args.json, out)?;
                     shown += 1;
                 }
             }
@@ -140,7 +140,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
                 for row in kd_shard::ShardReader::open(&dir.join(&s.file))? {
                     let row = row?;
                     if row.id == id {
-                        print_row(&row, m.top_k(), tok.as_ref(), &view, args.json, out)?;
+                        print_row(&row, &m, tok.as_ref(), &view, args.json, out)?;
                         return Ok(true);
                     }
                 }
@@ -184,6 +184,14 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
                 writeln!(out, "distilled positions    {}", s.positions)?;
                 writeln!(out, "teacher-written tokens {}", s.response_tokens)?;
                 writeln!(out, "top-k                  {}", s.k)?;
+                if s.samples > 0 {
+                    writeln!(out, "draws per position     {}", s.samples)?;
+                    writeln!(
+                        out,
+                        "distinct ids drawn     {:.2} per position, holding {:.4} of the teacher's mass",
+                        s.mean_distinct_samples, s.mean_sampled_mass
+                    )?;
+                }
                 writeln!(
                     out,
                     "bytes                  {} ({})",
@@ -191,7 +199,16 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
                     human_bytes(s.bytes)
                 )?;
                 writeln!(out, "bytes per position     {:.1}", s.bytes_per_position)?;
-                writeln!(out, "bytes per entry        {:.2}", s.bytes_per_entry)?;
+                writeln!(
+                    out,
+                    "bytes per entry        {:.2}{}",
+                    s.bytes_per_entry,
+                    if s.samples > 0 {
+                        " (a top-k entry or a draw)"
+                    } else {
+                        ""
+                    }
+                )?;
                 writeln!(
                     out,
                     "format version         {}{}",
@@ -202,8 +219,10 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
                         " (f32 log-probs)"
                     }
                 )?;
-                writeln!(out, "mean tail mass         {:.4}", s.mean_tail_mass)?;
-                writeln!(out, "mean top-1 probability {:.4}", s.mean_top1_prob)?;
+                if s.k > 0 {
+                    writeln!(out, "mean tail mass         {:.4}", s.mean_tail_mass)?;
+                    writeln!(out, "mean top-1 probability {:.4}", s.mean_top1_prob)?;
+                }
                 writeln!(
                     out,
                     "mean token log-prob    {:.4} nats",
@@ -327,7 +346,7 @@ fn tok_text(tok: Option<&Tokenizer>, id: u32) -> String {
 
 fn print_row(
     row: &Row,
-    k: usize,
+    m: &Manifest,
     tok: Option<&Tokenizer>,
     view: &View,
     json: bool,
@@ -340,6 +359,7 @@ fn print_row(
     } else {
         view.positions.min(n_pos)
     };
+    let (k, n) = (m.top_k(), m.samples());
     let top = view.top.min(k);
     if json {
         let positions: Vec<_> = (0..shown)
@@ -353,8 +373,24 @@ fn print_row(
                             "prob": f64::from(row.topk_logprobs[i * k + j]).exp()})
                     })
                     .collect();
-                serde_json::json!({"t": t, "token": next, "text": tok.map(|t| t.token_text(next)),
-                    "logprob": row.token_logprob[i], "top": tops})
+                let drawn: Vec<_> = if n > 0 {
+                    row.sample_counts(i, n)
+                        .into_iter()
+                        .map(|(id, c, lp)| {
+                            serde_json::json!({"id": id, "text": tok.map(|t| t.token_text(id)),
+                                "count": c, "prob": f64::from(lp).exp()})
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let mut v = serde_json::json!({"t": t, "token": next,
+                    "text": tok.map(|t| t.token_text(next)),
+                    "logprob": row.token_logprob[i], "top": tops});
+                if n > 0 {
+                    v["samples"] = serde_json::json!(drawn);
+                }
+                v
             })
             .collect();
         let v = serde_json::json!({
@@ -389,9 +425,14 @@ fn print_row(
         writeln!(out, "prompt ids: {:?}", &row.input_ids[..p])?;
         writeln!(out, "response ids: {:?}", &row.input_ids[p..])?;
     }
+    let header = match (k, n) {
+        (_, 0) => format!("teacher top-{top}"),
+        (0, n) => format!("{n} draws from the teacher: token ×count (teacher prob)"),
+        (_, n) => format!("teacher top-{top} | {n} draws: token ×count (teacher prob)"),
+    };
     writeln!(
         out,
-        "positions: actual next token (teacher prob) | teacher top-{top}"
+        "positions: actual next token (teacher prob) | {header}"
     )?;
     for i in 0..shown {
         let t = p - 1 + i;
@@ -409,6 +450,18 @@ fn print_row(
                 tok_text(tok, id),
                 f64::from(row.topk_logprobs[i * k + j]).exp()
             ));
+        }
+        if n > 0 {
+            if k > 0 {
+                line.push_str(" |");
+            }
+            for (id, c, lp) in row.sample_counts(i, n) {
+                line.push_str(&format!(
+                    " {} ×{c} ({:.3})",
+                    tok_text(tok, id),
+                    f64::from(lp).exp()
+                ));
+            }
         }
         writeln!(out, "{line}")?;
     }

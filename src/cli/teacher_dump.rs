@@ -45,6 +45,17 @@ pub struct Args {
     /// mean tail mass.
     #[arg(long)]
     pub top_k: Option<usize>,
+    /// What to store per position: `top:K` (the K most likely tokens; the default is top:32),
+    /// `sample:N` (N tokens drawn from the teacher's distribution at T=1, stored with their
+    /// log-probs; forward KL and its gradient estimated from them are unbiased), or both,
+    /// `top:K,sample:N`. Draws come from a stream seeded by (--seed, row id, position), so
+    /// they do not depend on batching. Sampled targets need shard format 2.
+    #[arg(
+        long,
+        conflicts_with = "top_k",
+        value_name = "top:K|sample:N|top:K,sample:N"
+    )]
+    pub targets: Option<String>,
     /// Most tokens generated per prompt [default: 256].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
@@ -115,6 +126,32 @@ pub struct Resolved {
     pub threads: usize,
 }
 
+/// `top:K`, `sample:N` or both (comma-separated, either order): `(top_k, samples)`, with 0
+/// for the kind that is absent.
+pub fn parse_targets(s: &str) -> anyhow::Result<(usize, usize)> {
+    let (mut top, mut sample) = (None, None);
+    for part in s.split(',') {
+        let (kind, n) = part.trim().split_once(':').with_context(|| {
+            format!("--targets `{s}`: expected top:K, sample:N or top:K,sample:N")
+        })?;
+        let n: usize = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .with_context(|| format!("--targets `{s}`: `{n}` is not a positive integer"))?;
+        let slot = match kind.trim() {
+            "top" => &mut top,
+            "sample" => &mut sample,
+            other => bail!("--targets `{s}`: unknown kind `{other}` (top or sample)"),
+        };
+        if slot.replace(n).is_some() {
+            bail!("--targets `{s}`: `{}` given twice", kind.trim());
+        }
+    }
+    Ok((top.unwrap_or(0), sample.unwrap_or(0)))
+}
+
 fn parse_part(s: &str) -> anyhow::Result<(usize, usize)> {
     let (a, b) = s
         .split_once('/')
@@ -153,6 +190,18 @@ impl Args {
         if score && mixed {
             anyhow::bail!("`score` and `mixed` exclude each other: pick one");
         }
+        let (top_k, samples) = match (self.targets.as_deref(), p.targets.as_deref()) {
+            (Some(t), _) => parse_targets(t)?,
+            (None, Some(t)) if self.top_k.is_none() => {
+                if p.top_k.is_some() {
+                    bail!(
+                        "the pipeline's [dump] section sets both `top_k` and `targets`: keep one"
+                    );
+                }
+                parse_targets(t)?
+            }
+            _ => (self.top_k.or(p.top_k).unwrap_or(32), 0),
+        };
         let settings = DumpSettings {
             mode: if score {
                 Mode::Score
@@ -161,7 +210,8 @@ impl Args {
             } else {
                 Mode::Generate
             },
-            top_k: self.top_k.or(p.top_k).unwrap_or(32),
+            top_k,
+            samples,
             max_new_tokens: self.max_new_tokens.or(p.max_new_tokens).unwrap_or(256),
             temperature: self.temperature.or(p.temperature).unwrap_or(0.0),
             top_p: self.top_p.or(p.top_p).unwrap_or(1.0),

@@ -56,7 +56,31 @@ pub enum Estimator {
 }
 
 /// Whether `cfg` may train on sampled targets with `estimator`: `Err` says why not.
+///
+/// With [`Estimator::Unbiased`], only forward KL at τ = 1 with the bucket tail policy is
+/// accepted (the renorm policy compares the student on the drawn ids only, so its gradient
+/// is not q − p̂). With [`Estimator::PlugIn`] any loss whose plug-in value is finite is
+/// accepted: not reverse KL or skew reverse KL with λ = 0 (the student's mass on tokens
+/// never drawn makes them +∞), nor logit MSE (it needs teacher logits on a fixed support).
 pub fn check(cfg: &LossConfig, estimator: Estimator) -> Result<(), String> {
+    match cfg.divergence {
+        Divergence::ReverseKl | Divergence::SkewReverseKl { lambda: 0.0 } => {
+            return Err(format!(
+                "{} is infinite on sampled targets: the teacher's plug-in distribution is 0 \
+                 on every token not drawn, where the student has mass; use forward KL, JSD or \
+                 skew KL, or top-k targets",
+                cfg.divergence
+            ));
+        }
+        Divergence::LogitMse => {
+            return Err(
+                "logit_mse needs the teacher's logits on a fixed support; sampled targets \
+                 carry counts, not logits: use top-k targets"
+                    .to_string(),
+            );
+        }
+        _ => {}
+    }
     if estimator == Estimator::PlugIn {
         return Ok(());
     }
@@ -73,6 +97,14 @@ pub fn check(cfg: &LossConfig, estimator: Estimator) -> Result<(), String> {
              estimate from them (use temperature 1, or the \"plug_in\" estimator to accept the bias)",
             cfg.temperature
         ));
+    }
+    if cfg.tail != crate::TailPolicy::Bucket {
+        return Err(
+            "sampled targets need the bucket tail policy for an unbiased gradient (renorm \
+             compares the student on the drawn ids only); set tail = \"bucket\", or the \
+             \"plug_in\" estimator to accept the bias"
+                .to_string(),
+        );
     }
     Ok(())
 }

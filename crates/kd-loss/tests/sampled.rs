@@ -235,11 +235,17 @@ fn biased_combinations_are_refused_unless_asked_for_by_name() {
     };
     let e = check(&hot, Estimator::Unbiased).unwrap_err();
     assert!(e.contains("temperature 2"), "{e}");
+    assert!(check(&hot, Estimator::PlugIn).is_ok());
+    let renorm = LossConfig {
+        tail: kd_loss::TailPolicy::Renorm,
+        ..forward_kl(1.0)
+    };
+    let e = check(&renorm, Estimator::Unbiased).unwrap_err();
+    assert!(e.contains("bucket"), "{e}");
     for d in [
-        Divergence::ReverseKl,
         Divergence::Jsd { beta: 0.5 },
         Divergence::SkewForwardKl { lambda: 0.1 },
-        Divergence::LogitMse,
+        Divergence::SkewReverseKl { lambda: 0.1 },
     ] {
         let cfg = LossConfig {
             divergence: d,
@@ -248,5 +254,20 @@ fn biased_combinations_are_refused_unless_asked_for_by_name() {
         let e = check(&cfg, Estimator::Unbiased).unwrap_err();
         assert!(e.contains("plug_in"), "{e}");
         assert!(check(&cfg, Estimator::PlugIn).is_ok());
+    }
+    // Infinite or meaningless on draws whatever the estimator.
+    for d in [
+        Divergence::ReverseKl,
+        Divergence::SkewReverseKl { lambda: 0.0 },
+        Divergence::LogitMse,
+    ] {
+        let cfg = LossConfig {
+            divergence: d,
+            ..forward_kl(1.0)
+        };
+        for est in [Estimator::Unbiased, Estimator::PlugIn] {
+            let e = check(&cfg, est).unwrap_err();
+            assert!(e.contains("top-k"), "{e}");
+        }
     }
 }

@@ -33,6 +33,13 @@
 //! | `topk_logprob_gaps` | `list<uint32>` | within a position, `ceil(-lp[r]·S) - ceil(-lp[r-1]·S)` (gap 0: `ceil(-lp[0]·S)`) |
 //! | `token_logprob_q` | `list<uint32>` | `ceil(-lp·S)` of the token that actually follows |
 //! | `tail_logmass_q` | `list<uint32>` | per position `round(-ln(r)·T)`, r = 1 − Σ exp(top-k), [`NO_TAIL`] when r ≤ 0 |
+//! | `sample_ids` | `list<uint32>` | sampled targets: `n_pos × n` ids drawn at T=1, sorted by id within a position, repeats kept |
+//! | `sample_logprob_q` | `list<uint32>` | `ceil(-lp·S)` of each draw's teacher log-prob |
+//!
+//! `kd.samples` (= `n`, 0 for a top-k cache) in the metadata says how many draws each
+//! position holds; `kd.top_k` may then be 0 (a cache of draws only). With c draws of an id
+//! among n, `c/n` is an unbiased estimate of the teacher's probability, which is what makes
+//! forward KL trained on them unbiased (`kd_loss::sampled`).
 //!
 //! with `S` = `kd.logprob_scale` = [`LOGPROB_SCALE`] = 1024 and `T` = `kd.tail_scale` =
 //! [`TAIL_SCALE`] = 2^20 in the key-value metadata. Decoding (numpy): `lp = -np.cumsum(
@@ -155,10 +162,11 @@ pub use manifest::{
     canonical_json, merge_manifests, read_manifest, write_manifest_atomic,
 };
 pub use reader::{ShardMeta, ShardReader, read_shard, read_shard_meta};
-pub use row::{LOGPROB_SLACK, MASS_SLACK, Row, Source};
+pub use row::{LOGPROB_SLACK, MASS_SLACK, Row, Source, counts_of};
 pub use schema::{
-    COLUMNS, COLUMNS_V2, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_TAIL_SCALE,
-    META_TOP_K, arrow_schema, arrow_schema_of, arrow_schema_v2, schema_json, schema_json_of,
+    COLUMNS, COLUMNS_V2, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_SAMPLES,
+    META_TAIL_SCALE, META_TOP_K, arrow_schema, arrow_schema_of, arrow_schema_v2, schema_json,
+    schema_json_of,
 };
 pub use stats::{SourceStats, Stats, StatsBuilder, stats_dir};
 pub use v2::{NO_TAIL, TAIL_SCALE};

@@ -270,6 +270,15 @@ impl Manifest {
             .unwrap_or(0)
     }
 
+    /// `settings.samples`: sampled targets per position; 0 if absent (a top-k cache).
+    pub fn samples(&self) -> usize {
+        self.settings
+            .get("samples")
+            .and_then(Value::as_u64)
+            .and_then(|k| usize::try_from(k).ok())
+            .unwrap_or(0)
+    }
+
     /// `teacher.vocab_size`; 0 if absent (which [`Manifest::check_fields`] rejects).
     pub fn vocab_size(&self) -> u32 {
         self.teacher
@@ -321,7 +330,29 @@ impl Manifest {
         }
         pos_int(&self.teacher, "teacher", "vocab_size")?;
         pos_int(&self.tokenizer, "tokenizer", "vocab_size")?;
-        pos_int(&self.settings, "settings", "top_k")?;
+        let non_neg = |key: &str| match self.settings.get(key) {
+            None => Ok(0),
+            Some(v) => match v.as_u64() {
+                Some(n) if n <= u64::from(u32::MAX) => Ok(n),
+                _ => Err(format!("settings.{key} must be a non-negative integer")),
+            },
+        };
+        if self.settings.get("top_k").is_none() {
+            return Err("settings.top_k must be a positive integer".to_string());
+        }
+        let (k, n) = (non_neg("top_k")?, non_neg("samples")?);
+        if k == 0 && n == 0 {
+            return Err(
+                "settings.top_k must be a positive integer (or settings.samples positive)"
+                    .to_string(),
+            );
+        }
+        if n > 0 && self.format_version < 2 {
+            return Err(format!(
+                "settings.samples is {n} but format {} cannot hold sampled targets",
+                self.format_version
+            ));
+        }
         if !self
             .tokenizer
             .get("fingerprint")

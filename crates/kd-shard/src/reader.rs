@@ -9,7 +9,8 @@ use bytes::Bytes;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
 use crate::schema::{
-    META_FORMAT_VERSION, META_LOGPROB_SCALE, META_TAIL_SCALE, META_TOP_K, check_arrow_schema,
+    META_FORMAT_VERSION, META_LOGPROB_SCALE, META_SAMPLES, META_TAIL_SCALE, META_TOP_K,
+    check_arrow_schema,
 };
 use crate::{Error, FORMAT_VERSION, Result, Row, Source};
 
@@ -31,6 +32,8 @@ pub struct ShardMeta {
     pub logprob_scale: Option<u32>,
     /// `kd.tail_scale` of a v2 shard; `None` for v1.
     pub tail_scale: Option<u32>,
+    /// `kd.samples` of a v2 shard: sampled targets per position (0 for none, and for v1).
+    pub samples: usize,
 }
 
 /// Rows decoded per Arrow batch; bounds the reader's working memory.
@@ -147,15 +150,12 @@ impl ShardReader {
         let k_s = kv(kvs, META_TOP_K).ok_or_else(|| {
             Error::schema(path, format!("missing Parquet metadata key {META_TOP_K}"))
         })?;
-        let k: usize = match k_s.trim().parse() {
-            Ok(k) if k > 0 => k,
-            _ => {
-                return Err(Error::schema(
-                    path,
-                    format!("{META_TOP_K} = {k_s:?} is not a positive integer"),
-                ));
-            }
-        };
+        let k: usize = k_s.trim().parse().map_err(|_| {
+            Error::schema(
+                path,
+                format!("{META_TOP_K} = {k_s:?} is not a non-negative integer"),
+            )
+        })?;
         let positive = |key: &str| -> Result<u32> {
             let s = kv(kvs, key).ok_or_else(|| {
                 Error::schema(path, format!("missing Parquet metadata key {key}"))
@@ -176,6 +176,27 @@ impl ShardReader {
         } else {
             (None, None)
         };
+        let samples: usize = if format_version >= 2 {
+            let s = kv(kvs, META_SAMPLES).ok_or_else(|| {
+                Error::schema(path, format!("missing Parquet metadata key {META_SAMPLES}"))
+            })?;
+            s.trim().parse().map_err(|_| {
+                Error::schema(
+                    path,
+                    format!("{META_SAMPLES} = {s:?} is not a non-negative integer"),
+                )
+            })?
+        } else {
+            0
+        };
+        if k == 0 && samples == 0 {
+            return Err(Error::schema(
+                path,
+                format!(
+                    "{META_TOP_K} = {k_s:?} is not a positive integer (and there are no sampled targets)"
+                ),
+            ));
+        }
         check_arrow_schema(path, builder.schema(), format_version)?;
         let rows = u64::try_from(fmd.num_rows())
             .map_err(|_| Error::corrupt(path, format!("negative row count {}", fmd.num_rows())))?;
@@ -187,6 +208,7 @@ impl ShardReader {
             created_by: fmd.created_by().map(str::to_string),
             logprob_scale,
             tail_scale,
+            samples,
         };
         let batches = guard(path, || {
             builder
@@ -358,6 +380,7 @@ fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Ro
             ListCol<'a, UInt32Type>,
             ListCol<'a, UInt32Type>,
             (u32, u32),
+            [ListCol<'a, UInt32Type>; 2],
         ),
     }
     let lps = match scales {
@@ -370,6 +393,10 @@ fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Ro
             ListCol::new(path, names[6], b.column(6))?,
             ListCol::new(path, names[7], b.column(7))?,
             s,
+            [
+                ListCol::new(path, names[8], b.column(8))?,
+                ListCol::new(path, names[9], b.column(9))?,
+            ],
         ),
     };
     let mut rows = Vec::with_capacity(b.num_rows());
@@ -378,24 +405,45 @@ fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Ro
         let source = Source::parse(s).ok_or_else(|| {
             Error::corrupt(path, format!("row {i} of batch: unknown source {s:?}"))
         })?;
-        let (topk_logprobs, token_logprob) = match &lps {
-            LogProbs::F32(a, b) => (a.get(path, names[5], i)?, b.get(path, names[6], i)?),
-            LogProbs::Int(a, b, t, (scale, tail_scale)) => {
+        let (topk_logprobs, token_logprob, sample_ids, sample_logprobs) = match &lps {
+            LogProbs::F32(a, b) => (
+                a.get(path, names[5], i)?,
+                b.get(path, names[6], i)?,
+                Vec::new(),
+                Vec::new(),
+            ),
+            LogProbs::Int(a, b, t, (scale, tail_scale), [sid, sq]) => {
                 let gaps = a.get(path, names[5], i)?;
                 let q = b.get(path, names[6], i)?;
                 let tail = t.get(path, names[7], i)?;
-                if tail.len().checked_mul(meta.k) != Some(gaps.len()) {
+                let sample_ids = sid.get(path, names[8], i)?;
+                let sample_q = sq.get(path, names[9], i)?;
+                if sample_q.len() != sample_ids.len() {
                     return Err(Error::corrupt(
                         path,
                         format!(
-                            "row {i} of batch: {} tail entries for {} top-k entries (k = {})",
-                            tail.len(),
-                            gaps.len(),
-                            meta.k
+                            "row {i} of batch: {} sampled log-probs for {} sampled ids",
+                            sample_q.len(),
+                            sample_ids.len()
                         ),
                     ));
                 }
-                crate::v2::decode(&gaps, &q, &tail, meta.k, *scale, *tail_scale)
+                if tail.len() != q.len() || tail.len().checked_mul(meta.k) != Some(gaps.len()) {
+                    return Err(Error::corrupt(
+                        path,
+                        format!(
+                            "row {i} of batch: {} tail entries for {} top-k entries (k = {}) and {} positions",
+                            tail.len(),
+                            gaps.len(),
+                            meta.k,
+                            q.len()
+                        ),
+                    ));
+                }
+                let (topk, token) =
+                    crate::v2::decode(&gaps, &q, &tail, meta.k, *scale, *tail_scale);
+                let sample_lps = crate::v2::decode_samples(&sample_q, *scale);
+                (topk, token, sample_ids, sample_lps)
             }
         };
         rows.push(Row {
@@ -406,6 +454,8 @@ fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Ro
             topk_ids: topk_ids.get(path, "topk_ids", i)?,
             topk_logprobs,
             token_logprob,
+            sample_ids,
+            sample_logprobs,
         });
     }
     Ok(rows)

@@ -64,6 +64,12 @@ pub struct Row {
     pub topk_logprobs: Vec<f32>,
     /// `n_pos` teacher log-probabilities of the token that actually follows (`input_ids[t+1]`).
     pub token_logprob: Vec<f32>,
+    /// Sampled targets (format 2): `n_pos * n` ids drawn from the teacher's T=1
+    /// distribution, `n` per position, sorted by id within a position with repeats kept (an
+    /// id drawn c times appears c times). Empty when the cache holds no sampled targets.
+    pub sample_ids: Vec<u32>,
+    /// The teacher's T=1 log-probabilities of `sample_ids`, aligned with them.
+    pub sample_logprobs: Vec<f32>,
 }
 
 impl Row {
@@ -75,12 +81,19 @@ impl Row {
     /// # Panics
     /// If a log-prob is below format 2's range (about −4.2 million nats).
     pub fn as_stored_v2(&self, k: usize) -> Row {
-        let (gaps, q, tail) = crate::v2::encode_row(self, k).expect("a row in format 2's range");
-        let (topk_logprobs, token_logprob) =
-            crate::v2::decode(&gaps, &q, &tail, k, crate::LOGPROB_SCALE, crate::TAIL_SCALE);
+        let e = crate::v2::encode_row(self, k).expect("a row in format 2's range");
+        let (topk_logprobs, token_logprob) = crate::v2::decode(
+            &e.gaps,
+            &e.token_q,
+            &e.tail,
+            k,
+            crate::LOGPROB_SCALE,
+            crate::TAIL_SCALE,
+        );
         Row {
             topk_logprobs,
             token_logprob,
+            sample_logprobs: crate::v2::decode_samples(&e.sample_q, crate::LOGPROB_SCALE),
             ..self.clone()
         }
     }
@@ -100,19 +113,28 @@ impl Row {
             .unwrap_or_default()
     }
 
-    /// Checks every invariant of the format for this row, with `k` entries per position and
-    /// ids below `vocab_size`. Returns a message naming the first violation.
-    ///
-    /// Checked: `1 <= prompt_len <= len`; lengths `n_pos*k`, `n_pos*k`, `n_pos`; all ids below
-    /// `vocab_size`; top-k ids distinct within a position; top-k log-probs finite, `<= 0`
-    /// (slack [`LOGPROB_SLACK`]), sorted descending, with `Σ exp <= 1` (slack [`MASS_SLACK`]);
-    /// `token_logprob` finite and `<= 0` (same slack).
+    /// Checks every invariant of the format for this row, with `k` top-k entries per
+    /// position, no sampled targets and ids below `vocab_size`; see [`Row::validate_targets`].
     pub fn validate(&self, k: usize, vocab_size: u32) -> Result<(), String> {
+        self.validate_targets(k, 0, vocab_size)
+    }
+
+    /// Checks every invariant of the format for this row, with `k` top-k entries and `n`
+    /// sampled targets per position (either may be 0, not both) and ids below `vocab_size`.
+    /// Returns a message naming the first violation.
+    ///
+    /// Checked: `1 <= prompt_len <= len`; lengths `n_pos*k`, `n_pos*k`, `n_pos`, `n_pos*n`,
+    /// `n_pos*n`; all ids below `vocab_size`; top-k ids distinct within a position; top-k
+    /// log-probs finite, `<= 0` (slack [`LOGPROB_SLACK`]), sorted descending, with
+    /// `Σ exp <= 1` (slack [`MASS_SLACK`]); `token_logprob` finite and `<= 0` (same slack);
+    /// sampled ids non-decreasing within a position, their log-probs finite and `<= 0`, and
+    /// equal for equal ids.
+    pub fn validate_targets(&self, k: usize, n: usize, vocab_size: u32) -> Result<(), String> {
         if self.id.is_empty() {
             return Err("empty id".into());
         }
-        if k == 0 {
-            return Err("k must be at least 1".into());
+        if k == 0 && n == 0 {
+            return Err("k must be at least 1 when there are no sampled targets".into());
         }
         let len = self.input_ids.len();
         let pl = self.prompt_len as usize;
@@ -201,8 +223,76 @@ impl Row {
                 return Err(format!("position {j}: token_logprob {tl} > 0"));
             }
         }
+        self.validate_samples(n, n_pos, vocab_size)
+    }
+
+    fn validate_samples(&self, n: usize, n_pos: usize, vocab_size: u32) -> Result<(), String> {
+        let want = n_pos
+            .checked_mul(n)
+            .ok_or_else(|| format!("n_pos {n_pos} * n {n} overflows"))?;
+        if self.sample_ids.len() != want {
+            return Err(format!(
+                "sample_ids has {} entries, expected n_pos {n_pos} * n {n} = {want}",
+                self.sample_ids.len()
+            ));
+        }
+        if self.sample_logprobs.len() != want {
+            return Err(format!(
+                "sample_logprobs has {} entries, expected n_pos {n_pos} * n {n} = {want}",
+                self.sample_logprobs.len()
+            ));
+        }
+        for j in 0..if n == 0 { 0 } else { n_pos } {
+            let ids = &self.sample_ids[j * n..(j + 1) * n];
+            let lps = &self.sample_logprobs[j * n..(j + 1) * n];
+            for (r, (&id, &lp)) in ids.iter().zip(lps).enumerate() {
+                if id >= vocab_size {
+                    return Err(format!(
+                        "position {j} draw {r}: id {id} >= vocab_size {vocab_size}"
+                    ));
+                }
+                if !lp.is_finite() || lp > LOGPROB_SLACK {
+                    return Err(format!(
+                        "position {j} draw {r}: log-prob {lp} is not finite and <= 0"
+                    ));
+                }
+                if r > 0 && id < ids[r - 1] {
+                    return Err(format!(
+                        "position {j}: sampled ids not sorted at draw {r} ({} then {id})",
+                        ids[r - 1]
+                    ));
+                }
+                if r > 0 && id == ids[r - 1] && lp != lps[r - 1] {
+                    return Err(format!(
+                        "position {j}: id {id} drawn with two log-probs ({} and {lp})",
+                        lps[r - 1]
+                    ));
+                }
+            }
+        }
         Ok(())
     }
+
+    /// The sampled targets of position `j` as distinct `(id, count, log-prob)` triples in id
+    /// order, for `n` draws per position.
+    pub fn sample_counts(&self, j: usize, n: usize) -> Vec<(u32, u32, f32)> {
+        counts_of(
+            &self.sample_ids[j * n..(j + 1) * n],
+            &self.sample_logprobs[j * n..(j + 1) * n],
+        )
+    }
+}
+
+/// Distinct `(id, count, log-prob)` of one position's draws (sorted by id, repeats adjacent).
+pub fn counts_of(ids: &[u32], logprobs: &[f32]) -> Vec<(u32, u32, f32)> {
+    let mut out: Vec<(u32, u32, f32)> = Vec::new();
+    for (&id, &lp) in ids.iter().zip(logprobs) {
+        match out.last_mut() {
+            Some(last) if last.0 == id => last.1 += 1,
+            _ => out.push((id, 1, lp)),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -219,6 +309,8 @@ mod tests {
             topk_ids: vec![3, 7, 4, 8, 5, 0],
             topk_logprobs: vec![-0.1, -2.5, -0.2, -1.9, -0.05, -4.0],
             token_logprob: vec![-0.1, -0.2, -0.05],
+            sample_ids: Vec::new(),
+            sample_logprobs: Vec::new(),
         }
     }
 

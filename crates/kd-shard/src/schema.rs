@@ -30,8 +30,12 @@ pub(crate) const LIST_ITEM: &str = "element";
 /// `tail_logmass_q` holds round(-ln(tail mass) · T).
 pub const META_TAIL_SCALE: &str = "kd.tail_scale";
 
+/// Parquet key-value metadata key of a v2 shard holding `n`, the number of sampled targets
+/// per position (decimal string; 0 when the shard holds top-k targets only).
+pub const META_SAMPLES: &str = "kd.samples";
+
 /// Column names of a v2 shard in file order.
-pub const COLUMNS_V2: [&str; 8] = [
+pub const COLUMNS_V2: [&str; 10] = [
     "id",
     "source",
     "input_ids",
@@ -40,6 +44,8 @@ pub const COLUMNS_V2: [&str; 8] = [
     "topk_logprob_gaps",
     "token_logprob_q",
     "tail_logmass_q",
+    "sample_ids",
+    "sample_logprob_q",
 ];
 
 /// Column names of a v1 shard in file order.
@@ -63,11 +69,14 @@ pub fn arrow_schema() -> SchemaRef {
 }
 
 /// The canonical schema of a v2 shard: as v1, with the two log-prob columns stored as
-/// integers (`topk_logprob_gaps`, `token_logprob_q`).
+/// integers (`topk_logprob_gaps`, `token_logprob_q`), then `tail_logmass_q`, `sample_ids` and
+/// `sample_logprob_q`.
 pub fn arrow_schema_v2() -> SchemaRef {
     let base = columns_schema(COLUMNS_V2[..7].try_into().expect("seven"), DataType::UInt32);
     let mut fields: Vec<Field> = base.fields().iter().map(|f| f.as_ref().clone()).collect();
-    fields.push(Field::new(COLUMNS_V2[7], list_of(DataType::UInt32), false));
+    for name in &COLUMNS_V2[7..] {
+        fields.push(Field::new(*name, list_of(DataType::UInt32), false));
+    }
     Arc::new(Schema::new(fields))
 }
 
@@ -169,6 +178,14 @@ pub fn schema_json_of(version: u32) -> Value {
     v["container"]["value_encodings"] = json!(
         "written with BYTE_STREAM_SPLIT for topk_ids, topk_logprob_gaps and token_logprob_q and dictionary encoding for input_ids; readers must accept any standard Parquet encoding"
     );
+    v["parquet_key_value_metadata"][META_TOP_K] = json!({
+        "type": "string",
+        "description": "k, the number of top entries stored per distilled position, as a decimal integer; 0 when the shard holds sampled targets only (then kd.samples is positive)"
+    });
+    v["parquet_key_value_metadata"][META_SAMPLES] = json!({
+        "type": "string",
+        "description": "n, the number of sampled targets per distilled position, as a decimal integer; 0 when the shard holds top-k targets only"
+    });
     v["parquet_key_value_metadata"][META_TAIL_SCALE] = json!({
         "type": "string",
         "description": "T, the tail scale, as a decimal integer (1048576): tail_logmass_q holds round(-ln(tail mass) * T)"
@@ -182,8 +199,16 @@ pub fn schema_json_of(version: u32) -> Value {
         "tail_mass": "exp(-tail_logmass_q / T): the teacher's probability outside the top k (1e-6 relative), 0 where tail_logmass_q is 4294967295",
         "token_logprob": "token_logprob = -token_logprob_q / S plus the position's shift log((1 - tail) / sum(exp(lp))) from the top-k decoding, so a next token in the top k decodes to its top-k value",
         "error_bound": "every decoded top-k log-prob is within 1/S nats (1/1024 < 1e-3) of the teacher's exact f32 value: the writer rounds -log_prob * S up to an integer and stores the differences of those integers within a position; the shift by the tail is a weighted mean of the rounding errors, so it keeps each entry within the bound; token_logprob, rounded up the same way and given the same shift, is within 1/S too",
-        "rank_order": "within a position, entries stay sorted by log-prob descending, so the gaps are non-negative; equal decoded values may come from distinct exact values"
+        "rank_order": "within a position, entries stay sorted by log-prob descending, so the gaps are non-negative; equal decoded values may come from distinct exact values",
+        "sample_logprobs": "-sample_logprob_q / S, each within 1/S nats of the teacher's exact value",
+        "sampled_targets": "position j's draws are sample_ids[j*n..(j+1)*n]; an id drawn c times appears c times, so p_hat(id) = c / n is an unbiased estimate of the teacher's probability; forward KL at T=1 estimated as sum over draws of (log p(id) - log q(id)) / n is unbiased, and so is its gradient q - p_hat"
     });
+    v["position_convention"]["description"] = json!(
+        "Distilled position t runs over prompt_len-1 ..= len(input_ids)-2 and holds the teacher's distribution for predicting input_ids[t+1]. Position j = t-(prompt_len-1) owns topk_ids[j*k..(j+1)*k], topk_logprob_gaps[j*k..(j+1)*k], token_logprob_q[j], tail_logmass_q[j], sample_ids[j*n..(j+1)*n] and sample_logprob_q[j*n..(j+1)*n]."
+    );
+    v["manifest"]["fields"]["settings"] = json!(
+        "every dump setting; must contain top_k (0 when the cache holds sampled targets only) and samples when it holds sampled targets"
+    );
     let cols = v["columns"].as_array_mut().expect("columns");
     cols[5] = json!({
         "name": "topk_logprob_gaps",
@@ -204,7 +229,21 @@ pub fn schema_json_of(version: u32) -> Value {
         "type": "list<uint32>",
         "nullable": false,
         "length": "n_pos",
-        "description": "round(-ln(1 - sum(exp(exact top-k log-probs))) * T) per position, 4294967295 when the top k holds all the mass"
+        "description": "round(-ln(1 - sum(exp(exact top-k log-probs))) * T) per position, 4294967295 when the top k holds all the mass (0 when k is 0)"
+    }));
+    cols.push(json!({
+        "name": "sample_ids",
+        "type": "list<uint32>",
+        "nullable": false,
+        "length": "n_pos * n",
+        "description": "sampled targets: n ids drawn per position from the teacher's distribution at T=1 (a stream seeded by the dump's seed, the row id and the position), sorted by id within a position with repeats kept; empty lists when n is 0"
+    }));
+    cols.push(json!({
+        "name": "sample_logprob_q",
+        "type": "list<uint32>",
+        "nullable": false,
+        "length": "n_pos * n",
+        "description": "ceil(-log_prob * S) of each draw's teacher log-probability at T=1, aligned with sample_ids"
     }));
     v
 }

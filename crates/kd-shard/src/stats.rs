@@ -41,9 +41,15 @@ pub struct Stats {
     pub bytes: u64,
     /// `bytes / positions` (0 without positions).
     pub bytes_per_position: f64,
-    /// `bytes / (positions · k)`: bytes per stored (id, log-prob) entry, everything in the
-    /// files included (0 without positions).
+    /// `bytes / (positions · (k + samples))`: bytes per stored (id, log-prob) entry, a
+    /// top-k entry or a draw, everything in the files included (0 without positions).
     pub bytes_per_entry: f64,
+    /// Sampled targets (draws) per position; 0 for a top-k cache.
+    pub samples: usize,
+    /// Mean over positions of the number of distinct ids drawn (0 without samples).
+    pub mean_distinct_samples: f64,
+    /// Mean over positions of the teacher's probability mass on the distinct ids drawn.
+    pub mean_sampled_mass: f64,
     /// The manifest's format version (1: f32 log-probs; 2: integer log-probs).
     pub format_version: u32,
     /// Mean over positions of `max(0, 1 - Σ exp(topk_logprobs))`: probability mass outside the top k.
@@ -64,14 +70,24 @@ struct Acc {
     tail: f64,
     top1: f64,
     token_lp: f64,
+    distinct: f64,
+    sampled_mass: f64,
 }
 
 impl Acc {
-    fn add(&mut self, r: &Row, k: usize) {
+    fn add(&mut self, r: &Row, k: usize, n: usize) {
         self.rows += 1;
         self.tokens += r.input_ids.len() as u64;
         self.positions += r.n_pos() as u64;
+        if n > 0 {
+            for j in 0..r.n_pos() {
+                let c = r.sample_counts(j, n);
+                self.distinct += c.len() as f64;
+                self.sampled_mass += c.iter().map(|t| f64::from(t.2).exp()).sum::<f64>();
+            }
+        }
         if k == 0 {
+            self.token_lp += r.token_logprob.iter().map(|l| f64::from(*l)).sum::<f64>();
             return;
         }
         for lps in r.topk_logprobs.chunks_exact(k) {
@@ -89,32 +105,47 @@ impl Acc {
         let n = self.positions as f64;
         (self.tail / n, self.top1 / n, self.token_lp / n)
     }
+
+    fn sample_means(&self) -> (f64, f64) {
+        if self.positions == 0 {
+            return (0.0, 0.0);
+        }
+        let n = self.positions as f64;
+        (self.distinct / n, self.sampled_mass / n)
+    }
 }
 
 /// Accumulates [`Stats`] from rows, for callers that hold rows rather than a directory.
 #[derive(Default)]
 pub struct StatsBuilder {
     k: usize,
+    n: usize,
     all: Acc,
     by_source: BTreeMap<&'static str, Acc>,
 }
 
 impl StatsBuilder {
-    /// A builder for rows with `k` entries per position.
+    /// A builder for rows with `k` top-k entries per position.
     pub fn new(k: usize) -> StatsBuilder {
+        Self::with_samples(k, 0)
+    }
+
+    /// A builder for rows with `k` top-k entries and `n` draws per position.
+    pub fn with_samples(k: usize, n: usize) -> StatsBuilder {
         StatsBuilder {
             k,
+            n,
             ..Default::default()
         }
     }
 
     /// Adds one row.
     pub fn add(&mut self, r: &Row) {
-        self.all.add(r, self.k);
+        self.all.add(r, self.k, self.n);
         self.by_source
             .entry(r.source.as_str())
             .or_default()
-            .add(r, self.k);
+            .add(r, self.k, self.n);
     }
 
     /// The statistics so far, with `files`, `bytes` and `vocab_size` supplied by the caller.
@@ -152,11 +183,14 @@ impl StatsBuilder {
             } else {
                 bytes as f64 / self.all.positions as f64
             },
-            bytes_per_entry: if self.all.positions == 0 || self.k == 0 {
+            bytes_per_entry: if self.all.positions == 0 || self.k + self.n == 0 {
                 0.0
             } else {
-                bytes as f64 / (self.all.positions as f64 * self.k as f64)
+                bytes as f64 / (self.all.positions as f64 * (self.k + self.n) as f64)
             },
+            samples: self.n,
+            mean_distinct_samples: self.all.sample_means().0,
+            mean_sampled_mass: self.all.sample_means().1,
             format_version: crate::DEFAULT_FORMAT_VERSION,
             mean_tail_mass: tail,
             mean_top1_prob: top1,
@@ -170,7 +204,7 @@ impl StatsBuilder {
 /// unreadable shard (use [`crate::verify_dir`] to list every problem).
 pub fn stats_dir(dir: &Path) -> Result<Stats> {
     let m = read_manifest(&dir.join(MANIFEST_FILE))?;
-    let mut b = StatsBuilder::new(m.top_k());
+    let mut b = StatsBuilder::with_samples(m.top_k(), m.samples());
     for s in &m.shards {
         let path = crate::fsutil::safe_join(dir, &s.file)?;
         for row in ShardReader::open(&path)? {

@@ -71,7 +71,14 @@ pub fn log_softmax(logits: &[f64]) -> Vec<f32> {
 /// `n_rows` small valid rows with `k` entries per position over [`TINY_VOCAB`] tokens;
 /// lengths, prompt lengths and sources vary. Deterministic.
 pub fn tiny_rows(n_rows: usize, k: usize) -> Vec<Row> {
+    tiny_rows_with_samples(n_rows, k, 0)
+}
+
+/// [`tiny_rows`] (the same rows when `n` is 0) with `n` sampled targets per position drawn
+/// from each position's distribution; `k` may be 0 when `n` is not.
+pub fn tiny_rows_with_samples(n_rows: usize, k: usize, n: usize) -> Vec<Row> {
     let mut rng = Rng::new(n_rows as u64 * 1000 + k as u64);
+    let mut draws = Rng::new(0x5a5a_0000 + n as u64);
     (0..n_rows)
         .map(|i| {
             let len = 2 + (i * 7 + 3) % 23;
@@ -83,6 +90,8 @@ pub fn tiny_rows(n_rows: usize, k: usize) -> Vec<Row> {
             let mut topk_ids = Vec::with_capacity(n_pos * k);
             let mut topk_logprobs = Vec::with_capacity(n_pos * k);
             let mut token_logprob = Vec::with_capacity(n_pos);
+            let mut sample_ids = Vec::with_capacity(n_pos * n);
+            let mut sample_logprobs = Vec::with_capacity(n_pos * n);
             for _ in 0..n_pos {
                 let logits: Vec<f64> = (0..TINY_VOCAB).map(|_| 3.0 * rng.normal()).collect();
                 let lp = log_softmax(&logits);
@@ -90,6 +99,17 @@ pub fn tiny_rows(n_rows: usize, k: usize) -> Vec<Row> {
                 topk_ids.extend(ids);
                 topk_logprobs.extend(lps);
                 token_logprob.push(lp[rng.below(u64::from(TINY_VOCAB)) as usize]);
+                let mut us: Vec<f64> = (0..n).map(|_| draws.uniform()).collect();
+                us.sort_by(f64::total_cmp);
+                let (mut cum, mut id) = (0.0f64, 0usize);
+                for u in us {
+                    while id + 1 < lp.len() && cum + f64::from(lp[id]).exp() <= u {
+                        cum += f64::from(lp[id]).exp();
+                        id += 1;
+                    }
+                    sample_ids.push(id as u32);
+                    sample_logprobs.push(lp[id]);
+                }
             }
             Row {
                 id: format!("tiny-{i:05}"),
@@ -103,6 +123,8 @@ pub fn tiny_rows(n_rows: usize, k: usize) -> Vec<Row> {
                 topk_ids,
                 topk_logprobs,
                 token_logprob,
+                sample_ids,
+                sample_logprobs,
             }
         })
         .collect()
@@ -227,6 +249,8 @@ pub fn realistic_rows(cfg: &RealisticConfig) -> Vec<Row> {
             topk_ids,
             topk_logprobs,
             token_logprob,
+            sample_ids: Vec::new(),
+            sample_logprobs: Vec::new(),
         });
     }
     rows

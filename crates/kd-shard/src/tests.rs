@@ -139,6 +139,7 @@ fn round_trip_many_row_groups_and_options() {
                 enc
             },
             input_id_encoding: enc,
+            samples: 0,
         };
         let name = format!("s{i}.parquet");
         write_shard_with(d.path(), &name, 3, &rows, &opts).unwrap();
@@ -401,6 +402,7 @@ fn shard_metadata_and_schema_are_checked() {
             (META_FORMAT_VERSION, "2"),
             (META_TOP_K, "4"),
             (META_TAIL_SCALE, "1048576"),
+            (META_SAMPLES, "0"),
         ];
         kv.extend(scale.map(|s| (META_LOGPROB_SCALE, s)));
         kv
@@ -694,8 +696,9 @@ fn pyarrow_decodes_a_v2_shard_with_the_documented_formula() {
         return;
     };
     let d = tempfile::tempdir().unwrap();
-    let rows = tiny_rows(9, K);
-    write_shard_with(d.path(), "s.parquet", K, &rows, &WriteOptions::v2()).unwrap();
+    let rows = crate::synth::tiny_rows_with_samples(9, K, 5);
+    let opts = WriteOptions::for_version_with_samples(2, 5);
+    write_shard_with(d.path(), "s.parquet", K, &rows, &opts).unwrap();
     let script = r#"
 import json, math, sys
 from itertools import accumulate
@@ -704,8 +707,8 @@ t = pq.read_table(sys.argv[1])
 md = {k.decode(): v.decode() for k, v in t.schema.metadata.items() if k.decode().startswith("kd.")}
 k, S, T = int(md["kd.top_k"]), int(md["kd.logprob_scale"]), int(md["kd.tail_scale"])
 out = []
-cols = [t.column(c).to_pylist() for c in ("topk_logprob_gaps", "token_logprob_q", "tail_logmass_q")]
-for gaps, q, tails in zip(*cols):
+cols = [t.column(c).to_pylist() for c in ("topk_logprob_gaps", "token_logprob_q", "tail_logmass_q", "sample_logprob_q")]
+for gaps, q, tails, sq in zip(*cols):
     lps, shifts = [], []
     for j, tq in zip(range(0, len(gaps), k), tails):
         lp = [-c / S for c in accumulate(gaps[j:j + k])]
@@ -713,13 +716,14 @@ for gaps, q, tails in zip(*cols):
         shift = math.log((1 - tail) / sum(math.exp(x) for x in lp))
         lps += [x + shift for x in lp]
         shifts.append(shift)
-    out.append({"topk_logprobs": lps, "token_logprob": [-x / S + s for x, s in zip(q, shifts)]})
+    out.append({"topk_logprobs": lps, "token_logprob": [-x / S + s for x, s in zip(q, shifts)],
+                "sample_logprobs": [-x / S for x in sq]})
 print(json.dumps({"meta": md, "columns": t.column_names, "rows": out}))
 "#;
     let v = run_python(&py, script, &d.path().join("s.parquet"));
     assert_eq!(
         v["meta"],
-        json!({"kd.format_version": "2", "kd.top_k": "4", "kd.logprob_scale": "1024", "kd.tail_scale": "1048576"})
+        json!({"kd.format_version": "2", "kd.top_k": "4", "kd.logprob_scale": "1024", "kd.tail_scale": "1048576", "kd.samples": "5"})
     );
     assert_eq!(v["columns"], json!(COLUMNS_V2));
     let got = v["rows"].as_array().unwrap();
@@ -728,12 +732,16 @@ print(json.dumps({"meta": md, "columns": t.column_names, "rows": out}))
     for (g, r) in got.iter().zip(&rows) {
         let lps: Vec<f64> = serde_json::from_value(g["topk_logprobs"].clone()).unwrap();
         let tl: Vec<f64> = serde_json::from_value(g["token_logprob"].clone()).unwrap();
+        let sl: Vec<f64> = serde_json::from_value(g["sample_logprobs"].clone()).unwrap();
         assert_eq!(lps.len(), r.topk_logprobs.len());
         assert_eq!(tl.len(), r.token_logprob.len());
+        assert_eq!(sl.len(), r.sample_logprobs.len());
+        assert_eq!(sl.len(), 5 * r.n_pos());
         for (a, b) in lps
             .iter()
             .zip(&r.topk_logprobs)
             .chain(tl.iter().zip(&r.token_logprob))
+            .chain(sl.iter().zip(&r.sample_logprobs))
         {
             worst = worst.max((a - f64::from(*b)).abs());
         }
@@ -788,4 +796,75 @@ fn manifest_json_schema_matches_struct() {
         schema["properties"]["format_version"]["maximum"],
         FORMAT_VERSION
     );
+}
+
+/// Sampled targets round-trip through format 2 (log-probs within 1/1024, ids exact), with
+/// and without top-k entries beside them; format 1 refuses them; a shard without
+/// `kd.samples` or with a sampled list of the wrong length is refused naming the file.
+#[test]
+fn sampled_targets_round_trip_in_format_2() {
+    let d = tempfile::tempdir().unwrap();
+    for (k, n) in [(K, 6), (0, 12)] {
+        let rows = crate::synth::tiny_rows_with_samples(11, k, n);
+        for r in &rows {
+            r.validate_targets(k, n, TINY_VOCAB).unwrap();
+            assert_eq!(r.sample_ids.len(), n * r.n_pos());
+        }
+        let name = format!("k{k}n{n}.parquet");
+        let opts = WriteOptions::for_version_with_samples(2, n);
+        write_shard_with(d.path(), &name, k, &rows, &opts).unwrap();
+        let path = d.path().join(&name);
+        let meta = read_shard_meta(&path).unwrap();
+        assert_eq!((meta.k, meta.samples), (k, n));
+        let back = read_shard(&path).unwrap();
+        let stored: Vec<Row> = rows.iter().map(|r| r.as_stored_v2(k)).collect();
+        assert_eq!(back, stored);
+        for (a, b) in back.iter().zip(&rows) {
+            assert_eq!(a.sample_ids, b.sample_ids);
+            for (x, y) in a.sample_logprobs.iter().zip(&b.sample_logprobs) {
+                assert!(x <= y && y - x < 1.0 / 1024.0 + 1e-6, "{x} vs {y}");
+            }
+        }
+        // Written without declaring the samples, the rows are refused before any file exists.
+        let r = write_shard_with(
+            d.path(),
+            "bad.parquet",
+            k.max(1),
+            &rows,
+            &WriteOptions::v2(),
+        );
+        assert!(matches!(r, Err(Error::InvalidRow { .. })), "{r:?}");
+        assert!(!d.path().join("bad.parquet").exists());
+    }
+    let rows = crate::synth::tiny_rows_with_samples(3, K, 4);
+    let opts = WriteOptions {
+        samples: 4,
+        ..WriteOptions::v1()
+    };
+    let r = write_shard_with(d.path(), "v1.parquet", K, &rows, &opts);
+    assert!(
+        matches!(&r, Err(Error::Schema { what, .. }) if what.contains("sampled")),
+        "{r:?}"
+    );
+    // Unsorted draws, or one id with two log-probs, are invalid rows.
+    let mut bad = rows[1].clone();
+    bad.sample_ids.swap(0, 3);
+    if bad.sample_ids[0] != bad.sample_ids[3] {
+        assert!(
+            bad.validate_targets(K, 4, TINY_VOCAB)
+                .unwrap_err()
+                .contains("sorted")
+        );
+    }
+    let mut bad = rows[1].clone();
+    bad.sample_ids[1] = bad.sample_ids[0];
+    bad.sample_logprobs[1] = bad.sample_logprobs[0] - 0.5;
+    assert!(bad.validate_targets(K, 4, TINY_VOCAB).is_err());
+}
+
+/// `Row::sample_counts` groups one position's draws into distinct ids with counts.
+#[test]
+fn sample_counts_group_repeats() {
+    let c = counts_of(&[3, 3, 7, 9, 9, 9], &[-0.5, -0.5, -2.0, -0.1, -0.1, -0.1]);
+    assert_eq!(c, vec![(3, 2, -0.5), (7, 1, -2.0), (9, 3, -0.1)]);
 }

@@ -26,16 +26,28 @@ fn quantize(lp: f32) -> Option<u32> {
     (q <= f64::from(u32::MAX)).then_some(q as u32)
 }
 
-/// A row's v2 integers: `(topk_logprob_gaps, token_logprob_q, tail_logmass_q)`. The row is
-/// valid (each position sorted by log-prob descending), so the rounded-up values are
-/// non-decreasing within a position and the gaps non-negative.
-pub(crate) fn encode_row(r: &Row, k: usize) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), String> {
+/// A row's v2 integers, one field per integer column.
+pub(crate) struct Encoded {
+    /// `topk_logprob_gaps`.
+    pub(crate) gaps: Vec<u32>,
+    /// `token_logprob_q`.
+    pub(crate) token_q: Vec<u32>,
+    /// `tail_logmass_q`.
+    pub(crate) tail: Vec<u32>,
+    /// `sample_logprob_q`: `ceil(-lp · S)` of each draw.
+    pub(crate) sample_q: Vec<u32>,
+}
+
+/// A row's v2 integers. The row is valid (each position sorted by log-prob descending), so
+/// the rounded-up values are non-decreasing within a position and the gaps non-negative.
+pub(crate) fn encode_row(r: &Row, k: usize) -> Result<Encoded, String> {
     let range = |lp: f32| {
         quantize(lp).ok_or_else(|| format!("log-prob {lp} is below the range of format 2"))
     };
     let mut gaps = Vec::with_capacity(r.topk_logprobs.len());
     let mut tail = Vec::with_capacity(r.token_logprob.len());
-    for pos in r.topk_logprobs.chunks(k.max(1)) {
+    for j in 0..r.token_logprob.len() {
+        let pos = r.topk_logprobs.get(j * k..(j + 1) * k).unwrap_or_default();
         let mut prev = 0u32;
         for &lp in pos {
             let q = range(lp)?.max(prev);
@@ -55,12 +67,28 @@ pub(crate) fn encode_row(r: &Row, k: usize) -> Result<(Vec<u32>, Vec<u32>, Vec<u
             NO_TAIL
         });
     }
-    let q = r
+    let token_q = r
         .token_logprob
         .iter()
         .map(|&lp| range(lp))
         .collect::<Result<_, _>>()?;
-    Ok((gaps, q, tail))
+    let sample_q = r
+        .sample_logprobs
+        .iter()
+        .map(|&lp| range(lp))
+        .collect::<Result<_, _>>()?;
+    Ok(Encoded {
+        gaps,
+        token_q,
+        tail,
+        sample_q,
+    })
+}
+
+/// The sampled targets' log-probs: `-q / scale` (each within 1/scale nats of the exact value).
+pub(crate) fn decode_samples(q: &[u32], scale: u32) -> Vec<f32> {
+    let inv = 1.0 / f64::from(scale);
+    q.iter().map(|&q| (-f64::from(q) * inv) as f32).collect()
 }
 
 /// The log-probs of a v2 row: `(topk_logprobs, token_logprob)`. Top-k: `-cumsum(gaps per

@@ -218,6 +218,17 @@ fn check_shard(
             format!("kd.top_k is {}, manifest settings.top_k is {k}", meta.k),
         );
     }
+    let n = m.samples();
+    if meta.samples != n {
+        report.push(
+            name,
+            ProblemKind::Schema,
+            format!(
+                "kd.samples is {}, manifest settings.samples is {n}",
+                meta.samples
+            ),
+        );
+    }
     if meta.rows != entry.rows {
         report.push(
             name,
@@ -252,7 +263,7 @@ fn check_shard(
         if row.source == Source::Generated {
             response += row.n_pos() as u64;
         }
-        if let Err(what) = row.validate(k, vocab) {
+        if let Err(what) = row.validate_targets(k, n, vocab) {
             bad_rows += 1;
             if bad_rows <= MAX_ROW_PROBLEMS {
                 report.push(

@@ -17,8 +17,8 @@ use parquet::schema::types::ColumnPath;
 use crate::fsutil::{HashingWriter, safe_join, write_atomic};
 use crate::manifest::ShardEntry;
 use crate::schema::{
-    LIST_ITEM, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_TAIL_SCALE, META_TOP_K,
-    arrow_schema_of,
+    LIST_ITEM, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_SAMPLES,
+    META_TAIL_SCALE, META_TOP_K, arrow_schema_of,
 };
 use crate::{DEFAULT_FORMAT_VERSION, Error, FORMAT_VERSION, Result, Row, Source};
 
@@ -53,6 +53,8 @@ pub struct WriteOptions {
     /// Format version to write: 2 (integer log-probs within 1/1024 nats, the default) or 1
     /// (exact f32 log-probs).
     pub format_version: u32,
+    /// Sampled targets per position (`kd.samples`; format 2 only); 0 for none.
+    pub samples: usize,
 }
 
 impl Default for WriteOptions {
@@ -78,6 +80,7 @@ impl WriteOptions {
             topk_id_encoding: ValueEncoding::Dictionary,
             input_id_encoding: ValueEncoding::Dictionary,
             format_version: 1,
+            samples: 0,
         }
     }
 
@@ -97,13 +100,22 @@ impl WriteOptions {
 
     /// The defaults of format `version` (1 or 2).
     pub fn for_version(version: u32) -> Self {
+        Self::for_version_with_samples(version, 0)
+    }
+
+    /// The defaults of format `version` holding `samples` sampled targets per position.
+    pub fn for_version_with_samples(version: u32, samples: usize) -> Self {
         if version >= 2 {
             WriteOptions {
                 format_version: version,
+                samples,
                 ..Self::v2()
             }
         } else {
-            Self::v1()
+            WriteOptions {
+                samples,
+                ..Self::v1()
+            }
         }
     }
 }
@@ -149,7 +161,7 @@ fn apply_encoding(
 }
 
 /// The `kd.*` key-value metadata of a shard of format `version`.
-fn kd_metadata(k: usize, version: u32) -> Vec<(String, String)> {
+fn kd_metadata(k: usize, version: u32, samples: usize) -> Vec<(String, String)> {
     let mut v = vec![
         (META_FORMAT_VERSION.to_string(), version.to_string()),
         (META_TOP_K.to_string(), k.to_string()),
@@ -157,6 +169,7 @@ fn kd_metadata(k: usize, version: u32) -> Vec<(String, String)> {
     if version >= 2 {
         v.push((META_LOGPROB_SCALE.to_string(), LOGPROB_SCALE.to_string()));
         v.push((META_TAIL_SCALE.to_string(), crate::TAIL_SCALE.to_string()));
+        v.push((META_SAMPLES.to_string(), samples.to_string()));
     }
     v
 }
@@ -170,7 +183,7 @@ fn writer_properties(k: usize, opts: &WriteOptions, path: &Path) -> Result<Write
         .set_max_row_group_row_count(Some(opts.row_group_rows.max(1)))
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_key_value_metadata(Some(
-            kd_metadata(k, opts.format_version)
+            kd_metadata(k, opts.format_version, opts.samples)
                 .into_iter()
                 .map(|(k, v)| KeyValue::new(k, v))
                 .collect(),
@@ -178,6 +191,8 @@ fn writer_properties(k: usize, opts: &WriteOptions, path: &Path) -> Result<Write
     if opts.format_version >= 2 {
         b = apply_encoding(b, "topk_logprob_gaps", opts.float_encoding);
         b = apply_encoding(b, "token_logprob_q", opts.float_encoding);
+        b = apply_encoding(b, "sample_logprob_q", opts.float_encoding);
+        b = apply_encoding(b, "sample_ids", opts.topk_id_encoding);
     } else {
         b = apply_encoding(b, "topk_logprobs", opts.float_encoding);
         b = apply_encoding(b, "token_logprob", opts.float_encoding);
@@ -212,7 +227,11 @@ fn batch_ranges(rows: &[Row], max_rows: usize) -> Vec<std::ops::Range<usize>> {
     let mut start = 0;
     let mut vals = 0usize;
     for (i, r) in rows.iter().enumerate() {
-        let n = r.topk_ids.len().max(r.input_ids.len());
+        let n = r
+            .topk_ids
+            .len()
+            .max(r.input_ids.len())
+            .max(r.sample_ids.len());
         if i > start && (i - start >= max_rows || vals + n > MAX_BATCH_VALUES) {
             out.push(start..i);
             start = i;
@@ -247,7 +266,7 @@ fn f32_lists<'a>(lists: impl Iterator<Item = &'a [f32]> + Clone) -> Option<Array
 fn record_batch(
     schema: &SchemaRef,
     rows: &[Row],
-    quantized: Option<&[(Vec<u32>, Vec<u32>, Vec<u32>)]>,
+    quantized: Option<&[crate::v2::Encoded]>,
     path: &Path,
 ) -> Result<RecordBatch> {
     let too_big = || Error::corrupt(path, "list values exceed i32 offsets in one batch");
@@ -271,9 +290,11 @@ fn record_batch(
             columns.push(f32_lists(rows.iter().map(|r| r.token_logprob.as_slice())));
         }
         Some(q) => {
-            columns.push(u32_lists(q.iter().map(|r| r.0.as_slice())));
-            columns.push(u32_lists(q.iter().map(|r| r.1.as_slice())));
-            columns.push(u32_lists(q.iter().map(|r| r.2.as_slice())));
+            columns.push(u32_lists(q.iter().map(|r| r.gaps.as_slice())));
+            columns.push(u32_lists(q.iter().map(|r| r.token_q.as_slice())));
+            columns.push(u32_lists(q.iter().map(|r| r.tail.as_slice())));
+            columns.push(u32_lists(rows.iter().map(|r| r.sample_ids.as_slice())));
+            columns.push(u32_lists(q.iter().map(|r| r.sample_q.as_slice())));
         }
     }
     let columns = columns
@@ -293,7 +314,8 @@ pub fn write_shard(dir: &Path, file_name: &str, k: usize, rows: &[Row]) -> Resul
 
 /// Writes `rows` as the shard `dir/file_name` and returns its manifest entry.
 ///
-/// Every row is checked with [`Row::validate`] (ids unchecked against a vocabulary: the
+/// Every row is checked with [`Row::validate_targets`] (`k` top-k entries and `opts.samples`
+/// draws per position; ids unchecked against a vocabulary: the
 /// writer does not know it) before anything is written. The data goes to
 /// `<final>.tmp-<pid>` in the same directory, is fsynced, renamed over the final name, and the
 /// directory is fsynced: a reader sees no file or the whole file, never a prefix. `file_name`
@@ -316,13 +338,23 @@ pub fn write_shard_with(
         bytes: 0,
         sha256: String::new(),
     };
+    if opts.samples > 0 && opts.format_version < 2 {
+        return Err(Error::schema(
+            &path,
+            format!(
+                "format {} cannot hold sampled targets; write format 2",
+                opts.format_version
+            ),
+        ));
+    }
     for (index, r) in rows.iter().enumerate() {
-        r.validate(k, u32::MAX).map_err(|what| Error::InvalidRow {
-            path: path.clone(),
-            index,
-            id: r.id.clone(),
-            what,
-        })?;
+        r.validate_targets(k, opts.samples, u32::MAX)
+            .map_err(|what| Error::InvalidRow {
+                path: path.clone(),
+                index,
+                id: r.id.clone(),
+                what,
+            })?;
         entry.tokens += r.input_ids.len() as u64;
         entry.positions += r.n_pos() as u64;
         if r.source == Source::Generated {
@@ -358,7 +390,7 @@ pub fn write_shard_with(
     // as the table's metadata (they read it from the embedded ARROW:schema).
     let schema = Arc::new(
         arrow_schema_of(version).as_ref().clone().with_metadata(
-            kd_metadata(k, version)
+            kd_metadata(k, version, opts.samples)
                 .into_iter()
                 .collect::<std::collections::BTreeMap<_, _>>(),
         ),

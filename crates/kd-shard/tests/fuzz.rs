@@ -171,15 +171,17 @@ impl Cache {
         Cache::of_version(kd_shard::DEFAULT_FORMAT_VERSION)
     }
 
-    /// A cache whose shard is written in format `version`.
+    /// A cache whose shard is written in format `version`; a format-2 shard also holds 3
+    /// sampled targets per position, so the fuzzing covers those columns too.
     fn of_version(version: u32) -> Cache {
         let dir = tempfile::tempdir().unwrap();
+        let n = if version >= 2 { 3 } else { 0 };
         let entry = kd_shard::write_shard_with(
             dir.path(),
             SHARD,
             K,
-            &tiny_rows(8, K),
-            &kd_shard::WriteOptions::for_version(version),
+            &kd_shard::synth::tiny_rows_with_samples(8, K, n),
+            &kd_shard::WriteOptions::for_version_with_samples(version, n),
         )
         .unwrap();
         let mut m = Manifest::new(
@@ -187,9 +189,11 @@ impl Cache {
             json!({"architecture": "toy", "vocab_size": TINY_VOCAB, "weights_sha256": "00"}),
             json!({"fingerprint": "toy-tok", "vocab_size": TINY_VOCAB}),
             json!({"path": "in.jsonl", "sha256": "11", "rows": 8}),
-            json!({"top_k": K, "temperature": 1.0, "seed": 0}),
+            json!({"top_k": K, "samples": n, "temperature": 1.0, "seed": 0}),
             None,
         );
+        m.format_version = version;
+        m.fingerprint = m.compute_fingerprint();
         m.push_shard(entry);
         m.complete = true;
         let mp = dir.path().join(MANIFEST_FILE);

@@ -71,7 +71,7 @@ fn prompt_text(decoded: &str) -> String {
 
 /// Evaluates a student on a shard set and generates from it greedily.
 pub fn run_eval(opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
-    let set = ShardSet::open(&opts.shards)?;
+    let set = ShardSet::open_targets(&opts.shards, Some(crate::data::TargetKind::TopK))?;
     let dev = Device::Cpu;
     let student = Student::from_hf_dir(&opts.student, DType::F32, &dev)?;
     check_vocab(&student, &set)?;
@@ -124,6 +124,7 @@ pub fn run_eval(opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
         let engine = kd_teacher::engine::Engine {
             model: &model,
             top_k: 1,
+            draws: kd_teacher::engine::Draws::default(),
             stop_ids: stop_ids.clone(),
             max_new_tokens: opts.max_new_tokens,
             sampling: kd_teacher::sampler::SamplingConfig {

@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
+use kd_loss::sampled::Estimator;
 use kd_loss::{Divergence, LossConfig, TailPolicy};
 use kd_model::trainable::Student;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{
-    Batch, BatchConfig, Batcher, LoaderPosition, RowSource, ShardSet, Split, Teachers,
+    Batch, BatchConfig, Batcher, LoaderPosition, RowSource, ShardSet, Split, TargetKind, Teachers,
 };
 use crate::engine::{EngineKind, KernelStudent};
 use crate::optim::{AdamW, AdamWConfig, Decay, Schedule};
@@ -131,6 +132,20 @@ pub struct FitConfig {
     /// is hundreds of megabytes.
     #[serde(default)]
     pub keep_checkpoints: Option<usize>,
+    /// Which of the cache's targets to train on: `"top_k"` or `"sampled"` (the draws of
+    /// `teacher-dump --targets sample:N`); none: the cache's top-k when it has one, else its
+    /// draws.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<TargetKind>,
+    /// How sampled targets enter the loss: `"unbiased"` (forward KL at τ = 1, bucket tail:
+    /// value and gradient unbiased in expectation; anything else is refused) or `"plug_in"`
+    /// (any loss whose plug-in value is finite, accepting its bias). Ignored for top-k.
+    #[serde(default, skip_serializing_if = "is_unbiased")]
+    pub estimator: Estimator,
+}
+
+fn is_unbiased(e: &Estimator) -> bool {
+    *e == Estimator::Unbiased
 }
 
 /// Deletes all but the newest `keep` published checkpoints under `out`.
@@ -158,7 +173,22 @@ fn one() -> u64 {
 /// Opens the training teachers of `cfg`: `shards` alone, or joined with `extra_teachers` by
 /// row id (refused when ids, tokens or tokenizers differ).
 pub fn open_teachers(cfg: &FitConfig) -> anyhow::Result<Teachers> {
-    let mut sets = vec![ShardSet::open(&cfg.shards)?];
+    let first = ShardSet::open_targets(&cfg.shards, cfg.targets)?;
+    if first.targets() == TargetKind::Sampled {
+        if !cfg.extra_teachers.is_empty() {
+            anyhow::bail!(
+                "extra_teachers: {} holds sampled targets; several teachers need top-k targets",
+                cfg.shards.display()
+            );
+        }
+        kd_loss::sampled::check(&cfg.loss, cfg.estimator).map_err(|e| {
+            anyhow::anyhow!(
+                "loss on the sampled targets of {}: {e}",
+                cfg.shards.display()
+            )
+        })?;
+    }
+    let mut sets = vec![first];
     let extra: f64 = cfg.extra_teachers.iter().map(|t| t.weight).sum();
     let valid = extra > 0.0 && extra < 1.0;
     if !cfg.extra_teachers.is_empty() && !valid {
@@ -168,7 +198,7 @@ pub fn open_teachers(cfg: &FitConfig) -> anyhow::Result<Teachers> {
     }
     let mut weights = vec![1.0 - extra];
     for t in &cfg.extra_teachers {
-        sets.push(ShardSet::open(&t.shards)?);
+        sets.push(ShardSet::open_targets(&t.shards, Some(TargetKind::TopK))?);
         weights.push(t.weight);
     }
     Ok(ShardSet::zip(sets, weights)?)
@@ -653,10 +683,24 @@ pub fn fit(
     }
     let mut eval_rows = match &cfg.eval_shards {
         Some(dir) => {
-            let e = ShardSet::open(dir)?;
+            let e = ShardSet::open_targets(dir, Some(TargetKind::TopK))?;
             set.check_compatible(&e)?;
             let n = e.len();
             EvalRows::Separate(ShardSet::zip(vec![e], vec![1.0])?, (0..n).collect())
+        }
+        // Held-out rows of sampled targets are evaluated against the same cache's top-k
+        // (a `top:K,sample:N` dump): the per-token metrics need the teacher's distribution.
+        None if set.targets() == TargetKind::Sampled && !split.held_out.is_empty() => {
+            if set.manifest().top_k() == 0 {
+                anyhow::bail!(
+                    "{}: held-out evaluation needs the teacher's top-k, and this cache holds \
+                     sampled targets only: dump with --targets top:K,sample:N, give eval_shards \
+                     (a top-k dump), or set holdout_fraction = 0",
+                    cfg.shards.display()
+                );
+            }
+            let e = ShardSet::open_targets(&cfg.shards, Some(TargetKind::TopK))?;
+            EvalRows::Separate(ShardSet::zip(vec![e], vec![1.0])?, split.held_out.clone())
         }
         None => EvalRows::HeldOut(&teachers, split.held_out.clone()),
     };

@@ -51,6 +51,7 @@ fn tiny_dump(
     let settings = DumpSettings {
         mode: Mode::Generate,
         top_k: k,
+        samples: 0,
         max_new_tokens: new_tokens,
         temperature: 1.0,
         top_p: 1.0,

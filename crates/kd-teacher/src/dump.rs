@@ -28,7 +28,13 @@ pub enum Mode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DumpSettings {
     pub mode: Mode,
+    /// Top-k entries per position; 0 with sampled targets only.
     pub top_k: usize,
+    /// Sampled targets per position (`--targets sample:N`), drawn at T=1 from the stream of
+    /// (seed, row id, position); 0 for none. Left out of the manifest when 0, so top-k
+    /// dumps keep their identity.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub samples: usize,
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,
@@ -36,6 +42,10 @@ pub struct DumpSettings {
     pub chat_template: bool,
     pub rows_per_shard: usize,
     pub precision: Precision,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl DumpSettings {
@@ -46,7 +56,16 @@ impl DumpSettings {
                 what,
             })
         };
-        if self.top_k == 0 || self.top_k > vocab_size {
+        if self.samples > u32::MAX as usize {
+            return bad("samples", format!("{} is too large", self.samples));
+        }
+        if self.top_k == 0 && self.samples == 0 {
+            return bad(
+                "top_k",
+                "0 with no sampled targets: the cache would hold no targets".into(),
+            );
+        }
+        if self.top_k > vocab_size {
             return bad(
                 "top_k",
                 format!(
@@ -195,6 +214,15 @@ pub fn dump(
 ) -> Result<DumpSummary> {
     let start = Instant::now();
     settings.validate(model.model.vocab_size())?;
+    if settings.samples > 0 && opts.shard_format < 2 {
+        return Err(Error::Setting {
+            field: "shard_format".into(),
+            what: format!(
+                "format {} cannot hold sampled targets; use format 2",
+                opts.shard_format
+            ),
+        });
+    }
     if opts.batch_size == 0 {
         return Err(Error::Setting {
             field: "batch_size".into(),
@@ -340,6 +368,10 @@ pub fn dump(
     let engine = Engine {
         model: &model.model,
         top_k: settings.top_k,
+        draws: crate::engine::Draws {
+            n: settings.samples as u32,
+            seed: settings.seed,
+        },
         stop_ids: model.tokenizer.stop_ids(),
         max_new_tokens: settings.max_new_tokens,
         sampling: SamplingConfig {
@@ -384,14 +416,17 @@ pub fn dump(
                         topk_ids: g.capture.topk_ids,
                         topk_logprobs: g.capture.topk_logprobs,
                         token_logprob: g.capture.token_logprob,
+                        sample_ids: g.capture.sample_ids,
+                        sample_logprobs: g.capture.sample_logprobs,
                     });
                 }
             }
             if !score_idx.is_empty() {
-                let batch: Vec<(&[u32], &[u32])> = score_idx
+                let batch: Vec<(&str, &[u32], &[u32])> = score_idx
                     .iter()
                     .map(|&i| {
                         (
+                            records[i].id.as_str(),
                             encoded[i].prompt.as_slice(),
                             encoded[i].response.as_deref().expect("partitioned"),
                         )
@@ -409,12 +444,15 @@ pub fn dump(
                         topk_ids: c.topk_ids,
                         topk_logprobs: c.topk_logprobs,
                         token_logprob: c.token_logprob,
+                        sample_ids: c.sample_ids,
+                        sample_logprobs: c.sample_logprobs,
                     });
                 }
             }
             rows.extend(by_index.into_iter().map(|r| r.expect("every row done")));
         }
-        let write = kd_shard::WriteOptions::for_version(opts.shard_format);
+        let write =
+            kd_shard::WriteOptions::for_version_with_samples(opts.shard_format, settings.samples);
         let entry = kd_shard::write_shard_with(
             out_dir,
             &shard_name(opts.part, j),

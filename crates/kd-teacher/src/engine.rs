@@ -1,5 +1,6 @@
 //! The teacher pass: batched generation with a KV cache, teacher-forced scoring, and capture
-//! of the top-k log-probabilities at every response position.
+//! of the top-k log-probabilities (and, when asked, sampled targets) at every response
+//! position.
 
 use kd_model::kernels::{log_sum_exp, top_k_logits};
 use kd_model::{KvCache, Llama};
@@ -15,18 +16,62 @@ pub struct Capture {
     pub topk_logprobs: Vec<f32>,
     /// Log-prob of the token that actually follows each position.
     pub token_logprob: Vec<f32>,
+    /// Sampled targets: `n` ids per position drawn at T=1, sorted by id, repeats kept.
+    pub sample_ids: Vec<u32>,
+    /// The teacher's T=1 log-probs of `sample_ids`.
+    pub sample_logprobs: Vec<f32>,
+}
+
+/// Sampled targets to draw at every position: `n` draws from the stream
+/// [`kd_loss::sampled::stream_seed`]`(seed, row id, position)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Draws {
+    /// Draws per position; 0 for none.
+    pub n: u32,
+    /// The dump's seed.
+    pub seed: u64,
 }
 
 impl Capture {
-    /// Appends one position from its full-vocabulary logits: the top-k and the next token's
-    /// log-probability at T=1 (`logit − logsumexp`, in f64).
-    fn record(&mut self, logits: &[f32], lse: f64, top: &[(u32, f32)], next: u32) {
+    /// Appends one position from its full-vocabulary logits: the top-k, the next token's
+    /// log-probability at T=1 (`logit − logsumexp`, in f64) and, with `draws.n > 0`, `n` ids
+    /// drawn from softmax(logits) with the stream of (seed, `row_id`, `position`), where
+    /// `position` counts the row's distilled positions from 0.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        logits: &[f32],
+        lse: f64,
+        top: &[(u32, f32)],
+        next: u32,
+        draws: Draws,
+        row_id: &str,
+        position: usize,
+    ) {
         for &(id, l) in top {
             self.topk_ids.push(id);
             self.topk_logprobs.push((l as f64 - lse) as f32);
         }
         self.token_logprob
             .push((logits[next as usize] as f64 - lse) as f32);
+        if draws.n > 0 {
+            let seed = kd_loss::sampled::stream_seed(draws.seed, row_id, position as u64);
+            for (id, c) in kd_loss::sampled::draw(logits, lse, draws.n, seed) {
+                let lp = (logits[id as usize] as f64 - lse) as f32;
+                for _ in 0..c {
+                    self.sample_ids.push(id);
+                    self.sample_logprobs.push(lp);
+                }
+            }
+        }
+    }
+
+    fn extend(&mut self, other: Capture) {
+        self.topk_ids.extend(other.topk_ids);
+        self.topk_logprobs.extend(other.topk_logprobs);
+        self.token_logprob.extend(other.token_logprob);
+        self.sample_ids.extend(other.sample_ids);
+        self.sample_logprobs.extend(other.sample_logprobs);
     }
 }
 
@@ -59,7 +104,10 @@ pub struct Work {
 /// Runs the teacher for one dump.
 pub struct Engine<'a> {
     pub model: &'a Llama,
+    /// Top-k entries per position (0: sampled targets only).
     pub top_k: usize,
+    /// Sampled targets per position.
+    pub draws: Draws,
     pub stop_ids: Vec<u32>,
     pub max_new_tokens: usize,
     pub sampling: SamplingConfig,
@@ -158,8 +206,16 @@ impl Engine<'_> {
                     } else {
                         s.choose_logits(row)
                     };
-                    g.capture
-                        .record(row, log_sum_exp(row), &top[..k.min(top.len())], next);
+                    let position = g.response.len();
+                    g.capture.record(
+                        row,
+                        log_sum_exp(row),
+                        &top[..k.min(top.len())],
+                        next,
+                        self.draws,
+                        rows[r].0,
+                        position,
+                    );
                     g.response.push(next);
                     (r, next)
                 })
@@ -200,20 +256,20 @@ impl Engine<'_> {
         Ok(out)
     }
 
-    /// Teacher-forces `(prompt, response)` pairs and captures the top-k at every response
-    /// position (`prompt_len − 1 … len − 2`). Rows are batched `batch` at a time in order of
-    /// length, so little work goes into padding; results come back in input order.
+    /// Teacher-forces `(row id, prompt, response)` triples and captures the top-k at every
+    /// response position (`prompt_len − 1 … len − 2`). Rows are batched `batch` at a time in
+    /// order of length, so little work goes into padding; results come back in input order.
     pub fn score(
         &self,
-        rows: &[(&[u32], &[u32])],
+        rows: &[(&str, &[u32], &[u32])],
         batch: usize,
         work: &mut Work,
     ) -> Result<Vec<Capture>> {
         let mut order: Vec<usize> = (0..rows.len()).collect();
-        order.sort_by_key(|&i| rows[i].0.len() + rows[i].1.len());
+        order.sort_by_key(|&i| rows[i].1.len() + rows[i].2.len());
         let mut caps: Vec<Capture> = vec![Capture::default(); rows.len()];
         for group in order.chunks(batch.max(1)) {
-            let part: Vec<(&[u32], &[u32])> = group.iter().map(|&i| rows[i]).collect();
+            let part: Vec<(&str, &[u32], &[u32])> = group.iter().map(|&i| rows[i]).collect();
             for (&i, c) in group.iter().zip(self.score_batch(&part, work)?) {
                 caps[i] = c;
             }
@@ -224,14 +280,18 @@ impl Engine<'_> {
         Ok(caps)
     }
 
-    fn score_batch(&self, rows: &[(&[u32], &[u32])], work: &mut Work) -> Result<Vec<Capture>> {
-        let seqs: Vec<Vec<u32>> = rows.iter().map(|(p, r)| [*p, *r].concat()).collect();
+    fn score_batch(
+        &self,
+        rows: &[(&str, &[u32], &[u32])],
+        work: &mut Work,
+    ) -> Result<Vec<Capture>> {
+        let seqs: Vec<Vec<u32>> = rows.iter().map(|(_, p, r)| [*p, *r].concat()).collect();
         let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
         work.prefill_tokens += refs.iter().map(|s| s.len() as u64).sum::<u64>();
-        work.scored_tokens += rows.iter().map(|(_, r)| r.len() as u64).sum::<u64>();
+        work.scored_tokens += rows.iter().map(|(_, _, r)| r.len() as u64).sum::<u64>();
         let (hidden, _) = self.model.prefill(&refs, false)?;
         let mut sel = Vec::new();
-        for (i, (p, r)) in rows.iter().enumerate() {
+        for (i, (_, p, r)) in rows.iter().enumerate() {
             for t in p.len() - 1..p.len() + r.len() - 1 {
                 sel.push((i, t));
             }
@@ -246,15 +306,20 @@ impl Engine<'_> {
                 .map(|(j, &(i, t))| {
                     let mut c = Capture::default();
                     let row = &flat[j * v..(j + 1) * v];
-                    let top = top_k_logits(row, self.top_k);
-                    c.record(row, log_sum_exp(row), &top, seqs[i][t + 1]);
+                    let top = if self.top_k > 0 {
+                        top_k_logits(row, self.top_k)
+                    } else {
+                        Vec::new()
+                    };
+                    let (id, prompt, _) = rows[i];
+                    let position = t + 1 - prompt.len();
+                    let next = seqs[i][t + 1];
+                    c.record(row, log_sum_exp(row), &top, next, self.draws, id, position);
                     (i, c)
                 })
                 .collect();
             for (i, c) in per {
-                caps[i].topk_ids.extend(c.topk_ids);
-                caps[i].topk_logprobs.extend(c.topk_logprobs);
-                caps[i].token_logprob.extend(c.token_logprob);
+                caps[i].extend(c);
             }
         }
         Ok(caps)

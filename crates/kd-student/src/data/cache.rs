@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{Error, Result};
 use super::map::Mapped;
+use super::set::TargetKind;
 
 /// Layout version of the decoded cache; part of the data fingerprint.
 pub const CACHE_VERSION: u32 = 1;
@@ -105,10 +106,14 @@ impl Cache {
         fingerprint: &str,
         manifest: &Manifest,
         shards: &[PathBuf],
+        targets: TargetKind,
     ) -> Result<Cache> {
         let root = shard_dir.join(CACHE_DIR);
         let dir = root.join(fingerprint);
-        let k = manifest.top_k();
+        let k = match targets {
+            TargetKind::TopK => manifest.top_k(),
+            TargetKind::Sampled => manifest.samples(),
+        };
         if dir.join(HEADER).is_file() {
             match Cache::map(&dir, fingerprint, k, CacheStatus::Reused) {
                 Ok(c) => return Ok(c),
@@ -133,7 +138,7 @@ impl Cache {
             std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
         }
         std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-        let built = build(&tmp, fingerprint, manifest, shards);
+        let built = build(&tmp, fingerprint, manifest, shards, targets);
         if let Err(e) = built {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
@@ -255,11 +260,45 @@ impl Out {
     }
 }
 
+/// One position's draws as plug-in targets of width `n` (see [`TargetKind::Sampled`]):
+/// distinct ids by count, descending, with log-prob ln(c/n), then ids not drawn at `-inf`.
+fn plug_in(ids: &[u32], logprobs: &[f32], n: usize, out_ids: &mut Vec<u32>, out_lp: &mut Vec<f32>) {
+    let mut counts = kd_shard::counts_of(ids, logprobs);
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let lps = kd_loss::sampled::plug_in_logprobs(
+        &counts.iter().map(|c| c.1).collect::<Vec<_>>(),
+        n as u32,
+    );
+    out_ids.extend(counts.iter().map(|c| c.0));
+    out_lp.extend(lps);
+    let mut pad = 0u32;
+    for _ in counts.len()..n {
+        while counts.iter().any(|c| c.0 == pad) {
+            pad += 1;
+        }
+        out_ids.push(pad);
+        out_lp.push(f32::NEG_INFINITY);
+        pad += 1;
+    }
+}
+
 /// Decodes every shard once (streaming, 64 rows at a time) into the files of `dir`, checking
-/// each row with [`Row::validate`] and each shard's row count against the manifest.
-fn build(dir: &Path, fingerprint: &str, m: &Manifest, shards: &[PathBuf]) -> Result<()> {
-    let k = m.top_k();
+/// each row with [`Row::validate_targets`] and each shard's row count against the manifest;
+/// for [`TargetKind::Sampled`] the draws become plug-in targets ([`plug_in`]).
+fn build(
+    dir: &Path,
+    fingerprint: &str,
+    m: &Manifest,
+    shards: &[PathBuf],
+    targets: TargetKind,
+) -> Result<()> {
+    let (top_k, samples) = (m.top_k(), m.samples());
+    let k = match targets {
+        TargetKind::TopK => top_k,
+        TargetKind::Sampled => samples,
+    };
     let vocab = m.vocab_size();
+    let (mut plug_ids, mut plug_lps) = (Vec::new(), Vec::new());
     let mut offsets = Out::new(dir, "offsets.u64")?;
     let mut prompt_len = Out::new(dir, "prompt_len.u32")?;
     let mut source = Out::new(dir, "source.u8")?;
@@ -281,12 +320,13 @@ fn build(dir: &Path, fingerprint: &str, m: &Manifest, shards: &[PathBuf]) -> Res
         let mut in_shard = 0u64;
         for (index, row) in ShardReader::open(path)?.enumerate() {
             let row: Row = row?;
-            row.validate(k, vocab).map_err(|what| Error::InvalidRow {
-                path: path.clone(),
-                index,
-                id: row.id.clone(),
-                what,
-            })?;
+            row.validate_targets(top_k, samples, vocab)
+                .map_err(|what| Error::InvalidRow {
+                    path: path.clone(),
+                    index,
+                    id: row.id.clone(),
+                    what,
+                })?;
             prompt_len.put(&row.prompt_len.to_ne_bytes())?;
             source.put(&[match row.source {
                 Source::Generated => 0u8,
@@ -294,8 +334,25 @@ fn build(dir: &Path, fingerprint: &str, m: &Manifest, shards: &[PathBuf]) -> Res
             }])?;
             ids.put(row.id.as_bytes())?;
             input_ids.u32s(&row.input_ids)?;
-            topk_ids.u32s(&row.topk_ids)?;
-            topk_lp.f32s(&row.topk_logprobs)?;
+            match targets {
+                TargetKind::TopK => {
+                    topk_ids.u32s(&row.topk_ids)?;
+                    topk_lp.f32s(&row.topk_logprobs)?;
+                }
+                TargetKind::Sampled => {
+                    plug_ids.clear();
+                    plug_lps.clear();
+                    for (ids, lps) in row
+                        .sample_ids
+                        .chunks_exact(k)
+                        .zip(row.sample_logprobs.chunks_exact(k))
+                    {
+                        plug_in(ids, lps, k, &mut plug_ids, &mut plug_lps);
+                    }
+                    topk_ids.u32s(&plug_ids)?;
+                    topk_lp.f32s(&plug_lps)?;
+                }
+            }
             token_lp.f32s(&row.token_logprob)?;
             n_in += row.input_ids.len() as u64;
             n_pos += row.n_pos() as u64;

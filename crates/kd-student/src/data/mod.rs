@@ -21,7 +21,7 @@ pub use batcher::{Batch, BatchConfig, Batcher, LoaderPosition, Targets};
 pub use cache::{CACHE_DIR, CACHE_VERSION, CacheStatus};
 pub use error::{Error, Result};
 pub use multi::Teachers;
-pub use set::{RowView, ShardSet};
+pub use set::{RowView, ShardSet, TargetKind};
 pub use split::{Split, holdout_score, is_held_out};
 pub use synth::synthetic_batch;
 

@@ -48,7 +48,43 @@ impl RowView<'_> {
             topk_ids: self.topk_ids.to_vec(),
             topk_logprobs: self.topk_logprobs.to_vec(),
             token_logprob: self.token_logprob.to_vec(),
+            sample_ids: Vec::new(),
+            sample_logprobs: Vec::new(),
         }
+    }
+}
+
+/// Which of a cache's targets a [`ShardSet`] serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetKind {
+    /// The teacher's top k (`settings.top_k`).
+    TopK,
+    /// The draws of `--targets sample:N`, served as plug-in targets: per position the
+    /// distinct ids drawn with log-prob ln(c/N) (c draws of N), padded to N entries with
+    /// ids that were not drawn at log-prob `-inf`. Forward KL at τ = 1 against them has the
+    /// gradient q − c/N, unbiased for the full-vocabulary gradient q − p
+    /// ([`kd_loss::sampled`]).
+    Sampled,
+}
+
+impl TargetKind {
+    /// The kind a cache serves by default: its top-k when it has one, else its draws.
+    pub fn default_for(m: &Manifest) -> TargetKind {
+        if m.top_k() > 0 {
+            TargetKind::TopK
+        } else {
+            TargetKind::Sampled
+        }
+    }
+}
+
+impl std::fmt::Display for TargetKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TargetKind::TopK => "top-k",
+            TargetKind::Sampled => "sampled",
+        })
     }
 }
 
@@ -58,6 +94,7 @@ impl RowView<'_> {
 #[derive(Debug)]
 pub struct ShardSet {
     dir: PathBuf,
+    targets: TargetKind,
     manifest: Manifest,
     fingerprint: String,
     tokenizer_fingerprint: String,
@@ -90,9 +127,31 @@ impl ShardSet {
     /// `dir/.kd-cache/<fingerprint>/`, decoding the shards into it first when it is missing
     /// (every row checked with [`Row::validate`], [`Error::InvalidRow`]).
     pub fn open(dir: impl AsRef<Path>) -> Result<ShardSet> {
+        Self::open_targets(dir, None)
+    }
+
+    /// [`ShardSet::open`] serving the targets `kind` ([`TargetKind::default_for`] the
+    /// manifest when `None`); [`Error::Manifest`] naming `settings.top_k` or
+    /// `settings.samples` when the cache holds no such targets.
+    pub fn open_targets(dir: impl AsRef<Path>, kind: Option<TargetKind>) -> Result<ShardSet> {
         let dir = dir.as_ref().to_path_buf();
         let mpath = dir.join(MANIFEST_FILE);
         let manifest = kd_shard::read_manifest(&mpath)?;
+        let targets = kind.unwrap_or_else(|| TargetKind::default_for(&manifest));
+        let missing = match targets {
+            TargetKind::TopK if manifest.top_k() == 0 => Some(("settings.top_k", "top-k")),
+            TargetKind::Sampled if manifest.samples() == 0 => Some(("settings.samples", "sampled")),
+            _ => None,
+        };
+        if let Some((field, what)) = missing {
+            return Err(Error::Manifest {
+                path: mpath,
+                field: field.into(),
+                what: format!(
+                    "the cache holds no {what} targets (dump them with teacher-dump --targets)"
+                ),
+            });
+        }
         if !manifest.complete {
             return Err(Error::Incomplete { path: mpath });
         }
@@ -161,8 +220,8 @@ impl ShardSet {
             .and_then(|v| v.as_str())
             .unwrap_or_default()
             .to_string();
-        let fingerprint = data_fingerprint(&manifest);
-        let cache = Cache::open_or_build(&dir, &fingerprint, &manifest, &paths)?;
+        let fingerprint = data_fingerprint(&manifest, targets);
+        let cache = Cache::open_or_build(&dir, &fingerprint, &manifest, &paths, targets)?;
         if cache.rows as u64 != manifest.totals.rows {
             return Err(Error::Cache {
                 path: cache.dir.clone(),
@@ -174,6 +233,7 @@ impl ShardSet {
         }
         Ok(ShardSet {
             dir,
+            targets,
             manifest,
             fingerprint,
             tokenizer_fingerprint,
@@ -191,9 +251,15 @@ impl ShardSet {
         &self.manifest
     }
 
-    /// Teacher top-k entries per position (`settings.top_k`).
+    /// Target entries per position: `settings.top_k`, or `settings.samples` for
+    /// [`TargetKind::Sampled`].
     pub fn k(&self) -> usize {
         self.cache.k
+    }
+
+    /// Which targets this set serves.
+    pub fn targets(&self) -> TargetKind {
+        self.targets
     }
 
     /// The teacher's vocabulary size (`teacher.vocab_size`).
@@ -303,9 +369,12 @@ pub(crate) fn check_same_tokenizer(a: &ShardSet, b: &ShardSet, teacher: usize) -
     Ok(())
 }
 
-fn data_fingerprint(m: &Manifest) -> String {
+fn data_fingerprint(m: &Manifest, targets: TargetKind) -> String {
     let mut h = Sha256::new();
     h.update(format!("kd-student cache v{CACHE_VERSION}\n{}\n", m.fingerprint).as_bytes());
+    if targets == TargetKind::Sampled {
+        h.update(b"targets sampled\n");
+    }
     for s in &m.shards {
         h.update(format!("{}\t{}\n", s.file, s.sha256).as_bytes());
     }
