@@ -229,11 +229,15 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
                     s.mean_token_logprob
                 )?;
                 for (src, ss) in &s.by_source {
-                    writeln!(
-                        out,
-                        "  {src:<10} rows {} positions {} tail {:.4} top-1 {:.4}",
-                        ss.rows, ss.positions, ss.mean_tail_mass, ss.mean_top1_prob
-                    )?;
+                    let mut line =
+                        format!("  {src:<10} rows {} positions {}", ss.rows, ss.positions);
+                    if s.k > 0 {
+                        line += &format!(
+                            " tail {:.4} top-1 {:.4}",
+                            ss.mean_tail_mass, ss.mean_top1_prob
+                        );
+                    }
+                    writeln!(out, "{line}")?;
                 }
             }
         }
