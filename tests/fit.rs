@@ -1206,3 +1206,112 @@ fn sampled_targets_train_with_the_unbiased_estimator() {
     util::run_ok("student-fit", &["--pipeline", pf.to_str().unwrap()]);
     assert!(f.join("student/model.safetensors").exists());
 }
+
+/// `student-fit` from flags alone gives the same run as the equivalent pipeline file, and
+/// `--print-config` writes a pipeline file that gives it again; missing required settings
+/// are named.
+#[test]
+fn flags_alone_equal_the_pipeline_file() {
+    let (dir, teacher, shards) = tiny_setup();
+    let t = teacher.to_str().unwrap();
+    let a = dir.path().join("a");
+    let text = format!(
+        r#"
+[fit]
+shards = "{}"
+out = "{}"
+init = {{ from_teacher = {{ path = "{t}", keep_layers = [0] }} }}
+loss = {{ divergence = {{ kind = "jsd", beta = 0.5 }}, temperature = 2.0, alpha = 0.7 }}
+steps = 6
+token_budget = 384
+max_len = 256
+lr = 3e-3
+holdout_fraction = 0.25
+"#,
+        shards.display(),
+        a.display()
+    );
+    let pa = dir.path().join("a.toml");
+    std::fs::write(&pa, text).unwrap();
+    let run = |args: &[&str]| -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&util::run_ok("student-fit", &all)).unwrap()
+    };
+    let from_file = run(&["--pipeline", pa.to_str().unwrap()]);
+    let b = dir.path().join("b");
+    let flags = [
+        "--shards",
+        shards.to_str().unwrap(),
+        "--out",
+        b.to_str().unwrap(),
+        "--init-from-teacher",
+        t,
+        "--keep-layers",
+        "0",
+        "--loss",
+        "jsd",
+        "--beta",
+        "0.5",
+        "--temperature",
+        "2",
+        "--alpha",
+        "0.7",
+        "--steps",
+        "6",
+        "--token-budget",
+        "384",
+        "--max-len",
+        "256",
+        "--lr",
+        "3e-3",
+        "--holdout-fraction",
+        "0.25",
+    ];
+    let from_flags = run(&flags);
+    for key in [
+        "initial",
+        "final_eval",
+        "last_train_loss",
+        "train_positions",
+        "steps",
+    ] {
+        assert_eq!(from_file[key], from_flags[key], "{key}");
+    }
+    assert_eq!(
+        std::fs::read(a.join("student/model.safetensors")).unwrap(),
+        std::fs::read(b.join("student/model.safetensors")).unwrap()
+    );
+
+    // The printed configuration is a pipeline file for the same run.
+    let printed = util::run_ok("student-fit", &[&flags[..], &["--print-config"]].concat());
+    assert!(printed.starts_with("[fit]"), "{printed}");
+    assert!(!b.join("checkpoints/step-00000007").exists());
+    let c = dir.path().join("c");
+    let pc = dir.path().join("c.toml");
+    std::fs::write(
+        &pc,
+        printed.replace(b.to_str().unwrap(), c.to_str().unwrap()),
+    )
+    .unwrap();
+    let from_printed = run(&["--pipeline", pc.to_str().unwrap()]);
+    for key in ["initial", "final_eval", "last_train_loss"] {
+        assert_eq!(from_printed[key], from_flags[key], "{key}");
+    }
+
+    let o = util::run("student-fit", &["--steps", "2"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("missing --shards"), "{e}");
+    let o = util::run(
+        "student-fit",
+        &[
+            "--shards",
+            shards.to_str().unwrap(),
+            "--out",
+            c.to_str().unwrap(),
+        ],
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("--init-from-teacher"), "{e}");
+}

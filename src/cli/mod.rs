@@ -1,6 +1,7 @@
 //! Helpers shared by the binaries.
 
 pub mod shard_cat;
+pub mod student_fit;
 pub mod teacher_dump;
 
 /// Runs a binary's body: prints the error chain and exits 1 on failure; a closed output pipe

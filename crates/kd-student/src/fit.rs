@@ -80,27 +80,61 @@ impl Init {
 }
 
 /// Every setting of a run; recorded in each checkpoint, and a resume must match it.
+///
+/// Only `shards`, `out` and `init` are required; every other setting has the default given
+/// on its field (the `DEFAULT_*` constants), so a pipeline's `[fit]` section, or
+/// `student-fit`'s flags, name only what differs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FitConfig {
     pub shards: PathBuf,
     pub out: PathBuf,
     pub init: Init,
+    /// Default: forward KL at τ = 1, α = 1, bucket tail.
+    #[serde(default = "default_loss")]
     pub loss: LossConfig,
+    /// Optimizer steps; default [`DEFAULT_STEPS`].
+    #[serde(default = "default_steps")]
     pub steps: u64,
+    /// Tokens (padding included) per micro-batch; default [`DEFAULT_TOKEN_BUDGET`].
+    #[serde(default = "default_token_budget")]
     pub token_budget: usize,
+    /// Rows are cut to this many tokens; default [`DEFAULT_MAX_LEN`].
+    #[serde(default = "default_max_len")]
     pub max_len: usize,
+    /// Peak learning rate; default [`DEFAULT_LR`].
+    #[serde(default = "default_lr")]
     pub lr: f64,
+    /// Final learning rate of the decay; default [`DEFAULT_MIN_LR`].
+    #[serde(default = "default_min_lr")]
     pub min_lr: f64,
+    /// Linear warm-up steps; default [`DEFAULT_WARMUP_STEPS`].
+    #[serde(default = "default_warmup_steps")]
     pub warmup_steps: u64,
+    /// Decay after warm-up; default cosine.
+    #[serde(default = "default_decay")]
     pub decay: Decay,
     #[serde(default)]
     pub adamw: AdamWConfig,
+    /// Gradients are clipped to this global norm; default 1.
+    #[serde(default = "default_max_grad_norm")]
     pub max_grad_norm: f64,
+    /// Share of rows held out for evaluation, by a hash of their id; default
+    /// [`DEFAULT_HOLDOUT_FRACTION`].
+    #[serde(default = "default_holdout_fraction")]
     pub holdout_fraction: f64,
+    /// Seed of the shuffle (and of a random initialisation's draws); default 0.
+    #[serde(default)]
     pub seed: u64,
+    /// Log every this many steps; default [`DEFAULT_LOG_EVERY`].
+    #[serde(default = "default_log_every")]
     pub log_every: u64,
+    /// Write a checkpoint every this many steps; default [`DEFAULT_CHECKPOINT_EVERY`].
+    #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
+    /// Positions whose full-vocabulary logits exist at once; default
+    /// [`DEFAULT_LOGITS_CHUNK`].
+    #[serde(default = "default_logits_chunk")]
     pub logits_chunk: usize,
     /// Micro-batches per optimizer step; their gradients are averaged weighted by their
     /// distilled positions, so the step sees the token mean of all of them.
@@ -168,6 +202,72 @@ pub struct TeacherShards {
 
 fn one() -> u64 {
     1
+}
+
+/// Default `steps`.
+pub const DEFAULT_STEPS: u64 = 1000;
+/// Default `token_budget`.
+pub const DEFAULT_TOKEN_BUDGET: usize = 8192;
+/// Default `max_len`.
+pub const DEFAULT_MAX_LEN: usize = 2048;
+/// Default `lr`.
+pub const DEFAULT_LR: f64 = 5e-4;
+/// Default `min_lr`.
+pub const DEFAULT_MIN_LR: f64 = 5e-5;
+/// Default `warmup_steps`.
+pub const DEFAULT_WARMUP_STEPS: u64 = 50;
+/// Default `holdout_fraction`.
+pub const DEFAULT_HOLDOUT_FRACTION: f64 = 0.1;
+/// Default `log_every`.
+pub const DEFAULT_LOG_EVERY: u64 = 10;
+/// Default `checkpoint_every`.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 250;
+/// Default `logits_chunk`.
+pub const DEFAULT_LOGITS_CHUNK: usize = 128;
+
+fn default_loss() -> LossConfig {
+    LossConfig {
+        divergence: Divergence::ForwardKl,
+        temperature: 1.0,
+        alpha: 1.0,
+        tail: TailPolicy::Bucket,
+    }
+}
+fn default_steps() -> u64 {
+    DEFAULT_STEPS
+}
+fn default_token_budget() -> usize {
+    DEFAULT_TOKEN_BUDGET
+}
+fn default_max_len() -> usize {
+    DEFAULT_MAX_LEN
+}
+fn default_lr() -> f64 {
+    DEFAULT_LR
+}
+fn default_min_lr() -> f64 {
+    DEFAULT_MIN_LR
+}
+fn default_warmup_steps() -> u64 {
+    DEFAULT_WARMUP_STEPS
+}
+fn default_decay() -> Decay {
+    Decay::Cosine
+}
+fn default_max_grad_norm() -> f64 {
+    1.0
+}
+fn default_holdout_fraction() -> f64 {
+    DEFAULT_HOLDOUT_FRACTION
+}
+fn default_log_every() -> u64 {
+    DEFAULT_LOG_EVERY
+}
+fn default_checkpoint_every() -> u64 {
+    DEFAULT_CHECKPOINT_EVERY
+}
+fn default_logits_chunk() -> usize {
+    DEFAULT_LOGITS_CHUNK
 }
 
 /// Opens the training teachers of `cfg`: `shards` alone, or joined with `extra_teachers` by

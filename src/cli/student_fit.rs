@@ -1,0 +1,616 @@
+//! `student-fit`: flags, pipeline stages, and the reports printed at the end.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::cli::{human_bytes, run_main, set_threads};
+use crate::pipeline::Pipeline;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kd_student::eval::{EvalOptions, run_eval};
+use kd_student::fit::{FitConfig, FitSummary, fit};
+
+/// Train a student from teacher-logit shards: the losses of DESIGN.md, AdamW, checkpoints
+/// every N steps (atomic), exact resume, held-out evaluation, export to a Hugging Face
+/// directory. Settings come from flags, over the pipeline's [fit] section, over the defaults
+/// shown; without --pipeline, --shards, --out and an initialisation are needed, e.g.
+/// `student-fit --shards out/quickstart --init-from-teacher T.gguf --keep-layers 0,6,12,18,24,29
+/// --out out/s`. `--print-config` writes the resolved settings as a pipeline file.
+///
+/// A pipeline may add a [finetune] section: a second stage run after the first, whose keys
+/// replace [fit]'s (except `mix`, which a stage with `train_on` does not inherit). Unless it
+/// says otherwise it starts from the first stage's export
+/// (`init = { from_student = { path = "<fit.out>/student" } }`) and writes to
+/// `<fit.out>-finetune`. The usual second stage is hard cross-entropy (`alpha = 0`) on
+/// scored real-data rows.
+#[derive(Parser, Debug)]
+#[command(name = "student-fit", version, args_conflicts_with_subcommands = true)]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// Pipeline file (TOML) with a [fit] section and optionally [finetune] (see pipelines/).
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+    /// Shard directory to train on (`shards`).
+    #[arg(long)]
+    shards: Option<PathBuf>,
+    /// A separate shard set to evaluate on, all its rows (`eval_shards`) [default: the
+    /// held-out share of --shards].
+    #[arg(long)]
+    eval_shards: Option<PathBuf>,
+    /// The divergence (`loss.divergence`) [default: forward-kl].
+    #[arg(long, value_enum)]
+    loss: Option<LossKind>,
+    /// β of --loss jsd [default: 0.5].
+    #[arg(long, requires = "loss")]
+    beta: Option<f64>,
+    /// λ of --loss skew-forward-kl or skew-reverse-kl [default: 0.1].
+    #[arg(long, requires = "loss")]
+    lambda: Option<f64>,
+    /// Temperature τ of the divergence (`loss.temperature`) [default: 1].
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Weight α of the divergence; 1 − α weighs hard cross-entropy on the stored tokens, α = 0
+    /// is SFT on the teacher's responses (`loss.alpha`) [default: 1].
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// The mass outside the teacher's top-k: one extra class (`bucket`) or left out with both
+    /// distributions renormalised (`renorm`) (`loss.tail`) [default: bucket].
+    #[arg(long, value_enum)]
+    tail: Option<TailArg>,
+    /// Peak learning rate (`lr`) [default: 5e-4].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Learning rate at the end of the decay (`min_lr`) [default: 5e-5].
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Linear warm-up steps (`warmup_steps`) [default: 50].
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Tokens per micro-batch, padding included (`token_budget`) [default: 8192].
+    #[arg(long)]
+    token_budget: Option<usize>,
+    /// Rows are cut to this many tokens (`max_len`) [default: 2048].
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Share of rows held out for evaluation by a hash of their id (`holdout_fraction`)
+    /// [default: 0.1].
+    #[arg(long)]
+    holdout_fraction: Option<f64>,
+    /// Seed of the shuffle (`seed`) [default: 0].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Checkpoint every this many steps (`checkpoint_every`) [default: 250].
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Which of the cache's targets to train on (`targets`) [default: its top-k when it has
+    /// one, else its draws].
+    #[arg(long, value_enum)]
+    targets: Option<TargetsArg>,
+    /// How sampled targets enter the loss (`estimator`) [default: unbiased].
+    #[arg(long, value_enum)]
+    estimator: Option<EstimatorArg>,
+    /// Print the resolved settings of every stage as a pipeline file (TOML) and exit
+    /// without training.
+    #[arg(long)]
+    print_config: bool,
+    /// Which stage to run: `distill` ([fit]), `finetune` ([finetune]) or `all` (both, in
+    /// order).
+    #[arg(long, default_value = "all")]
+    stage: Stage,
+    /// Override the number of optimizer steps (of every stage run).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Override the first stage's output folder (checkpoints/, metrics.jsonl, summary.json,
+    /// student/); the second stage's default follows it.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override the first stage's initialisation: keep the layers `--keep-layers` of this
+    /// teacher (.gguf or Hugging Face directory), dequantized to f32.
+    #[arg(long, requires = "keep_layers", conflicts_with = "init_from_student")]
+    init_from_teacher: Option<PathBuf>,
+    /// Teacher layers the student keeps, in order (with --init-from-teacher), e.g. 0,6,12,18,24,29.
+    #[arg(long, value_delimiter = ',', requires = "init_from_teacher")]
+    keep_layers: Option<Vec<usize>>,
+    /// Override the first stage's initialisation: a Hugging Face directory (an export or a
+    /// checkpoint).
+    #[arg(long)]
+    init_from_student: Option<PathBuf>,
+    /// Continue from the newest checkpoint in the output folder (refused if the shards or
+    /// any setting differ).
+    #[arg(long)]
+    resume: bool,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Training engine: `kernels` (the project's CPU kernels: llama and Mistral students on
+    /// AVX-512 or AVX2+FMA) or `candle` (candle autograd: every architecture and device).
+    /// Default: kernels where they run, candle otherwise. The run prints which one it uses.
+    #[arg(long)]
+    engine: Option<Engine>,
+    /// Print the final summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LossKind {
+    ForwardKl,
+    ReverseKl,
+    Jsd,
+    SkewForwardKl,
+    SkewReverseKl,
+    LogitMse,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum TailArg {
+    Bucket,
+    Renorm,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum TargetsArg {
+    TopK,
+    Sampled,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum EstimatorArg {
+    Unbiased,
+    PlugIn,
+}
+
+/// `value` as the snake_case name a pipeline file uses.
+fn snake<T: clap::ValueEnum>(value: T) -> String {
+    value
+        .to_possible_value()
+        .expect("no skipped variants")
+        .get_name()
+        .replace('-', "_")
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Kernels,
+    Candle,
+}
+
+impl From<Engine> for kd_student::engine::EngineKind {
+    fn from(e: Engine) -> Self {
+        match e {
+            Engine::Kernels => kd_student::engine::EngineKind::Kernels,
+            Engine::Candle => kd_student::engine::EngineKind::Candle,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Distill,
+    Finetune,
+    All,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Evaluate a student on a shard set: forward KL(teacher‖student) with the bucket tail,
+    /// reverse KL, top-1 agreement with the teacher's argmax and the student's NLL of the
+    /// stored tokens, per distilled token; plus greedy generations of the student beside
+    /// the teacher's stored response.
+    Eval(EvalArgs),
+    /// Print the student's log-softmax over the vocabulary at every position of a token
+    /// sequence, as JSON (for comparing with another implementation, e.g.
+    /// `scripts/check_export.py DIR --ours FILE`).
+    Logits(LogitsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalArgs {
+    /// The student: an exported directory (OUT/student) or a checkpoint directory.
+    #[arg(long)]
+    student: PathBuf,
+    /// The shard set to evaluate on.
+    #[arg(long)]
+    shards: PathBuf,
+    /// Evaluate only the held-out share of the rows, as `student-fit` splits them with this
+    /// `holdout_fraction`; without it every row is evaluated (a separate evaluation dump).
+    #[arg(long)]
+    holdout_fraction: Option<f64>,
+    /// Evaluate at most this many rows.
+    #[arg(long)]
+    max_rows: Option<usize>,
+    /// Rows are cut to this many tokens.
+    #[arg(long, default_value_t = 2048)]
+    max_len: usize,
+    /// Positions whose full-vocabulary logits are held at once.
+    #[arg(long, default_value_t = 128)]
+    logits_chunk: usize,
+    /// Greedy generations of the student, for the first this many rows.
+    #[arg(long, default_value_t = 4)]
+    generations: usize,
+    /// Most tokens per generation.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Folder for eval.json and generations.jsonl.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct LogitsArgs {
+    /// The student: an exported directory or a checkpoint directory.
+    #[arg(long)]
+    student: PathBuf,
+    /// Token ids, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+}
+
+/// The binary's body.
+pub fn main() -> ! {
+    let args = Args::parse();
+    run_main(move || match args.command {
+        Some(Command::Eval(e)) => eval(e),
+        Some(Command::Logits(l)) => logits(l),
+        None => train(args.train),
+    })
+}
+
+/// Writes the flags that were given over the `[fit]` table `t`.
+fn overlay(a: &TrainArgs, t: &mut toml::Table) {
+    use toml::Value;
+    let path = |p: &Path| Value::String(p.to_string_lossy().into_owned());
+    let mut set = |key: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            t.insert(key.to_string(), v);
+        }
+    };
+    set("shards", a.shards.as_deref().map(path));
+    set("eval_shards", a.eval_shards.as_deref().map(path));
+    set("out", a.out.as_deref().map(path));
+    set("lr", a.lr.map(Value::Float));
+    set("min_lr", a.min_lr.map(Value::Float));
+    let int = |v: u64| Value::Integer(v.min(i64::MAX as u64) as i64);
+    set("warmup_steps", a.warmup_steps.map(int));
+    set("token_budget", a.token_budget.map(|v| int(v as u64)));
+    set("max_len", a.max_len.map(|v| int(v as u64)));
+    set("holdout_fraction", a.holdout_fraction.map(Value::Float));
+    set("seed", a.seed.map(int));
+    set("checkpoint_every", a.checkpoint_every.map(int));
+    set("targets", a.targets.map(|v| Value::String(snake(v))));
+    set("estimator", a.estimator.map(|v| Value::String(snake(v))));
+    if let (Some(p), Some(keep)) = (&a.init_from_teacher, &a.keep_layers) {
+        let mut inner = toml::Table::new();
+        inner.insert("path".into(), path(p));
+        inner.insert(
+            "keep_layers".into(),
+            Value::Array(keep.iter().map(|&l| int(l as u64)).collect()),
+        );
+        let mut init = toml::Table::new();
+        init.insert("from_teacher".into(), Value::Table(inner));
+        set("init", Some(Value::Table(init)));
+    }
+    if let Some(p) = &a.init_from_student {
+        let mut inner = toml::Table::new();
+        inner.insert("path".into(), path(p));
+        let mut init = toml::Table::new();
+        init.insert("from_student".into(), Value::Table(inner));
+        set("init", Some(Value::Table(init)));
+    }
+    let loss_flags = a.loss.is_some() || a.temperature.is_some() || a.alpha.is_some();
+    if loss_flags || a.tail.is_some() {
+        let loss = t
+            .entry("loss")
+            .or_insert_with(|| Value::Table(toml::Table::new()));
+        if let Value::Table(loss) = loss {
+            if let Some(kind) = a.loss {
+                let mut d = toml::Table::new();
+                d.insert("kind".into(), Value::String(snake(kind)));
+                match kind {
+                    LossKind::Jsd => {
+                        d.insert("beta".into(), Value::Float(a.beta.unwrap_or(0.5)));
+                    }
+                    LossKind::SkewForwardKl | LossKind::SkewReverseKl => {
+                        d.insert("lambda".into(), Value::Float(a.lambda.unwrap_or(0.1)));
+                    }
+                    _ => {}
+                }
+                loss.insert("divergence".into(), Value::Table(d));
+            }
+            loss.entry("divergence").or_insert_with(|| {
+                let mut d = toml::Table::new();
+                d.insert("kind".into(), Value::String("forward_kl".into()));
+                Value::Table(d)
+            });
+            if let Some(v) = a.temperature {
+                loss.insert("temperature".into(), Value::Float(v));
+            }
+            if let Some(v) = a.alpha {
+                loss.insert("alpha".into(), Value::Float(v));
+            }
+            if let Some(v) = a.tail {
+                loss.insert("tail".into(), Value::String(snake(v)));
+            }
+        }
+    }
+}
+
+/// The stages the pipeline file (if any) and the flags describe, resolved to complete
+/// configurations.
+fn stages(a: &TrainArgs) -> anyhow::Result<Vec<(&'static str, FitConfig)>> {
+    let (p, origin) = match &a.pipeline {
+        Some(path) => (Pipeline::read(path)?, path.display().to_string()),
+        None => (Pipeline::default(), "flags".to_string()),
+    };
+    let mut base = match (p.fit, &a.pipeline) {
+        (Some(t), _) => t,
+        (None, None) => toml::Table::new(),
+        (None, Some(path)) => anyhow::bail!("{}: no [fit] section", path.display()),
+    };
+    overlay(a, &mut base);
+    for (key, how) in [
+        ("shards", "--shards"),
+        ("out", "--out"),
+        (
+            "init",
+            "--init-from-teacher with --keep-layers, or --init-from-student",
+        ),
+    ] {
+        if !base.contains_key(key) {
+            anyhow::bail!("missing {how} (or `{key}` in a pipeline's [fit] section)");
+        }
+    }
+    let parse = |t: toml::Table, section: &str| -> anyhow::Result<FitConfig> {
+        toml::Value::Table(t)
+            .try_into()
+            .with_context(|| format!("{origin}: invalid [{section}] section"))
+    };
+    let first = parse(base.clone(), "fit")?;
+    let mut out = Vec::new();
+    if let Some(ft) = p.finetune {
+        let mut t = base;
+        let explicit_out = ft.contains_key("out");
+        let explicit_init = ft.contains_key("init");
+        // Training on one source cannot mix sources: `mix` is not inherited then.
+        if ft.contains_key("train_on") {
+            t.remove("mix");
+        }
+        t.extend(ft);
+        let mut second = parse(t, "finetune")?;
+        if !explicit_out {
+            let mut name = first.out.clone().into_os_string();
+            name.push("-finetune");
+            second.out = name.into();
+        }
+        if !explicit_init {
+            second.init = kd_student::fit::Init::FromStudent {
+                path: first.out.join("student"),
+            };
+        }
+        out.push(("distill", first));
+        out.push(("finetune", second));
+    } else {
+        if a.stage == Stage::Finetune {
+            anyhow::bail!("{origin}: no [finetune] section");
+        }
+        out.push(("distill", first));
+    }
+    out.retain(|(name, _)| match a.stage {
+        Stage::All => true,
+        Stage::Distill => *name == "distill",
+        Stage::Finetune => *name == "finetune",
+    });
+    for (_, c) in &mut out {
+        if let Some(s) = a.steps {
+            c.steps = s;
+        }
+    }
+    Ok(out)
+}
+
+/// The resolved stages as a pipeline file: `[fit]`, and `[finetune]` for a second stage.
+fn config_toml(stages: &[(&'static str, FitConfig)]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for (name, cfg) in stages {
+        let section = if *name == "finetune" {
+            "finetune"
+        } else {
+            "fit"
+        };
+        let mut t = toml::Table::new();
+        t.insert(section.to_string(), toml::Value::try_from(cfg)?);
+        out.push_str(&toml::to_string(&t)?);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    set_threads(a.threads);
+    let stages = stages(&a)?;
+    if a.print_config {
+        let mut out = std::io::stdout().lock();
+        write!(out, "{}", config_toml(&stages)?)?;
+        return Ok(());
+    }
+    // First Ctrl-C: checkpoint at the next step boundary and stop; second: stop now.
+    ctrlc::set_handler(|| {
+        static SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if SEEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: writing a checkpoint at the next step (Ctrl-C again to stop now)");
+        kd_student::fit::request_stop();
+    })
+    .context("installing the Ctrl-C handler")?;
+    let mut summaries = Vec::new();
+    for (name, cfg) in &stages {
+        if !a.json {
+            eprintln!(
+                "student-fit [{name}]: shards {}{}, loss {}, {} steps, init {} -> {}",
+                cfg.shards.display(),
+                if cfg.extra_teachers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" + {} more teachers", cfg.extra_teachers.len())
+                },
+                serde_json::to_string(&cfg.loss)?,
+                cfg.steps,
+                serde_json::to_string(&cfg.init)?,
+                cfg.out.display()
+            );
+        }
+        let s = fit(cfg, a.resume, !a.json, a.engine.map(Into::into))?;
+        if !a.json {
+            print_summary(name, &s)?;
+        }
+        summaries.push(serde_json::json!({"stage": name, "summary": s}));
+    }
+    if a.json {
+        let mut out = std::io::stdout().lock();
+        let v = if summaries.len() == 1 {
+            summaries.pop().expect("one")["summary"].take()
+        } else {
+            serde_json::Value::Array(summaries)
+        };
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+fn print_summary(stage: &str, s: &FitSummary) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let row = |r: &kd_student::fit::EvalReport| {
+        format!(
+            "forward KL {:.4}, reverse KL {:.4}, top-1 agreement {:.3}, NLL {:.4}",
+            r.forward_kl, r.reverse_kl, r.top1_agreement, r.nll
+        )
+    };
+    writeln!(out, "[{stage}] held-out at start: {}", row(&s.initial))?;
+    writeln!(out, "[{stage}] held-out at end:   {}", row(&s.final_eval))?;
+    writeln!(
+        out,
+        "[{stage}] {} steps on the {} engine, {} positions, {:.0} positions/s, checkpoint {}, export {}, peak memory {}",
+        s.steps,
+        s.engine,
+        s.train_positions,
+        s.positions_per_s,
+        s.checkpoint.display(),
+        s.export.display(),
+        kd_teacher::dump::peak_rss_bytes()
+            .map(human_bytes)
+            .unwrap_or_else(|| "unknown".into())
+    )?;
+    if let Some(secs) = &s.engine_seconds {
+        let phases: Vec<(&str, f64)> = kd_student::engine::Timings::PHASES
+            .iter()
+            .filter_map(|k| secs.get(*k).map(|v| (*k, *v)))
+            .collect();
+        writeln!(
+            out,
+            "[{stage}] time in steps: {}",
+            kd_student::engine::phase_shares(&phases)
+        )?;
+    }
+    Ok(())
+}
+
+fn eval(e: EvalArgs) -> anyhow::Result<()> {
+    set_threads(e.threads);
+    let r = run_eval(&EvalOptions {
+        student: e.student,
+        shards: e.shards,
+        holdout_fraction: e.holdout_fraction,
+        max_rows: e.max_rows,
+        max_len: e.max_len,
+        logits_chunk: e.logits_chunk,
+        generations: e.generations,
+        max_new_tokens: e.max_new_tokens,
+        out: e.out.clone(),
+    })?;
+    let mut out = std::io::stdout().lock();
+    if e.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["generations"] = serde_json::to_value(&r.generations)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(());
+    }
+    let m = &r.report;
+    writeln!(
+        out,
+        "{} on {} ({} rows, {} distilled positions)",
+        r.student.display(),
+        r.shards.display(),
+        r.rows,
+        m.positions
+    )?;
+    writeln!(out, "  {:<28} {:>10}", "metric (per token)", "value")?;
+    for (name, v) in [
+        ("forward KL(teacher‖student)", m.forward_kl),
+        ("reverse KL(student‖teacher)", m.reverse_kl),
+        ("top-1 agreement", m.top1_agreement),
+        ("NLL of the stored tokens", m.nll),
+    ] {
+        writeln!(out, "  {name:<28} {v:>10.4}")?;
+    }
+    for g in &r.generations {
+        writeln!(out, "\n## {}\nprompt:  {}", g.id, g.prompt.trim())?;
+        writeln!(out, "teacher: {}", g.teacher)?;
+        writeln!(out, "student: {}", g.student)?;
+    }
+    if let Some(dir) = &e.out {
+        writeln!(
+            out,
+            "\nwrote {} and {}",
+            dir.join("eval.json").display(),
+            dir.join("generations.jsonl").display()
+        )?;
+    }
+    Ok(())
+}
+
+fn logits(l: LogitsArgs) -> anyhow::Result<()> {
+    let student = kd_model::trainable::Student::from_hf_dir(
+        &l.student,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
+    let n = l.ids.len();
+    // The kernel engine's forward pass where it runs, candle's otherwise.
+    let z: Vec<Vec<f32>> = if kd_student::engine::kernels_unsupported(&student.cfg, n).is_none() {
+        let mut k = kd_student::engine::KernelStudent::for_inference(&student, n, n, n)?;
+        let h = k.sequence_hidden(&l.ids)?;
+        let mut z = Vec::new();
+        k.logits_into(&h, n, &mut z);
+        z.chunks(student.cfg.vocab_size)
+            .map(|r| r.to_vec())
+            .collect()
+    } else {
+        let ids = candle_core::Tensor::from_vec(l.ids.clone(), (1, n), &candle_core::Device::Cpu)?;
+        let hidden = student.forward(&ids, &[n])?;
+        let d = hidden.dim(2)?;
+        student
+            .logits(&hidden.reshape((n, d))?)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2()?
+    };
+    let rows: Vec<Vec<f64>> = z.iter().map(|r| kd_model::log_softmax_f64(r)).collect();
+    let mut out = std::io::stdout().lock();
+    // Written as one string so that a closed pipe surfaces as an io error (quiet exit).
+    let json = serde_json::to_string(&serde_json::json!({"ids": l.ids, "logprobs": rows}))?;
+    writeln!(out, "{json}")?;
+    Ok(())
+}
