@@ -785,6 +785,82 @@ fn parts_merge_into_the_whole_dump() {
     assert_eq!(ids(&merged), ids(&whole));
 }
 
+/// The cluster recipe run locally (`pipelines/cluster/run-local.sh`: three slices of
+/// `dump-part.sh` side by side, then `merge.sh`, the scripts the Slurm array and the
+/// Kubernetes Indexed Job run) gives the single-process dump: the same rows in the same
+/// order with the same values, and the same identity. Run again, it leaves the finished
+/// slices as they are.
+#[test]
+fn the_cluster_recipe_run_locally_equals_the_single_dump() {
+    let c = Case::soft();
+    let input = c.input("in.jsonl", &prompts(22));
+    let (whole, job) = (c.path("whole"), c.path("job"));
+    c.dump(&input, &whole, &[]);
+    let bin_dir = util::bin("teacher-dump").parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = util::root().join("pipelines/cluster/run-local.sh");
+    let run = || {
+        std::process::Command::new("bash")
+            .arg(&script)
+            .env("PATH", &path)
+            .env("N", "3")
+            .env("TEACHER", &c.teacher)
+            .env("INPUT", &input)
+            .env("OUT", &job)
+            .env(
+                "DUMP_ARGS",
+                "--top-k 16 --max-new-tokens 12 --rows-per-shard 4",
+            )
+            .output()
+            .unwrap()
+    };
+    let o = run();
+    assert!(
+        o.status.success(),
+        "run-local.sh: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let merged = job.join("merged");
+    let (m, w) = (manifest(&merged), manifest(&whole));
+    assert_eq!(m.fingerprint, w.fingerprint);
+    assert_eq!(m.totals.rows, 22);
+    for i in 0..3 {
+        assert_eq!(
+            manifest(&job.join(format!("part-{i}"))).part.unwrap().count,
+            3
+        );
+    }
+    let (rm, rw) = (rows(&merged), rows(&whole));
+    assert_eq!(rm.len(), rw.len());
+    for (a, b) in rm.iter().zip(&rw) {
+        if kd_model::kernels::supported() {
+            // Each sequence is computed alone, whatever else is in its batch.
+            assert_eq!(a, b, "{}", a.id);
+        } else {
+            assert_rows_close(a, b);
+        }
+    }
+    // Rerun: the finished slices are kept, and the merge is refused (its folder exists).
+    let before = std::fs::read(job.join("part-1/manifest.json")).unwrap();
+    let o = run();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("already complete"));
+    assert_eq!(
+        std::fs::read(job.join("part-1/manifest.json")).unwrap(),
+        before
+    );
+    assert!(
+        !o.status.success(),
+        "a second merge into {} ran",
+        merged.display()
+    );
+    assert_eq!(manifest(&merged).fingerprint, w.fingerprint);
+}
+
 #[test]
 fn a_second_dump_into_a_locked_folder_fails() {
     let c = Case::new();
