@@ -1315,3 +1315,142 @@ holdout_fraction = 0.25
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("--init-from-teacher"), "{e}");
 }
+
+/// `student-fit export --gguf`: a trained student written as GGUF in each type reloads
+/// through `teacher-dump --teacher FILE.gguf` with the student's log-probs (f32 within 1e-4
+/// nats of the Hugging Face export, f16 within 2e-2; the quantized types' error is printed),
+/// and Python's `gguf` package reads its metadata and tensors (skipped without it unless
+/// `KD_REQUIRE_GGUF=1`).
+#[test]
+fn gguf_export_reloads_with_the_students_logprobs() {
+    let (dir, teacher, shards) = tiny_setup();
+    let a = dir.path().join("a");
+    let p = pipeline(dir.path(), &shards, &teacher, &a);
+    util::run_ok(
+        "student-fit",
+        &["--pipeline", p.to_str().unwrap(), "--steps", "5"],
+    );
+    let student = a.join("student");
+    let input = dir.path().join("in.jsonl");
+    let score = |model: &Path, out: &Path| -> Vec<kd_shard::Row> {
+        util::run_ok(
+            "teacher-dump",
+            &[
+                "--teacher",
+                model.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--limit",
+                "6",
+                "--max-new-tokens",
+                "8",
+                "--top-k",
+                "4",
+                "--shard-format",
+                "1",
+                "--no-progress",
+            ],
+        );
+        kd_shard::read_shard(&out.join("shard-00000.parquet")).unwrap()
+    };
+    let want = score(&student, &dir.path().join("hf-dump"));
+    for (ty, tol) in [
+        ("f32", 1e-4f32),
+        ("f16", 2e-2),
+        ("q8_0", f32::INFINITY),
+        ("q4_0", f32::INFINITY),
+    ] {
+        let gguf = dir.path().join(format!("s-{ty}.gguf"));
+        let out = util::run_ok(
+            "student-fit",
+            &[
+                "export",
+                "--student",
+                student.to_str().unwrap(),
+                "--gguf",
+                gguf.to_str().unwrap(),
+                "--type",
+                ty,
+            ],
+        );
+        assert!(out.contains("wrote"), "{out}");
+        let got = score(&gguf, &dir.path().join(format!("dump-{ty}")));
+        let (mut max, mut same_top1, mut n) = (0f32, 0usize, 0usize);
+        for (g, w) in got.iter().zip(&want) {
+            // Greedy generation may part ways once a quantized model picks another token:
+            // compare the positions up to the first difference.
+            let same = g
+                .input_ids
+                .iter()
+                .zip(&w.input_ids)
+                .take_while(|(x, y)| x == y)
+                .count();
+            let upto = same.saturating_sub(w.prompt_len as usize).min(w.n_pos());
+            for j in 0..upto {
+                max = max.max((g.token_logprob[j] - w.token_logprob[j]).abs());
+                same_top1 += usize::from(g.topk_ids[j * 4] == w.topk_ids[j * 4]);
+                n += 1;
+            }
+        }
+        eprintln!(
+            "{ty}: {n} positions, max |Δ log-prob| {max:.2e}, top-1 agreement {same_top1}/{n}"
+        );
+        assert!(n > 0 && max.is_finite() && max <= tol, "{ty}: {max}");
+        if ty == "f32" {
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(
+                    g.input_ids, w.input_ids,
+                    "{}: f32 generated otherwise",
+                    g.id
+                );
+            }
+        }
+    }
+
+    let has_gguf = std::process::Command::new("python3")
+        .args(["-c", "import gguf"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_gguf {
+        if std::env::var("KD_REQUIRE_GGUF").as_deref() == Ok("1") {
+            panic!("KD_REQUIRE_GGUF=1 but Python gguf is missing");
+        }
+        eprintln!("skipped: Python gguf not installed");
+        return;
+    }
+    let script = r#"
+import json, sys
+from gguf import GGUFReader
+r = GGUFReader(sys.argv[1])
+def val(name):
+    f = r.fields[name]
+    if len(f.types) == 1 and f.types[0].name == "STRING":
+        return bytes(f.parts[f.data[0]]).decode()
+    return f.parts[f.data[0]].tolist()[0]
+print(json.dumps({
+    "arch": val("general.architecture"),
+    "blocks": val("llama.block_count"),
+    "template": "tokenizer.chat_template" in r.fields,
+    "tokens": len(r.fields["tokenizer.ggml.tokens"].data),
+    "tensors": {t.name: [t.tensor_type.name, [int(x) for x in t.shape]] for t in r.tensors},
+}))
+"#;
+    let o = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(dir.path().join("s-q8_0.gguf"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["arch"], "llama");
+    assert_eq!(v["blocks"], 1);
+    assert_eq!(v["template"], true);
+    assert_eq!(
+        v["tokens"],
+        kd_tokenizer::Tokenizer::tiny_for_tests().vocab_size()
+    );
+    assert_eq!(v["tensors"]["blk.0.attn_q.weight"][0], "Q8_0");
+    assert_eq!(v["tensors"]["blk.0.attn_norm.weight"][0], "F32");
+}

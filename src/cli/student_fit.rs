@@ -209,6 +209,23 @@ enum Command {
     /// sequence, as JSON (for comparing with another implementation, e.g.
     /// `scripts/check_export.py DIR --ours FILE`).
     Logits(LogitsArgs),
+    /// Write a student (an export or a checkpoint directory) as a GGUF file for llama.cpp,
+    /// Ollama or LM Studio: llama metadata, the tokenizer and chat template, matrices as
+    /// --type (norms and biases stay f32).
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ExportArgs {
+    /// The student: an exported directory (OUT/student) or a checkpoint directory.
+    #[arg(long)]
+    student: PathBuf,
+    /// The GGUF file to write (atomically).
+    #[arg(long)]
+    gguf: PathBuf,
+    /// Matrix type: f32, f16, q8_0 or q4_0.
+    #[arg(long = "type", default_value = "f16", value_parser = ["f32", "f16", "q8_0", "q4_0"])]
+    ty: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -265,6 +282,7 @@ pub fn main() -> ! {
     run_main(move || match args.command {
         Some(Command::Eval(e)) => eval(e),
         Some(Command::Logits(l)) => logits(l),
+        Some(Command::Export(x)) => export_gguf(x),
         None => train(args.train),
     })
 }
@@ -579,6 +597,23 @@ fn eval(e: EvalArgs) -> anyhow::Result<()> {
             dir.join("generations.jsonl").display()
         )?;
     }
+    Ok(())
+}
+
+fn export_gguf(x: ExportArgs) -> anyhow::Result<()> {
+    let dtype = kd_student::fit::GGUF_TYPES
+        .iter()
+        .find(|(n, _)| *n == x.ty)
+        .map(|(_, t)| *t)
+        .context("type")?;
+    let bytes = kd_student::fit::export_gguf(&x.student, &x.gguf, dtype)?;
+    writeln!(
+        std::io::stdout().lock(),
+        "wrote {} ({}, {})",
+        x.gguf.display(),
+        x.ty,
+        human_bytes(bytes)
+    )?;
     Ok(())
 }
 

@@ -29,6 +29,7 @@ pub mod config;
 pub mod cpu;
 pub mod error;
 pub mod gguf_check;
+pub mod gguf_export;
 pub mod kernels;
 pub mod llama;
 pub mod loader;

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
-use kd_tokenizer::{TokenKind, Tokenizer};
+use kd_tokenizer::Tokenizer;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -219,33 +219,17 @@ pub fn write_tiny_teacher(dir: &Path, seed: u64) -> Result<LlamaConfig> {
 
 // GGUF fixtures: a tiny model written the way llama.cpp's converter writes one.
 
-/// llama.cpp's `permute` for q/k rows: [heads, 2, hd/2, cols] -> [heads, hd/2, 2, cols].
+/// llama.cpp's `permute` for q/k rows ([`crate::gguf_export::permute`]).
 pub fn permute(w: &Tensor, heads: usize) -> Tensor {
-    let (rows, cols) = w.dims2().unwrap();
-    w.reshape((heads, 2, rows / heads / 2, cols))
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .reshape((rows, cols))
-        .unwrap()
+    crate::gguf_export::permute(w, heads).unwrap()
 }
 
 /// The inverse of [`permute`].
 pub fn unpermute(w: &Tensor, heads: usize) -> Tensor {
-    let (rows, cols) = w.dims2().unwrap();
-    w.reshape((heads, rows / heads / 2, 2, cols))
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .reshape((rows, cols))
-        .unwrap()
+    crate::gguf_export::unpermute(w, heads).unwrap()
 }
 
-pub type Weights = std::collections::HashMap<String, Tensor>;
+pub type Weights = crate::gguf_export::Weights;
 
 /// Writes `w` (Hugging Face layout) as a GGUF of `dtype` and returns the weights it really
 /// holds, dequantized back to f32 in Hugging Face layout.
@@ -261,6 +245,7 @@ pub fn write_gguf(
 /// [`write_gguf`] for the shape and RoPE of `cfg` (a linear scaling as
 /// `llama.rope.scaling.*`, frequency factors as the tensor `rope_freqs.weight`, as llama.cpp's
 /// converter writes them), with `extra` metadata added (replacing keys of the same name).
+/// The fixtures add BOS/EOS as llama.cpp's converter does and never ask for a BOS token.
 pub fn write_gguf_with(
     path: &std::path::Path,
     tok: &Tokenizer,
@@ -269,242 +254,21 @@ pub fn write_gguf_with(
     cfg: &LlamaConfig,
     extra: &[(&str, gguf_file::Value)],
 ) -> Weights {
-    use gguf_file::Value as V;
-    let tj = tok.to_tokenizer_json();
-    let merges: Vec<V> = tj["model"]["merges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| match m {
-            serde_json::Value::String(s) => V::String(s.clone()),
-            serde_json::Value::Array(p) => V::String(format!(
-                "{} {}",
-                p[0].as_str().unwrap(),
-                p[1].as_str().unwrap()
-            )),
-            _ => panic!("merge form"),
-        })
-        .collect();
-    let n = tok.vocab_size() as u32;
-    let tokens: Vec<V> = (0..n)
-        .map(|i| V::String(tok.vocab_string(i).unwrap().to_string()))
-        .collect();
-    let types: Vec<V> = (0..n)
-        .map(|i| {
-            V::I32(match tok.token_kind(i).unwrap() {
-                TokenKind::Normal => 1,
-                TokenKind::Control => 3,
-                TokenKind::UserDefined => 4,
-            })
-        })
-        .collect();
-    // llama.cpp writes Mistral as llama; only llama's q/k rows are permuted.
-    let arch = match cfg.arch {
-        crate::config::Arch::Mistral => "llama",
-        a => a.name(),
-    };
-    let interleave = arch == "llama";
-    let key = |k: &str| -> String { format!("{arch}.{k}") };
-    let keys: Vec<String> = [
-        "block_count",
-        "context_length",
-        "embedding_length",
-        "feed_forward_length",
-        "attention.head_count",
-        "attention.head_count_kv",
-        "attention.layer_norm_rms_epsilon",
-        "rope.freq_base",
-        "rope.dimension_count",
-        "attention.key_length",
-        "attention.value_length",
-    ]
-    .iter()
-    .map(|k| key(k))
-    .collect();
-    let mut meta: Vec<(&str, V)> = vec![
-        ("general.architecture", V::String(arch.into())),
-        (&keys[0], V::U32(cfg.num_hidden_layers as u32)),
-        (&keys[1], V::U32(cfg.max_position_embeddings as u32)),
-        (&keys[2], V::U32(cfg.hidden_size as u32)),
-        (&keys[3], V::U32(cfg.intermediate_size as u32)),
-        (&keys[4], V::U32(cfg.num_attention_heads as u32)),
-        (&keys[5], V::U32(cfg.num_key_value_heads as u32)),
-        (&keys[6], V::F32(cfg.rms_norm_eps as f32)),
-        (&keys[7], V::F32(cfg.rope_theta as f32)),
-        (&keys[8], V::U32(cfg.head_dim() as u32)),
-    ];
-    if cfg.head_dim.is_some() {
-        meta.push((&keys[9], V::U32(cfg.head_dim() as u32)));
-        meta.push((&keys[10], V::U32(cfg.head_dim() as u32)));
-    }
-    meta.extend(vec![
-        ("tokenizer.ggml.model", V::String("gpt2".into())),
-        (
-            "tokenizer.ggml.pre",
-            V::String(tok.pre_tokenizer().to_string()),
-        ),
-        ("tokenizer.ggml.tokens", V::Array(tokens)),
-        ("tokenizer.ggml.token_type", V::Array(types)),
-        ("tokenizer.ggml.merges", V::Array(merges)),
-        ("tokenizer.ggml.bos_token_id", V::U32(tok.bos_id().unwrap())),
-        ("tokenizer.ggml.eos_token_id", V::U32(tok.eos_id().unwrap())),
-        ("tokenizer.ggml.add_bos_token", V::Bool(false)),
-        (
-            "tokenizer.chat_template",
-            V::String(tok.chat_template().unwrap().source().to_string()),
-        ),
-    ]);
-    let (scaling_type, scaling_factor) = (key("rope.scaling.type"), key("rope.scaling.factor"));
-    if let Some(crate::rope::RopeScaling::Linear { factor }) = &cfg.rope_scaling {
-        meta.push((&scaling_type, V::String("linear".into())));
-        meta.push((&scaling_factor, V::F32(*factor as f32)));
-    }
-    for (k, v) in extra {
-        meta.retain(|(m, _)| m != k);
-        meta.push((k, v.clone()));
-    }
-    let mut names: Vec<(String, Tensor, bool)> = vec![
-        (
-            "token_embd.weight".into(),
-            w["model.embed_tokens.weight"].clone(),
-            true,
-        ),
-        (
-            "output_norm.weight".into(),
-            w["model.norm.weight"].clone(),
-            false,
-        ),
-    ];
-    for i in 0..cfg.num_hidden_layers {
-        let h = |n: &str| w[&format!("model.layers.{i}.{n}.weight")].clone();
-        names.push((
-            format!("blk.{i}.attn_norm.weight"),
-            h("input_layernorm"),
-            false,
-        ));
-        names.push((
-            format!("blk.{i}.ffn_norm.weight"),
-            h("post_attention_layernorm"),
-            false,
-        ));
-        let perm = |t: Tensor, heads: usize| if interleave { permute(&t, heads) } else { t };
-        names.push((
-            format!("blk.{i}.attn_q.weight"),
-            perm(h("self_attn.q_proj"), cfg.num_attention_heads),
-            true,
-        ));
-        names.push((
-            format!("blk.{i}.attn_k.weight"),
-            perm(h("self_attn.k_proj"), cfg.num_key_value_heads),
-            true,
-        ));
-        if cfg.arch.qkv_bias() {
-            for (g, n) in [
-                ("attn_q", "q_proj"),
-                ("attn_k", "k_proj"),
-                ("attn_v", "v_proj"),
-            ] {
-                let b = w[&format!("model.layers.{i}.self_attn.{n}.bias")].clone();
-                names.push((format!("blk.{i}.{g}.bias"), b, false));
-            }
-        }
-        if cfg.arch.qk_norm() {
-            for (g, n) in [("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm")] {
-                names.push((
-                    format!("blk.{i}.{g}.weight"),
-                    h(&format!("self_attn.{n}")),
-                    false,
-                ));
-            }
-        }
-        names.push((
-            format!("blk.{i}.attn_v.weight"),
-            h("self_attn.v_proj"),
-            true,
-        ));
-        names.push((
-            format!("blk.{i}.attn_output.weight"),
-            h("self_attn.o_proj"),
-            true,
-        ));
-        names.push((format!("blk.{i}.ffn_gate.weight"), h("mlp.gate_proj"), true));
-        names.push((format!("blk.{i}.ffn_up.weight"), h("mlp.up_proj"), true));
-        names.push((format!("blk.{i}.ffn_down.weight"), h("mlp.down_proj"), true));
-    }
-    if let Some(crate::rope::RopeScaling::Freqs { factors }) = &cfg.rope_scaling {
-        let t = Tensor::from_vec(factors.clone(), factors.len(), &Device::Cpu).unwrap();
-        names.push(("rope_freqs.weight".into(), t, false));
-    }
-    if !cfg.tie_word_embeddings {
-        names.push(("output.weight".into(), w["lm_head.weight"].clone(), true));
-    }
-    let qs: Vec<(String, QTensor)> = names
-        .into_iter()
-        .map(|(n, t, mat)| {
-            (
-                n,
-                QTensor::quantize(&t, if mat { dtype } else { GgmlDType::F32 }).unwrap(),
-            )
-        })
-        .collect();
-    let mut back = Weights::new();
-    let deq = |name: &str| {
-        qs.iter()
-            .find(|(n, _)| n == name)
-            .unwrap()
-            .1
-            .dequantize(&Device::Cpu)
-            .unwrap()
-    };
-    back.insert("model.embed_tokens.weight".into(), deq("token_embd.weight"));
-    back.insert("model.norm.weight".into(), deq("output_norm.weight"));
-    if !cfg.tie_word_embeddings {
-        back.insert("lm_head.weight".into(), deq("output.weight"));
-    }
-    for i in 0..cfg.num_hidden_layers {
-        let hf = |n: &str| format!("model.layers.{i}.{n}.weight");
-        let g = |n: &str| deq(&format!("blk.{i}.{n}.weight"));
-        back.insert(hf("input_layernorm"), g("attn_norm"));
-        back.insert(hf("post_attention_layernorm"), g("ffn_norm"));
-        let unperm = |t: Tensor, heads: usize| if interleave { unpermute(&t, heads) } else { t };
-        back.insert(
-            hf("self_attn.q_proj"),
-            unperm(g("attn_q"), cfg.num_attention_heads),
-        );
-        back.insert(
-            hf("self_attn.k_proj"),
-            unperm(g("attn_k"), cfg.num_key_value_heads),
-        );
-        if cfg.arch.qkv_bias() {
-            for (gn, n) in [
-                ("attn_q", "q_proj"),
-                ("attn_k", "k_proj"),
-                ("attn_v", "v_proj"),
-            ] {
-                back.insert(
-                    format!("model.layers.{i}.self_attn.{n}.bias"),
-                    deq(&format!("blk.{i}.{gn}.bias")),
-                );
-            }
-        }
-        if cfg.arch.qk_norm() {
-            back.insert(hf("self_attn.q_norm"), g("attn_q_norm"));
-            back.insert(hf("self_attn.k_norm"), g("attn_k_norm"));
-        }
-        back.insert(hf("self_attn.v_proj"), g("attn_v"));
-        back.insert(hf("self_attn.o_proj"), g("attn_output"));
-        back.insert(hf("mlp.gate_proj"), g("ffn_gate"));
-        back.insert(hf("mlp.up_proj"), g("ffn_up"));
-        back.insert(hf("mlp.down_proj"), g("ffn_down"));
-    }
+    let mut all: Vec<(&str, gguf_file::Value)> = vec![(
+        "tokenizer.ggml.add_bos_token",
+        gguf_file::Value::Bool(false),
+    )];
+    all.extend(extra.iter().cloned());
+    let (meta, qs) = crate::gguf_export::gguf_contents(path, cfg, tok, w, dtype, &all).unwrap();
+    let back = crate::gguf_export::dequantized_back(cfg, &qs).unwrap();
     let mut f = std::fs::File::create(path).unwrap();
-    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let meta_refs: Vec<(&str, &gguf_file::Value)> =
+        meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qs.iter().map(|(n, q)| (n.as_str(), q)).collect();
     gguf_file::write(&mut f, &meta_refs, &t_refs).unwrap();
     back
 }
 
-/// Logits `[len, vocab]` at every position of each row, prefilled together as one batch.
 pub fn batch_logits(m: &crate::Llama, rows: &[&[u32]]) -> Vec<Vec<Vec<f32>>> {
     let (h, _) = m.prefill(rows, false).unwrap();
     rows.iter()

@@ -689,6 +689,40 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
 
 /// Writes a Hugging Face directory `transformers` loads as `LlamaForCausalLM` into `dest`
 /// (created if needed; files are written in place: see [`publish_export`]).
+/// The GGUF types a student is exported as (`student-fit export --type`).
+pub const GGUF_TYPES: [(&str, candle_core::quantized::GgmlDType); 4] = [
+    ("f32", candle_core::quantized::GgmlDType::F32),
+    ("f16", candle_core::quantized::GgmlDType::F16),
+    ("q8_0", candle_core::quantized::GgmlDType::Q8_0),
+    ("q4_0", candle_core::quantized::GgmlDType::Q4_0),
+];
+
+/// Writes the student directory `student_dir` (an export or a checkpoint: config.json,
+/// model.safetensors, tokenizer.json and tokenizer_config.json) as the GGUF file `dest` with
+/// matrices of `dtype` ([`kd_model::gguf_export`]); returns its size in bytes.
+pub fn export_gguf(
+    student_dir: &Path,
+    dest: &Path,
+    dtype: candle_core::quantized::GgmlDType,
+) -> anyhow::Result<u64> {
+    let student = Student::from_hf_dir(student_dir, DType::F32, &Device::Cpu)?;
+    let tok_path = student_dir.join("tokenizer.json");
+    let tok = kd_tokenizer::Tokenizer::from_tokenizer_json(&tok_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let weights: kd_model::gguf_export::Weights = student
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    Ok(kd_model::gguf_export::write_gguf(
+        dest,
+        &student.cfg,
+        &tok,
+        &weights,
+        dtype,
+    )?)
+}
+
 pub fn export(student: &Student, shards: &Path, dest: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dest).map_err(io(dest))?;
     let cfg = student

@@ -571,6 +571,11 @@ impl Tokenizer {
         self.inner.nfc
     }
 
+    /// Whether this is byte-level BPE (GPT-2 style), not SentencePiece-style.
+    pub fn is_byte_level(&self) -> bool {
+        self.inner.sp.is_none()
+    }
+
     /// The SentencePiece-style form, if this is not byte-level BPE.
     pub(crate) fn sentencepiece(&self) -> Option<&crate::sentencepiece::SpForm> {
         self.inner.sp.as_ref()
