@@ -121,13 +121,13 @@ pub fn run_eval(opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
             })
             .collect();
         let stop_ids = tokenizer.stop_ids();
-        let engine = kd_teacher::engine::Engine {
+        let engine = kd_generate::engine::Engine {
             model: &model,
             top_k: 1,
-            draws: kd_teacher::engine::Draws::default(),
+            draws: kd_generate::engine::Draws::default(),
             stop_ids: stop_ids.clone(),
             max_new_tokens: opts.max_new_tokens,
-            sampling: kd_teacher::sampler::SamplingConfig {
+            sampling: kd_generate::sampler::SamplingConfig {
                 temperature: 0.0,
                 top_p: 1.0,
                 seed: 0,
@@ -135,7 +135,7 @@ pub fn run_eval(opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
             logits_chunk: opts.logits_chunk,
             on_rows_done: None,
         };
-        let mut work = kd_teacher::engine::Work::default();
+        let mut work = kd_generate::engine::Work::default();
         let gens = engine.generate(&prompts, 8, &mut work)?;
         let text = |ids: &[u32]| {
             let end = ids

@@ -22,9 +22,10 @@
 //! ```
 
 pub mod dump;
-pub mod engine;
 pub mod error;
 pub mod input;
-pub mod sampler;
+
+/// Generation and scoring, shared with phase two ([`kd_generate`]).
+pub use kd_generate::{engine, sampler};
 
 pub use error::{Error, Result};

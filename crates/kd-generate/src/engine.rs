@@ -6,8 +6,8 @@ use kd_model::kernels::{log_sum_exp, top_k_logits};
 use kd_model::{KvCache, Llama};
 use rayon::prelude::*;
 
-use crate::error::Result;
 use crate::sampler::{Sampler, SamplingConfig};
+use kd_model::Result;
 
 /// The teacher's distribution at consecutive response positions, flattened position-major.
 #[derive(Clone, Debug, Default, PartialEq)]
