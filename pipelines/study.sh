@@ -6,14 +6,17 @@
 #
 # Flags: --out DIR (default out/study), --steps N (optimizer steps per run, default 64, of
 # about 300 distilled positions each), --eval-every N (default 16), --max-new-tokens N (teacher
-# and student responses, default 128), --quick, --no-publish.
+# and student responses, default 128), --heldout FILE (held-out prompts from a JSONL file of
+# your own; the training prompts are then every seed task whose id is not in it; implies
+# --no-publish), --quick, --no-publish.
 #
 # A full run with the default --out also publishes: it copies OUT/results/ to docs/study/ and
 # rewrites the study block of README.md from it (between the `study:begin` and `study:end`
 # markers), so the README shows exactly what the study wrote.
 #
 # 1. Splits the 175 self-instruct seed tasks by a hash of their id into training prompts
-#    (~80%) and held-out prompts (the rest): no prompt is in both.
+#    (~80%) and held-out prompts (the rest): no prompt is in both. With --heldout FILE the
+#    held-out prompts are FILE's, and the training prompts the seed tasks not in it (by id).
 # 2. Dumps SmolLM2-135M-Instruct's greedy responses to the training prompts at top-k 8, 32
 #    and 64 (timed), and to the held-out prompts at top-k 64.
 # 3. Trains the same 6-layer student (teacher layers 0,6,12,18,24,29) with the same steps,
@@ -39,15 +42,17 @@ LIMIT_TRAIN=""
 LIMIT_HELD=""
 GENS=6
 PUBLISH=1
+HELDOUT_FILE=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT="$2"; PUBLISH=0; shift 2 ;;
         --no-publish) PUBLISH=0; shift ;;
+        --heldout) HELDOUT_FILE="$2"; PUBLISH=0; shift 2 ;;
         --steps) STEPS="$2"; shift 2 ;;
         --eval-every) EVAL_EVERY="$2"; shift 2 ;;
         --max-new-tokens) MAX_NEW="$2"; shift 2 ;;
         --quick) PUBLISH=0; STEPS=4; EVAL_EVERY=2; MAX_NEW=24; LIMIT_TRAIN="--limit 16"; LIMIT_HELD="--limit 6"; GENS=2; shift ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "study.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -58,15 +63,34 @@ LAYERS="[0, 6, 12, 18, 24, 29]"
 BIN=target/release
 
 [ -f "$TEACHER" ] || ./scripts/setup.sh
-cargo build --release --workspace --bins
+cargo build --release --workspace --bins --tests --examples   # as scripts/quickstart.sh: one build
 mkdir -p "$OUT/prompts" "$OUT/dumps" "$OUT/runs" "$OUT/evals" "$OUT/pipelines"
 
-# 1. Split by id: held out when the first byte of sha256(id) is below 51 (20%).
-python3 - "$PROMPTS" "$OUT/prompts" <<'EOF'
+# 1. Split by id: held out when the first byte of sha256(id) is below 51 (20%), or, with
+#    --heldout FILE, when the id is one of FILE's.
+if [ -n "$HELDOUT_FILE" ] && [ ! -f "$HELDOUT_FILE" ]; then
+    echo "study.sh: --heldout $HELDOUT_FILE: no such file" >&2
+    exit 2
+fi
+python3 - "$PROMPTS" "$OUT/prompts" "$HELDOUT_FILE" <<'EOF'
 import hashlib, json, sys
-src, dst = sys.argv[1], sys.argv[2]
+src, dst, held_file = sys.argv[1], sys.argv[2], sys.argv[3]
 train, held = [], []
-for line in open(src, encoding="utf-8"):
+if held_file:
+    held_ids = set()
+    for n, line in enumerate(open(held_file, encoding="utf-8"), 1):
+        if line.strip():
+            rec = json.loads(line)
+            if "id" not in rec:
+                sys.exit(f"study.sh: {held_file}:{n}: a held-out prompt needs an id")
+            held_ids.add(str(rec["id"]))
+            held.append(line if line.endswith("\n") else line + "\n")
+    for line in open(src, encoding="utf-8"):
+        if line.strip() and str(json.loads(line)["id"]) not in held_ids:
+            train.append(line)
+    if not held:
+        sys.exit(f"study.sh: {held_file} holds no prompts")
+for line in open(src, encoding="utf-8") if not held_file else []:
     if line.strip():
         rec = json.loads(line)
         (held if hashlib.sha256(rec["id"].encode()).digest()[0] < 51 else train).append(line)

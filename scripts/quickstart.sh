@@ -4,7 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-cargo build --release --bins
+# The binaries, and in the same invocation the test targets: one feature resolution for both,
+# so `cargo test --release --workspace` (the README's test command) compiles nothing again.
+# Building the binaries alone resolves the dependencies' features without the
+# dev-dependencies, and the test command would then compile ~50 crates (candle, arrow) anew.
+cargo build --release --workspace --bins --tests --examples
 rm -rf out/quickstart
 ./target/release/teacher-dump --pipeline pipelines/quickstart.toml
 ./target/release/shard-cat verify out/quickstart

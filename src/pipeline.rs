@@ -26,6 +26,8 @@ pub struct DumpSection {
     pub top_k: Option<usize>,
     /// `top:K`, `sample:N` or `top:K,sample:N` (see `teacher-dump --targets`).
     pub targets: Option<String>,
+    /// Responses generated per prompt (see `teacher-dump --samples`).
+    pub samples: Option<usize>,
     pub max_new_tokens: Option<usize>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,

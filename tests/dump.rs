@@ -508,6 +508,47 @@ fn sampled_targets_follow_the_teacher_and_do_not_depend_on_batching() {
     }
 }
 
+/// `--samples 3`: three sampled responses per prompt, rows `ID#0..ID#2` in input order, each
+/// reproducible whatever the batch size (its own stream), not all alike; refused when greedy
+/// or scoring.
+#[test]
+fn several_responses_per_prompt_are_rows_of_their_own() {
+    let c = Case::soft();
+    let rows_in = prompts(4);
+    let input = c.input("in.jsonl", &rows_in);
+    let (a, b) = (c.path("a"), c.path("b"));
+    let common = ["--samples", "3", "--temperature", "1.0", "--seed", "9"];
+    c.dump(&input, &a, &[&common[..], &["--batch-size", "4"]].concat());
+    c.dump(&input, &b, &[&common[..], &["--batch-size", "1"]].concat());
+    let ra = rows(&a);
+    assert_eq!(ra.len(), 12);
+    let ids: Vec<&str> = ra.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(&ids[..3], &["p00#0", "p00#1", "p00#2"]);
+    assert_eq!(&ids[3..6], &["m01#0", "m01#1", "m01#2"]);
+    assert_eq!(
+        responses(&a),
+        responses(&b),
+        "batch size changed a response"
+    );
+    let differ = ra
+        .chunks(3)
+        .filter(|g| g[0].input_ids != g[1].input_ids || g[1].input_ids != g[2].input_ids)
+        .count();
+    assert!(
+        differ >= 2,
+        "only {differ} of 4 prompts got differing responses"
+    );
+    assert_eq!(manifest(&a).settings["responses_per_prompt"], 3);
+    let err = c.dump_fails(&input, &c.path("greedy"), &["--samples", "3"]);
+    assert!(err.contains("temperature"), "{err}");
+    let err = c.dump_fails(
+        &input,
+        &c.path("scored"),
+        &["--samples", "2", "--temperature", "1", "--score"],
+    );
+    assert!(err.contains("responses_per_prompt"), "{err}");
+}
+
 /// Starts a 40-row dump (10 shards), kills it with SIGKILL once its partial manifest lists
 /// `at_least` shards, and returns the output folder.
 fn killed_dump(c: &Case, input: &Path, name: &str, extra: &[&str], at_least: usize) -> PathBuf {

@@ -56,6 +56,11 @@ pub struct Args {
         value_name = "top:K|sample:N|top:K,sample:N"
     )]
     pub targets: Option<String>,
+    /// Responses generated per prompt, each its own row `ID#i` with its own sampling stream
+    /// (reproducible per (seed, ID, i) whatever the batch size); needs --temperature above 0
+    /// [default: 1].
+    #[arg(long)]
+    pub samples: Option<usize>,
     /// Most tokens generated per prompt [default: 256].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
@@ -212,6 +217,7 @@ impl Args {
             },
             top_k,
             samples,
+            responses_per_prompt: self.samples.or(p.samples).unwrap_or(1),
             max_new_tokens: self.max_new_tokens.or(p.max_new_tokens).unwrap_or(256),
             temperature: self.temperature.or(p.temperature).unwrap_or(0.0),
             top_p: self.top_p.or(p.top_p).unwrap_or(1.0),

@@ -52,6 +52,7 @@ fn tiny_dump(
         mode: Mode::Generate,
         top_k: k,
         samples: 0,
+        responses_per_prompt: 1,
         max_new_tokens: new_tokens,
         temperature: 1.0,
         top_p: 1.0,

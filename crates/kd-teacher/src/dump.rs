@@ -35,6 +35,11 @@ pub struct DumpSettings {
     /// dumps keep their identity.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub samples: usize,
+    /// Responses generated per prompt (`teacher-dump --samples N`), each its own row with id
+    /// `ID#i` (i from 0) and its own sampling stream (seed, `ID#i`), so every response is
+    /// reproducible whatever the batch size. 1 (left out of the manifest) keeps ids as given.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub responses_per_prompt: usize,
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,
@@ -48,6 +53,14 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
 impl DumpSettings {
     pub fn validate(&self, vocab_size: usize) -> Result<()> {
         let bad = |field: &str, what: String| {
@@ -58,6 +71,27 @@ impl DumpSettings {
         };
         if self.samples > u32::MAX as usize {
             return bad("samples", format!("{} is too large", self.samples));
+        }
+        if self.responses_per_prompt == 0 {
+            return bad("responses_per_prompt", "must be at least 1".into());
+        }
+        if self.responses_per_prompt > 1 {
+            if self.mode != Mode::Generate {
+                return bad(
+                    "responses_per_prompt",
+                    "several responses per prompt are generated, not scored: drop --score/--mixed"
+                        .into(),
+                );
+            }
+            if self.temperature == 0.0 {
+                return bad(
+                    "responses_per_prompt",
+                    format!(
+                        "{} greedy responses to one prompt would all be the same: set a temperature above 0",
+                        self.responses_per_prompt
+                    ),
+                );
+            }
         }
         if self.top_k == 0 && self.samples == 0 {
             return bad(
@@ -247,12 +281,31 @@ pub fn dump(
             ),
         });
     }
+    // Several responses per prompt: each prompt becomes rows `ID#0 … ID#(n-1)`, in input
+    // order, before the slicing into parts.
+    let n_resp = settings.responses_per_prompt;
+    let expanded: Vec<crate::input::Record>;
+    let all: &[crate::input::Record] = if n_resp > 1 {
+        expanded = input
+            .records
+            .iter()
+            .flat_map(|r| {
+                (0..n_resp).map(move |i| crate::input::Record {
+                    id: format!("{}#{i}", r.id),
+                    ..r.clone()
+                })
+            })
+            .collect();
+        &expanded
+    } else {
+        &input.records
+    };
     // Encode every record up front: a bad row is refused before any work.
     let range = match opts.part {
-        Some((i, n)) => part_range(input.records.len(), i, n),
-        None => 0..input.records.len(),
+        Some((i, n)) => part_range(all.len(), i, n),
+        None => 0..all.len(),
     };
-    let records = &input.records[range];
+    let records = &all[range];
     let enc_opts = EncodeOptions {
         chat_template: settings.chat_template,
         score: settings.mode == Mode::Score,

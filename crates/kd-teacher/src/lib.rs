@@ -12,7 +12,7 @@
 //! let model = kd_model::load("teacher.gguf".as_ref(), kd_model::Precision::Exact,
 //!                            &candle_core::Device::Cpu).unwrap();
 //! let input = input::read_jsonl("prompts.jsonl".as_ref(), false).unwrap();
-//! let settings = dump::DumpSettings { mode: dump::Mode::Generate, top_k: 32, samples: 0,
+//! let settings = dump::DumpSettings { mode: dump::Mode::Generate, top_k: 32, samples: 0, responses_per_prompt: 1,
 //!     max_new_tokens: 128, temperature: 0.0, top_p: 1.0, seed: 0, chat_template: true,
 //!     rows_per_shard: 64, precision: kd_model::Precision::Exact };
 //! let opts = dump::RunOptions { batch_size: 8, resume: false, part: None, progress: true,
