@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The distillation study: what each method buys, and what the cache costs.
+# The distillation study: what each method buys, on two students, and what the cache costs.
 #
-#   ./pipelines/study.sh            # the full study, about an hour on 2 CPU cores
-#   ./pipelines/study.sh --quick    # a few minutes: 16 train / 6 held-out prompts, 4 steps
+#   ./pipelines/study.sh            # the full study (docs/study/results.md says how long it took)
+#   ./pipelines/study.sh --quick    # a few minutes: 8 train / 6 held-out prompts, 2 samples, tiny budget
 #
-# Flags: --out DIR (default out/study), --steps N (optimizer steps per run, default 64, of
-# about 300 distilled positions each), --eval-every N (default 16), --max-new-tokens N (teacher
-# and student responses, default 128), --heldout FILE (held-out prompts from a JSONL file of
-# your own; the training prompts are then every seed task whose id is not in it; implies
-# --no-publish), --quick, --no-publish.
+# Flags: --out DIR (default out/study), --positions N (distilled positions each run trains on,
+# default 200000), --samples N (responses per training prompt at temperature 1, default 16),
+# --max-new-tokens N (teacher and student responses, default 128), --heldout FILE (held-out
+# prompts from a JSONL file of your own; the training prompts are then every seed task whose
+# id is not in it; implies --no-publish), --quick, --no-publish.
 #
 # A full run with the default --out also publishes: it copies OUT/results/ to docs/study/ and
 # rewrites the study block of README.md from it (between the `study:begin` and `study:end`
@@ -17,15 +17,23 @@
 # 1. Splits the 175 self-instruct seed tasks by a hash of their id into training prompts
 #    (~80%) and held-out prompts (the rest): no prompt is in both. With --heldout FILE the
 #    held-out prompts are FILE's, and the training prompts the seed tasks not in it (by id).
-# 2. Dumps SmolLM2-135M-Instruct's greedy responses to the training prompts at top-k 8, 32
-#    and 64 (timed), and to the held-out prompts at top-k 64.
-# 3. Trains the same 6-layer student (teacher layers 0,6,12,18,24,29) with the same steps,
-#    batches and learning-rate schedule under: SFT on the teacher's responses (α = 0),
-#    forward KL, reverse KL, JSD(0.5) and the seed recipe (forward KL, τ = 2, α = 0.7), all
-#    from the top-32 shards; and forward KL from k = 8, 32, 64 with the bucket and the renorm
-#    tail policies.
-# 4. Evaluates the untrained initialisation and every student on the held-out shards (top-64,
-#    bucket tail), with greedy generations, and writes OUT/results/ with study-report.
+# 2. Dumps SmolLM2-135M-Instruct's responses to the training prompts: --samples responses per
+#    prompt at temperature 1 (rows ID#i) at top-32 in format 2, and the teacher's greedy
+#    responses to the held-out prompts at top-64.
+# 3. Trains two students cut from the teacher, half depth (15 of its 30 layers, every other
+#    one) and 6 layers (0,6,12,18,24,29), each run on the same number of distilled positions
+#    with the same batches and learning-rate schedule, under: SFT on the teacher's responses
+#    (α = 0), forward KL, reverse KL, JSD(0.5), the seed recipe (forward KL, τ = 2, α = 0.7),
+#    and reverse KL started from that student's SFT result (MiniLLM's practice; its budget
+#    comes on top of the SFT run's). Then the cache sweep: the same responses dumped again
+#    (the same in every dump, since a row's sampling stream depends only on the seed, the id
+#    and i) as top-8, top-32 in format 1, sample:12 and top-1024 (the near-full reference),
+#    each timed, and the 6-layer student trained with forward KL from each.
+# 4. Evaluates each student's initialisation and every trained student on the held-out
+#    shards (top-64, bucket tail), generates greedily for every held-out prompt (ROUGE-L F1
+#    against the teacher's answer, the share of answers that end with end-of-turn, their
+#    length), and writes OUT/results/ with study-report. OUT/times.tsv holds the seconds of
+#    every step that ran.
 #
 # Every step is skipped when its output is already complete, so an interrupted study
 # continues where it stopped (a training run resumes from its last checkpoint).
@@ -35,12 +43,11 @@ cd "$(dirname "$0")/.."
 ARGS=""
 for a in "$@"; do ARGS="$ARGS $a"; done
 OUT=out/study
-STEPS=64
-EVAL_EVERY=16
+POSITIONS=200000
+SAMPLES=16
 MAX_NEW=128
 LIMIT_TRAIN=""
 LIMIT_HELD=""
-GENS=6
 PUBLISH=1
 HELDOUT_FILE=""
 while [ $# -gt 0 ]; do
@@ -48,19 +55,22 @@ while [ $# -gt 0 ]; do
         --out) OUT="$2"; PUBLISH=0; shift 2 ;;
         --no-publish) PUBLISH=0; shift ;;
         --heldout) HELDOUT_FILE="$2"; PUBLISH=0; shift 2 ;;
-        --steps) STEPS="$2"; shift 2 ;;
-        --eval-every) EVAL_EVERY="$2"; shift 2 ;;
+        --positions) POSITIONS="$2"; shift 2 ;;
+        --samples) SAMPLES="$2"; shift 2 ;;
         --max-new-tokens) MAX_NEW="$2"; shift 2 ;;
-        --quick) PUBLISH=0; STEPS=4; EVAL_EVERY=2; MAX_NEW=24; LIMIT_TRAIN="--limit 16"; LIMIT_HELD="--limit 6"; GENS=2; shift ;;
-        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+        --quick) PUBLISH=0; POSITIONS=1500; SAMPLES=2; MAX_NEW=24; LIMIT_TRAIN="--limit 8"; LIMIT_HELD="--limit 6"; shift ;;
+        -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "study.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 
 TEACHER=data/models/SmolLM2-135M-Instruct.Q4_1.gguf
 PROMPTS=data/prompts/self-instruct-seed-tasks.jsonl
-LAYERS="[0, 6, 12, 18, 24, 29]"
 BIN=target/release
+# The two students: a short name, the teacher layers kept, and the words the report uses.
+STUDENTS=("15l" "6l")
+declare -A LAYERS=(["6l"]="[0, 6, 12, 18, 24, 29]" ["15l"]="[0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28]")
+declare -A STUDENT_WORDS=(["6l"]="6 of 30 layers (0, 6, 12, 18, 24, 29)" ["15l"]="15 of 30 layers (every other one)")
 
 [ -f "$TEACHER" ] || ./scripts/setup.sh
 cargo build --release --workspace --bins --tests --examples   # as scripts/quickstart.sh: one build
@@ -101,113 +111,170 @@ print(f"study: {len(train)} training prompts, {len(held)} held-out prompts", fil
 EOF
 
 now_ns() { date +%s%N; }
+# Appends "WHAT<TAB>seconds" to OUT/times.tsv for a step that ran (a skipped step keeps the
+# line of the run that did it).
+timed() { # WHAT COMMAND...
+    local what="$1" t0
+    shift
+    t0=$(now_ns)
+    "$@"
+    printf '%s\t%s\n' "$what" "$(python3 -c "print(round(($(now_ns) - $t0) / 1e9, 1))")" >> "$OUT/times.tsv"
+}
 
 # 2. Teacher dumps (skipped when complete; the seconds of the first, real run are kept).
-dump() { # NAME INPUT K LIMIT
-    local dir="$OUT/dumps/$1"
+dump() { # NAME INPUT TEACHER-DUMP-ARGS...
+    local name="$1" input="$2" dir="$OUT/dumps/$1"
+    shift 2
     if [ -f "$dir/manifest.json" ] && [ -f "$dir.seconds" ]; then
         echo "study: $dir is complete" >&2
         return
     fi
     local t0
     t0=$(now_ns)
-    # shellcheck disable=SC2086
-    "$BIN/teacher-dump" --teacher "$TEACHER" --input "$2" --out "$dir" --top-k "$3" \
-        --max-new-tokens "$MAX_NEW" --batch-size 8 --rows-per-shard 64 --resume $4
+    timed "dump $name" "$BIN/teacher-dump" --teacher "$TEACHER" --input "$input" --out "$dir" \
+        --max-new-tokens "$MAX_NEW" --batch-size 8 --rows-per-shard 64 --resume "$@"
     python3 -c "print(($(now_ns) - $t0) / 1e9)" > "$dir.seconds"
 }
-for k in 8 32 64; do
-    dump "train-k$k" "$OUT/prompts/train.jsonl" "$k" "$LIMIT_TRAIN"
-done
-dump heldout-k64 "$OUT/prompts/heldout.jsonl" 64 "$LIMIT_HELD"
+# shellcheck disable=SC2206
+TRAIN=("$OUT/prompts/train.jsonl" --samples "$SAMPLES" --temperature 1.0 --seed 0 $LIMIT_TRAIN)
+dump train-k32 "${TRAIN[@]}" --targets top:32
+# shellcheck disable=SC2086
+dump heldout-k64 "$OUT/prompts/heldout.jsonl" --targets top:64 $LIMIT_HELD
 HELD="$OUT/dumps/heldout-k64"
+HELD_ROWS=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['totals']['rows'])" "$HELD/manifest.json")
+
+# Every run trains on POSITIONS distilled positions (student-fit's `positions`: the steps its
+# batches need, the same batches for every method on the same shards). Held-out evaluations
+# about 8 times per run, at steps of TOKEN_BUDGET tokens (padding counted) estimated from the
+# dump's distilled positions per token.
+TOKEN_BUDGET=2048
+EVAL_EVERY=$(python3 - "$OUT/dumps/train-k32/manifest.json" "$POSITIONS" "$TOKEN_BUDGET" <<'EOF'
+import json, math, sys
+t = json.load(open(sys.argv[1]))["totals"]
+per_step = int(sys.argv[3]) * t["positions"] / t["tokens"]
+print(max(1, math.ceil(int(sys.argv[2]) / per_step / 8)))
+EOF
+)
+BUDGET="positions = $POSITIONS"
 
 # 3. Training runs (skipped when finished, resumed when a checkpoint exists).
-fit() { # NAME SHARDS LOSS STEPS
-    local run="$OUT/runs/$1" p="$OUT/pipelines/$1.toml"
+fit() { # NAME STUDENT SHARDS LOSS BUDGET [INIT] [EXTRA TOML LINE]
+    local run="$OUT/runs/$1" p="$OUT/pipelines/$1.toml" init="${6:-}"
+    [ -n "$init" ] || init="{ from_teacher = { path = \"$TEACHER\", keep_layers = ${LAYERS[$2]} } }"
     cat > "$p" <<EOF
 description = "Study run $1"
 
 [fit]
-shards = "$2"
+shards = "$3"
 out = "$run"
-init = { from_teacher = { path = "$TEACHER", keep_layers = $LAYERS } }
-loss = $3
-steps = $4
-token_budget = 1024
+init = $init
+loss = $4
+$5
+token_budget = $TOKEN_BUDGET
 max_len = 512
 lr = 5e-4
 min_lr = 5e-5
-warmup_steps = 4
+warmup_steps = 8
 decay = "cosine"
 max_grad_norm = 1.0
 holdout_fraction = 0.0
 eval_shards = "$HELD"
 eval_every = $EVAL_EVERY
 seed = 0
-log_every = 4
-checkpoint_every = 16
+log_every = 8
+checkpoint_every = 25
 keep_checkpoints = 1
 logits_chunk = 128
+${7:-}
 EOF
     if [ -f "$run/summary.json" ]; then
         echo "study: $run is complete" >&2
     else
-        local resume=""
-        [ -d "$run/checkpoints" ] && resume="--resume"
-        "$BIN/student-fit" --pipeline "$p" $resume
+        local resume=()
+        [ -d "$run/checkpoints" ] && resume=(--resume)
+        timed "train $1" "$BIN/student-fit" --pipeline "$p" "${resume[@]}"
     fi
     if [ -f "$OUT/evals/$1/eval.json" ] && [ "$OUT/evals/$1/eval.json" -nt "$run/summary.json" ]; then
         echo "study: $OUT/evals/$1 is complete" >&2
     else
-        "$BIN/student-fit" eval --student "$run/student" --shards "$HELD" --max-len 512 \
-            --generations "$GENS" --max-new-tokens "$MAX_NEW" --out "$OUT/evals/$1" --json > /dev/null
+        timed "eval $1" "$BIN/student-fit" eval --student "$run/student" --shards "$HELD" --max-len 512 \
+            --generations "$HELD_ROWS" --max-new-tokens "$MAX_NEW" --out "$OUT/evals/$1" --json > /dev/null
     fi
 }
 FKL='{ divergence = { kind = "forward_kl" } }'
-fit init "$OUT/dumps/train-k32" "$FKL" 0
-fit sft "$OUT/dumps/train-k32" '{ divergence = { kind = "forward_kl" }, alpha = 0.0 }' "$STEPS"
-fit forward_kl "$OUT/dumps/train-k32" "$FKL" "$STEPS"
-fit reverse_kl "$OUT/dumps/train-k32" '{ divergence = { kind = "reverse_kl" } }' "$STEPS"
-fit jsd "$OUT/dumps/train-k32" '{ divergence = { kind = "jsd", beta = 0.5 } }' "$STEPS"
-fit seed_recipe "$OUT/dumps/train-k32" '{ divergence = { kind = "forward_kl" }, temperature = 2.0, alpha = 0.7 }' "$STEPS"
-for k in 8 64; do
-    fit "fkl-k$k-bucket" "$OUT/dumps/train-k$k" "$FKL" "$STEPS"
+RKL='{ divergence = { kind = "reverse_kl" } }'
+K32="$OUT/dumps/train-k32"
+for s in "${STUDENTS[@]}"; do
+    fit "$s-init" "$s" "$K32" "$FKL" "steps = 0"
+    fit "$s-sft" "$s" "$K32" '{ divergence = { kind = "forward_kl" }, alpha = 0.0 }' "$BUDGET"
+    fit "$s-forward_kl" "$s" "$K32" "$FKL" "$BUDGET"
+    fit "$s-reverse_kl" "$s" "$K32" "$RKL" "$BUDGET"
+    fit "$s-jsd" "$s" "$K32" '{ divergence = { kind = "jsd", beta = 0.5 } }' "$BUDGET"
+    fit "$s-seed_recipe" "$s" "$K32" '{ divergence = { kind = "forward_kl" }, temperature = 2.0, alpha = 0.7 }' "$BUDGET"
+    fit "$s-sft_then_reverse_kl" "$s" "$K32" "$RKL" "$BUDGET" "{ from_student = { path = \"$OUT/runs/$s-sft/student\" } }"
 done
-for k in 8 32 64; do
-    fit "fkl-k$k-renorm" "$OUT/dumps/train-k$k" '{ divergence = { kind = "forward_kl" }, tail = "renorm" }' "$STEPS"
-done
+# The cache sweep, after the methods: the other caches of the same responses.
+dump train-k8 "${TRAIN[@]}" --targets top:8
+dump train-k32-v1 "${TRAIN[@]}" --targets top:32 --shard-format 1
+dump train-s12 "${TRAIN[@]}" --targets sample:12
+dump train-k1024 "${TRAIN[@]}" --targets top:1024
+fit 6l-k8 6l "$OUT/dumps/train-k8" "$FKL" "$BUDGET"
+fit 6l-k32-v1 6l "$OUT/dumps/train-k32-v1" "$FKL" "$BUDGET"
+fit 6l-s12 6l "$OUT/dumps/train-s12" "$FKL" "$BUDGET" "" 'targets = "sampled"'
+fit 6l-k1024 6l "$OUT/dumps/train-k1024" "$FKL" "$BUDGET"
 
 # 4. The report.
-secs() { cat "$OUT/dumps/train-k$1.seconds"; }
-cost() { # K TAIL RUN
-    echo "    {\"k\": $1, \"tail\": \"$2\", \"dump\": \"dumps/train-k$1\", \"dump_seconds\": $(secs "$1"), \"run\": \"runs/$3\", \"eval\": \"evals/$3\"}"
+# A dump's mean teacher mass outside its top-k, from shard-cat stats.
+tail_mass() {
+    "$BIN/shard-cat" --json stats "$OUT/dumps/$1" |
+        python3 -c "import json,sys; print(f\"{json.load(sys.stdin)['mean_tail_mass']:.4f}\")"
+}
+cost() { # DUMP K SERIES LABEL RUN NOTE
+    printf '    {"name": "%s", "k": %s, "tail": "bucket", "series": "%s", "label": "%s", "note": "%s", "dump": "dumps/%s", "dump_seconds": %s, "run": "runs/%s", "eval": "evals/%s"}' \
+        "$1" "$2" "$3" "$4" "$6" "$1" "$(cat "$OUT/dumps/$1.seconds")" "$5" "$5"
+}
+methods() {
+    local first=1 s name label run
+    for s in "${STUDENTS[@]}"; do
+        for name in init sft forward_kl reverse_kl jsd seed_recipe sft_then_reverse_kl; do
+            case "$name" in
+                init) label="initialisation (no training)" ;;
+                sft) label="SFT on teacher responses (α = 0)" ;;
+                forward_kl) label="forward KL" ;;
+                reverse_kl) label="reverse KL" ;;
+                jsd) label="JSD (β = 0.5)" ;;
+                seed_recipe) label="forward KL, τ = 2, α = 0.7" ;;
+                sft_then_reverse_kl) label="reverse KL from the SFT student" ;;
+            esac
+            run="\"runs/$s-$name\""
+            [ "$name" = init ] && run=null
+            [ $first = 1 ] || printf ',\n'
+            first=0
+            printf '    {"name": "%s", "label": "%s", "student": "%s", "run": %s, "eval": "evals/%s"}' \
+                "$s-$name" "$label" "${STUDENT_WORDS[$s]}" "$run" "$s-$name"
+        done
+    done
+    printf '\n'
 }
 MACHINE="$(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
 cat > "$OUT/study.json" <<EOF
 {
-  "title": "Distilling SmolLM2-135M-Instruct into a 6-layer student",
+  "title": "Distilling SmolLM2-135M-Instruct into students of 6 and 15 layers",
   "machine": "$MACHINE",
   "command": "./pipelines/study.sh$ARGS",
   "methods": [
-    {"name": "init", "label": "initialisation (no training)", "run": null, "eval": "evals/init"},
-    {"name": "sft", "label": "SFT on teacher responses (α = 0)", "run": "runs/sft", "eval": "evals/sft"},
-    {"name": "forward_kl", "label": "forward KL", "run": "runs/forward_kl", "eval": "evals/forward_kl"},
-    {"name": "reverse_kl", "label": "reverse KL", "run": "runs/reverse_kl", "eval": "evals/reverse_kl"},
-    {"name": "jsd", "label": "JSD (β = 0.5)", "run": "runs/jsd", "eval": "evals/jsd"},
-    {"name": "seed_recipe", "label": "forward KL, τ = 2, α = 0.7", "run": "runs/seed_recipe", "eval": "evals/seed_recipe"}
+$(methods)
   ],
   "cost": [
-$(cost 8 bucket fkl-k8-bucket),
-$(cost 32 bucket forward_kl),
-$(cost 64 bucket fkl-k64-bucket),
-$(cost 8 renorm fkl-k8-renorm),
-$(cost 32 renorm fkl-k32-renorm),
-$(cost 64 renorm fkl-k64-renorm)
+$(cost train-k8 8 "top-k, format 2" "top-8 (format 2)" 6l-k8 "tail mass $(tail_mass train-k8)"),
+$(cost train-k32-v1 32 "top-k, format 1" "top-32 (format 1)" 6l-k32-v1 "tail mass $(tail_mass train-k32-v1)"),
+$(cost train-k32 32 "top-k, format 2" "top-32 (format 2)" 6l-forward_kl "tail mass $(tail_mass train-k32)"),
+$(cost train-k1024 1024 "top-k, format 2" "top-1024 (format 2, near-full reference)" 6l-k1024 "tail mass $(tail_mass train-k1024)"),
+$(cost train-s12 12 "sample:12" "sample:12 (format 2, unbiased estimator)" 6l-s12 "12 draws per position")
   ]
 }
 EOF
-"$BIN/study-report" "$OUT"
+timed report "$BIN/study-report" "$OUT"
 
 # 5. Publish: docs/study/ and the README's study block.
 if [ "$PUBLISH" = 1 ]; then

@@ -493,6 +493,35 @@ fn two_stages_on_a_mixed_dump_then_eval() {
     let on_disk: serde_json::Value =
         serde_json::from_slice(&std::fs::read(ev.join("eval.json")).unwrap()).unwrap();
     assert_eq!(on_disk["forward_kl"], r["forward_kl"]);
+    // Each answer is scored from its own texts, and eval.json's `answers` summarises them.
+    let (mut rouge, mut answered) = (0.0, 0.0);
+    for g in &gens {
+        let f = kd_student::answers::rouge_l_f1(
+            g["student"].as_str().unwrap(),
+            g["teacher"].as_str().unwrap(),
+        );
+        assert_eq!(g["rouge_l_f1"].as_f64().unwrap(), f, "{g}");
+        let (ended, tokens) = (
+            g["ended"].as_bool().unwrap(),
+            g["student_tokens"].as_u64().unwrap(),
+        );
+        // An answer without end-of-turn used the whole limit of 8 new tokens.
+        assert!(tokens <= 8 && (ended || tokens == 8), "{g}");
+        rouge += f / 3.0;
+        answered += f64::from(u8::from(
+            ended && !g["student"].as_str().unwrap().trim().is_empty(),
+        )) / 3.0;
+    }
+    let a = &on_disk["answers"];
+    assert_eq!(a["count"], 3);
+    assert!(
+        (a["rouge_l_f1"].as_f64().unwrap() - rouge).abs() < 1e-12,
+        "{a}"
+    );
+    assert!(
+        (a["answered_share"].as_f64().unwrap() - answered).abs() < 1e-12,
+        "{a}"
+    );
     // A student with another vocabulary is refused, naming both sizes.
     let other = dir.path().join("other");
     let cfg = kd_model::testing::tiny_config(304);
@@ -1314,6 +1343,62 @@ holdout_fraction = 0.25
     );
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("--init-from-teacher"), "{e}");
+}
+
+/// `--positions N` trains on at least N distilled positions: the fewest steps whose batches
+/// reach N (the step before falls short), the same steps for every loss on the same shards,
+/// and the schedule over those steps.
+#[test]
+fn a_positions_budget_takes_the_steps_its_batches_need() {
+    let (dir, teacher, shards) = tiny_setup();
+    let run = |name: &str, loss: &str, positions: u64| {
+        let out = dir.path().join(name);
+        let p = pipeline(dir.path(), &shards, &teacher, &out);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let text = text
+            .replace(
+                "kind = \"forward_kl\" }, temperature = 2.0, alpha = 0.7",
+                &format!("kind = \"{loss}\" }}"),
+            )
+            .replace("steps = 30", &format!("positions = {positions}"));
+        assert!(
+            text.contains("positions =") && text.contains(loss),
+            "{text}"
+        );
+        std::fs::write(&p, text).unwrap();
+        let summary: serde_json::Value = serde_json::from_str(&util::run_ok(
+            "student-fit",
+            &["--pipeline", p.to_str().unwrap(), "--json"],
+        ))
+        .unwrap();
+        (summary, util::read_jsonl(&out.join("metrics.jsonl")))
+    };
+    let (fkl, lines) = run("fkl", "forward_kl", 300);
+    let steps = fkl["steps"].as_u64().unwrap();
+    let trained = fkl["train_positions"].as_u64().unwrap();
+    assert!(steps >= 2 && trained >= 300, "{fkl}");
+    // The positions after each step: the last step crossed the budget, the one before did not.
+    let after: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.get("loss").is_some())
+        .map(|l| l["train_positions"].as_u64().unwrap())
+        .collect();
+    assert_eq!(after.len() as u64, steps);
+    assert_eq!(*after.last().unwrap(), trained);
+    assert!(after[after.len() - 2] < 300, "{after:?}");
+    // The cosine schedule ends at min_lr on the last of those steps.
+    let lrs: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l.get("lr").and_then(|v| v.as_f64()))
+        .collect();
+    assert!(lrs[lrs.len() - 1] < lrs[1], "{lrs:?}");
+    // Another loss on the same shards trains on the same batches.
+    let (rkl, _) = run("rkl", "reverse_kl", 300);
+    assert_eq!(rkl["steps"], fkl["steps"]);
+    assert_eq!(rkl["train_positions"], fkl["train_positions"]);
+    // A smaller budget takes fewer steps.
+    let (small, _) = run("small", "forward_kl", 100);
+    assert!(small["steps"].as_u64().unwrap() < steps, "{small}");
 }
 
 /// `student-fit export --gguf`: a trained student written as GGUF in each type reloads

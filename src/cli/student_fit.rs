@@ -105,8 +105,12 @@ struct TrainArgs {
     #[arg(long, default_value = "all")]
     stage: Stage,
     /// Override the number of optimizer steps (of every stage run).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "positions")]
     steps: Option<u64>,
+    /// Train every stage run on at least this many distilled positions instead of a number
+    /// of steps (`positions`): the steps its batches need, counted before training.
+    #[arg(long)]
+    positions: Option<u64>,
     /// Override the first stage's output folder (checkpoints/, metrics.jsonl, summary.json,
     /// student/); the second stage's default follows it.
     #[arg(long)]
@@ -434,6 +438,10 @@ fn stages(a: &TrainArgs) -> anyhow::Result<Vec<(&'static str, FitConfig)>> {
     for (_, c) in &mut out {
         if let Some(s) = a.steps {
             c.steps = s;
+            c.positions = None;
+        }
+        if let Some(p) = a.positions {
+            c.positions = Some(p);
         }
     }
     Ok(out)
@@ -478,7 +486,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     for (name, cfg) in &stages {
         if !a.json {
             eprintln!(
-                "student-fit [{name}]: shards {}{}, loss {}, {} steps, init {} -> {}",
+                "student-fit [{name}]: shards {}{}, loss {}, {}, init {} -> {}",
                 cfg.shards.display(),
                 if cfg.extra_teachers.is_empty() {
                     String::new()
@@ -486,7 +494,10 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
                     format!(" + {} more teachers", cfg.extra_teachers.len())
                 },
                 serde_json::to_string(&cfg.loss)?,
-                cfg.steps,
+                match cfg.positions {
+                    Some(p) => format!("{p} distilled positions"),
+                    None => format!("{} steps", cfg.steps),
+                },
                 serde_json::to_string(&cfg.init)?,
                 cfg.out.display()
             );
@@ -584,10 +595,31 @@ fn eval(e: EvalArgs) -> anyhow::Result<()> {
     ] {
         writeln!(out, "  {name:<28} {v:>10.4}")?;
     }
+    if let Some(a) = &r.answers {
+        writeln!(
+            out,
+            "greedy answers to {} prompts: ROUGE-L F1 {:.3} against the teacher's, {:.0}% \
+             non-empty and ended with end-of-turn, {:.1} tokens on average (teacher {:.1})",
+            a.count,
+            a.rouge_l_f1,
+            100.0 * a.answered_share,
+            a.mean_tokens,
+            a.teacher_mean_tokens
+        )?;
+    }
     for g in &r.generations {
         writeln!(out, "\n## {}\nprompt:  {}", g.id, g.prompt.trim())?;
         writeln!(out, "teacher: {}", g.teacher)?;
-        writeln!(out, "student: {}", g.student)?;
+        let ended = if g.scores.ended {
+            "ended"
+        } else {
+            "no end-of-turn"
+        };
+        writeln!(
+            out,
+            "student: {}\n         (ROUGE-L F1 {:.3}, {} tokens, {ended})",
+            g.student, g.scores.rouge_l_f1, g.scores.student_tokens
+        )?;
     }
     if let Some(dir) = &e.out {
         writeln!(

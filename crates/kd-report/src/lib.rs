@@ -9,10 +9,10 @@
 //!
 //! | file | content |
 //! | --- | --- |
-//! | `metrics.csv` | one row per method and per cost variant: final held-out metrics, training positions, seconds |
+//! | `metrics.csv` | one row per method and per cost variant: final held-out metrics, training positions, seconds, and the answers' ROUGE-L F1, answered share and length ratio when scored |
 //! | `results.json` | the whole [`Report`]: the above plus held-out curves, cost table, machine, command |
 //! | `results.md` | methods table, plots, cost table, machine and command |
-//! | `kl.png`, `top1.png` | held-out forward KL / top-1 agreement against training positions |
+//! | `kl.png`, `top1.png` | held-out forward KL / top-1 agreement against training positions (`kl-1.png`, `kl-2.png`, ... one per student when the methods name several) |
 //! | `cost.png` | bytes per position and held-out KL against k (only with a cost study) |
 //! | `side-by-side.md` | teacher and student responses to the same held-out prompts |
 //!
@@ -77,38 +77,59 @@ pub fn write_report(dir: &Path, options: &Options) -> Result<Vec<PathBuf>> {
     let generations = collect_generations(dir, &study)?;
 
     // Render everything before publishing anything.
-    let kl = plot::curve_png(&report, plot::CurveMetric::ForwardKl)?;
-    let top1 = plot::curve_png(&report, plot::CurveMetric::Top1Agreement)?;
+    // One pair of curve plots per student: `kl.png` and `top1.png` for a single one,
+    // `kl-1.png`, `top1-1.png`, ... in the order of `Report::students` for several.
+    let students = report.students();
+    let mut curve_files: Vec<(String, Vec<u8>)> = Vec::new();
+    let (mut kl_names, mut top1_names) = (Vec::new(), Vec::new());
+    for (i, student) in students.iter().enumerate() {
+        let suffix = if students.len() > 1 {
+            format!("-{}", i + 1)
+        } else {
+            String::new()
+        };
+        for (metric, stem, names) in [
+            (plot::CurveMetric::ForwardKl, "kl", &mut kl_names),
+            (plot::CurveMetric::Top1Agreement, "top1", &mut top1_names),
+        ] {
+            let name = format!("{stem}{suffix}.png");
+            let png = plot::curve_png(&report, metric, student.as_deref(), &name)?;
+            names.push(name.clone());
+            curve_files.push((name, png));
+        }
+    }
     let cost = if report.cost.is_empty() {
         None
     } else {
         Some(plot::cost_png(&report)?)
     };
     let links = render::Links {
-        kl: Some("kl.png".into()),
-        top1: Some("top1.png".into()),
+        kl: kl_names,
+        top1: top1_names,
         cost: cost.as_ref().map(|_| "cost.png".into()),
         side_by_side: (!generations.is_empty()).then(|| "side-by-side.md".into()),
     };
     let mut json = serde_json::to_string_pretty(&report).expect("a Report always serialises");
     json.push('\n');
-    let mut files: Vec<(&str, Vec<u8>)> = vec![
-        ("metrics.csv", render::metrics_csv(&report).into_bytes()),
-        ("results.json", json.into_bytes()),
-        ("kl.png", kl),
-        ("top1.png", top1),
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        (
+            "metrics.csv".into(),
+            render::metrics_csv(&report).into_bytes(),
+        ),
+        ("results.json".into(), json.into_bytes()),
     ];
+    files.extend(curve_files);
     if let Some(cost) = cost {
-        files.push(("cost.png", cost));
+        files.push(("cost.png".into(), cost));
     }
     files.push((
-        "side-by-side.md",
+        "side-by-side.md".into(),
         render::side_by_side_markdown(&report.title, &generations, options.max_prompts)
             .into_bytes(),
     ));
     // Last, so that its links never point to plots that are not there yet.
     files.push((
-        "results.md",
+        "results.md".into(),
         render::results_markdown(&report, &links).into_bytes(),
     ));
 
@@ -116,7 +137,7 @@ pub fn write_report(dir: &Path, options: &Options) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
     let mut written = Vec::with_capacity(files.len());
     for (name, bytes) in files {
-        let path = out_dir.join(name);
+        let path = out_dir.join(&name);
         fsutil::write_atomic(&path, &bytes)?;
         written.push(path);
     }

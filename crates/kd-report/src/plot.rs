@@ -101,17 +101,21 @@ fn ensure_font() -> Result<()> {
     if ok { Ok(()) } else { Err(Error::Font) }
 }
 
-/// Draws `metric` against training positions: one line with markers per method that has a
-/// run, and a dashed horizontal line per method without one (the initialisation). Returns
-/// the PNG file's bytes, [`PLOT_SIZE`] pixels.
-pub fn curve_png(report: &Report, metric: CurveMetric) -> Result<Vec<u8>> {
-    let name = match metric {
-        CurveMetric::ForwardKl => "kl.png",
-        CurveMetric::Top1Agreement => "top1.png",
-    };
+/// Draws `metric` against training positions for the methods of `student` (see
+/// [`Report::students`]): one line with markers per method that has a run, and a dashed
+/// horizontal line per method without one (the initialisation). `name` is the file name
+/// drawing errors are reported against. Returns the PNG file's bytes, [`PLOT_SIZE`] pixels.
+pub fn curve_png(
+    report: &Report,
+    metric: CurveMetric,
+    student: Option<&str>,
+    name: &str,
+) -> Result<Vec<u8>> {
+    let mine = |m: &&crate::report::MethodResult| m.student.as_deref() == student;
     let curves: Vec<(&str, Vec<(f64, f64)>)> = report
         .methods
         .iter()
+        .filter(mine)
         .filter(|m| !m.curve.is_empty())
         .map(|m| {
             let pts = m
@@ -124,6 +128,7 @@ pub fn curve_png(report: &Report, metric: CurveMetric) -> Result<Vec<u8>> {
     let levels: Vec<(&str, f64)> = report
         .methods
         .iter()
+        .filter(mine)
         .filter(|m| m.curve.is_empty())
         .map(|m| (m.label.as_str(), metric.of_eval(&m.eval)))
         .collect();
@@ -139,9 +144,13 @@ pub fn curve_png(report: &Report, metric: CurveMetric) -> Result<Vec<u8>> {
         .chain(levels.iter().map(|l| l.1));
     let (y0, y1) = padded_range(ys, metric.bounds());
 
+    let caption = match student {
+        Some(s) => format!("{}: {s}", metric.caption()),
+        None => metric.caption().to_string(),
+    };
     render(name, |root| {
         let mut chart = ChartBuilder::on(root)
-            .caption(metric.caption(), (FAMILY, 26))
+            .caption(caption.as_str(), (FAMILY, 26))
             .margin(20)
             .x_label_area_size(55)
             .y_label_area_size(80)
@@ -202,7 +211,7 @@ pub fn curve_png(report: &Report, metric: CurveMetric) -> Result<Vec<u8>> {
 }
 
 /// Draws the cost study against k: bytes per distilled position (left) and the held-out
-/// forward KL reached (right), one line per tail policy, the distinct k values evenly spaced.
+/// forward KL reached (right), one line per series (by default the tail policy), the distinct k values evenly spaced.
 /// Returns the PNG file's bytes, [`PLOT_SIZE`] pixels.
 pub fn cost_png(report: &Report) -> Result<Vec<u8>> {
     let mut ks: Vec<u32> = report.cost.iter().map(|c| c.k).collect();
@@ -210,8 +219,8 @@ pub fn cost_png(report: &Report) -> Result<Vec<u8>> {
     ks.dedup();
     let mut tails: Vec<&str> = Vec::new();
     for c in &report.cost {
-        if !tails.contains(&c.tail.as_str()) {
-            tails.push(&c.tail);
+        if !tails.contains(&c.series.as_str()) {
+            tails.push(&c.series);
         }
     }
     // One line per tail, sorted by k; x is the index of k among the distinct values.
@@ -226,7 +235,7 @@ pub fn cost_png(report: &Report) -> Result<Vec<u8>> {
             let mut pts: Vec<CostPoint> = report
                 .cost
                 .iter()
-                .filter(|c| c.tail == tail)
+                .filter(|c| c.series == tail)
                 .map(|c| CostPoint {
                     x: ks.binary_search(&c.k).unwrap_or(0) as f64,
                     bytes: c.bytes_per_position,
@@ -288,7 +297,7 @@ pub fn cost_png(report: &Report) -> Result<Vec<u8>> {
                 .light_line_style(WHITE)
                 .bold_line_style(GRID)
                 .x_labels(ks.len() + 1)
-                .x_desc("k (teacher log-probs kept per position)")
+                .x_desc("k (teacher entries kept per position)")
                 .y_desc(desc)
                 .x_label_formatter(&k_label)
                 .y_label_formatter(&|y| match which {
@@ -306,7 +315,7 @@ pub fn cost_png(report: &Report) -> Result<Vec<u8>> {
                     .collect();
                 chart
                     .draw_series(LineSeries::new(xy.clone(), color.stroke_width(2)))?
-                    .label(format!("{tail} tail"))
+                    .label(tail.to_string())
                     .legend(move |(x, y)| {
                         EmptyElement::at((x, y))
                             + PathElement::new(vec![(0, 0), (24, 0)], color.stroke_width(2))

@@ -3,17 +3,18 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use crate::report::{MethodGenerations, Report};
+use crate::report::{MethodGenerations, MethodResult, Report};
 use crate::study::{EvalMetrics, Generation};
 
 /// The files `results.md` links to, as file names relative to it (`kl.png`); `None` for a
 /// file that was not written.
 #[derive(Debug, Clone, Default)]
 pub struct Links {
-    /// Held-out forward KL against training positions.
-    pub kl: Option<String>,
-    /// Top-1 agreement against training positions.
-    pub top1: Option<String>,
+    /// Per student (in [`Report::students`] order): held-out forward KL against training
+    /// positions.
+    pub kl: Vec<String>,
+    /// Per student: top-1 agreement against training positions.
+    pub top1: Vec<String>,
     /// Bytes per position and held-out KL against k.
     pub cost: Option<String>,
     /// Teacher and student responses side by side.
@@ -25,14 +26,17 @@ pub struct Links {
 /// `train_seconds` is an empty cell. Quoting follows RFC 4180.
 pub fn metrics_csv(report: &Report) -> String {
     let mut out = String::from(
-        "kind,name,label,forward_kl,reverse_kl,top1_agreement,nll,eval_positions,train_positions,train_seconds\n",
+        "kind,name,label,student,forward_kl,reverse_kl,top1_agreement,nll,eval_positions,train_positions,train_seconds,rouge_l_f1,answered_share,length_ratio\n",
     );
     for m in &report.methods {
         csv_row(
             &mut out,
-            "method",
-            &m.name,
-            &m.label,
+            [
+                "method",
+                &m.name,
+                &m.label,
+                m.student.as_deref().unwrap_or(""),
+            ],
             &m.eval,
             m.train_positions,
             m.train_seconds,
@@ -41,9 +45,7 @@ pub fn metrics_csv(report: &Report) -> String {
     for c in &report.cost {
         csv_row(
             &mut out,
-            "cost",
-            &c.name,
-            &c.label,
+            ["cost", &c.name, &c.label, ""],
             &c.eval,
             c.train_positions,
             c.train_seconds,
@@ -55,17 +57,17 @@ pub fn metrics_csv(report: &Report) -> String {
 /// Appends one `metrics.csv` row.
 fn csv_row(
     out: &mut String,
-    kind: &str,
-    name: &str,
-    label: &str,
+    [kind, name, label, student]: [&str; 4],
     e: &EvalMetrics,
     train_positions: u64,
     train_seconds: Option<f64>,
 ) {
+    let a = e.answers.as_ref();
     let fields = [
         kind.to_string(),
         name.to_string(),
         label.to_string(),
+        student.to_string(),
         e.forward_kl.to_string(),
         e.reverse_kl.to_string(),
         e.top1_agreement.to_string(),
@@ -73,6 +75,11 @@ fn csv_row(
         e.positions.to_string(),
         train_positions.to_string(),
         train_seconds.map(|s| s.to_string()).unwrap_or_default(),
+        a.map(|a| a.rouge_l_f1.to_string()).unwrap_or_default(),
+        a.map(|a| a.answered_share.to_string()).unwrap_or_default(),
+        a.and_then(|a| a.length_ratio)
+            .map(|r| r.to_string())
+            .unwrap_or_default(),
     ];
     let quoted: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
     out.push_str(&quoted.join(","));
@@ -100,65 +107,49 @@ pub fn results_markdown(report: &Report, links: &Links) -> String {
     let _ = writeln!(md, "# {}\n", one_line(&report.title));
     if report.methods.is_empty() {
         md.push_str("The study lists no methods.\n\n");
-    } else {
-        let mut eval_positions: Vec<u64> =
-            report.methods.iter().map(|m| m.eval.positions).collect();
-        eval_positions.sort_unstable();
-        eval_positions.dedup();
-        let on = match eval_positions.as_slice() {
-            [n] => format!("{} held-out positions", thousands(*n)),
-            _ => "held-out positions (counts differ by method: see metrics.csv)".to_string(),
-        };
-        let _ = writeln!(
-            md,
-            "Final metrics on {on}; KL and NLL in nats per position, top-1 agreement as a fraction.\n"
-        );
-        md.push_str(
-            "| method | held-out forward KL | reverse KL | top-1 agreement | NLL | training positions | time |\n\
-             | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
-        );
-        for m in &report.methods {
+    }
+    let students = report.students();
+    for (i, student) in students.iter().enumerate() {
+        let methods: Vec<&MethodResult> = report
+            .methods
+            .iter()
+            .filter(|m| &m.student == student)
+            .collect();
+        if let (Some(name), true) = (student, students.len() > 1) {
+            let _ = writeln!(md, "## Student: {}\n", one_line(name));
+        }
+        if !methods.is_empty() {
+            methods_table(&mut md, &methods);
+        }
+        if let Some(kl) = links.kl.get(i) {
             let _ = writeln!(
                 md,
-                "| {} | {:.3} | {:.3} | {:.4} | {:.3} | {} | {} |",
-                table_cell(&m.label),
-                m.eval.forward_kl,
-                m.eval.reverse_kl,
-                m.eval.top1_agreement,
-                m.eval.nll,
-                thousands(m.train_positions),
-                m.train_seconds.map_or("–".to_string(), duration),
+                "![Held-out forward KL against training positions]({kl})\n"
             );
         }
-        md.push('\n');
-    }
-    if let Some(kl) = &links.kl {
-        let _ = writeln!(
-            md,
-            "![Held-out forward KL against training positions]({kl})\n"
-        );
-    }
-    if let Some(top1) = &links.top1 {
-        let _ = writeln!(
-            md,
-            "![Held-out top-1 agreement against training positions]({top1})\n"
-        );
+        if let Some(top1) = links.top1.get(i) {
+            let _ = writeln!(
+                md,
+                "![Held-out top-1 agreement against training positions]({top1})\n"
+            );
+        }
     }
     if !report.cost.is_empty() {
         md.push_str("## Cost of the teacher cache\n\n");
         md.push_str(
-            "| k | tail | bytes per distilled position | dump time | held-out forward KL reached |\n\
-             | ---: | --- | ---: | ---: | ---: |\n",
+            "| cache | bytes per distilled position | dump time | held-out forward KL reached | top-1 agreement | note |\n\
+             | --- | ---: | ---: | ---: | ---: | --- |\n",
         );
         for c in &report.cost {
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.1} | {} | {:.3} |",
-                c.k,
-                table_cell(&c.tail),
+                "| {} | {:.1} | {} | {:.3} | {:.4} | {} |",
+                table_cell(&c.label),
                 c.bytes_per_position,
                 duration(c.dump_seconds),
                 c.eval.forward_kl,
+                c.eval.top1_agreement,
+                table_cell(c.note.as_deref().unwrap_or("")),
             );
         }
         md.push('\n');
@@ -182,6 +173,73 @@ pub fn results_markdown(report: &Report, links: &Links) -> String {
         code_span(&report.command)
     );
     md
+}
+
+/// One student's methods table; the answer columns appear when any method has scored answers.
+fn methods_table(md: &mut String, methods: &[&MethodResult]) {
+    let mut eval_positions: Vec<u64> = methods.iter().map(|m| m.eval.positions).collect();
+    eval_positions.sort_unstable();
+    eval_positions.dedup();
+    let on = match eval_positions.as_slice() {
+        [n] => format!("{} held-out positions", thousands(*n)),
+        _ => "held-out positions (counts differ by method: see metrics.csv)".to_string(),
+    };
+    let answers = methods.iter().find_map(|m| m.eval.answers);
+    let _ = write!(
+        md,
+        "Final metrics on {on}; KL and NLL in nats per position, top-1 agreement as a fraction."
+    );
+    if let Some(a) = answers {
+        let _ = write!(
+            md,
+            " Greedy answers to {} held-out prompts: ROUGE-L F1 against the teacher's answer, \
+             the share that are non-empty and end with the end-of-turn token, and mean length \
+             against the teacher's.",
+            a.count
+        );
+    }
+    md.push_str("\n\n");
+    md.push_str(
+        "| method | held-out forward KL | reverse KL | top-1 agreement | NLL | training positions | time |",
+    );
+    if answers.is_some() {
+        md.push_str(" ROUGE-L F1 | answered | length ÷ teacher |");
+    }
+    md.push_str("\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    if answers.is_some() {
+        md.push_str(" ---: | ---: | ---: |");
+    }
+    md.push('\n');
+    for m in methods {
+        let _ = write!(
+            md,
+            "| {} | {:.3} | {:.3} | {:.4} | {:.3} | {} | {} |",
+            table_cell(&m.label),
+            m.eval.forward_kl,
+            m.eval.reverse_kl,
+            m.eval.top1_agreement,
+            m.eval.nll,
+            thousands(m.train_positions),
+            m.train_seconds.map_or("–".to_string(), duration),
+        );
+        if answers.is_some() {
+            match m.eval.answers {
+                Some(a) => {
+                    let _ = write!(
+                        md,
+                        " {:.3} | {:.0}% | {} |",
+                        a.rouge_l_f1,
+                        100.0 * a.answered_share,
+                        a.length_ratio
+                            .map_or("–".to_string(), |r| format!("{r:.2}")),
+                    );
+                }
+                None => md.push_str(" – | – | – |"),
+            }
+        }
+        md.push('\n');
+    }
+    md.push('\n');
 }
 
 /// `side-by-side.md`: for each prompt id (in the order of the first method with generations,
@@ -233,7 +291,20 @@ pub fn side_by_side_markdown(
         for (m, map) in methods.iter().zip(&by_id) {
             let _ = writeln!(md, "### {}\n", one_line(&m.label));
             match map.get(id) {
-                Some(g) => md.push_str(&fenced(&g.student)),
+                Some(g) => {
+                    if let (Some(r), Some(ended)) = (g.rouge_l_f1, g.ended) {
+                        let _ = writeln!(
+                            md,
+                            "ROUGE-L F1 {r:.3}; {}\n",
+                            if ended {
+                                "ends with end-of-turn"
+                            } else {
+                                "no end-of-turn within the limit"
+                            }
+                        );
+                    }
+                    md.push_str(&fenced(&g.student));
+                }
                 None => md.push_str("_No generation for this prompt._\n\n"),
             }
         }

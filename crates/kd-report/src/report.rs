@@ -38,6 +38,9 @@ pub struct MethodResult {
     pub name: String,
     /// Human label from `study.json`.
     pub label: String,
+    /// The student trained, when the study compares several.
+    #[serde(default)]
+    pub student: Option<String>,
     /// Final held-out metrics (`eval.json`).
     pub eval: EvalMetrics,
     /// Distilled positions trained on: the last evaluation line's `train_positions`, 0 without
@@ -53,10 +56,15 @@ pub struct MethodResult {
 /// The outcome of one cost-study variant: what the dump cost and what the student reached.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CostResult {
-    /// Identifier `k<k>-<tail>`, used in `metrics.csv`.
+    /// Identifier in `metrics.csv`: the study's, else `k<k>-<tail>`.
     pub name: String,
-    /// Human label `top-<k>, <tail> tail`.
+    /// Human label: the study's, else `top-<k>, <tail> tail`.
     pub label: String,
+    /// The line of the cost plot: the study's, else `<tail> tail`.
+    pub series: String,
+    /// A remark from the study, shown in the cost table.
+    #[serde(default)]
+    pub note: Option<String>,
     /// Teacher log-probs kept per position.
     pub k: u32,
     /// Tail policy.
@@ -117,6 +125,7 @@ fn method_result(dir: &Path, m: &MethodSpec) -> Result<MethodResult> {
     Ok(MethodResult {
         name: m.name.clone(),
         label: m.label.clone(),
+        student: m.student.clone(),
         eval,
         train_positions: run.train_positions,
         train_seconds: run.train_seconds,
@@ -136,8 +145,19 @@ fn cost_result(dir: &Path, c: &CostSpec) -> Result<CostResult> {
     let eval = read_eval(&dir.join(&c.eval))?;
     let run = read_run(dir, c.run.as_deref())?;
     Ok(CostResult {
-        name: format!("k{}-{}", c.k, c.tail),
-        label: format!("top-{}, {} tail", c.k, c.tail),
+        name: c
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("k{}-{}", c.k, c.tail)),
+        label: c
+            .label
+            .clone()
+            .unwrap_or_else(|| format!("top-{}, {} tail", c.k, c.tail)),
+        series: c
+            .series
+            .clone()
+            .unwrap_or_else(|| format!("{} tail", c.tail)),
+        note: c.note.clone(),
         k: c.k,
         tail: c.tail.clone(),
         bytes_per_position: dump.bytes as f64 / dump.positions as f64,
@@ -171,6 +191,23 @@ pub fn collect(dir: &Path, study: &Study) -> Result<Report> {
     })
 }
 
+impl Report {
+    /// The students compared, in the order the methods first name them (`None` for methods
+    /// that name none); one entry when the study trains a single student.
+    pub fn students(&self) -> Vec<Option<String>> {
+        let mut out: Vec<Option<String>> = Vec::new();
+        for m in &self.methods {
+            if !out.contains(&m.student) {
+                out.push(m.student.clone());
+            }
+        }
+        if out.is_empty() {
+            out.push(None);
+        }
+        out
+    }
+}
+
 /// Reads the generations of every method that has a `generations.jsonl`, in study order.
 /// Cost-study variants are not included.
 pub fn collect_generations(dir: &Path, study: &Study) -> Result<Vec<MethodGenerations>> {
@@ -178,7 +215,10 @@ pub fn collect_generations(dir: &Path, study: &Study) -> Result<Vec<MethodGenera
     for m in &study.methods {
         if let Some(generations) = read_generations(&dir.join(&m.eval))? {
             out.push(MethodGenerations {
-                label: m.label.clone(),
+                label: match &m.student {
+                    Some(s) => format!("{} ({s})", m.label),
+                    None => m.label.clone(),
+                },
                 generations,
             });
         }

@@ -53,6 +53,10 @@ pub struct MethodSpec {
     pub run: Option<PathBuf>,
     /// The eval folder holding `eval.json` (and optionally `generations.jsonl`).
     pub eval: PathBuf,
+    /// The student this method trains, in words (`6 of 30 layers`), when the study compares
+    /// several: the report gives each student its own table and plots.
+    #[serde(default)]
+    pub student: Option<String>,
 }
 
 /// One entry of the cost study: a dump with top-`k` targets and a tail policy, and the run
@@ -72,6 +76,37 @@ pub struct CostSpec {
     pub run: Option<PathBuf>,
     /// The eval folder holding `eval.json`.
     pub eval: PathBuf,
+    /// Identifier in `metrics.csv`; default `k<k>-<tail>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What the cache holds, in words (`sample:12`); default `top-<k>, <tail> tail`.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// The line of the cost plot this entry belongs to; default `<tail> tail`.
+    #[serde(default)]
+    pub series: Option<String>,
+    /// A remark shown in the cost table (for example the tail mass of a near-full cache).
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// What a user sees of a student's greedy answers to the held-out prompts (the `answers`
+/// object of `eval.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AnswerMetrics {
+    /// Answers scored.
+    pub count: u64,
+    /// Mean ROUGE-L F1 against the teacher's answers.
+    pub rouge_l_f1: f64,
+    /// Share of answers that are non-empty and end with an end-of-turn token in the limit.
+    pub answered_share: f64,
+    /// Mean answer length in tokens.
+    pub mean_tokens: f64,
+    /// Mean length of the teacher's answers to the same prompts.
+    pub teacher_mean_tokens: f64,
+    /// `mean_tokens / teacher_mean_tokens`; none when the teacher's answers are all empty.
+    #[serde(default)]
+    pub length_ratio: Option<f64>,
 }
 
 /// Held-out metrics of one evaluation (`eval.json`, or the `eval` object of a metrics line).
@@ -88,6 +123,9 @@ pub struct EvalMetrics {
     pub top1_agreement: f64,
     /// Student negative log-likelihood of the reference token, nats per position.
     pub nll: f64,
+    /// The student's greedy answers scored, when the evaluation generated them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answers: Option<AnswerMetrics>,
 }
 
 /// One point of a held-out curve: an evaluation line of `metrics.jsonl`.
@@ -144,6 +182,12 @@ pub struct Generation {
     pub teacher: String,
     /// The student's response.
     pub student: String,
+    /// ROUGE-L F1 of the student's response against the teacher's, when scored.
+    #[serde(default)]
+    pub rouge_l_f1: Option<f64>,
+    /// Whether the student's response ended with an end-of-turn token, when known.
+    #[serde(default)]
+    pub ended: Option<bool>,
 }
 
 /// Reads `dir/study.json`.

@@ -65,11 +65,11 @@ fn report_of_a_small_study() {
     assert_eq!(
         lines,
         [
-            "kind,name,label,forward_kl,reverse_kl,top1_agreement,nll,eval_positions,train_positions,train_seconds",
-            "method,init,initialisation (no training),5.8123,3.91,0.1134,6.9,3000,0,",
-            "method,sft,SFT on teacher responses (α = 0),3.5,2.25,0.3456,4.5,3000,8200,245",
-            "method,forward_kl,\"forward KL, top-8 | bucket\",1.8765,1.3,0.5123,2.9,3000,8200,",
-            "cost,k8-bucket,\"top-8, bucket tail\",2,1.4,0.5,3,3000,4100,",
+            "kind,name,label,student,forward_kl,reverse_kl,top1_agreement,nll,eval_positions,train_positions,train_seconds,rouge_l_f1,answered_share,length_ratio",
+            "method,init,initialisation (no training),,5.8123,3.91,0.1134,6.9,3000,0,,,,",
+            "method,sft,SFT on teacher responses (α = 0),,3.5,2.25,0.3456,4.5,3000,8200,245,,,",
+            "method,forward_kl,\"forward KL, top-8 | bucket\",,1.8765,1.3,0.5123,2.9,3000,8200,,,,",
+            "cost,k8-bucket,\"top-8, bucket tail\",,2,1.4,0.5,3,3000,4100,,,,",
         ]
     );
 
@@ -83,7 +83,7 @@ fn report_of_a_small_study() {
         "| initialisation (no training) | 5.812 | 3.910 | 0.1134 | 6.900 | 0 | – |",
         "| SFT on teacher responses (α = 0) | 3.500 | 2.250 | 0.3456 | 4.500 | 8,200 | 4 min 05 s |",
         "| forward KL, top-8 \\| bucket | 1.877 | 1.300 | 0.5123 | 2.900 | 8,200 | – |",
-        "| 8 | bucket | 62.5 | 2 min 03 s | 2.000 |",
+        "| top-8, bucket tail | 62.5 | 2 min 03 s | 2.000 | 0.5000 |  |",
     ] {
         assert!(md.contains(row), "missing {row:?} in\n{md}");
     }
@@ -305,5 +305,83 @@ fn cli_prints_written_paths_and_documents_flags() {
     assert!(
         help.contains("--max-prompts <N>") && help.contains("[default: 6]"),
         "{help}"
+    );
+}
+
+#[test]
+fn two_students_get_their_own_tables_and_plots_with_answer_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_study(dir);
+    // The same study, with the trained methods split over two students, answers scored in
+    // one evaluation, and a labelled cost entry of its own series.
+    let mut study: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("study.json")).unwrap()).unwrap();
+    study["methods"][1]["student"] = json!("6 of 30 layers");
+    study["methods"][2]["student"] = json!("15 of 30 layers");
+    study["cost"][0]["label"] = json!("sample:12");
+    study["cost"][0]["series"] = json!("sampled");
+    study["cost"][0]["note"] = json!("3.9 distinct ids");
+    util::write_json(dir, "study.json", &study);
+    let mut e = util::eval(3000, 3.5, 2.25, 0.3456, 4.5);
+    e["answers"] = json!({"count": 30, "rouge_l_f1": 0.4125, "answered_share": 0.9,
+                          "empty_share": 0.0, "mean_tokens": 50.0,
+                          "teacher_mean_tokens": 40.0, "length_ratio": 1.25});
+    util::write_json(dir, "evals/sft/eval.json", &e);
+    let mut lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.join("evals/sft/generations.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    lines[0]["rouge_l_f1"] = json!(0.25);
+    lines[0]["ended"] = json!(false);
+    write_jsonl(dir, "evals/sft/generations.jsonl", &lines);
+
+    let written = write_report(dir, &Options::default()).unwrap();
+    let names: Vec<String> = written
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    // Three groups: the initialisation names no student, then the two students.
+    for name in ["kl-1.png", "kl-2.png", "kl-3.png", "top1-3.png"] {
+        assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
+        assert!(check_png(&dir.join("results").join(name), 1000, 600) > 1000);
+    }
+    assert!(!names.iter().any(|n| n == "kl.png"), "{names:?}");
+
+    let md = read(dir, "results.md");
+    let six = md.find("## Student: 6 of 30 layers").expect(&md);
+    let fifteen = md.find("## Student: 15 of 30 layers").expect(&md);
+    assert!(six < fifteen);
+    // Only the 6-layer table has answer columns, and SFT's scores are in it.
+    let six_part = &md[six..fifteen];
+    assert!(
+        six_part.contains("ROUGE-L F1 | answered | length ÷ teacher |"),
+        "{six_part}"
+    );
+    assert!(
+        six_part.contains("| 8,200 | 4 min 05 s | 0.412 | 90% | 1.25 |"),
+        "{six_part}"
+    );
+    assert!(six_part.contains("](kl-2.png)") && six_part.contains("](top1-2.png)"));
+    assert!(!md[fifteen..].contains("ROUGE-L F1 |"));
+    assert!(md.contains("| sample:12 | 62.5 | 2 min 03 s | 2.000 | 0.5000 | 3.9 distinct ids |"));
+
+    let csv = read(dir, "metrics.csv");
+    assert!(
+        csv.contains("method,sft,SFT on teacher responses (α = 0),6 of 30 layers,3.5,2.25,0.3456,4.5,3000,8200,245,0.4125,0.9,1.25\n"),
+        "{csv}"
+    );
+    assert!(csv.contains("cost,k8-bucket,sample:12,,2,"), "{csv}");
+
+    let sbs = read(dir, "side-by-side.md");
+    assert!(
+        sbs.contains("### SFT on teacher responses (α = 0) (6 of 30 layers)"),
+        "{sbs}"
+    );
+    assert!(
+        sbs.contains("ROUGE-L F1 0.250; no end-of-turn within the limit"),
+        "{sbs}"
     );
 }

@@ -19,10 +19,10 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use kd_shard::synth::{TINY_VOCAB, tiny_rows};
+use kd_shard::synth::TINY_VOCAB;
 use kd_shard::{
     Error, MANIFEST_FILE, Manifest, ShardReader, read_manifest, read_shard, read_shard_meta,
-    stats_dir, verify_dir, write_manifest_atomic, write_shard,
+    stats_dir, verify_dir, write_manifest_atomic,
 };
 use proptest::prelude::*;
 use proptest::test_runner::Config;

@@ -42,6 +42,9 @@ pub struct Generation {
     pub prompt: String,
     pub teacher: String,
     pub student: String,
+    /// The student's answer scored against the teacher's (ROUGE-L, end of turn, lengths).
+    #[serde(flatten)]
+    pub scores: crate::answers::AnswerScores,
 }
 
 /// The result of an evaluation (written as `eval.json`, the metrics at top level).
@@ -52,6 +55,9 @@ pub struct EvalOutput {
     pub student: PathBuf,
     pub shards: PathBuf,
     pub rows: usize,
+    /// The generations summarised; absent when none were asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answers: Option<crate::answers::AnswerSummary>,
     #[serde(skip)]
     pub generations: Vec<Generation>,
 }
@@ -137,21 +143,27 @@ pub fn run_eval(opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
         };
         let mut work = kd_generate::engine::Work::default();
         let gens = engine.generate(&prompts, 8, &mut work)?;
-        let text = |ids: &[u32]| {
-            let end = ids
-                .iter()
-                .position(|t| stop_ids.contains(t))
-                .unwrap_or(ids.len());
-            tokenizer.decode(&ids[..end], false).trim().to_string()
+        // An answer: the text before the first end-of-turn token, its length in tokens, and
+        // whether it has that token at all.
+        let answer = |ids: &[u32]| {
+            let stop = ids.iter().position(|t| stop_ids.contains(t));
+            let end = stop.unwrap_or(ids.len());
+            let text = tokenizer.decode(&ids[..end], false).trim().to_string();
+            (text, end, stop.is_some())
         };
         for (&r, g) in picked.iter().zip(gens) {
             let v = set.view(0, r);
             let pl = v.prompt_len as usize;
+            let (teacher, teacher_tokens, _) = answer(&v.input_ids[pl..]);
+            let (student, student_tokens, ended) = answer(&g.response);
+            let scores =
+                crate::answers::score(&student, &teacher, student_tokens, teacher_tokens, ended);
             generations.push(Generation {
                 id: v.id.to_string(),
                 prompt: prompt_text(&tokenizer.decode(&v.input_ids[..pl], false)),
-                teacher: text(&v.input_ids[pl..]),
-                student: text(&g.response),
+                teacher,
+                student,
+                scores,
             });
         }
     }
@@ -160,6 +172,9 @@ pub fn run_eval(opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
         student: opts.student.clone(),
         shards: opts.shards.clone(),
         rows: rows.len(),
+        answers: crate::answers::summarise(
+            &generations.iter().map(|g| g.scores).collect::<Vec<_>>(),
+        ),
         generations,
     };
     if let Some(dir) = &opts.out {

@@ -93,9 +93,16 @@ pub struct FitConfig {
     /// Default: forward KL at τ = 1, α = 1, bucket tail.
     #[serde(default = "default_loss")]
     pub loss: LossConfig,
-    /// Optimizer steps; default [`DEFAULT_STEPS`].
+    /// Optimizer steps; default [`DEFAULT_STEPS`]. Ignored when `positions` is set.
     #[serde(default = "default_steps")]
     pub steps: u64,
+    /// Train on at least this many distilled positions instead of a number of steps: the run
+    /// takes as many steps as its batches need to reach it, counted before training over the
+    /// same deterministic batches, and the learning-rate schedule spans those steps. Runs on
+    /// the same shards with the same batching then train on exactly the same positions,
+    /// whatever their loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positions: Option<u64>,
     /// Tokens (padding included) per micro-batch; default [`DEFAULT_TOKEN_BUDGET`].
     #[serde(default = "default_token_budget")]
     pub token_budget: usize,
@@ -218,6 +225,53 @@ pub const DEFAULT_MIN_LR: f64 = 5e-5;
 pub const DEFAULT_WARMUP_STEPS: u64 = 50;
 /// Default `holdout_fraction`.
 pub const DEFAULT_HOLDOUT_FRACTION: f64 = 0.1;
+/// The batcher's next batch that has a distilled position. A batch whose rows' prompts all
+/// fill `max_len` has nothing to distil: it is skipped, deterministically, so a resume (and
+/// [`steps_for_positions`]) sees the same sequence.
+fn next_distilled_batch<S: RowSource + ?Sized>(
+    batcher: &mut Batcher,
+    src: &S,
+    rows: usize,
+    cfg: &FitConfig,
+) -> anyhow::Result<Batch> {
+    let mut tries = 0;
+    loop {
+        let b = batcher
+            .next_batch(src)
+            .ok_or_else(|| anyhow::anyhow!("no training rows"))?;
+        if b.n_pos() > 0 {
+            return Ok(b);
+        }
+        tries += 1;
+        if tries > rows {
+            anyhow::bail!(
+                "{}: no training row has a response position within max_len = {}",
+                cfg.shards.display(),
+                cfg.max_len
+            );
+        }
+    }
+}
+
+/// Optimizer steps (of `grad_accum` micro-batches each) until the batches from `batcher`
+/// hold at least `target` distilled positions: the batches the run will see.
+fn steps_for_positions<S: RowSource + ?Sized>(
+    mut batcher: Batcher,
+    src: &S,
+    rows: usize,
+    cfg: &FitConfig,
+    target: u64,
+) -> anyhow::Result<u64> {
+    let (mut steps, mut positions) = (0u64, 0u64);
+    while positions < target {
+        for _ in 0..cfg.grad_accum.max(1) {
+            positions += next_distilled_batch(&mut batcher, src, rows, cfg)?.n_pos() as u64;
+        }
+        steps += 1;
+    }
+    Ok(steps)
+}
+
 /// Default `log_every`.
 pub const DEFAULT_LOG_EVERY: u64 = 10;
 /// Default `checkpoint_every`.
@@ -852,6 +906,12 @@ pub fn fit(
         max_epochs: None,
     };
     let mut batcher = Batcher::new(&teachers, &split.train, bcfg)?;
+    let total_steps = match cfg.positions {
+        Some(target) => {
+            steps_for_positions(batcher.clone(), &teachers, split.train.len(), cfg, target)?
+        }
+        None => cfg.steps,
+    };
     let (kind, why_candle) = crate::engine::choose(engine, &student.cfg, cfg.max_len, &dev)?;
     let new_trainer = |student: &Student| -> anyhow::Result<Trainer> {
         Ok(match kind {
@@ -936,7 +996,7 @@ pub fn fit(
         lr: cfg.lr,
         min_lr: cfg.min_lr,
         warmup_steps: cfg.warmup_steps,
-        total_steps: cfg.steps,
+        total_steps,
         decay: cfg.decay,
     };
     std::fs::create_dir_all(&cfg.out).map_err(io(&cfg.out))?;
@@ -984,7 +1044,7 @@ pub fn fit(
         );
     }
     let bar = if progress {
-        let b = indicatif::ProgressBar::new(cfg.steps);
+        let b = indicatif::ProgressBar::new(total_steps);
         b.set_style(
             indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  eta {eta}")
                 .expect("a valid template"),
@@ -998,7 +1058,7 @@ pub fn fit(
     let (mut positions, mut last_loss) = (0usize, f64::NAN);
     let mut last_ck = latest_checkpoint(&cfg.out);
     let mut final_eval = None;
-    while trainer.steps() < cfg.steps {
+    while trainer.steps() < total_steps {
         let step = trainer.steps();
         if interrupted() {
             let state = CheckpointState {
@@ -1017,25 +1077,7 @@ pub fn fit(
         // One optimizer step over `grad_accum` micro-batches, weighted by their positions.
         let (mut micro, mut micro_grads) = (Vec::new(), Vec::new());
         for _ in 0..cfg.grad_accum.max(1) {
-            // A batch whose rows' prompts all fill `max_len` has nothing to distil: take the
-            // next one (deterministically, so a resume sees the same sequence).
-            let mut tries = 0;
-            let batch = loop {
-                let b = batcher
-                    .next_batch(&teachers)
-                    .ok_or_else(|| anyhow::anyhow!("no training rows"))?;
-                if b.n_pos() > 0 {
-                    break b;
-                }
-                tries += 1;
-                if tries > split.train.len() {
-                    anyhow::bail!(
-                        "{}: no training row has a response position within max_len = {}",
-                        cfg.shards.display(),
-                        cfg.max_len
-                    );
-                }
-            };
+            let batch = next_distilled_batch(&mut batcher, &teachers, split.train.len(), cfg)?;
             let mut l = match &mut trainer {
                 Trainer::Candle(_) => {
                     let (l, g) =
@@ -1078,7 +1120,7 @@ pub fn fit(
         last_loss = loss.total;
         let done = trainer.steps();
         bar.set_position(done);
-        if done % cfg.log_every.max(1) == 0 || done == cfg.steps {
+        if done % cfg.log_every.max(1) == 0 || done == total_steps {
             let rate = positions as f64 / start.elapsed().as_secs_f64().max(1e-9);
             let line = serde_json::json!({"step": done, "loss": loss.total, "divergence": loss.divergence, "hard_ce": loss.hard_ce,
                 "lr": info.lr, "grad_norm": info.grad_norm, "clipped": info.clipped, "positions": loss.positions,
@@ -1089,11 +1131,11 @@ pub fn fit(
             if progress {
                 bar.println(format!(
                     "step {done}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} positions/s",
-                    cfg.steps, loss.total, info.lr, info.grad_norm, rate
+                    total_steps, loss.total, info.lr, info.grad_norm, rate
                 ));
             }
         }
-        let eval_now = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
+        let eval_now = done == total_steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
         if eval_now {
             let r = eval_rows.evaluate(
                 &mut trainer.eval_model(&student),
@@ -1109,7 +1151,7 @@ pub fn fit(
             }
             final_eval = Some(r);
         }
-        if done % cfg.checkpoint_every.max(1) == 0 || done == cfg.steps {
+        if done % cfg.checkpoint_every.max(1) == 0 || done == total_steps {
             let state = CheckpointState {
                 step: done,
                 train_positions,
