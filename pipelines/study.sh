@@ -58,7 +58,7 @@ while [ $# -gt 0 ]; do
         --positions) POSITIONS="$2"; shift 2 ;;
         --samples) SAMPLES="$2"; shift 2 ;;
         --max-new-tokens) MAX_NEW="$2"; shift 2 ;;
-        --quick) PUBLISH=0; POSITIONS=1500; SAMPLES=2; MAX_NEW=24; LIMIT_TRAIN="--limit 8"; LIMIT_HELD="--limit 6"; shift ;;
+        --quick) PUBLISH=0; POSITIONS=600; SAMPLES=2; MAX_NEW=24; LIMIT_TRAIN="--limit 8"; LIMIT_HELD="--limit 6"; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "study.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
