@@ -216,7 +216,7 @@ pub fn collect_generations(dir: &Path, study: &Study) -> Result<Vec<MethodGenera
         if let Some(generations) = read_generations(&dir.join(&m.eval))? {
             out.push(MethodGenerations {
                 label: match &m.student {
-                    Some(s) => format!("{} ({s})", m.label),
+                    Some(s) => format!("{s}: {}", m.label),
                     None => m.label.clone(),
                 },
                 generations,

@@ -377,7 +377,7 @@ fn two_students_get_their_own_tables_and_plots_with_answer_scores() {
 
     let sbs = read(dir, "side-by-side.md");
     assert!(
-        sbs.contains("### SFT on teacher responses (α = 0) (6 of 30 layers)"),
+        sbs.contains("### 6 of 30 layers: SFT on teacher responses (α = 0)"),
         "{sbs}"
     );
     assert!(
