@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 
-/// Write the report of a distillation study: metrics.csv, results.json, results.md, kl.png,
-/// top1.png, cost.png (with a cost study) and side-by-side.md under DIR/results/.
+/// Write the report of a distillation study: metrics.csv, results.json, results.md, kl.png and
+/// top1.png (kl-1.png, top1-1.png, ... one pair per student when the methods name several),
+/// cost.png (with a cost study) and side-by-side.md under DIR/results/.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
