@@ -22,21 +22,12 @@ use crate::rope::RopeScaling;
 /// Tensors by their Hugging Face name.
 pub type Weights = HashMap<String, Tensor>;
 
-/// llama.cpp's `permute` for q/k rows: [heads, 2, hd/2, cols] -> [heads, hd/2, 2, cols].
+/// llama.cpp's `permute` for q/k rows: [heads, 2, hd/2, cols] -> [heads, hd/2, 2, cols]; its
+/// inverse is [`crate::trainable::unpermute_qk`].
 pub fn permute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let hd = rows / heads;
     Ok(w.reshape((heads, 2, hd / 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))?)
-}
-
-/// The inverse of [`permute`].
-pub fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
-    let hd = rows / heads;
-    Ok(w.reshape((heads, hd / 2, 2, cols))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((rows, cols))?)
@@ -432,7 +423,7 @@ pub fn dequantized_back(cfg: &LlamaConfig, qs: &[(String, QTensor)]) -> Result<W
         let g = |n: &str| deq(&format!("blk.{i}.{n}.weight"));
         let unperm = |t: Tensor, heads: usize| -> Result<Tensor> {
             if arch_interleaves {
-                unpermute(&t, heads)
+                crate::trainable::unpermute_qk(&t, heads)
             } else {
                 Ok(t)
             }

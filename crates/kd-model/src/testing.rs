@@ -226,7 +226,7 @@ pub fn permute(w: &Tensor, heads: usize) -> Tensor {
 
 /// The inverse of [`permute`].
 pub fn unpermute(w: &Tensor, heads: usize) -> Tensor {
-    crate::gguf_export::unpermute(w, heads).unwrap()
+    crate::trainable::unpermute_qk(w, heads).unwrap()
 }
 
 pub type Weights = crate::gguf_export::Weights;
