@@ -6,6 +6,9 @@
 #
 # Flags: --out DIR (default out/study), --positions N (distilled positions each run trains on,
 # default 200000), --samples N (responses per training prompt at temperature 1, default 16),
+# --sweep-samples N (responses per prompt in the cache sweep's dumps, default --samples: fewer
+# makes the sweep's five dumps cheaper; its top-32 format-2 baseline is then a dump and a run
+# of its own),
 # --max-new-tokens N (teacher and student responses, default 128), --heldout FILE (held-out
 # prompts from a JSONL file of your own; the training prompts are then every seed task whose
 # id is not in it; implies --no-publish), --quick, --no-publish.
@@ -45,6 +48,7 @@ for a in "$@"; do ARGS="$ARGS $a"; done
 OUT=out/study
 POSITIONS=200000
 SAMPLES=16
+SWEEP_SAMPLES=""
 MAX_NEW=128
 LIMIT_TRAIN=""
 LIMIT_HELD=""
@@ -57,6 +61,7 @@ while [ $# -gt 0 ]; do
         --heldout) HELDOUT_FILE="$2"; PUBLISH=0; shift 2 ;;
         --positions) POSITIONS="$2"; shift 2 ;;
         --samples) SAMPLES="$2"; shift 2 ;;
+        --sweep-samples) SWEEP_SAMPLES="$2"; shift 2 ;;
         --max-new-tokens) MAX_NEW="$2"; shift 2 ;;
         --quick) PUBLISH=0; POSITIONS=600; SAMPLES=2; MAX_NEW=24; LIMIT_TRAIN="--limit 8"; LIMIT_HELD="--limit 6"; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
@@ -64,6 +69,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+[ -n "$SWEEP_SAMPLES" ] || SWEEP_SAMPLES=$SAMPLES
 TEACHER=data/models/SmolLM2-135M-Instruct.Q4_1.gguf
 PROMPTS=data/prompts/self-instruct-seed-tasks.jsonl
 BIN=target/release
@@ -213,11 +219,23 @@ for s in "${STUDENTS[@]}"; do
     fit "$s-seed_recipe" "$s" "$K32" '{ divergence = { kind = "forward_kl" }, temperature = 2.0, alpha = 0.7 }' "$BUDGET"
     fit "$s-sft_then_reverse_kl" "$s" "$K32" "$RKL" "$BUDGET" "{ from_student = { path = \"$OUT/runs/$s-sft/student\" } }"
 done
-# The cache sweep, after the methods: the other caches of the same responses.
-dump train-k8 "${TRAIN[@]}" --targets top:8
-dump train-k32-v1 "${TRAIN[@]}" --targets top:32 --shard-format 1
-dump train-s12 "${TRAIN[@]}" --targets sample:12
-dump train-k1024 "${TRAIN[@]}" --targets top:1024
+# The cache sweep, after the methods: the other caches of the same responses (the first
+# SWEEP_SAMPLES of each prompt's; with fewer than SAMPLES the top-32 format-2 baseline is a
+# dump and a run of its own, on the same rows as the others).
+# shellcheck disable=SC2206
+SWEEP=("$OUT/prompts/train.jsonl" --samples "$SWEEP_SAMPLES" --temperature 1.0 --seed 0 $LIMIT_TRAIN)
+SWEEP_K32=train-k32
+SWEEP_K32_RUN=6l-forward_kl
+if [ "$SWEEP_SAMPLES" != "$SAMPLES" ]; then
+    SWEEP_K32=sweep-k32
+    SWEEP_K32_RUN=6l-sweep-k32
+    dump sweep-k32 "${SWEEP[@]}" --targets top:32
+fi
+dump train-k8 "${SWEEP[@]}" --targets top:8
+dump train-k32-v1 "${SWEEP[@]}" --targets top:32 --shard-format 1
+dump train-s12 "${SWEEP[@]}" --targets sample:12
+dump train-k1024 "${SWEEP[@]}" --targets top:1024
+[ "$SWEEP_SAMPLES" = "$SAMPLES" ] || fit 6l-sweep-k32 6l "$OUT/dumps/sweep-k32" "$FKL" "$BUDGET"
 fit 6l-k8 6l "$OUT/dumps/train-k8" "$FKL" "$BUDGET"
 fit 6l-k32-v1 6l "$OUT/dumps/train-k32-v1" "$FKL" "$BUDGET"
 fit 6l-s12 6l "$OUT/dumps/train-s12" "$FKL" "$BUDGET" "" 'targets = "sampled"'
@@ -268,7 +286,7 @@ $(methods)
   "cost": [
 $(cost train-k8 8 "top-k, format 2" "top-8 (format 2)" 6l-k8 "tail mass $(tail_mass train-k8)"),
 $(cost train-k32-v1 32 "top-k, format 1" "top-32 (format 1)" 6l-k32-v1 "tail mass $(tail_mass train-k32-v1)"),
-$(cost train-k32 32 "top-k, format 2" "top-32 (format 2)" 6l-forward_kl "tail mass $(tail_mass train-k32)"),
+$(cost "$SWEEP_K32" 32 "top-k, format 2" "top-32 (format 2)" "$SWEEP_K32_RUN" "tail mass $(tail_mass "$SWEEP_K32")"),
 $(cost train-k1024 1024 "top-k, format 2" "top-1024 (format 2, near-full reference)" 6l-k1024 "tail mass $(tail_mass train-k1024)"),
 $(cost train-s12 12 "sample:12" "sample:12 (format 2, unbiased estimator)" 6l-s12 "12 draws per position")
   ]
