@@ -13,7 +13,8 @@
 # prompts from a JSONL file of your own; the training prompts are then every seed task whose
 # id is not in it; implies --no-publish), --quick, --no-publish.
 #
-# A full run with the default --out also publishes: it copies OUT/results/ to docs/study/ and
+# A full run with the default --out also publishes: it replaces docs/study/ with OUT/results/
+# and OUT/times.tsv, and
 # rewrites the study block of README.md from it (between the `study:begin` and `study:end`
 # markers), so the README shows exactly what the study wrote.
 #
@@ -296,8 +297,9 @@ timed report "$BIN/study-report" "$OUT" --max-prompts 1000   # every held-out pr
 
 # 5. Publish: docs/study/ and the README's study block.
 if [ "$PUBLISH" = 1 ]; then
+    rm -rf docs/study
     mkdir -p docs/study
-    cp "$OUT"/results/* docs/study/
+    cp "$OUT"/results/* "$OUT/times.tsv" docs/study/
     python3 - docs/study/results.md README.md <<'EOF'
 import re, sys
 results, readme = sys.argv[1], sys.argv[2]
