@@ -14,9 +14,8 @@
 # id is not in it; implies --no-publish), --quick, --no-publish.
 #
 # A full run with the default --out also publishes: it replaces docs/study/ with OUT/results/
-# and OUT/times.tsv, and
-# rewrites the study block of README.md from it (between the `study:begin` and `study:end`
-# markers), so the README shows exactly what the study wrote.
+# and OUT/times.tsv, and rewrites the study block of README.md from them (between the
+# `study:begin` and `study:end` markers), so the README shows exactly what the study wrote.
 #
 # 1. Splits the 175 self-instruct seed tasks by a hash of their id into training prompts
 #    (~80%) and held-out prompts (the rest): no prompt is in both. With --heldout FILE the
@@ -142,8 +141,10 @@ dump() { # NAME INPUT TEACHER-DUMP-ARGS...
         --max-new-tokens "$MAX_NEW" --batch-size 8 --rows-per-shard 64 --resume "$@"
     python3 -c "print(($(now_ns) - $t0) / 1e9)" > "$dir.seconds"
 }
+# The training rows' sampling: the sweep's dumps share it, so their rows are the training rows.
 # shellcheck disable=SC2206
-TRAIN=("$OUT/prompts/train.jsonl" --samples "$SAMPLES" --temperature 1.0 --seed 0 $LIMIT_TRAIN)
+ROWS=("$OUT/prompts/train.jsonl" --temperature 1.0 --seed 0 $LIMIT_TRAIN)
+TRAIN=("${ROWS[@]}" --samples "$SAMPLES")
 dump train-k32 "${TRAIN[@]}" --targets top:32
 # shellcheck disable=SC2086
 dump heldout-k64 "$OUT/prompts/heldout.jsonl" --targets top:64 $LIMIT_HELD
@@ -223,8 +224,7 @@ done
 # The cache sweep, after the methods: the other caches of the same responses (the first
 # SWEEP_SAMPLES of each prompt's; with fewer than SAMPLES the top-32 format-2 baseline is a
 # dump and a run of its own, on the same rows as the others).
-# shellcheck disable=SC2206
-SWEEP=("$OUT/prompts/train.jsonl" --samples "$SWEEP_SAMPLES" --temperature 1.0 --seed 0 $LIMIT_TRAIN)
+SWEEP=("${ROWS[@]}" --samples "$SWEEP_SAMPLES")
 SWEEP_K32=train-k32
 SWEEP_K32_RUN=6l-forward_kl
 if [ "$SWEEP_SAMPLES" != "$SAMPLES" ]; then
@@ -236,7 +236,7 @@ dump train-k8 "${SWEEP[@]}" --targets top:8
 dump train-k32-v1 "${SWEEP[@]}" --targets top:32 --shard-format 1
 dump train-s12 "${SWEEP[@]}" --targets sample:12
 dump train-k1024 "${SWEEP[@]}" --targets top:1024
-[ "$SWEEP_SAMPLES" = "$SAMPLES" ] || fit 6l-sweep-k32 6l "$OUT/dumps/sweep-k32" "$FKL" "$BUDGET"
+[ "$SWEEP_K32_RUN" = 6l-forward_kl ] || fit "$SWEEP_K32_RUN" 6l "$OUT/dumps/$SWEEP_K32" "$FKL" "$BUDGET"
 fit 6l-k8 6l "$OUT/dumps/train-k8" "$FKL" "$BUDGET"
 fit 6l-k32-v1 6l "$OUT/dumps/train-k32-v1" "$FKL" "$BUDGET"
 fit 6l-s12 6l "$OUT/dumps/train-s12" "$FKL" "$BUDGET" "" 'targets = "sampled"'
