@@ -25,7 +25,18 @@ fn readme_study_block_matches_the_study_files() {
         table_rows(&results),
         "README.md and docs/study/results.md differ"
     );
-    for png in ["kl.png", "top1.png"] {
+    // Every plot the study wrote is embedded, and every embedded plot is a PNG it wrote.
+    let mut pngs: Vec<String> = std::fs::read_dir(root.join("docs/study"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".png"))
+        .collect();
+    pngs.sort();
+    assert!(
+        pngs.iter().any(|n| n.starts_with("kl")) && pngs.iter().any(|n| n.starts_with("top1")),
+        "docs/study has no KL or top-1 plots: {pngs:?}"
+    );
+    for png in &pngs {
         assert!(
             block.contains(&format!("docs/study/{png}")),
             "{png} not embedded"
@@ -33,4 +44,10 @@ fn readme_study_block_matches_the_study_files() {
         let bytes = std::fs::read(root.join("docs/study").join(png)).unwrap();
         assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
     }
+    let embedded = block.matches(".png)").count();
+    assert_eq!(
+        embedded,
+        pngs.len(),
+        "the block embeds a plot docs/study lacks"
+    );
 }
