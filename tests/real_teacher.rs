@@ -1,5 +1,5 @@
 //! Checks against the real teacher (SmolLM2-135M-Instruct Q4_1) and the independent references
-//! in `../shared/data/reference/smollm2-135m-instruct-q4_1/` (Python transformers, f32
+//! in `tests/reference/smollm2-135m-instruct-q4_1/` (Python transformers, f32
 //! dequantized weights, log-softmax in float64).
 
 mod util;

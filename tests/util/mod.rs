@@ -8,11 +8,11 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The shared reference data (`../shared/data/reference`), or `KD_REFERENCE_DIR`.
+/// The reference data (`tests/reference`, see its README), or `KD_REFERENCE_DIR`.
 pub fn reference_dir() -> PathBuf {
     std::env::var_os("KD_REFERENCE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("../shared/data/reference"))
+        .unwrap_or_else(|| root().join("tests/reference"))
 }
 
 /// The real teacher GGUF: `KD_TEACHER_GGUF`, else `data/models/SmolLM2-135M-Instruct.Q4_1.gguf`

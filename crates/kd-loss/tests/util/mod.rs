@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 
 use kd_loss::{Divergence, LossConfig, TailPolicy};
 
-/// The float64 numpy oracle: `$KD_LOSS_CASES`, else
-/// `<workspace>/../shared/data/reference/loss-cases.json`.
+/// The float64 numpy oracle: `$KD_LOSS_CASES`, else `<workspace>/tests/reference/loss-cases.json`
+/// (made by `tests/reference/loss_cases.py`).
 pub fn loss_cases_path() -> PathBuf {
     match std::env::var_os("KD_LOSS_CASES") {
         Some(p) => PathBuf::from(p),
         None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/data/reference/loss-cases.json"),
+            .join("../../tests/reference/loss-cases.json"),
     }
 }
 

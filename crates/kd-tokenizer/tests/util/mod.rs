@@ -42,13 +42,13 @@ pub fn teacher(test: &str) -> Option<&'static Tokenizer> {
     tok.as_ref()
 }
 
-/// Reference data for the teacher: `$KD_REFERENCE_DIR`, else
-/// `<workspace>/../shared/data/reference/smollm2-135m-instruct-q4_1`.
+/// Reference data for the teacher: `<workspace>/tests/reference/smollm2-135m-instruct-q4_1`
+/// (see the README there), or that folder under `$KD_REFERENCE_DIR`.
 pub fn reference_dir() -> PathBuf {
-    match std::env::var_os("KD_REFERENCE_DIR") {
-        Some(p) => PathBuf::from(p),
-        None => workspace_root().join("../shared/data/reference/smollm2-135m-instruct-q4_1"),
-    }
+    std::env::var_os("KD_REFERENCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("tests/reference"))
+        .join("smollm2-135m-instruct-q4_1")
 }
 
 /// Every line of a reference JSONL file.
