@@ -35,7 +35,8 @@ const EXPAND_MIN_ROWS: usize = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
     Avx512,
-    /// AVX2 with FMA: the same values for weight products, about half the vector width.
+    /// AVX2 with FMA and F16C: the same values for weight products, about half the vector
+    /// width.
     Avx2,
 }
 
@@ -51,6 +52,7 @@ fn detected() -> Option<Level> {
             }
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
             {
                 return Some(Level::Avx2);
             }
@@ -75,47 +77,171 @@ pub fn prefer_avx2(on: bool) {
     PREFER_AVX2.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Whether this CPU runs these kernels (AVX-512F, or AVX2 with FMA).
+/// Whether this CPU runs these kernels (AVX-512F, or AVX2 with FMA and F16C).
 pub fn supported() -> bool {
     level().is_some()
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a panel holds its weights: the GGUF quantization it came from, or 16/32-bit floats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PanelFormat {
     Q40,
     Q41,
     Q80,
     F32,
+    F16,
+    BF16,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+/// K-quant panel layout, per 16 rows × 256 columns (one GGUF super-block per row): a header
+/// with the rows' super-block scales as f32 (`d`, and `dmin` for Q4_K/Q5_K), then for each of
+/// the eight 32-column sub-blocks its 16 rows' 6-bit scales and minimums (Q6_K: the two
+/// 16-column scales) as bytes, the low four bits of the quants in column pairs (i, i + 16)
+/// as Q4_1 keeps them, and the quants' high bits (Q5_K: one, Q6_K: two per column).
+const K_SUBS: usize = 8;
+const fn k_header(f: PanelFormat) -> usize {
+    match f {
+        PanelFormat::Q6K => 4 * PANEL,
+        _ => 8 * PANEL,
+    }
+}
+const fn k_sub(f: PanelFormat) -> usize {
+    2 * PANEL
+        + PANEL * QK / 2
+        + match f {
+            PanelFormat::Q5K => 4 * PANEL,
+            PanelFormat::Q6K => 8 * PANEL,
+            _ => 0,
+        }
 }
 
 impl PanelFormat {
-    /// Bytes of one 16-row × 32-column block in panel layout.
-    fn block_bytes(self) -> usize {
+    /// Bytes of one 16-row × 32-column block in panel layout (K-quants: an eighth of a
+    /// 256-column super-block, header included).
+    const fn block_bytes(self) -> usize {
         match self {
             PanelFormat::Q40 => 4 * PANEL + PANEL * QK / 2,
             PanelFormat::Q41 => 8 * PANEL + PANEL * QK / 2,
             PanelFormat::Q80 => 4 * PANEL + PANEL * QK,
             PanelFormat::F32 => 4 * PANEL * QK,
+            PanelFormat::F16 | PanelFormat::BF16 => 2 * PANEL * QK,
+            PanelFormat::Q4K | PanelFormat::Q5K | PanelFormat::Q6K => {
+                (k_header(self) + K_SUBS * k_sub(self)) / K_SUBS
+            }
         }
     }
 
-    /// Bytes of one 32-weight block of one row in GGUF layout.
-    fn gguf_block_bytes(self) -> usize {
+    /// Bytes of one 16-row super-block (K-quants), or of one block (the others).
+    const fn superblock_bytes(self) -> usize {
+        self.block_bytes() * self.blocks_per_superblock()
+    }
+
+    /// 32-column blocks per super-block: 8 for K-quants, else 1.
+    const fn blocks_per_superblock(self) -> usize {
         match self {
-            PanelFormat::Q40 => 18,
-            PanelFormat::Q41 => 20,
-            PanelFormat::Q80 => 34,
-            PanelFormat::F32 => 4 * QK,
+            PanelFormat::Q4K | PanelFormat::Q5K | PanelFormat::Q6K => K_SUBS,
+            _ => 1,
+        }
+    }
+
+    /// Columns of one GGUF block and its bytes, per row.
+    const fn ggml_block(self) -> (usize, usize) {
+        match self {
+            PanelFormat::Q40 => (32, 18),
+            PanelFormat::Q41 => (32, 20),
+            PanelFormat::Q80 => (32, 34),
+            PanelFormat::F32 => (1, 4),
+            PanelFormat::F16 | PanelFormat::BF16 => (1, 2),
+            PanelFormat::Q4K => (256, 144),
+            PanelFormat::Q5K => (256, 176),
+            PanelFormat::Q6K => (256, 210),
+        }
+    }
+
+    /// Whether the format keeps floats (any width), so that a row need not fill whole blocks.
+    const fn is_float(self) -> bool {
+        matches!(
+            self,
+            PanelFormat::F32 | PanelFormat::F16 | PanelFormat::BF16
+        )
+    }
+
+    /// The panel format for a GGML type, if there is one; other types are expanded to f32.
+    pub fn of_ggml(dt: GgmlDType) -> Option<Self> {
+        Some(match dt {
+            GgmlDType::Q4_0 => PanelFormat::Q40,
+            GgmlDType::Q4_1 => PanelFormat::Q41,
+            GgmlDType::Q8_0 => PanelFormat::Q80,
+            GgmlDType::F32 => PanelFormat::F32,
+            GgmlDType::F16 => PanelFormat::F16,
+            GgmlDType::BF16 => PanelFormat::BF16,
+            GgmlDType::Q4K => PanelFormat::Q4K,
+            GgmlDType::Q5K => PanelFormat::Q5K,
+            GgmlDType::Q6K => PanelFormat::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Whether a `cols`-wide row of this format can be panelled.
+    fn fits(self, cols: usize) -> bool {
+        self.is_float() || cols % self.ggml_block().0 == 0
+    }
+
+    /// Bytes of a `[rows, cols]` matrix in panel layout.
+    pub fn panel_bytes(self, rows: usize, cols: usize) -> usize {
+        rows.div_ceil(PANEL) * cols.div_ceil(QK) * self.block_bytes()
+    }
+
+    const fn of_code(f: u8) -> PanelFormat {
+        match f {
+            0 => PanelFormat::Q40,
+            1 => PanelFormat::Q41,
+            2 => PanelFormat::Q80,
+            3 => PanelFormat::F32,
+            4 => PanelFormat::F16,
+            5 => PanelFormat::BF16,
+            6 => PanelFormat::Q4K,
+            7 => PanelFormat::Q5K,
+            _ => PanelFormat::Q6K,
         }
     }
 }
 
-/// A `[rows, cols]` weight matrix in panel layout; see the module documentation.
+/// A weight matrix as a file stores it: `rows` rows of `cols` values in a GGML type's bytes
+/// (GGUF blocks, or little-endian F32/F16/BF16 as safetensors also stores them).
+#[derive(Clone, Copy)]
+pub struct RawMatrix<'a> {
+    pub dtype: GgmlDType,
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: &'a [u8],
+}
+
+impl RawMatrix<'_> {
+    /// Bytes of one row in the file.
+    fn row_bytes(&self) -> usize {
+        self.cols / self.dtype.block_size() * self.dtype.type_size()
+    }
+}
+
+/// A `[rows, cols]` weight matrix in panel layout; see the module documentation. Matrices
+/// stacked from parts of different formats (q, k and v of a Q4_K_M file) keep one segment of
+/// rows per format run, each in its own bytes.
 pub struct PanelMatrix {
-    format: PanelFormat,
     rows: usize,
     cols: usize,
-    /// Blocks per row: `cols / 32`, rounded up for f32 matrices (zero weights pad the tail).
+    segments: Vec<Segment>,
+}
+
+/// Consecutive rows `row0..row0 + rows` of a [`PanelMatrix`] in one format.
+struct Segment {
+    format: PanelFormat,
+    row0: usize,
+    rows: usize,
+    /// Blocks per row: `cols / 32`, rounded up for float formats (zero weights pad the tail).
     blocks: usize,
     data: Vec<u8>,
 }
@@ -124,9 +250,185 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+/// The 6-bit scale and minimum of sub-block `j` of a Q4_K/Q5_K super-block (GGML's
+/// `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Writes row `r` (0..16) of one panel group: `src` holds the row in the file's bytes.
+fn pack_row(format: PanelFormat, cols: usize, blocks: usize, src: &[u8], r: usize, dst: &mut [u8]) {
+    let bb = format.block_bytes();
+    let put_f32 =
+        |dst: &mut [u8], at: usize, v: f32| dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    match format {
+        PanelFormat::F32 | PanelFormat::F16 | PanelFormat::BF16 => {
+            let w = if format == PanelFormat::F32 { 4 } else { 2 };
+            for c in 0..cols {
+                let (j, i) = (c / QK, c % QK);
+                let at = j * bb + w * (i * PANEL + r);
+                dst[at..at + w].copy_from_slice(&src[c * w..(c + 1) * w]);
+            }
+        }
+        PanelFormat::Q40 | PanelFormat::Q41 | PanelFormat::Q80 => {
+            let (offset_at, quants) = match format {
+                PanelFormat::Q41 => (Some(4 * PANEL), 8 * PANEL),
+                _ => (None, 4 * PANEL),
+            };
+            let nq = if format == PanelFormat::Q80 {
+                QK
+            } else {
+                QK / 2
+            };
+            let gb = format.ggml_block().1;
+            for j in 0..blocks {
+                let src = &src[j * gb..(j + 1) * gb];
+                let dst = &mut dst[j * bb..(j + 1) * bb];
+                put_f32(dst, 4 * r, f16_at(src, 0));
+                if let Some(at) = offset_at {
+                    put_f32(dst, at + 4 * r, f16_at(src, 2));
+                }
+                for (i, &q) in src[src.len() - nq..].iter().enumerate() {
+                    dst[quants + i * PANEL + r] = q;
+                }
+            }
+        }
+        PanelFormat::Q4K | PanelFormat::Q5K | PanelFormat::Q6K => {
+            let gb = format.ggml_block().1;
+            let sbb = format.superblock_bytes();
+            let (head, sub) = (k_header(format), k_sub(format));
+            for t in 0..blocks / K_SUBS {
+                let src = &src[t * gb..(t + 1) * gb];
+                let sb = &mut dst[t * sbb..(t + 1) * sbb];
+                // The 256 quants as unsigned integers, and each sub-block's two scale bytes.
+                let mut q = [0u8; 256];
+                let mut scales = [[0u8; 2]; K_SUBS];
+                match format {
+                    PanelFormat::Q6K => {
+                        let (ql, qh, sc) = (&src[..128], &src[128..192], &src[192..208]);
+                        put_f32(sb, 4 * r, f16_at(src, 208));
+                        for h in 0..2 {
+                            for l in 0..32 {
+                                let (a, b, hb) =
+                                    (ql[64 * h + l], ql[64 * h + l + 32], qh[32 * h + l]);
+                                let n = 128 * h + l;
+                                q[n] = (a & 0xF) | ((hb & 3) << 4);
+                                q[n + 32] = (b & 0xF) | (((hb >> 2) & 3) << 4);
+                                q[n + 64] = (a >> 4) | (((hb >> 4) & 3) << 4);
+                                q[n + 96] = (b >> 4) | (((hb >> 6) & 3) << 4);
+                            }
+                        }
+                        for (s, pair) in scales.iter_mut().enumerate() {
+                            *pair = [sc[2 * s], sc[2 * s + 1]];
+                        }
+                    }
+                    _ => {
+                        put_f32(sb, 4 * r, f16_at(src, 0));
+                        put_f32(sb, 4 * PANEL + 4 * r, f16_at(src, 2));
+                        let sc = &src[4..16];
+                        let (qh, qs) = if format == PanelFormat::Q5K {
+                            (Some(&src[16..48]), &src[48..176])
+                        } else {
+                            (None, &src[16..144])
+                        };
+                        for (s, pair) in scales.iter_mut().enumerate() {
+                            let (d, m) = scale_min_k4(s, sc);
+                            *pair = [d, m];
+                            for l in 0..32 {
+                                let byte = qs[32 * (s / 2) + l];
+                                let nib = if s % 2 == 0 { byte & 0xF } else { byte >> 4 };
+                                let high = qh.map_or(0, |qh| (qh[l] >> s) & 1);
+                                q[32 * s + l] = nib | (high << 4);
+                            }
+                        }
+                    }
+                }
+                for (s, pair) in scales.iter().enumerate() {
+                    let d = &mut sb[head + s * sub..head + (s + 1) * sub];
+                    d[r] = pair[0];
+                    d[PANEL + r] = pair[1];
+                    let qs = &q[32 * s..32 * (s + 1)];
+                    for i in 0..QK / 2 {
+                        d[2 * PANEL + i * PANEL + r] = (qs[i] & 0xF) | ((qs[i + 16] & 0xF) << 4);
+                    }
+                    let hi = 2 * PANEL + PANEL * QK / 2;
+                    match format {
+                        // Pair i's two high bits at bits 2·(i / 4) of byte i % 4.
+                        PanelFormat::Q5K => {
+                            for i in 0..QK / 2 {
+                                let h = (qs[i] >> 4) | ((qs[i + 16] >> 4) << 1);
+                                d[hi + (i % 4) * PANEL + r] |= h << (2 * (i / 4));
+                            }
+                        }
+                        // Pair i's four high bits at bits 4·(i / 8) of byte i % 8.
+                        PanelFormat::Q6K => {
+                            for i in 0..QK / 2 {
+                                let h = (qs[i] >> 4) | ((qs[i + 16] >> 4) << 2);
+                                d[hi + (i % 8) * PANEL + r] |= h << (4 * (i / 8));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Notes, once per type and process, that a GGML type without a panel format is expanded.
+fn note_expanded(dt: GgmlDType) {
+    static SEEN: std::sync::Mutex<Vec<GgmlDType>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.contains(&dt) {
+        seen.push(dt);
+        eprintln!(
+            "note: {dt:?} weights have no panel format here; they are expanded to f32 \
+             ({:.1}× their size in memory)",
+            32.0 / (dt.type_size() as f64 * 8.0 / dt.block_size() as f64)
+        );
+    }
+}
+
+impl Segment {
+    /// Packs rows of one format; `row(i)` gives row i's bytes in the file's layout.
+    fn pack<'a>(
+        format: PanelFormat,
+        row0: usize,
+        rows: usize,
+        cols: usize,
+        row: impl Fn(usize) -> &'a [u8] + Sync,
+    ) -> Self {
+        let blocks = cols.div_ceil(QK);
+        let gbytes = blocks * format.block_bytes();
+        let mut data = vec![0u8; rows.div_ceil(PANEL) * gbytes];
+        if gbytes > 0 {
+            data.par_chunks_mut(gbytes)
+                .enumerate()
+                .for_each(|(g, dst)| {
+                    for r in 0..PANEL.min(rows - g * PANEL) {
+                        pack_row(format, cols, blocks, row(g * PANEL + r), r, dst);
+                    }
+                });
+        }
+        Self {
+            format,
+            row0,
+            rows,
+            blocks,
+            data,
+        }
+    }
+}
+
 impl PanelMatrix {
-    /// Repacks a 2-D tensor. Q4_0, Q4_1 and Q8_0 keep their blocks; any other type is
-    /// dequantized by candle and kept in f32.
+    /// Repacks a 2-D tensor; see [`PanelMatrix::stack_raw`].
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
         Self::stack(&[t])
     }
@@ -135,116 +437,119 @@ impl PanelMatrix {
     /// rows past `rows` in the last panel, hold zero weights.
     pub fn from_f32(w: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(w.len(), rows * cols, "weight shape");
-        let blocks = cols.div_ceil(QK);
-        let pb = PanelFormat::F32.block_bytes();
-        let mut data = vec![0u8; rows.div_ceil(PANEL) * blocks * pb];
-        for (row, wr) in w.chunks_exact(cols.max(1)).enumerate().take(rows) {
-            let (g, r) = (row / PANEL, row % PANEL);
-            for (c, x) in wr.iter().enumerate() {
-                let (j, i) = (c / QK, c % QK);
-                let at = (g * blocks + j) * pb + 4 * (i * PANEL + r);
-                data[at..at + 4].copy_from_slice(&x.to_le_bytes());
-            }
-        }
+        // SAFETY: any initialised f32 storage is valid as bytes, with a smaller alignment.
+        let bytes = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const u8, w.len() * 4) };
+        let seg = Segment::pack(PanelFormat::F32, 0, rows, cols, |r| {
+            &bytes[r * cols * 4..(r + 1) * cols * 4]
+        });
         Self {
-            format: PanelFormat::F32,
             rows,
             cols,
-            blocks,
-            data,
-        }
-    }
-
-    /// Repacks GGUF blocks (`gguf(row, block)`) of a quantized matrix. Rows past `rows` in
-    /// the last panel keep zero scales, offsets and quants.
-    fn pack<'a>(
-        format: PanelFormat,
-        rows: usize,
-        cols: usize,
-        blocks: usize,
-        gguf: impl Fn(usize, usize) -> &'a [u8],
-    ) -> Self {
-        let (offset_at, quants) = match format {
-            PanelFormat::Q41 => (Some(4 * PANEL), 8 * PANEL),
-            PanelFormat::Q40 | PanelFormat::Q80 => (None, 4 * PANEL),
-            PanelFormat::F32 => unreachable!("f32 panels come from `from_f32`"),
-        };
-        // Quants per block: two 4-bit values per byte, or one 8-bit value.
-        let nq = if format == PanelFormat::Q80 {
-            QK
-        } else {
-            QK / 2
-        };
-        let pb = format.block_bytes();
-        let mut data = vec![0u8; rows.div_ceil(PANEL) * blocks * pb];
-        for row in 0..rows {
-            let (g, r) = (row / PANEL, row % PANEL);
-            for j in 0..blocks {
-                let src = gguf(row, j);
-                let dst = &mut data[(g * blocks + j) * pb..(g * blocks + j + 1) * pb];
-                dst[4 * r..4 * r + 4].copy_from_slice(&f16_at(src, 0).to_le_bytes());
-                if let Some(at) = offset_at {
-                    dst[at + 4 * r..at + 4 * r + 4].copy_from_slice(&f16_at(src, 2).to_le_bytes());
-                }
-                for (i, &q) in src[src.len() - nq..].iter().enumerate() {
-                    dst[quants + i * PANEL + r] = q;
-                }
-            }
-        }
-        Self {
-            format,
-            rows,
-            cols,
-            blocks,
-            data,
+            segments: vec![seg],
         }
     }
 
     /// Stacks matrices with the same number of columns along the rows (e.g. q, k and v into
-    /// one product). Parts that all have one of Q4_0, Q4_1 or Q8_0 keep their blocks; any
-    /// other mix is dequantized by candle and kept in f32.
+    /// one product), each kept in its own format; see [`PanelMatrix::stack_raw`].
     pub fn stack(parts: &[&QTensor]) -> candle_core::Result<Self> {
-        let mut rows = 0;
-        let mut cols = None;
+        let mut data = Vec::with_capacity(parts.len());
         for p in parts {
-            let &[r, c] = p.shape().dims() else {
+            let &[rows, cols] = p.shape().dims() else {
                 candle_core::bail!("a weight matrix must be 2-D, found {:?}", p.shape());
             };
-            if *cols.get_or_insert(c) != c {
+            data.push((p.dtype(), rows, cols, p.data()?));
+        }
+        let raw: Vec<RawMatrix> = data
+            .iter()
+            .map(|(dtype, rows, cols, bytes)| RawMatrix {
+                dtype: *dtype,
+                rows: *rows,
+                cols: *cols,
+                bytes,
+            })
+            .collect();
+        Self::stack_raw(&raw)
+    }
+
+    /// Stacks matrices in their files' bytes along the rows. Each part keeps its blocks when
+    /// its type has a panel format (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) and
+    /// its rows fill whole blocks; any other part is dequantized by candle and kept in f32
+    /// (noted once per type). Neighbouring parts of one format share a segment.
+    pub fn stack_raw(parts: &[RawMatrix<'_>]) -> candle_core::Result<Self> {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        let mut rows = 0;
+        let mut segments: Vec<Segment> = Vec::new();
+        let mut i = 0;
+        while i < parts.len() {
+            let p = &parts[i];
+            if p.cols != cols {
                 candle_core::bail!("stacked matrices differ in columns");
             }
-            rows += r;
-        }
-        let cols = cols.unwrap_or(0);
-        let format_of = |t: &QTensor| match t.dtype() {
-            GgmlDType::Q4_0 => Some(PanelFormat::Q40),
-            GgmlDType::Q4_1 => Some(PanelFormat::Q41),
-            GgmlDType::Q8_0 => Some(PanelFormat::Q80),
-            _ => None,
-        };
-        let first = parts.first().and_then(|p| format_of(p));
-        let format =
-            first.filter(|_| cols % QK == 0 && parts.iter().all(|p| format_of(p) == first));
-        let Some(format) = format else {
-            let mut w = Vec::with_capacity(rows * cols);
-            for p in parts {
-                let d = p.dequantize(&candle_core::Device::Cpu)?;
-                w.extend(d.flatten_all()?.to_vec1::<f32>()?);
+            let expected = p.rows * p.row_bytes();
+            if p.cols % p.dtype.block_size() != 0 || p.bytes.len() != expected {
+                candle_core::bail!(
+                    "{} bytes for a {}x{} {:?} matrix",
+                    p.bytes.len(),
+                    p.rows,
+                    cols,
+                    p.dtype
+                );
             }
-            return Ok(Self::from_f32(&w, rows, cols));
-        };
-        let mut raw = Vec::new();
-        for p in parts {
-            raw.extend_from_slice(&p.data()?);
+            let format = PanelFormat::of_ggml(p.dtype).filter(|f| f.fits(cols));
+            let Some(format) = format else {
+                note_expanded(p.dtype);
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    p.dtype,
+                    p.bytes,
+                    vec![p.rows, cols],
+                    &candle_core::Device::Cpu,
+                )?;
+                let w: Vec<f32> = q
+                    .dequantize(&candle_core::Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let mut seg = Self::from_f32(&w, p.rows, cols).segments.remove(0);
+                seg.row0 = rows;
+                rows += p.rows;
+                segments.push(seg);
+                i += 1;
+                continue;
+            };
+            // This part and the following parts of the same format, as one run of rows.
+            let mut run = vec![p];
+            while let Some(q) = parts.get(i + run.len()) {
+                if q.cols != cols || PanelFormat::of_ggml(q.dtype) != Some(format) {
+                    break;
+                }
+                if q.bytes.len() != q.rows * q.row_bytes() {
+                    break; // the loop's next round reports it
+                }
+                run.push(q);
+            }
+            let n: usize = run.iter().map(|q| q.rows).sum();
+            let rb = p.row_bytes();
+            let starts: Vec<usize> = run
+                .iter()
+                .scan(0, |acc, q| {
+                    let s = *acc;
+                    *acc += q.rows;
+                    Some(s)
+                })
+                .collect();
+            let row = |r: usize| {
+                let k = starts.partition_point(|&s| s <= r) - 1;
+                let local = r - starts[k];
+                &run[k].bytes[local * rb..(local + 1) * rb]
+            };
+            segments.push(Segment::pack(format, rows, n, cols, row));
+            rows += n;
+            i += run.len();
         }
-        let bb = format.gguf_block_bytes();
-        let blocks = cols / QK;
-        if raw.len() != rows * blocks * bb {
-            candle_core::bail!("{} bytes for a {rows}x{cols} {format:?} matrix", raw.len());
-        }
-        Ok(Self::pack(format, rows, cols, blocks, |r, j| {
-            &raw[(r * blocks + j) * bb..(r * blocks + j + 1) * bb]
-        }))
+        Ok(Self {
+            rows,
+            cols,
+            segments,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -255,25 +560,41 @@ impl PanelMatrix {
         self.cols
     }
 
+    /// The format of the first segment (of every row, unless the matrix was stacked from
+    /// parts of several formats).
     pub fn format(&self) -> PanelFormat {
-        self.format
+        self.segments.first().map_or(PanelFormat::F32, |s| s.format)
     }
 
-    fn view(&self) -> PanelView<'_> {
+    /// The formats of the segments, in row order.
+    pub fn formats(&self) -> Vec<PanelFormat> {
+        self.segments.iter().map(|s| s.format).collect()
+    }
+
+    /// Bytes held by the panels.
+    pub fn bytes(&self) -> usize {
+        self.segments.iter().map(|s| s.data.len()).sum()
+    }
+
+    fn view<'a>(&'a self, s: &'a Segment) -> PanelView<'a> {
         PanelView {
-            format: self.format,
-            rows: self.rows,
+            format: s.format,
+            rows: s.rows,
             cols: self.cols,
-            blocks: self.blocks,
-            group_bytes: self.blocks * self.format.block_bytes(),
-            data: &self.data,
+            blocks: s.blocks,
+            group_bytes: s.blocks * s.format.block_bytes(),
+            data: &s.data,
+            y_stride: self.rows,
+            y_col0: s.row0,
         }
     }
 
     /// `y = x · Wᵀ` for `x` `[n, cols]` row-major; `y` is `[n, rows]` row-major. Runs on the
     /// rayon pool, split over output rows.
     pub fn matmul_into(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        self.view().par_matmul(x, n, y, false);
+        for s in &self.segments {
+            self.view(s).par_matmul(x, n, y, false);
+        }
     }
 
     /// Allocating form of [`PanelMatrix::matmul_into`].
@@ -281,6 +602,53 @@ impl PanelMatrix {
         let mut y = vec![0f32; n * self.rows];
         self.matmul_into(x, n, &mut y);
         y
+    }
+
+    /// Row `r` as f32: the values `dequantize` gives (an embedding lookup).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        assert!(
+            r < self.rows && out.len() == self.cols,
+            "row {r} of {}",
+            self.rows
+        );
+        let s = self
+            .segments
+            .iter()
+            .find(|s| (s.row0..s.row0 + s.rows).contains(&r))
+            .expect("every row lies in a segment");
+        let local = r - s.row0;
+        let (g, i) = (local / PANEL, local % PANEL);
+        let gb = s.blocks * s.format.block_bytes();
+        let panel = &s.data[g * gb..(g + 1) * gb];
+        if s.format == PanelFormat::F32 {
+            for (c, o) in out.iter_mut().enumerate() {
+                let at = (c / QK) * s.format.block_bytes() + 4 * ((c % QK) * PANEL + i);
+                *o = f32::from_le_bytes(panel[at..at + 4].try_into().unwrap());
+            }
+            return;
+        }
+        let mut buf = vec![0f32; s.blocks * QK * PANEL];
+        expand_panel(s.format, panel, s.blocks, &mut buf);
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = buf[(c / QK) * QK * PANEL + (c % QK) * PANEL + i];
+        }
+    }
+}
+
+/// Expands one panel group (`blocks` blocks of `format`) into f32 panel layout in `dst`.
+fn expand_panel(format: PanelFormat, src: &[u8], blocks: usize, dst: &mut [f32]) {
+    assert!(
+        supported(),
+        "panel products need AVX-512F or AVX2 with FMA and F16C"
+    );
+    assert!(src.len() >= blocks * format.block_bytes() && dst.len() >= blocks * QK * PANEL);
+    // SAFETY: the sizes were checked above, and so were the CPU's features.
+    unsafe {
+        if level() == Some(Level::Avx2) {
+            avx2::expand_panel(format, src.as_ptr(), blocks, dst)
+        } else {
+            simd::expand_panel(format, src.as_ptr(), blocks, dst)
+        }
     }
 }
 
@@ -408,6 +776,10 @@ pub(crate) struct PanelView<'a> {
     blocks: usize,
     group_bytes: usize,
     data: &'a [u8],
+    /// Floats per output row, and the first output column this matrix writes (a segment of
+    /// a stacked matrix writes its own columns of the whole product).
+    y_stride: usize,
+    y_col0: usize,
 }
 
 impl<'a> PanelView<'a> {
@@ -423,13 +795,16 @@ impl<'a> PanelView<'a> {
             blocks: cols.div_ceil(QK),
             group_bytes: group_floats * 4,
             data: bytes,
+            y_stride: rows,
+            y_col0: 0,
         }
     }
 
     pub(crate) fn check(&self, x: &[f32], n: usize, y: &[f32]) {
         assert!(supported(), "panel products need AVX-512F or AVX2 with FMA");
         assert_eq!(x.len(), n * self.cols, "input shape");
-        assert_eq!(y.len(), n * self.rows, "output shape");
+        assert!(self.y_col0 + self.rows <= self.y_stride, "output columns");
+        assert_eq!(y.len(), n * self.y_stride, "output shape");
         let groups = self.rows.div_ceil(PANEL);
         if groups > 0 {
             assert!(
@@ -460,7 +835,7 @@ impl<'a> PanelView<'a> {
         if n >= 4 * self.rows && n >= 2 * threads * xb {
             let blocks = n.div_ceil(xb);
             let per = blocks.div_ceil((threads * 4).min(blocks)) * xb;
-            let (cols, rows) = (self.cols, self.rows);
+            let (cols, stride) = (self.cols, self.y_stride);
             (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
                 let (r0, r1) = (t * per, ((t + 1) * per).min(n));
                 // SAFETY: task t writes only rows [r0, r1) of y, disjoint from every other
@@ -469,7 +844,7 @@ impl<'a> PanelView<'a> {
                     self.task(
                         &x[r0 * cols..r1 * cols],
                         r1 - r0,
-                        out.offset(r0 * rows),
+                        out.offset(r0 * stride),
                         0,
                         groups,
                         acc,
@@ -565,7 +940,7 @@ impl<'a> PanelView<'a> {
                         w,
                         group_bytes: gb,
                         x: x[b * self.cols..].as_ptr(),
-                        y: unsafe { y.0.add(b * self.rows + g * PANEL) },
+                        y: unsafe { y.0.add(b * self.y_stride + self.y_col0 + g * PANEL) },
                         rows_valid: [
                             self.rows - g * PANEL,
                             self.rows.saturating_sub((g + 1) * PANEL),
@@ -575,7 +950,17 @@ impl<'a> PanelView<'a> {
                     // SAFETY: the panels g (and g+1 when `two`) exist, x holds rows b..b+nb,
                     // and y's columns for these panels belong to this task.
                     let run = if avx2 { avx2::dispatch } else { simd::dispatch };
-                    unsafe { run(format, self.blocks, self.cols, self.rows, nb, two, &call) };
+                    unsafe {
+                        run(
+                            format,
+                            self.blocks,
+                            self.cols,
+                            self.y_stride,
+                            nb,
+                            two,
+                            &call,
+                        )
+                    };
                     b += nb;
                 }
                 g += if two { 2 } else { 1 };
@@ -616,7 +1001,7 @@ struct Call {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{Call, MAX_B, PANEL, PanelFormat, QK};
+    use super::{Call, K_SUBS, MAX_B, PANEL, PanelFormat, QK, k_header, k_sub};
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -661,23 +1046,106 @@ mod simd {
             PanelFormat::Q41 => go!(1),
             PanelFormat::Q80 => go!(2),
             PanelFormat::F32 => go!(3),
+            PanelFormat::F16 => go!(4),
+            PanelFormat::BF16 => go!(5),
+            PanelFormat::Q4K => go!(6),
+            PanelFormat::Q5K => go!(7),
+            PanelFormat::Q6K => go!(8),
         }
     }
 
     const fn format_of(f: u8) -> PanelFormat {
-        match f {
-            0 => PanelFormat::Q40,
-            1 => PanelFormat::Q41,
-            2 => PanelFormat::Q80,
-            _ => PanelFormat::F32,
-        }
+        PanelFormat::of_code(f)
     }
 
-    /// Columns `i` and `i + 16` of one block of one panel, as candle dequantizes them.
     #[inline(always)]
-    unsafe fn expand<const F: u8>(blk: *const u8, i: usize) -> (__m512, __m512) {
+    unsafe fn bytes16(p: *const u8) -> __m512i {
+        unsafe { _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)) }
+    }
+
+    /// Columns `i` and `i + 16` of block `j` of the panel at `panel`, as candle dequantizes
+    /// them: the same operations on the same values, in the same order.
+    #[inline(always)]
+    unsafe fn expand<const F: u8>(panel: *const u8, j: usize, i: usize) -> (__m512, __m512) {
         unsafe {
+            let blk = panel.add(j * format_of(F).block_bytes());
             match format_of(F) {
+                PanelFormat::F16 => {
+                    let p = blk.add(2 * i * PANEL) as *const __m256i;
+                    let q = blk.add(2 * (i + QK / 2) * PANEL) as *const __m256i;
+                    (
+                        _mm512_cvtph_ps(_mm256_loadu_si256(p)),
+                        _mm512_cvtph_ps(_mm256_loadu_si256(q)),
+                    )
+                }
+                PanelFormat::BF16 => {
+                    let wide = |p: *const u8| {
+                        let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+                        _mm512_castsi512_ps(_mm512_slli_epi32(h, 16))
+                    };
+                    (
+                        wide(blk.add(2 * i * PANEL)),
+                        wide(blk.add(2 * (i + QK / 2) * PANEL)),
+                    )
+                }
+                PanelFormat::Q4K | PanelFormat::Q5K => {
+                    let f = format_of(F);
+                    let sb = panel.add((j / K_SUBS) * f.superblock_bytes());
+                    let sub = sb.add(k_header(f) + (j % K_SUBS) * k_sub(f));
+                    let d = _mm512_loadu_ps(sb as *const f32);
+                    let dmin = _mm512_loadu_ps(sb.add(4 * PANEL) as *const f32);
+                    // d·scale and dmin·min, then d1·q − m1: candle's two roundings.
+                    let d1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(bytes16(sub)));
+                    let m1 = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(bytes16(sub.add(PANEL))));
+                    let q = bytes16(sub.add(2 * PANEL + i * PANEL));
+                    let mut lo = _mm512_and_si512(q, _mm512_set1_epi32(0x0F));
+                    let mut hi = _mm512_srli_epi32(q, 4);
+                    if f == PanelFormat::Q5K {
+                        let h = bytes16(sub.add(2 * PANEL + PANEL * QK / 2 + (i % 4) * PANEL));
+                        let h = _mm512_srlv_epi32(h, _mm512_set1_epi32(2 * (i / 4) as i32));
+                        let one = _mm512_set1_epi32(1);
+                        lo = _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_and_si512(h, one), 4));
+                        hi = _mm512_or_si512(
+                            hi,
+                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, 1), one), 4),
+                        );
+                    }
+                    (
+                        _mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(lo)), m1),
+                        _mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(hi)), m1),
+                    )
+                }
+                PanelFormat::Q6K => {
+                    let f = PanelFormat::Q6K;
+                    let sb = panel.add((j / K_SUBS) * f.superblock_bytes());
+                    let sub = sb.add(k_header(f) + (j % K_SUBS) * k_sub(f));
+                    let d = _mm512_loadu_ps(sb as *const f32);
+                    let sc = |p: *const u8| {
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                            p as *const __m128i,
+                        )))
+                    };
+                    // (d·scale)·q, as candle multiplies.
+                    let dl = _mm512_mul_ps(d, sc(sub));
+                    let dh = _mm512_mul_ps(d, sc(sub.add(PANEL)));
+                    let q = bytes16(sub.add(2 * PANEL + i * PANEL));
+                    let h = bytes16(sub.add(2 * PANEL + PANEL * QK / 2 + (i % 8) * PANEL));
+                    let h = _mm512_srlv_epi32(h, _mm512_set1_epi32(4 * (i / 8) as i32));
+                    let three = _mm512_set1_epi32(3);
+                    let m32 = _mm512_set1_epi32(32);
+                    let lo = _mm512_or_si512(
+                        _mm512_and_si512(q, _mm512_set1_epi32(0x0F)),
+                        _mm512_slli_epi32(_mm512_and_si512(h, three), 4),
+                    );
+                    let hi = _mm512_or_si512(
+                        _mm512_srli_epi32(q, 4),
+                        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, 2), three), 4),
+                    );
+                    (
+                        _mm512_mul_ps(dl, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, m32))),
+                        _mm512_mul_ps(dh, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, m32))),
+                    )
+                }
                 PanelFormat::Q41 => {
                     let d = _mm512_loadu_ps(blk as *const f32);
                     let m = _mm512_loadu_ps(blk.add(4 * PANEL) as *const f32);
@@ -744,6 +1212,11 @@ mod simd {
                 PanelFormat::Q41 => expand_panel_f::<1>(src, blocks, dst),
                 PanelFormat::Q80 => expand_panel_f::<2>(src, blocks, dst),
                 PanelFormat::F32 => expand_panel_f::<3>(src, blocks, dst),
+                PanelFormat::F16 => expand_panel_f::<4>(src, blocks, dst),
+                PanelFormat::BF16 => expand_panel_f::<5>(src, blocks, dst),
+                PanelFormat::Q4K => expand_panel_f::<6>(src, blocks, dst),
+                PanelFormat::Q5K => expand_panel_f::<7>(src, blocks, dst),
+                PanelFormat::Q6K => expand_panel_f::<8>(src, blocks, dst),
             }
         }
     }
@@ -751,11 +1224,10 @@ mod simd {
     #[target_feature(enable = "avx512f")]
     unsafe fn expand_panel_f<const F: u8>(src: *const u8, blocks: usize, dst: &mut [f32]) {
         unsafe {
-            let bb = format_of(F).block_bytes();
             for j in 0..blocks {
                 let out = dst.as_mut_ptr().add(j * QK * PANEL);
                 for i in 0..QK / 2 {
-                    let (lo, hi) = expand::<F>(src.add(j * bb), i);
+                    let (lo, hi) = expand::<F>(src, j, i);
                     _mm512_storeu_ps(out.add(i * PANEL), lo);
                     _mm512_storeu_ps(out.add((i + QK / 2) * PANEL), hi);
                 }
@@ -773,7 +1245,6 @@ mod simd {
         c: &Call,
     ) {
         unsafe {
-            let bb = format_of(F).block_bytes();
             let mut acc = [[_mm512_setzero_ps(); G]; B];
             // Whole blocks; an f32 matrix whose width is not a multiple of 32 has a partial
             // last block, whose missing columns are skipped (their weights are zero, but the
@@ -784,7 +1255,7 @@ mod simd {
                     let mut lo = [_mm512_setzero_ps(); G];
                     let mut hi = [_mm512_setzero_ps(); G];
                     for g in 0..G {
-                        (lo[g], hi[g]) = expand::<F>(c.w.add(g * c.group_bytes + j * bb), i);
+                        (lo[g], hi[g]) = expand::<F>(c.w.add(g * c.group_bytes), j, i);
                     }
                     for b in 0..B {
                         let xp = c.x.add(b * cols + j * QK + i);
@@ -803,7 +1274,7 @@ mod simd {
                     let mut lo = [_mm512_setzero_ps(); G];
                     let mut hi = [_mm512_setzero_ps(); G];
                     for g in 0..G {
-                        (lo[g], hi[g]) = expand::<F>(c.w.add(g * c.group_bytes + j * bb), i);
+                        (lo[g], hi[g]) = expand::<F>(c.w.add(g * c.group_bytes), j, i);
                     }
                     let (cl, ch) = (j * QK + i, j * QK + i + QK / 2);
                     for b in 0..B {
@@ -1196,16 +1667,13 @@ mod tests {
             return;
         }
         let mut rng = crate::testing::Rng::new(5);
-        for (rows, cols) in [(70, 96), (16, 32), (33, 64), (5, 32)] {
+        for (rows, cols) in [(70, 96), (16, 32), (33, 64), (5, 32), (37, 256), (18, 512)] {
             let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
             let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-            for dt in [
-                GgmlDType::Q4_0,
-                GgmlDType::Q4_1,
-                GgmlDType::Q8_0,
-                GgmlDType::F32,
-                GgmlDType::F16,
-            ] {
+            for dt in ALL_TYPES {
+                if cols % dt.block_size() != 0 {
+                    continue;
+                }
                 let q = QTensor::quantize(&wt, dt).unwrap();
                 let dense: Vec<f32> = q
                     .dequantize(&Device::Cpu)
@@ -1225,6 +1693,107 @@ mod tests {
                             "{dt:?} {rows}x{cols} n={n}: {a} vs {b}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Every GGML type with a panel format, and one without (Q5_0, expanded to f32).
+    const ALL_TYPES: [GgmlDType; 10] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::F32,
+        GgmlDType::F16,
+        GgmlDType::BF16,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::Q5_0,
+    ];
+
+    fn dequantized(q: &QTensor) -> Vec<f32> {
+        q.dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn panels_hold_exactly_the_values_dequantize_gives() {
+        if !supported() {
+            return;
+        }
+        let mut rng = crate::testing::Rng::new(11);
+        let (rows, cols) = (35, 512);
+        // Spread magnitudes, so that the K-quants' scales and minimums take many values.
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| rng.normal() * (1 + (i / 32) % 9) as f32 * 0.1)
+            .collect();
+        let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        for dt in ALL_TYPES {
+            let q = QTensor::quantize(&wt, dt).unwrap();
+            let dense = dequantized(&q);
+            let p = PanelMatrix::from_qtensor(&q).unwrap();
+            let want_format = PanelFormat::of_ggml(dt).unwrap_or(PanelFormat::F32);
+            assert_eq!(p.format(), want_format, "{dt:?}");
+            let mut row = vec![0f32; cols];
+            for r in 0..rows {
+                p.row_into(r, &mut row);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&row),
+                    bits(&dense[r * cols..(r + 1) * cols]),
+                    "{dt:?} row {r}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn parts_of_different_formats_stack_as_segments() {
+        if !supported() {
+            return;
+        }
+        let mut rng = crate::testing::Rng::new(4);
+        // q and k in Q4_K, v in Q6_K, as a Q4_K_M file holds them; then two runs of Q8_0.
+        for dts in [
+            [GgmlDType::Q4K, GgmlDType::Q4K, GgmlDType::Q6K],
+            [GgmlDType::Q8_0, GgmlDType::F16, GgmlDType::Q8_0],
+        ] {
+            let parts: Vec<QTensor> = [(40, 256), (24, 256), (9, 256)]
+                .iter()
+                .zip(dts)
+                .map(|(&(r, c), dt)| {
+                    let w: Vec<f32> = (0..r * c).map(|_| rng.normal()).collect();
+                    QTensor::quantize(&Tensor::from_vec(w, (r, c), &Device::Cpu).unwrap(), dt)
+                        .unwrap()
+                })
+                .collect();
+            let stacked = PanelMatrix::stack(&parts.iter().collect::<Vec<_>>()).unwrap();
+            let formats: Vec<PanelFormat> = dts
+                .iter()
+                .map(|&d| PanelFormat::of_ggml(d).unwrap())
+                .collect();
+            let mut runs = formats.clone();
+            runs.dedup();
+            assert_eq!(stacked.formats(), runs);
+            for n in [3, 20] {
+                let x: Vec<f32> = (0..n * 256).map(|_| rng.normal()).collect();
+                let all = stacked.matmul(&x, n);
+                let mut off = 0;
+                for p in &parts {
+                    let one = PanelMatrix::from_qtensor(p).unwrap().matmul(&x, n);
+                    let r = p.shape().dims()[0];
+                    for b in 0..n {
+                        assert_eq!(
+                            &all[b * 73 + off..b * 73 + off + r],
+                            &one[b * r..(b + 1) * r]
+                        );
+                    }
+                    off += r;
                 }
             }
         }
@@ -1330,6 +1899,20 @@ mod tests {
         for b in 0..40 {
             let one = p.matmul(&x[b * cols..(b + 1) * cols], 1);
             assert_eq!(&all[b * rows..(b + 1) * rows], &one[..], "row {b}");
+        }
+        // Every format: 40 rows at once (panels expanded once per block of rows) against
+        // one row at a time (expanded in registers).
+        let cols = 256;
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+        let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let x: Vec<f32> = (0..40 * cols).map(|_| rng.normal()).collect();
+        for dt in ALL_TYPES {
+            let p = PanelMatrix::from_qtensor(&QTensor::quantize(&wt, dt).unwrap()).unwrap();
+            let all = p.matmul(&x, 40);
+            for b in 0..40 {
+                let one = p.matmul(&x[b * cols..(b + 1) * cols], 1);
+                assert_eq!(&all[b * rows..(b + 1) * rows], &one[..], "{dt:?} row {b}");
+            }
         }
     }
 

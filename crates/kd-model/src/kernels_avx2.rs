@@ -5,13 +5,13 @@
 //! runs the same operations lane by lane, and only the order of the final horizontal sums
 //! differs.
 
-use super::{Call, PANEL, PanelFormat, QK};
+use super::{Call, K_SUBS, PANEL, PanelFormat, QK, k_header, k_sub};
 use std::arch::x86_64::*;
 
 const MAX_B: usize = 4;
 
 /// # Safety
-/// As `simd::dispatch`, with AVX2 and FMA present instead of AVX-512F.
+/// As `simd::dispatch`, with AVX2, FMA and F16C present instead of AVX-512F.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn dispatch(
     format: PanelFormat,
@@ -51,6 +51,11 @@ pub(super) unsafe fn dispatch(
                 PanelFormat::Q41 => go!(1, n, &sub),
                 PanelFormat::Q80 => go!(2, n, &sub),
                 PanelFormat::F32 => go!(3, n, &sub),
+                PanelFormat::F16 => go!(4, n, &sub),
+                PanelFormat::BF16 => go!(5, n, &sub),
+                PanelFormat::Q4K => go!(6, n, &sub),
+                PanelFormat::Q5K => go!(7, n, &sub),
+                PanelFormat::Q6K => go!(8, n, &sub),
             }
             b += n;
         }
@@ -58,12 +63,7 @@ pub(super) unsafe fn dispatch(
 }
 
 const fn format_of(f: u8) -> PanelFormat {
-    match f {
-        0 => PanelFormat::Q40,
-        1 => PanelFormat::Q41,
-        2 => PanelFormat::Q80,
-        _ => PanelFormat::F32,
-    }
+    PanelFormat::of_code(f)
 }
 
 type Col = [__m256; 2];
@@ -73,12 +73,91 @@ unsafe fn bytes8(p: *const u8) -> __m128i {
     unsafe { _mm_loadl_epi64(p as *const __m128i) }
 }
 
-/// Columns `i` and `i + 16` of one block of one panel (rows 0–7 and 8–15 of each).
+/// Eight bytes widened to eight u32 lanes.
 #[inline(always)]
-unsafe fn expand<const F: u8>(blk: *const u8, i: usize) -> (Col, Col) {
+unsafe fn u8x8(p: *const u8) -> __m256i {
+    unsafe { _mm256_cvtepu8_epi32(bytes8(p)) }
+}
+
+/// Columns `i` and `i + 16` of block `j` of the panel at `panel` (rows 0–7 and 8–15 of
+/// each), with the AVX-512 kernel's operations lane by lane.
+#[inline(always)]
+unsafe fn expand<const F: u8>(panel: *const u8, j: usize, i: usize) -> (Col, Col) {
     unsafe {
+        let blk = panel.add(j * format_of(F).block_bytes());
         let f = blk as *const f32;
         match format_of(F) {
+            PanelFormat::F16 | PanelFormat::BF16 => {
+                let half = |p: *const u8| {
+                    let v = _mm_loadu_si128(p as *const __m128i);
+                    if format_of(F) == PanelFormat::F16 {
+                        _mm256_cvtph_ps(v)
+                    } else {
+                        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
+                    }
+                };
+                let (p, q) = (blk.add(2 * i * PANEL), blk.add(2 * (i + QK / 2) * PANEL));
+                ([half(p), half(p.add(16))], [half(q), half(q.add(16))])
+            }
+            PanelFormat::Q4K | PanelFormat::Q5K => {
+                let fm = format_of(F);
+                let sb = panel.add((j / K_SUBS) * fm.superblock_bytes());
+                let sub = sb.add(k_header(fm) + (j % K_SUBS) * k_sub(fm));
+                let mut lo = [_mm256_setzero_ps(); 2];
+                let mut hi = [_mm256_setzero_ps(); 2];
+                for h in 0..2 {
+                    let d = _mm256_loadu_ps((sb as *const f32).add(8 * h));
+                    let dmin = _mm256_loadu_ps((sb as *const f32).add(PANEL + 8 * h));
+                    let d1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(u8x8(sub.add(8 * h))));
+                    let m1 = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(u8x8(sub.add(PANEL + 8 * h))));
+                    let q = u8x8(sub.add(2 * PANEL + i * PANEL + 8 * h));
+                    let mut l = _mm256_and_si256(q, _mm256_set1_epi32(0x0F));
+                    let mut u = _mm256_srli_epi32(q, 4);
+                    if fm == PanelFormat::Q5K {
+                        let hb =
+                            u8x8(sub.add(2 * PANEL + PANEL * QK / 2 + (i % 4) * PANEL + 8 * h));
+                        let hb = _mm256_srlv_epi32(hb, _mm256_set1_epi32(2 * (i / 4) as i32));
+                        let one = _mm256_set1_epi32(1);
+                        l = _mm256_or_si256(l, _mm256_slli_epi32(_mm256_and_si256(hb, one), 4));
+                        u = _mm256_or_si256(
+                            u,
+                            _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 1), one), 4),
+                        );
+                    }
+                    lo[h] = _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(l)), m1);
+                    hi[h] = _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(u)), m1);
+                }
+                (lo, hi)
+            }
+            PanelFormat::Q6K => {
+                let fm = PanelFormat::Q6K;
+                let sb = panel.add((j / K_SUBS) * fm.superblock_bytes());
+                let sub = sb.add(k_header(fm) + (j % K_SUBS) * k_sub(fm));
+                let mut lo = [_mm256_setzero_ps(); 2];
+                let mut hi = [_mm256_setzero_ps(); 2];
+                let sc = |p: *const u8| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes8(p)));
+                let three = _mm256_set1_epi32(3);
+                let m32 = _mm256_set1_epi32(32);
+                for h in 0..2 {
+                    let d = _mm256_loadu_ps((sb as *const f32).add(8 * h));
+                    let dl = _mm256_mul_ps(d, sc(sub.add(8 * h)));
+                    let dh = _mm256_mul_ps(d, sc(sub.add(PANEL + 8 * h)));
+                    let q = u8x8(sub.add(2 * PANEL + i * PANEL + 8 * h));
+                    let hb = u8x8(sub.add(2 * PANEL + PANEL * QK / 2 + (i % 8) * PANEL + 8 * h));
+                    let hb = _mm256_srlv_epi32(hb, _mm256_set1_epi32(4 * (i / 8) as i32));
+                    let l = _mm256_or_si256(
+                        _mm256_and_si256(q, _mm256_set1_epi32(0x0F)),
+                        _mm256_slli_epi32(_mm256_and_si256(hb, three), 4),
+                    );
+                    let u = _mm256_or_si256(
+                        _mm256_srli_epi32(q, 4),
+                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 2), three), 4),
+                    );
+                    lo[h] = _mm256_mul_ps(dl, _mm256_cvtepi32_ps(_mm256_sub_epi32(l, m32)));
+                    hi[h] = _mm256_mul_ps(dh, _mm256_cvtepi32_ps(_mm256_sub_epi32(u, m32)));
+                }
+                (lo, hi)
+            }
             PanelFormat::Q41 => {
                 let mut lo = [_mm256_setzero_ps(); 2];
                 let mut hi = [_mm256_setzero_ps(); 2];
@@ -139,15 +218,14 @@ unsafe fn expand<const F: u8>(blk: *const u8, i: usize) -> (Col, Col) {
 
 /// `B` input rows against one panel, in the AVX-512 kernel's order.
 #[allow(clippy::needless_range_loop)] // indices over registers read best as in the math
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn kernel<const B: usize, const F: u8>(blocks: usize, cols: usize, rows: usize, c: &Call) {
     unsafe {
-        let bb = format_of(F).block_bytes();
         let mut acc = [[_mm256_setzero_ps(); 2]; B];
         let full = cols / QK;
         for j in 0..blocks {
             for i in 0..QK / 2 {
-                let (lo, hi) = expand::<F>(c.w.add(j * bb), i);
+                let (lo, hi) = expand::<F>(c.w, j, i);
                 let (cl, ch) = (j * QK + i, j * QK + i + QK / 2);
                 for b in 0..B {
                     let xp = c.x.add(b * cols);
@@ -199,18 +277,22 @@ pub(super) unsafe fn expand_panel(
             PanelFormat::Q41 => expand_panel_f::<1>(src, blocks, dst),
             PanelFormat::Q80 => expand_panel_f::<2>(src, blocks, dst),
             PanelFormat::F32 => expand_panel_f::<3>(src, blocks, dst),
+            PanelFormat::F16 => expand_panel_f::<4>(src, blocks, dst),
+            PanelFormat::BF16 => expand_panel_f::<5>(src, blocks, dst),
+            PanelFormat::Q4K => expand_panel_f::<6>(src, blocks, dst),
+            PanelFormat::Q5K => expand_panel_f::<7>(src, blocks, dst),
+            PanelFormat::Q6K => expand_panel_f::<8>(src, blocks, dst),
         }
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn expand_panel_f<const F: u8>(src: *const u8, blocks: usize, dst: &mut [f32]) {
     unsafe {
-        let bb = format_of(F).block_bytes();
         for j in 0..blocks {
             let out = dst.as_mut_ptr().add(j * QK * PANEL);
             for i in 0..QK / 2 {
-                let (lo, hi) = expand::<F>(src.add(j * bb), i);
+                let (lo, hi) = expand::<F>(src, j, i);
                 for h in 0..2 {
                     _mm256_storeu_ps(out.add(i * PANEL + 8 * h), lo[h]);
                     _mm256_storeu_ps(out.add((i + QK / 2) * PANEL + 8 * h), hi[h]);

@@ -65,6 +65,17 @@ fn avx2_kernels_match_the_avx512_ones() {
             ][..],
         ),
         (33, 100, &[GgmlDType::F32][..]),
+        (
+            37,
+            512,
+            &[
+                GgmlDType::F16,
+                GgmlDType::BF16,
+                GgmlDType::Q4K,
+                GgmlDType::Q5K,
+                GgmlDType::Q6K,
+            ][..],
+        ),
     ] {
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
         let wt = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).unwrap();
