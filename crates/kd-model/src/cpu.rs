@@ -30,8 +30,9 @@ pub struct CpuLayer {
 
 pub struct CpuLlama {
     pub cfg: LlamaConfig,
-    /// `[vocab, hidden]` f32 embedding table.
-    pub embed: Vec<f32>,
+    /// `[vocab, hidden]` embedding table in its file's format; `None` when tied to
+    /// `lm_head`, whose rows are then looked up.
+    pub embed: Option<PanelMatrix>,
     pub layers: Vec<CpuLayer>,
     pub norm: Vec<f32>,
     pub lm_head: PanelMatrix,
@@ -136,7 +137,7 @@ const ROWS_PER_TASK: usize = 16;
 impl CpuLlama {
     pub fn new(
         cfg: LlamaConfig,
-        embed: Vec<f32>,
+        embed: Option<PanelMatrix>,
         layers: Vec<CpuLayer>,
         norm: Vec<f32>,
         lm_head: PanelMatrix,
@@ -153,6 +154,49 @@ impl CpuLlama {
             cos,
             sin,
         }
+    }
+
+    /// Bytes of the weights as held (panels, norms and biases).
+    pub fn weight_bytes(&self) -> usize {
+        let floats = |v: &[f32]| v.len() * 4;
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.bytes()
+                    + l.o.bytes()
+                    + l.gate_up.bytes()
+                    + l.down.bytes()
+                    + floats(&l.attn_norm)
+                    + floats(&l.ffn_norm)
+                    + l.qkv_bias.as_deref().map_or(0, floats)
+                    + l.qk_norm.as_ref().map_or(0, |(q, k)| floats(q) + floats(k))
+            })
+            .sum();
+        layers
+            + self.lm_head.bytes()
+            + self.embed.as_ref().map_or(0, |e| e.bytes())
+            + floats(&self.norm)
+    }
+
+    /// The panel formats the weights are held in, with their bytes.
+    pub fn weight_formats(&self) -> Vec<(crate::kernels::PanelFormat, usize)> {
+        let mut out: Vec<(crate::kernels::PanelFormat, usize)> = Vec::new();
+        let mats = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .chain(std::iter::once(&self.lm_head))
+            .chain(self.embed.as_ref());
+        for m in mats {
+            for (f, b) in m.format_bytes() {
+                match out.iter_mut().find(|(g, _)| *g == f) {
+                    Some(e) => e.1 += b,
+                    None => out.push((f, b)),
+                }
+            }
+        }
+        out
     }
 
     pub fn new_cache(&self) -> SeqCache {
@@ -186,7 +230,10 @@ impl CpuLlama {
             .chunks_exact_mut(d)
             .zip(tokens.iter().flat_map(|t| t.iter()))
         {
-            row.copy_from_slice(&self.embed[id as usize * d..(id as usize + 1) * d]);
+            self.embed
+                .as_ref()
+                .unwrap_or(&self.lm_head)
+                .row_into(id as usize, row);
         }
         let qd = cfg.q_dim();
         let qkv_w = qd + 2 * kvd;

@@ -571,6 +571,14 @@ impl PanelMatrix {
         self.segments.iter().map(|s| s.format).collect()
     }
 
+    /// Each segment's format and bytes.
+    pub fn format_bytes(&self) -> Vec<(PanelFormat, usize)> {
+        self.segments
+            .iter()
+            .map(|s| (s.format, s.data.len()))
+            .collect()
+    }
+
     /// Bytes held by the panels.
     pub fn bytes(&self) -> usize {
         self.segments.iter().map(|s| s.data.len()).sum()

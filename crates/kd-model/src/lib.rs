@@ -36,6 +36,7 @@ pub mod loader;
 pub mod rope;
 pub mod testing;
 pub mod trainable;
+pub mod weights;
 
 pub use config::{Arch, LlamaConfig};
 pub use error::{Error, Result};

@@ -15,6 +15,7 @@ use crate::cpu::{CpuLayer, CpuLlama};
 use crate::error::{Error, Result};
 use crate::kernels::PanelMatrix;
 use crate::llama::{Layer, Linear, Llama};
+use crate::weights::{RawTensor, WeightFiles};
 
 /// How the teacher computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -299,20 +300,16 @@ fn load_gguf(
         path: path.to_path_buf(),
         source: Box::new(source),
     })?;
-    let mut get = |name: &str, expected: &[usize]| -> Result<candle_core::quantized::QTensor> {
-        if !content.tensor_infos.contains_key(name) {
+    let files = WeightFiles::open(&[path.to_path_buf()])?;
+    let file = files.bytes(0);
+    let get = |name: &str, expected: &[usize]| -> Result<RawTensor<'_>> {
+        let Some(info) = content.tensor_infos.get(name) else {
             return Err(Error::MissingTensor {
                 path: path.to_path_buf(),
                 name: name.to_string(),
             });
-        }
-        let t = content
-            .tensor(&mut f, name, device)
-            .map_err(|source| Error::Gguf {
-                path: path.to_path_buf(),
-                source: Box::new(source),
-            })?;
-        let found = t.shape().dims().to_vec();
+        };
+        let found = info.shape.dims().to_vec();
         if found != expected {
             return Err(Error::TensorShape {
                 path: path.to_path_buf(),
@@ -321,7 +318,19 @@ fn load_gguf(
                 expected: expected.to_vec(),
             });
         }
-        Ok(t)
+        let dt = info.ggml_dtype;
+        let len = info.shape.elem_count() / dt.block_size() * dt.type_size();
+        let start = content.tensor_data_offset as usize + info.offset as usize;
+        let bytes = file.get(start..start + len).ok_or_else(|| Error::BadGguf {
+            path: path.to_path_buf(),
+            what: format!("tensor {name} ({len} bytes at {start}) lies past the end of the file"),
+        })?;
+        Ok(RawTensor {
+            name: name.to_string(),
+            dtype: dt,
+            dims: found,
+            bytes,
+        })
     };
     let d = cfg.hidden_size;
     let hd = cfg.head_dim();
@@ -329,27 +338,22 @@ fn load_gguf(
     let kvd = cfg.num_key_value_heads * hd;
     let ff = cfg.intermediate_size;
     let v = cfg.vocab_size;
-    let embed = W::Q(get("token_embd.weight", &[v, d])?);
+    let embed = get("token_embd.weight", &[v, d])?;
     // Not `with_capacity(num_hidden_layers)`: the count comes from the file, and a missing
     // layer's tensors end the loop with an error long before a huge count would.
     let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let n = |s: &str| format!("blk.{i}.{s}.weight");
         let qkv_bias = if cfg.arch.qkv_bias() {
-            let mut b = |s: &str, len: usize| -> Result<Tensor> {
-                Ok(get(&format!("blk.{i}.{s}.bias"), &[len])?.dequantize(device)?)
-            };
-            Some(Tensor::cat(
-                &[b("attn_q", qd)?, b("attn_k", kvd)?, b("attn_v", kvd)?],
-                0,
-            )?)
+            let b = |s: &str, len: usize| get(&format!("blk.{i}.{s}.bias"), &[len]);
+            Some([b("attn_q", qd)?, b("attn_k", kvd)?, b("attn_v", kvd)?])
         } else {
             None
         };
         let qk_norm = if cfg.arch.qk_norm() {
             Some((
-                get(&n("attn_q_norm"), &[hd])?.dequantize(device)?,
-                get(&n("attn_k_norm"), &[hd])?.dequantize(device)?,
+                get(&n("attn_q_norm"), &[hd])?,
+                get(&n("attn_k_norm"), &[hd])?,
             ))
         } else {
             None
@@ -357,22 +361,22 @@ fn load_gguf(
         layers.push(RawLayer {
             qkv_bias,
             qk_norm,
-            attn_norm: get(&n("attn_norm"), &[d])?.dequantize(device)?,
-            q: W::Q(get(&n("attn_q"), &[qd, d])?),
-            k: W::Q(get(&n("attn_k"), &[kvd, d])?),
-            v: W::Q(get(&n("attn_v"), &[kvd, d])?),
-            o: W::Q(get(&n("attn_output"), &[d, qd])?),
-            ffn_norm: get(&n("ffn_norm"), &[d])?.dequantize(device)?,
-            gate: W::Q(get(&n("ffn_gate"), &[ff, d])?),
-            up: W::Q(get(&n("ffn_up"), &[ff, d])?),
-            down: W::Q(get(&n("ffn_down"), &[d, ff])?),
+            attn_norm: get(&n("attn_norm"), &[d])?,
+            q: get(&n("attn_q"), &[qd, d])?,
+            k: get(&n("attn_k"), &[kvd, d])?,
+            v: get(&n("attn_v"), &[kvd, d])?,
+            o: get(&n("attn_output"), &[d, qd])?,
+            ffn_norm: get(&n("ffn_norm"), &[d])?,
+            gate: get(&n("ffn_gate"), &[ff, d])?,
+            up: get(&n("ffn_up"), &[ff, d])?,
+            down: get(&n("ffn_down"), &[d, ff])?,
         });
     }
-    let norm = get("output_norm.weight", &[d])?.dequantize(device)?;
+    let norm = get("output_norm.weight", &[d])?;
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else {
-        Some(W::Q(get("output.weight", &[v, d])?))
+        Some(get("output.weight", &[v, d])?)
     };
     let raw = RawModel {
         cfg: cfg.clone(),
@@ -389,17 +393,17 @@ fn load_gguf(
         .get("general.file_type")
         .and_then(|v| v.to_u32().ok())
         .map(file_type_name);
+    let (model, hashes) = raw.build_hashing(&files, precision, device, kernels)?;
     let identity = ModelIdentity {
         architecture: cfg.arch.name().into(),
         format: "gguf".into(),
         path: path.display().to_string(),
-        weights_sha256: sha256_file(path)?,
+        weights_sha256: hashes[0].clone(),
         file_type,
         n_params: cfg.n_params(),
         config: cfg.clone(),
         precision,
     };
-    let model = raw.build(precision, device, kernels)?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -598,21 +602,28 @@ fn load_hf_dir(
             path: tok_path.clone(),
             source: Box::new(source),
         })?;
-    let mut ts = load_hf_tensors(dir, device)?;
-    let mut take = |name: &str, expected: &[usize]| -> Result<Tensor> {
-        let t = ts.remove(name).ok_or_else(|| Error::MissingTensor {
+    let paths = safetensors_files(dir)?;
+    if paths.is_empty() {
+        return Err(Error::NotAModel {
+            path: dir.to_path_buf(),
+        });
+    }
+    let files = WeightFiles::open(&paths)?;
+    let index = safetensors_index(&files)?;
+    let take = |name: &str, expected: &[usize]| -> Result<RawTensor<'_>> {
+        let t = index.get(name).ok_or_else(|| Error::MissingTensor {
             path: dir.to_path_buf(),
             name: name.to_string(),
         })?;
-        if t.dims() != expected {
+        if t.dims != expected {
             return Err(Error::TensorShape {
                 path: dir.to_path_buf(),
                 name: name.to_string(),
-                found: t.dims().to_vec(),
+                found: t.dims.clone(),
                 expected: expected.to_vec(),
             });
         }
-        Ok(t)
+        Ok(t.clone())
     };
     let d = cfg.hidden_size;
     let hd = cfg.head_dim();
@@ -620,47 +631,44 @@ fn load_hf_dir(
     let kvd = cfg.num_key_value_heads * hd;
     let ff = cfg.intermediate_size;
     let v = cfg.vocab_size;
-    let embed = W::T(take("model.embed_tokens.weight", &[v, d])?);
+    let embed = take("model.embed_tokens.weight", &[v, d])?;
     // Not `with_capacity(num_hidden_layers)`: the count comes from the file, and a missing
     // layer's tensors end the loop with an error long before a huge count would.
     let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let qkv_bias = if cfg.arch.qkv_bias() {
-            let mut b = |n: &str, len: usize| take(&format!("{p}.self_attn.{n}.bias"), &[len]);
-            Some(Tensor::cat(
-                &[b("q_proj", qd)?, b("k_proj", kvd)?, b("v_proj", kvd)?],
-                0,
-            )?)
+            let b = |n: &str, len: usize| take(&format!("{p}.self_attn.{n}.bias"), &[len]);
+            Some([b("q_proj", qd)?, b("k_proj", kvd)?, b("v_proj", kvd)?])
         } else {
             None
         };
         let qk_norm = if cfg.arch.qk_norm() {
-            let mut n = |n: &str| take(&format!("{p}.self_attn.{n}.weight"), &[hd]);
+            let n = |n: &str| take(&format!("{p}.self_attn.{n}.weight"), &[hd]);
             Some((n("q_norm")?, n("k_norm")?))
         } else {
             None
         };
-        let mut t = |n: &str, shape: &[usize]| take(&format!("{p}.{n}.weight"), shape);
+        let t = |n: &str, shape: &[usize]| take(&format!("{p}.{n}.weight"), shape);
         layers.push(RawLayer {
             qkv_bias,
             qk_norm,
             attn_norm: t("input_layernorm", &[d])?,
-            q: W::T(t("self_attn.q_proj", &[qd, d])?),
-            k: W::T(t("self_attn.k_proj", &[kvd, d])?),
-            v: W::T(t("self_attn.v_proj", &[kvd, d])?),
-            o: W::T(t("self_attn.o_proj", &[d, qd])?),
+            q: t("self_attn.q_proj", &[qd, d])?,
+            k: t("self_attn.k_proj", &[kvd, d])?,
+            v: t("self_attn.v_proj", &[kvd, d])?,
+            o: t("self_attn.o_proj", &[d, qd])?,
             ffn_norm: t("post_attention_layernorm", &[d])?,
-            gate: W::T(t("mlp.gate_proj", &[ff, d])?),
-            up: W::T(t("mlp.up_proj", &[ff, d])?),
-            down: W::T(t("mlp.down_proj", &[d, ff])?),
+            gate: t("mlp.gate_proj", &[ff, d])?,
+            up: t("mlp.up_proj", &[ff, d])?,
+            down: t("mlp.down_proj", &[d, ff])?,
         });
     }
     let norm = take("model.norm.weight", &[d])?;
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else {
-        Some(W::T(take("lm_head.weight", &[v, d])?))
+        Some(take("lm_head.weight", &[v, d])?)
     };
     let raw = RawModel {
         cfg: cfg.clone(),
@@ -670,9 +678,11 @@ fn load_hf_dir(
         lm_head,
         rope_interleaved: false,
     };
+    let (model, hashes) = raw.build_hashing(&files, precision, device, kernels)?;
+    // The directory's hash: sha256 over the files' hex hashes, in name order.
     let mut h = Sha256::new();
-    for f in safetensors_files(dir)? {
-        h.update(sha256_file(&f)?.as_bytes());
+    for f in &hashes {
+        h.update(f.as_bytes());
     }
     let identity = ModelIdentity {
         architecture: cfg.arch.name().into(),
@@ -684,7 +694,6 @@ fn load_hf_dir(
         config: cfg.clone(),
         precision,
     };
-    let model = raw.build(precision, device, kernels)?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -692,158 +701,203 @@ fn load_hf_dir(
     })
 }
 
-/// A weight matrix as the file holds it: GGUF blocks or a Hugging Face tensor.
-enum W {
-    Q(candle_core::quantized::QTensor),
-    T(Tensor),
+/// Every tensor of mapped safetensors files, by name, in the files' own dtype.
+fn safetensors_index(files: &WeightFiles) -> Result<HashMap<String, RawTensor<'_>>> {
+    let mut all = HashMap::new();
+    for i in 0..files.len() {
+        let path = files.path(i);
+        let bad = |what: String| Error::Safetensors {
+            path: path.to_path_buf(),
+            source: Box::new(candle_core::Error::Msg(what)),
+        };
+        let st = safetensors::SafeTensors::deserialize(files.bytes(i))
+            .map_err(|e| bad(e.to_string()))?;
+        for (name, view) in st.tensors() {
+            let dtype = crate::weights::ggml_type_of(view.dtype()).ok_or_else(|| {
+                bad(format!(
+                    "tensor {name}: dtype {:?} is not F32, F16 or BF16",
+                    view.dtype()
+                ))
+            })?;
+            all.insert(
+                name.clone(),
+                RawTensor {
+                    name,
+                    dtype,
+                    dims: view.shape().to_vec(),
+                    bytes: view.data(),
+                },
+            );
+        }
+    }
+    Ok(all)
 }
 
-impl W {
-    fn dense(&self, device: &Device) -> Result<Tensor> {
-        Ok(match self {
-            W::Q(q) => q.dequantize(device)?,
-            W::T(t) => t.to_dtype(DType::F32)?,
-        })
-    }
-
-    fn candle_linear(self, precision: Precision, device: &Device) -> Result<Linear> {
-        Ok(match self {
+impl RawTensor<'_> {
+    fn candle_linear(&self, precision: Precision, device: &Device) -> Result<Linear> {
+        Ok(
             // candle's CPU dot products need an even number of blocks per row (they panic
             // otherwise), so narrower matrices stay dense.
-            W::Q(q)
-                if precision == Precision::Quantized
-                    && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16)
-                    && q.shape().dims().last().is_some_and(|c| c % 64 == 0) =>
+            if precision == Precision::Quantized
+                && !matches!(
+                    self.dtype,
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                )
+                && self.dims.last().is_some_and(|c| c % 64 == 0)
             {
-                Linear::Quant(QMatMul::from_qtensor(q)?)
-            }
-            w => Linear::Dense(w.dense(device)?),
-        })
-    }
-
-    fn f32_values(&self) -> Result<Vec<f32>> {
-        Ok(self.dense(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+                Linear::Quant(QMatMul::from_qtensor(self.qtensor(device)?)?)
+            } else {
+                Linear::Dense(self.dense(device)?)
+            },
+        )
     }
 }
 
-/// Matrices with the same number of columns stacked along the rows, in panel layout (GGUF
-/// blocks kept when all parts share one quantization).
-fn panels(parts: &[&W]) -> Result<PanelMatrix> {
-    let qs: Option<Vec<&candle_core::quantized::QTensor>> = parts
-        .iter()
-        .map(|w| match w {
-            W::Q(q) => Some(q),
-            W::T(_) => None,
-        })
-        .collect();
-    if let Some(qs) = qs {
-        return Ok(PanelMatrix::stack(&qs)?);
+/// Matrices with the same number of columns stacked along the rows, in panel layout, packed
+/// from the files' bytes; their pages are released once packed.
+fn panels(files: &WeightFiles, parts: &[&RawTensor<'_>]) -> Result<PanelMatrix> {
+    let raw: Vec<_> = parts.iter().map(|t| t.matrix()).collect();
+    let p = PanelMatrix::stack_raw(&raw)?;
+    for t in parts {
+        files.release(t.bytes);
     }
-    let cols = match parts[0] {
-        W::Q(q) => q.shape().dims()[1],
-        W::T(t) => t.dim(1)?,
-    };
-    let mut all = Vec::new();
-    for p in parts {
-        all.extend(p.f32_values()?);
-    }
-    Ok(PanelMatrix::from_f32(&all, all.len() / cols, cols))
+    Ok(p)
 }
 
-struct RawLayer {
-    /// q, k and v biases concatenated (Qwen2).
-    qkv_bias: Option<Tensor>,
+struct RawLayer<'a> {
+    /// q, k and v biases (Qwen2).
+    qkv_bias: Option<[RawTensor<'a>; 3]>,
     /// Per-head q and k RMSNorm weights (Qwen3).
-    qk_norm: Option<(Tensor, Tensor)>,
-    attn_norm: Tensor,
-    q: W,
-    k: W,
-    v: W,
-    o: W,
-    ffn_norm: Tensor,
-    gate: W,
-    up: W,
-    down: W,
+    qk_norm: Option<(RawTensor<'a>, RawTensor<'a>)>,
+    attn_norm: RawTensor<'a>,
+    q: RawTensor<'a>,
+    k: RawTensor<'a>,
+    v: RawTensor<'a>,
+    o: RawTensor<'a>,
+    ffn_norm: RawTensor<'a>,
+    gate: RawTensor<'a>,
+    up: RawTensor<'a>,
+    down: RawTensor<'a>,
 }
 
-struct RawModel {
+struct RawModel<'a> {
     cfg: LlamaConfig,
-    embed: W,
-    layers: Vec<RawLayer>,
-    norm: Tensor,
+    embed: RawTensor<'a>,
+    layers: Vec<RawLayer<'a>>,
+    norm: RawTensor<'a>,
     /// `None` when tied to the embeddings.
-    lm_head: Option<W>,
+    lm_head: Option<RawTensor<'a>>,
     rope_interleaved: bool,
 }
 
-impl RawModel {
-    fn build(self, precision: Precision, device: &Device, kernels: Kernels) -> Result<Llama> {
+impl RawModel<'_> {
+    /// [`RawModel::build`], with each weight file's sha256 computed on another thread over
+    /// the same maps meanwhile.
+    fn build_hashing(
+        self,
+        files: &WeightFiles,
+        precision: Precision,
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<(Llama, Vec<String>)> {
+        std::thread::scope(|s| {
+            let hashing = s.spawn(|| files.sha256_each());
+            let model = self.build(files, precision, device, kernels);
+            let hashes = hashing.join().expect("hashing thread");
+            Ok((model?, hashes))
+        })
+    }
+
+    fn build(
+        self,
+        files: &WeightFiles,
+        precision: Precision,
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<Llama> {
         let cpu = kernels == Kernels::Auto
             && precision == Precision::Exact
             && device.is_cpu()
             && crate::kernels::supported();
         if cpu {
-            return self.build_cpu();
+            return self.build_cpu(files);
         }
         let embed = self.embed.dense(device)?;
+        let dense = |t: &RawTensor| -> Result<Tensor> { Ok(t.dense(device)?) };
         let layers = self
             .layers
-            .into_iter()
+            .iter()
             .map(|l| {
                 Ok(Layer {
-                    qkv_bias: l.qkv_bias,
-                    qk_norm: l.qk_norm,
-                    attn_norm: l.attn_norm,
+                    qkv_bias: match &l.qkv_bias {
+                        Some(b) => Some(Tensor::cat(
+                            &[dense(&b[0])?, dense(&b[1])?, dense(&b[2])?],
+                            0,
+                        )?),
+                        None => None,
+                    },
+                    qk_norm: match &l.qk_norm {
+                        Some((q, k)) => Some((dense(q)?, dense(k)?)),
+                        None => None,
+                    },
+                    attn_norm: dense(&l.attn_norm)?,
                     q: l.q.candle_linear(precision, device)?,
                     k: l.k.candle_linear(precision, device)?,
                     v: l.v.candle_linear(precision, device)?,
                     o: l.o.candle_linear(precision, device)?,
-                    ffn_norm: l.ffn_norm,
+                    ffn_norm: dense(&l.ffn_norm)?,
                     gate: l.gate.candle_linear(precision, device)?,
                     up: l.up.candle_linear(precision, device)?,
                     down: l.down.candle_linear(precision, device)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = match self.lm_head {
-            Some(w) => w.candle_linear(precision, device)?,
-            None => self.embed.candle_linear(precision, device)?,
-        };
+        let lm_head = self
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.embed)
+            .candle_linear(precision, device)?;
         Llama::new(
             self.cfg,
             embed,
             layers,
-            self.norm,
+            dense(&self.norm)?,
             lm_head,
             self.rope_interleaved,
             device,
         )
     }
 
-    fn build_cpu(self) -> Result<Llama> {
-        let vec = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
-        };
+    fn build_cpu(self, files: &WeightFiles) -> Result<Llama> {
+        let vec = |t: &RawTensor| -> Result<Vec<f32>> { Ok(t.f32_values()?) };
         let mut layers = Vec::new();
         for l in &self.layers {
             layers.push(CpuLayer {
-                qkv_bias: l.qkv_bias.as_ref().map(vec).transpose()?,
+                qkv_bias: match &l.qkv_bias {
+                    Some(b) => Some([vec(&b[0])?, vec(&b[1])?, vec(&b[2])?].concat()),
+                    None => None,
+                },
                 qk_norm: match &l.qk_norm {
                     Some((q, k)) => Some((vec(q)?, vec(k)?)),
                     None => None,
                 },
                 attn_norm: vec(&l.attn_norm)?,
-                qkv: panels(&[&l.q, &l.k, &l.v])?,
-                o: panels(&[&l.o])?,
+                qkv: panels(files, &[&l.q, &l.k, &l.v])?,
+                o: panels(files, &[&l.o])?,
                 ffn_norm: vec(&l.ffn_norm)?,
-                gate_up: panels(&[&l.gate, &l.up])?,
-                down: panels(&[&l.down])?,
+                gate_up: panels(files, &[&l.gate, &l.up])?,
+                down: panels(files, &[&l.down])?,
             });
         }
-        let lm_head = panels(&[self.lm_head.as_ref().unwrap_or(&self.embed)])?;
+        // Tied embeddings are looked up in the output head's panels: one copy.
+        let lm_head = panels(files, &[self.lm_head.as_ref().unwrap_or(&self.embed)])?;
+        let embed = match &self.lm_head {
+            Some(_) => Some(panels(files, &[&self.embed])?),
+            None => None,
+        };
         let model = CpuLlama::new(
             self.cfg,
-            self.embed.f32_values()?,
+            embed,
             layers,
             vec(&self.norm)?,
             lm_head,
