@@ -6,7 +6,14 @@ use std::path::{Component, Path, PathBuf};
 mod util;
 
 /// Folders that are not part of the tree: build outputs, fetched weights and tokenizers, runs.
-const SKIPPED: &[&str] = &[".git", "target", "out", "runs", "data/models", "data/tokenizers"];
+const SKIPPED: &[&str] = &[
+    ".git",
+    "target",
+    "out",
+    "runs",
+    "data/models",
+    "data/tokenizers",
+];
 
 fn files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -46,8 +53,9 @@ fn climbing_paths(text: &str) -> Vec<&str> {
     let mut i = 0;
     while let Some(at) = text[i..].find("../") {
         let start = i + at;
-        let starts_token = start == 0 || !matches!(bytes[start - 1], b'.' | b'/' | b'_' | b'-')
-            && !bytes[start - 1].is_ascii_alphanumeric();
+        let starts_token = start == 0
+            || !matches!(bytes[start - 1], b'.' | b'/' | b'_' | b'-')
+                && !bytes[start - 1].is_ascii_alphanumeric();
         let end = text[start..]
             .find(|c: char| !(c.is_ascii_alphanumeric() || "./_-".contains(c)))
             .map_or(text.len(), |n| start + n);
@@ -84,7 +92,11 @@ fn no_file_refers_to_a_path_outside_the_repository() {
             }
         }
     }
-    assert!(bad.is_empty(), "references outside the tree:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "references outside the tree:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[test]

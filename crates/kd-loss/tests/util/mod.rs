@@ -12,8 +12,7 @@ use kd_loss::{Divergence, LossConfig, TailPolicy};
 pub fn loss_cases_path() -> PathBuf {
     match std::env::var_os("KD_LOSS_CASES") {
         Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/reference/loss-cases.json"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/loss-cases.json"),
     }
 }
 
