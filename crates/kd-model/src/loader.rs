@@ -5,7 +5,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{GgmlDType, QMatMul, gguf_file};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use kd_tokenizer::Tokenizer;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -569,21 +569,28 @@ pub fn parse_hf_config(v: &serde_json::Value, path: &Path) -> Result<LlamaConfig
 
 /// Loads every tensor of a Hugging Face directory as f32.
 pub fn load_hf_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let files = safetensors_files(dir)?;
-    if files.is_empty() {
+    load_hf_tensors_where(dir, device, |_| true)
+}
+
+/// Loads the tensors of a Hugging Face directory whose names `wanted` accepts, as f32; the
+/// others are never read (the files are mapped, and only the wanted tensors' bytes touched).
+pub fn load_hf_tensors_where(
+    dir: &Path,
+    device: &Device,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<HashMap<String, Tensor>> {
+    let paths = safetensors_files(dir)?;
+    if paths.is_empty() {
         return Err(Error::NotAModel {
             path: dir.to_path_buf(),
         });
     }
+    let files = WeightFiles::open(&paths)?;
     let mut all = HashMap::new();
-    for f in &files {
-        let ts =
-            candle_core::safetensors::load(f, device).map_err(|source| Error::Safetensors {
-                path: f.clone(),
-                source: Box::new(source),
-            })?;
-        for (k, t) in ts {
-            all.insert(k, t.to_dtype(DType::F32)?);
+    for (name, t) in safetensors_index(&files)? {
+        if wanted(&name) {
+            all.insert(name, t.dense(device)?);
+            files.release(t.bytes);
         }
     }
     Ok(all)

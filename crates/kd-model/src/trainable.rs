@@ -32,7 +32,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
-use crate::loader::{gguf_config, load_hf_tensors, read_hf_config};
+use crate::loader::{gguf_config, load_hf_tensors, load_hf_tensors_where, read_hf_config};
 use crate::testing::Rng;
 
 /// One decoder layer's parameters.
@@ -310,7 +310,14 @@ impl Student {
         let (mut cfg, mut ts) = if path.is_dir() {
             let cfg = read_hf_config(path)?;
             check_layers(keep_layers, cfg.num_hidden_layers)?;
-            let ts = load_hf_tensors(path, &Device::Cpu)?;
+            // Only the kept layers (and the embeddings, final norm and head) are expanded.
+            let kept: Vec<String> = keep_layers
+                .iter()
+                .map(|i| format!("model.layers.{i}."))
+                .collect();
+            let ts = load_hf_tensors_where(path, &Device::Cpu, |name| {
+                !name.starts_with("model.layers.") || kept.iter().any(|k| name.starts_with(k))
+            })?;
             (cfg, ts)
         } else {
             read_gguf_as_hf(path, keep_layers)?
