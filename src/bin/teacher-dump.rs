@@ -6,6 +6,34 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use kd_distill::cli::{human_bytes, run_main, set_threads, teacher_dump::Args};
 
+/// What the dump holds in memory: the weights as packed, and the KV cache of one batch at the
+/// response limit (plus its prompts, counted at 512 tokens each here).
+fn memory_plan(m: &kd_model::Llama, r: &kd_distill::cli::teacher_dump::Resolved) -> String {
+    let weights = match m.weight_memory() {
+        Some((total, formats)) => {
+            let parts: Vec<String> = formats
+                .iter()
+                .map(|(f, b)| format!("{f:?} {}", human_bytes(*b as u64)))
+                .collect();
+            format!(
+                "weights {} ({})",
+                human_bytes(total as u64),
+                parts.join(", ")
+            )
+        }
+        None => "weights in candle tensors".to_string(),
+    };
+    let tokens = r.settings.max_new_tokens + 512;
+    let kv = m.kv_bytes_per_token() * tokens * r.run.batch_size;
+    let logits = 4 * m.vocab_size() * r.run.batch_size;
+    format!(
+        "memory plan: {weights}, KV cache {} for a batch of {} at {tokens} tokens, {} of logits per step",
+        human_bytes(kv as u64),
+        r.run.batch_size,
+        human_bytes(logits as u64)
+    )
+}
+
 fn main() {
     let args = Args::parse();
     let json = args.json;
@@ -43,6 +71,9 @@ fn main() {
                     "greedy".to_string()
                 }
             );
+        }
+        if !json {
+            eprintln!("{}", memory_plan(&model.model, &r));
         }
         let s = kd_teacher::dump::dump(&model, &input, &r.settings, &r.run, &r.out)?;
         // Written with `writeln!` so a closed pipe is an error (ended quietly), not a panic.

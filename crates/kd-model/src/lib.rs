@@ -30,13 +30,15 @@ pub mod cpu;
 pub mod error;
 pub mod gguf_check;
 pub mod gguf_export;
-pub mod kernels;
 pub mod llama;
 pub mod loader;
 pub mod rope;
 pub mod testing;
 pub mod trainable;
 pub mod weights;
+
+/// The CPU kernels ([`kd_kernels`]), under the name the model code uses.
+pub use kd_kernels as kernels;
 
 pub use config::{Arch, LlamaConfig};
 pub use error::{Error, Result};

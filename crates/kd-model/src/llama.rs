@@ -257,6 +257,20 @@ impl Llama {
         self.cfg.vocab_size
     }
 
+    /// The weights as the CPU kernels hold them: total bytes, and bytes per panel format
+    /// (`None` on candle's path, whose tensors are candle's).
+    pub fn weight_memory(&self) -> Option<(usize, Vec<(crate::kernels::PanelFormat, usize)>)> {
+        match &self.backend {
+            Backend::Cpu(m) => Some((m.weight_bytes(), m.weight_formats())),
+            Backend::Candle(_) => None,
+        }
+    }
+
+    /// Bytes of keys and values one token of one sequence adds to a KV cache (f32).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.num_hidden_layers * self.cfg.num_key_value_heads * self.cfg.head_dim() * 4
+    }
+
     /// The hyperparameters the model was built with.
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg

@@ -1,13 +1,19 @@
-//! Exact f32 CPU kernels for the teacher pass (AVX-512, or AVX2 with FMA).
+//! Exact f32 CPU kernels for the teacher pass and the trainer (AVX-512, or AVX2 with FMA and
+//! F16C): weight panels in their files' formats, the products over them, and the dispatch
+//! between instruction sets.
 //!
-//! [`PanelMatrix`] keeps a weight matrix in its GGUF quantization (Q4_0, Q4_1, Q8_0) or in
-//! f32, repacked into panels of 16 output rows: for every 32-column block, the 16 rows' scales
-//! and offsets as f32 vectors, then the quants transposed so that one 16-byte load holds one
-//! column of the 16 rows. The product expands each column to the very f32 values candle's
-//! `dequantize` produces (`q·d + m` with the same two roundings) and accumulates with fused
-//! multiply-adds against broadcast activations. No activation is quantized: the result equals
-//! a product with the dequantized f32 matrix up to summation order, reading 6.4× (Q4_0), 5.3×
-//! (Q4_1) or 3.6× (Q8_0) fewer bytes than f32 weights.
+//! [`PanelMatrix`] keeps a weight matrix in its file's type, repacked into panels of 16
+//! output rows: F32, F16 and BF16 as they are; Q4_0, Q4_1 and Q8_0 with, for every 32-column
+//! block, the 16 rows' scales and offsets as f32 vectors, then the quants transposed so that
+//! one 16-byte load holds one column of the 16 rows; Q4_K, Q5_K and Q6_K by 256-column
+//! super-blocks (the rows' super-block scales, then per 32-column sub-block the 6-bit scales
+//! and the quants, low bits and high bits apart). The product expands each column to the very
+//! f32 values candle's `dequantize` produces (the same operations in the same order, e.g.
+//! `q·d + m` for Q4_1, `(d·sc)·q − dmin·m` for Q4_K) and accumulates with fused multiply-adds
+//! against broadcast activations. No activation is quantized: the result equals a product
+//! with the dequantized f32 matrix up to summation order, while reading the weights in about
+//! their files' size. Types without a panel format (Q5_0, Q5_1, Q2_K, Q3_K) are expanded to
+//! f32, with a note.
 //!
 //! Every output element is accumulated over the columns in one fixed order, whatever the
 //! number of input rows and however they are grouped, so a row's result does not depend on
@@ -777,7 +783,7 @@ impl PackedF32 {
 /// A panel-layout matrix over borrowed storage, whose panels may sit further apart than
 /// their length (`group_bytes`): a KV cache grows its panels in place.
 #[derive(Clone, Copy)]
-pub(crate) struct PanelView<'a> {
+pub struct PanelView<'a> {
     format: PanelFormat,
     rows: usize,
     cols: usize,
@@ -792,7 +798,7 @@ pub(crate) struct PanelView<'a> {
 
 impl<'a> PanelView<'a> {
     /// An f32 panel matrix `[rows, cols]` whose panels start every `group_floats` floats.
-    pub(crate) fn f32(data: &'a [f32], rows: usize, cols: usize, group_floats: usize) -> Self {
+    pub fn f32(data: &'a [f32], rows: usize, cols: usize, group_floats: usize) -> Self {
         // SAFETY: any initialised f32 storage is valid as bytes, with a smaller alignment.
         let bytes =
             unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, data.len() * 4) };
@@ -808,7 +814,7 @@ impl<'a> PanelView<'a> {
         }
     }
 
-    pub(crate) fn check(&self, x: &[f32], n: usize, y: &[f32]) {
+    pub fn check(&self, x: &[f32], n: usize, y: &[f32]) {
         assert!(supported(), "panel products need AVX-512F or AVX2 with FMA");
         assert_eq!(x.len(), n * self.cols, "input shape");
         assert!(self.y_col0 + self.rows <= self.y_stride, "output columns");
@@ -826,7 +832,7 @@ impl<'a> PanelView<'a> {
 
     /// `y = x · Wᵀ` (or `y += x · Wᵀ` with `acc`) on the rayon pool, split over output rows.
     /// Each output element is summed in the same order whatever the thread count.
-    pub(crate) fn par_matmul(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool) {
+    pub fn par_matmul(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool) {
         self.check(x, n, y);
         if n == 0 {
             return;
@@ -874,7 +880,7 @@ impl<'a> PanelView<'a> {
     }
 
     /// `y = x · Wᵀ` (or `y += x · Wᵀ` with `acc`) on the calling thread.
-    pub(crate) fn matmul_serial(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool) {
+    pub fn matmul_serial(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool) {
         self.check(x, n, y);
         // SAFETY: `check` bounds every panel, input row and output row; this thread alone
         // holds `y`.
@@ -1472,7 +1478,6 @@ mod simd {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[path = "kernels_avx2.rs"]
 mod avx2;
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -1656,6 +1661,33 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
+    /// xorshift64* with near-normal draws (a sum of four uniforms): deterministic test data,
+    /// the generator of `kd_model::testing`.
+    struct Rng(u64);
+
+    impl Rng {
+        fn new(seed: u64) -> Self {
+            Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+
+        fn next_u64(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            self.0 = x;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn uniform(&mut self) -> f32 {
+            (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+        }
+
+        fn normal(&mut self) -> f32 {
+            (0..4).map(|_| self.uniform()).sum::<f32>() * 1.732 - 3.464
+        }
+    }
+
     fn dense_product(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<f64> {
         let mut y = vec![0f64; n * rows];
         for b in 0..n {
@@ -1674,7 +1706,7 @@ mod tests {
             eprintln!("skipped: this CPU has neither AVX-512F nor AVX2+FMA");
             return;
         }
-        let mut rng = crate::testing::Rng::new(5);
+        let mut rng = Rng::new(5);
         for (rows, cols) in [(70, 96), (16, 32), (33, 64), (5, 32), (37, 256), (18, 512)] {
             let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
             let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
@@ -1734,7 +1766,7 @@ mod tests {
         if !supported() {
             return;
         }
-        let mut rng = crate::testing::Rng::new(11);
+        let mut rng = Rng::new(11);
         let (rows, cols) = (35, 512);
         // Spread magnitudes, so that the K-quants' scales and minimums take many values.
         let w: Vec<f32> = (0..rows * cols)
@@ -1765,7 +1797,7 @@ mod tests {
         if !supported() {
             return;
         }
-        let mut rng = crate::testing::Rng::new(4);
+        let mut rng = Rng::new(4);
         // q and k in Q4_K, v in Q6_K, as a Q4_K_M file holds them; then two runs of Q8_0.
         for dts in [
             [GgmlDType::Q4K, GgmlDType::Q4K, GgmlDType::Q6K],
@@ -1812,7 +1844,7 @@ mod tests {
         if !supported() {
             return;
         }
-        let mut rng = crate::testing::Rng::new(9);
+        let mut rng = Rng::new(9);
         for (rows, cols) in [(3, 8), (20, 40), (17, 100)] {
             let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
             let p = PanelMatrix::from_f32(&w, rows, cols);
@@ -1864,7 +1896,7 @@ mod tests {
         }
         // n ≥ 4·rows takes the split over x's rows; a ragged last block and a matrix whose
         // rows are not a whole number of panels included.
-        let mut rng = crate::testing::Rng::new(5);
+        let mut rng = Rng::new(5);
         for (n, rows, cols) in [(1000, 40, 24), (4500, 21, 130)] {
             let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
             let x: Vec<f32> = (0..n * cols).map(|_| rng.normal()).collect();
@@ -1893,7 +1925,7 @@ mod tests {
         if !supported() {
             return;
         }
-        let mut rng = crate::testing::Rng::new(3);
+        let mut rng = Rng::new(3);
         let (rows, cols) = (48, 64);
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
         let q = QTensor::quantize(
@@ -1951,7 +1983,7 @@ mod tests {
 
     #[test]
     fn vector_max_matches_the_scalar_fold() {
-        let mut rng = crate::testing::Rng::new(2);
+        let mut rng = Rng::new(2);
         for len in [0, 1, 15, 16, 17, 100, 1000] {
             let mut v: Vec<f32> = (0..len).map(|_| rng.normal() * 10.0).collect();
             if len > 20 {
@@ -1973,7 +2005,7 @@ mod tests {
 
     #[test]
     fn top_k_matches_a_full_sort() {
-        let mut rng = crate::testing::Rng::new(11);
+        let mut rng = Rng::new(11);
         for len in [1, 5, 40, 300, 5000] {
             // Few distinct values, so ties are common; negative zeros, infinities and a NaN
             // exercise the total order.
