@@ -33,22 +33,17 @@ pub fn permute(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((rows, cols))?)
 }
 
-/// The GGUF metadata and tensors of a model: `cfg`, tokenizer `tok`, weights `w` (Hugging
-/// Face names and layout, any float dtype), matrices as `dtype`. `extra` metadata is added
-/// last, replacing keys of the same name. `path` only names the file in errors.
-///
-/// Refused, naming the reason: a tokenizer that is not byte-level BPE (GGUF's `llama`
-/// SentencePiece model needs scores this project does not keep), RoPE scalings llama.cpp
-/// reads differently (YaRN, dynamic NTK), a matrix whose rows do not divide into `dtype`'s
-/// blocks, a missing tensor.
-pub fn gguf_contents(
+/// The metadata half of [`gguf_contents`]: architecture, shape, tokenizer, chat template and
+/// RoPE keys (with `extra` added, replacing keys of the same name), and the per-frequency RoPE
+/// divisors that go into the tensor `rope_freqs.weight` when the scaling needs them.
+#[allow(clippy::type_complexity)]
+pub fn gguf_metadata(
     path: &Path,
     cfg: &LlamaConfig,
     tok: &Tokenizer,
-    w: &Weights,
     dtype: GgmlDType,
     extra: &[(&str, gguf_file::Value)],
-) -> Result<(Vec<(String, gguf_file::Value)>, Vec<(String, QTensor)>)> {
+) -> Result<(Vec<(String, gguf_file::Value)>, Option<Vec<f32>>)> {
     use gguf_file::Value as V;
     let refuse = |field: &str, what: String| Error::BadField {
         path: path.to_path_buf(),
@@ -98,7 +93,6 @@ pub fn gguf_contents(
         crate::config::Arch::Mistral => "llama",
         a => a.name(),
     };
-    let interleave = arch == "llama";
     let key = |k: &str| -> String { format!("{arch}.{k}") };
     let mut meta: Vec<(String, V)> = vec![
         ("general.architecture".into(), V::String(arch.into())),
@@ -199,6 +193,36 @@ pub fn gguf_contents(
         meta.retain(|(m, _)| m != k);
         meta.push((k.to_string(), v.clone()));
     }
+    Ok((meta, rope_factors))
+}
+
+/// The GGUF metadata and tensors of a model: `cfg`, tokenizer `tok`, weights `w` (Hugging
+/// Face names and layout, any float dtype), matrices as `dtype`. `extra` metadata is added
+/// last, replacing keys of the same name. `path` only names the file in errors.
+///
+/// Refused, naming the reason: a tokenizer that is not byte-level BPE (GGUF's `llama`
+/// SentencePiece model needs scores this project does not keep), RoPE scalings llama.cpp
+/// reads differently (YaRN, dynamic NTK), a matrix whose rows do not divide into `dtype`'s
+/// blocks, a missing tensor.
+pub fn gguf_contents(
+    path: &Path,
+    cfg: &LlamaConfig,
+    tok: &Tokenizer,
+    w: &Weights,
+    dtype: GgmlDType,
+    extra: &[(&str, gguf_file::Value)],
+) -> Result<(Vec<(String, gguf_file::Value)>, Vec<(String, QTensor)>)> {
+    let refuse = |field: &str, what: String| Error::BadField {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        what,
+    };
+    let (meta, rope_factors) = gguf_metadata(path, cfg, tok, dtype, extra)?;
+    // llama.cpp writes Mistral as llama; only llama's q/k rows are permuted.
+    let interleave = matches!(
+        cfg.arch,
+        crate::config::Arch::Llama | crate::config::Arch::Mistral
+    );
     let get = |name: &str| -> Result<Tensor> {
         w.get(name)
             .ok_or_else(|| Error::MissingTensor {
