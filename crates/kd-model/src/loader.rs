@@ -741,22 +741,30 @@ fn safetensors_index(files: &WeightFiles) -> Result<HashMap<String, RawTensor<'_
 }
 
 impl RawTensor<'_> {
-    fn candle_linear(&self, precision: Precision, device: &Device) -> Result<Linear> {
-        Ok(
-            // candle's CPU dot products need an even number of blocks per row (they panic
-            // otherwise), so narrower matrices stay dense.
-            if precision == Precision::Quantized
-                && !matches!(
-                    self.dtype,
-                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-                )
-                && self.dims.last().is_some_and(|c| c % 64 == 0)
-            {
-                Linear::Quant(QMatMul::from_qtensor(self.qtensor(device)?)?)
-            } else {
-                Linear::Dense(self.dense(device)?)
-            },
-        )
+    fn candle_linear(
+        &self,
+        files: &WeightFiles,
+        precision: Precision,
+        device: &Device,
+    ) -> Result<Linear> {
+        let linear = || -> candle_core::Result<Linear> {
+            Ok(
+                // candle's CPU dot products need an even number of blocks per row (they panic
+                // otherwise), so narrower matrices stay dense.
+                if precision == Precision::Quantized
+                    && !matches!(
+                        self.dtype,
+                        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                    )
+                    && self.dims.last().is_some_and(|c| c % 64 == 0)
+                {
+                    Linear::Quant(QMatMul::from_qtensor(self.qtensor(device)?)?)
+                } else {
+                    Linear::Dense(self.dense(device)?)
+                },
+            )
+        };
+        linear().map_err(|e| named(files, self, e))
     }
 }
 
@@ -764,11 +772,20 @@ impl RawTensor<'_> {
 /// from the files' bytes; their pages are released once packed.
 fn panels(files: &WeightFiles, parts: &[&RawTensor<'_>]) -> Result<PanelMatrix> {
     let raw: Vec<_> = parts.iter().map(|t| t.matrix()).collect();
-    let p = PanelMatrix::stack_raw(&raw)?;
+    let p = PanelMatrix::stack_raw(&raw).map_err(|e| named(files, parts[0], e))?;
     for t in parts {
         files.release(t.bytes);
     }
     Ok(p)
+}
+
+/// A tensor's candle error, naming its file and the tensor.
+fn named(files: &WeightFiles, t: &RawTensor<'_>, e: candle_core::Error) -> Error {
+    Error::BadField {
+        path: files.path_of(t.bytes).to_path_buf(),
+        field: t.name.clone(),
+        what: e.to_string(),
+    }
 }
 
 struct RawLayer<'a> {
@@ -829,8 +846,9 @@ impl RawModel<'_> {
         if cpu {
             return self.build_cpu(files);
         }
-        let embed = self.embed.dense(device)?;
-        let dense = |t: &RawTensor| -> Result<Tensor> { Ok(t.dense(device)?) };
+        let dense =
+            |t: &RawTensor| -> Result<Tensor> { t.dense(device).map_err(|e| named(files, t, e)) };
+        let embed = dense(&self.embed)?;
         let layers = self
             .layers
             .iter()
@@ -848,14 +866,14 @@ impl RawModel<'_> {
                         None => None,
                     },
                     attn_norm: dense(&l.attn_norm)?,
-                    q: l.q.candle_linear(precision, device)?,
-                    k: l.k.candle_linear(precision, device)?,
-                    v: l.v.candle_linear(precision, device)?,
-                    o: l.o.candle_linear(precision, device)?,
+                    q: l.q.candle_linear(files, precision, device)?,
+                    k: l.k.candle_linear(files, precision, device)?,
+                    v: l.v.candle_linear(files, precision, device)?,
+                    o: l.o.candle_linear(files, precision, device)?,
                     ffn_norm: dense(&l.ffn_norm)?,
-                    gate: l.gate.candle_linear(precision, device)?,
-                    up: l.up.candle_linear(precision, device)?,
-                    down: l.down.candle_linear(precision, device)?,
+                    gate: l.gate.candle_linear(files, precision, device)?,
+                    up: l.up.candle_linear(files, precision, device)?,
+                    down: l.down.candle_linear(files, precision, device)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -863,7 +881,7 @@ impl RawModel<'_> {
             .lm_head
             .as_ref()
             .unwrap_or(&self.embed)
-            .candle_linear(precision, device)?;
+            .candle_linear(files, precision, device)?;
         Llama::new(
             self.cfg,
             embed,
@@ -876,7 +894,8 @@ impl RawModel<'_> {
     }
 
     fn build_cpu(self, files: &WeightFiles) -> Result<Llama> {
-        let vec = |t: &RawTensor| -> Result<Vec<f32>> { Ok(t.f32_values()?) };
+        let vec =
+            |t: &RawTensor| -> Result<Vec<f32>> { t.f32_values().map_err(|e| named(files, t, e)) };
         let mut layers = Vec::new();
         for l in &self.layers {
             layers.push(CpuLayer {

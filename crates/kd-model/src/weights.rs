@@ -67,6 +67,18 @@ impl WeightFiles {
         &self.files[i].0
     }
 
+    /// The file whose map holds `bytes` (for error messages).
+    pub fn path_of(&self, bytes: &[u8]) -> &Path {
+        let at = bytes.as_ptr() as usize;
+        self.files
+            .iter()
+            .find(|(_, m)| {
+                let base = m.as_ptr() as usize;
+                at >= base && at <= base + m.len()
+            })
+            .map_or(Path::new("<weights>"), |(p, _)| p)
+    }
+
     /// Hands the pages under `bytes` (a slice of one of the maps) back to the kernel, so that
     /// a packed tensor no longer counts in the process's memory. The bytes stay readable: a
     /// later read faults them in again from the file.

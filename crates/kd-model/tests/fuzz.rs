@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
-use kd_model::testing::{random_weights, tiny_config, write_gguf, write_tiny_teacher};
+use kd_model::testing::{random_weights, tiny_config, write_gguf_with, write_tiny_teacher};
 use kd_model::{Error, Precision, Student, load};
 use kd_tokenizer::Tokenizer;
 use proptest::prelude::*;
@@ -143,11 +143,11 @@ fn input() -> impl Strategy<Value = Input> {
     ]
 }
 
-/// A tiny model as GGUF (q8_0 matrices), its bytes, and the length of its header.
+/// Tiny models as GGUF (Q8_0 matrices; BF16; Q4_K and Q6_K on a model wide enough for
+/// their 256-column super-blocks), their bytes, and the length of their headers.
 struct Fixture {
     dir: tempfile::TempDir,
-    good: Vec<u8>,
-    header_len: usize,
+    files: Vec<(Vec<u8>, usize)>,
     next: AtomicUsize,
 }
 
@@ -155,15 +155,32 @@ impl Fixture {
     fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let tok = Tokenizer::tiny_for_tests();
-        let w = random_weights(&tiny_config(tok.vocab_size()), 5).unwrap();
-        let path = dir.path().join("tiny.gguf");
-        write_gguf(&path, &tok, &w, GgmlDType::Q8_0);
-        let layout = kd_model::gguf_check::check(&path).unwrap();
-        let good = std::fs::read(&path).unwrap();
+        let cfg = tiny_config(tok.vocab_size());
+        let wide = kd_model::LlamaConfig {
+            hidden_size: 256,
+            intermediate_size: 256,
+            ..cfg.clone()
+        };
+        let w = random_weights(&cfg, 5).unwrap();
+        let ww = random_weights(&wide, 5).unwrap();
+        let mut files = Vec::new();
+        for (i, (dtype, c, w)) in [
+            (GgmlDType::Q8_0, &cfg, &w),
+            (GgmlDType::BF16, &cfg, &w),
+            (GgmlDType::Q4K, &wide, &ww),
+            (GgmlDType::Q6K, &wide, &ww),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let path = dir.path().join(format!("tiny-{i}.gguf"));
+            write_gguf_with(&path, &tok, w, dtype, c, &[]);
+            let layout = kd_model::gguf_check::check(&path).unwrap();
+            files.push((std::fs::read(&path).unwrap(), layout.data_offset as usize));
+        }
         Fixture {
             dir,
-            good,
-            header_len: layout.data_offset as usize,
+            files,
             next: AtomicUsize::new(0),
         }
     }
@@ -177,9 +194,15 @@ impl Fixture {
         p
     }
 
-    fn bytes(&self, input: &Input) -> Vec<u8> {
+    /// The Q8_0 model's bytes.
+    fn good(&self) -> &Vec<u8> {
+        &self.files[0].0
+    }
+
+    fn bytes(&self, input: &Input, which: usize) -> Vec<u8> {
+        let (good, header_len) = &self.files[which % self.files.len()];
         match input {
-            Input::Mutated(m) => apply(&self.good, self.header_len, m),
+            Input::Mutated(m) => apply(good, *header_len, m),
             Input::Random(b) => b.clone(),
             Input::RandomAfterMagic(b) => {
                 let mut v = b"GGUF\x03\0\0\0".to_vec();
@@ -214,9 +237,9 @@ proptest! {
     /// `load` and `read_gguf_header` on a mutated tiny GGUF return without panicking; every
     /// error names the file.
     #[test]
-    fn mutated_gguf_never_panics(input in input()) {
+    fn mutated_gguf_never_panics(input in input(), which in 0..4usize) {
         let f = fixture();
-        let p = f.write(&f.bytes(&input));
+        let p = f.write(&f.bytes(&input, which));
         let header = kd_model::loader::read_gguf_header(&p).map(|_| ());
         check_names(&p, header)?;
         let r = load(&p, Precision::Exact, &Device::Cpu).map(|_| ());
@@ -404,20 +427,20 @@ fn huge_header_counts_are_refused_quickly() {
     // The same claims spliced into the valid tiny model.
     let at = |key: &str| {
         let k = key.as_bytes();
-        f.good.windows(k.len()).position(|w| w == k).unwrap() + k.len()
+        f.good().windows(k.len()).position(|w| w == k).unwrap() + k.len()
     };
-    let mut v = f.good.clone();
+    let mut v = f.good().clone();
     v[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
     cases.push(("tiny model claiming 2^40 metadata entries".into(), v));
-    let mut v = f.good.clone();
+    let mut v = f.good().clone();
     let i = at("general.architecture") + 4;
     v[i..i + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     cases.push(("tiny model with a 2^40-byte architecture string".into(), v));
-    let mut v = f.good.clone();
+    let mut v = f.good().clone();
     let i = at("tokenizer.ggml.tokens") + 8;
     v[i..i + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     cases.push(("tiny model with 2^40 tokens".into(), v));
-    let mut v = f.good.clone();
+    let mut v = f.good().clone();
     let i = at("token_embd.weight") + 4;
     v[i..i + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     cases.push(("tiny model with a 2^40-column embedding".into(), v));
@@ -461,11 +484,11 @@ fn huge_layer_count_and_context_are_errors() {
     let f = fixture();
     let at = |key: &str| {
         let k = key.as_bytes();
-        f.good.windows(k.len()).position(|w| w == k).unwrap() + k.len()
+        f.good().windows(k.len()).position(|w| w == k).unwrap() + k.len()
     };
     for key in ["llama.block_count", "llama.context_length"] {
         // Both are u32 values: the type at +0, the value at +4.
-        let mut v = f.good.clone();
+        let mut v = f.good().clone();
         let i = at(key) + 4;
         v[i..i + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         let p = f.write(&v);
@@ -503,10 +526,10 @@ fn huge_layer_count_and_context_are_errors() {
 fn wrong_qk_shape_is_a_tensor_shape_error() {
     let f = fixture();
     let k = b"blk.0.attn_q.weight";
-    let at = f.good.windows(k.len()).position(|w| w == k).unwrap() + k.len();
+    let at = f.good().windows(k.len()).position(|w| w == k).unwrap() + k.len();
     // n_dims (u32), then dims innermost first: columns, rows.
     let i = at + 4 + 8;
-    let mut v = f.good.clone();
+    let mut v = f.good().clone();
     assert_eq!(u64::from_le_bytes(v[i..i + 8].try_into().unwrap()), 32);
     v[i..i + 8].copy_from_slice(&33u64.to_le_bytes());
     let p = f.write(&v);
