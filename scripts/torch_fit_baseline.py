@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The PyTorch eager baseline for `student-fit`: the same student (a Hugging Face directory,
 e.g. the export of a `student-fit` run), the same shards, the same loss (forward KL at T=1
-with the bucket tail of DESIGN.md, over distilled positions only, token mean), AdamW with
+with the bucket tail of docs/design.md, over distilled positions only, token mean), AdamW with
 global-norm clipping, on the CPU. Prints distilled positions/s (steps after the first) and
 peak resident memory, to set beside `student-fit`'s own figures from the same machine.
 

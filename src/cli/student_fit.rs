@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use kd_student::eval::{EvalOptions, run_eval};
 use kd_student::fit::{FitConfig, FitSummary, fit};
 
-/// Train a student from teacher-logit shards: the losses of DESIGN.md, AdamW, checkpoints
+/// Train a student from teacher-logit shards: the losses of docs/design.md, AdamW, checkpoints
 /// every N steps (atomic), exact resume, held-out evaluation, export to a Hugging Face
 /// directory. Settings come from flags, over the pipeline's [fit] section, over the defaults
 /// shown; without --pipeline, --shards, --out and an initialisation are needed, e.g.

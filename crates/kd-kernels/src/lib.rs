@@ -22,6 +22,9 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
+mod rng;
+pub use rng::Rng;
+
 /// Output rows per panel (one AVX-512 vector of f32, two AVX2 ones).
 const PANEL: usize = 16;
 /// Columns per block (the GGUF block size).
@@ -1660,33 +1663,6 @@ pub fn top_k_logits(v: &[f32], k: usize) -> Vec<(u32, f32)> {
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
-
-    /// xorshift64* with near-normal draws (a sum of four uniforms): deterministic test data,
-    /// the generator of `kd_model::testing`.
-    struct Rng(u64);
-
-    impl Rng {
-        fn new(seed: u64) -> Self {
-            Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-        }
-
-        fn next_u64(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            self.0 = x;
-            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-
-        fn uniform(&mut self) -> f32 {
-            (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-        }
-
-        fn normal(&mut self) -> f32 {
-            (0..4).map(|_| self.uniform()).sum::<f32>() * 1.732 - 3.464
-        }
-    }
 
     fn dense_product(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<f64> {
         let mut y = vec![0f64; n * rows];

@@ -10,7 +10,7 @@ use crate::position::check_topk;
 /// `vocab_size` into one top set: the union U of their ids and the T=1 log-probs of the
 /// weighted average, sorted by log-prob descending (ties by id).
 ///
-/// Per DESIGN.md: each teacher j gives a token of U outside its own top set S_j its uniform
+/// Per docs/design.md, "Multi-teacher": each teacher j gives a token of U outside its own top set S_j its uniform
 /// tail share r_j/(V − k_j), r_j = 1 − Σ_{S_j} exp(l); then P̄(i) = Σ_j w_j·P_j(i) for i ∈ U,
 /// computed as a log-sum-exp of log w_j + log P_j(i). The rest, 1 − Σ_U P̄ ≥ 0, is the
 /// combined tail, implied as for a single teacher, so the result feeds a [`Position`]

@@ -9,9 +9,8 @@
 //!
 //! ## Definitions
 //!
-//! The formulas are those of `docs/DESIGN.md`, section "Loss definitions (exact)", and the
-//! tests reproduce its float64 reference values (`data/reference/loss-cases.json` of the
-//! shared tree) to 1e-9. At one position:
+//! The formulas are those of `docs/design.md`, section "Loss definitions", and the tests
+//! reproduce its float64 reference values (`tests/reference/loss-cases.json`) to 1e-9. At one position:
 //!
 //! * teacher top-k S with T=1 log-probs l_i, tail mass r = 1 − Σ_S exp(l_i), vocabulary V,
 //!   student logits z, temperature τ, q = softmax(z/τ);

@@ -34,7 +34,11 @@ fn close_1e9(got: f64, want: f64) -> bool {
 fn reference_cases_match_numpy_oracle_within_1e9_rel_plus_abs() {
     let data = loss_cases();
     let cases = data["cases"].as_array().expect("cases");
-    assert_eq!(cases.len(), 60, "DESIGN.md promises 60 cases");
+    assert_eq!(
+        cases.len(),
+        60,
+        "tests/reference/loss-cases.json holds 60 cases"
+    );
     let (mut max_abs, mut max_rel, mut checked) = (0.0f64, 0.0f64, 0usize);
     let mut failures = Vec::new();
     for (ci, c) in cases.iter().enumerate() {

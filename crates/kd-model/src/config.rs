@@ -111,11 +111,7 @@ fn default_max_pos() -> usize {
     2048
 }
 
-/// The most positions a model may declare: [`crate::Llama`] and [`crate::Student`] precompute
-/// RoPE tables for every position (`max_position_embeddings × head_dim/2` cos/sin pairs), so
-/// this bounds what a config file can make the loader allocate. 2^20 covers every released
-/// llama-family context length up to 1M tokens.
-pub const MAX_POSITIONS: usize = 1 << 20;
+pub use crate::rope::MAX_POSITIONS;
 
 impl LlamaConfig {
     pub fn head_dim(&self) -> usize {

@@ -15,6 +15,12 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+/// The most positions a model may declare: [`crate::Llama`] and [`crate::Student`] precompute
+/// RoPE tables for every position (`max_position_embeddings × head_dim/2` cos/sin pairs), so
+/// this bounds what a config file can make the loader allocate. 2^20 covers every released
+/// llama-family context length up to 1M tokens.
+pub const MAX_POSITIONS: usize = 1 << 20;
+
 /// How RoPE's frequencies differ from the plain `theta^(-2i/head_dim)`. Serialized as the
 /// `rope_scaling` object of a `transformers` 4.x `config.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -299,7 +305,7 @@ pub fn parse_hf(
             _ => return Ok(max_position_embeddings),
         };
         v.as_u64()
-            .filter(|&n| n > 0 && n <= crate::config::MAX_POSITIONS as u64)
+            .filter(|&n| n > 0 && n <= MAX_POSITIONS as u64)
             .map(|n| n as usize)
             .ok_or_else(|| refuse(k, format!("expected a positive integer, found {v}")))
     };

@@ -32,8 +32,8 @@ use candle_core::{D, DType, Device, Tensor, Var};
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
+use crate::kernels::Rng;
 use crate::loader::{gguf_config, load_hf_tensors, load_hf_tensors_where, read_hf_config};
-use crate::testing::Rng;
 
 /// One decoder layer's parameters.
 struct StudentLayer {
@@ -693,7 +693,7 @@ fn read_gguf_as_hf(path: &Path, keep: &[usize]) -> Result<(LlamaConfig, HashMap<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::Rng;
+    use crate::kernels::Rng;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         let mut rng = Rng::new(seed);

@@ -38,7 +38,7 @@ fn head_var(student: &Student) -> Var {
 
 /// The distribution each distilled position is pulled towards: the single teacher's top-k,
 /// or with several teachers their weighted mixture over the union of their top-k sets
-/// (DESIGN.md, "Multi-teacher"; each teacher's tail mass is spread uniformly and added).
+/// (docs/design.md, "Multi-teacher"; each teacher's tail mass is spread uniformly and added).
 #[derive(Clone, Debug, Default)]
 pub struct PositionTargets {
     start: Vec<usize>,

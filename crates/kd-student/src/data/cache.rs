@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{Error, Result};
 use super::map::Mapped;
-use super::set::TargetKind;
+use super::targets::TargetKind;
 
 /// Layout version of the decoded cache; part of the data fingerprint.
 pub const CACHE_VERSION: u32 = 1;

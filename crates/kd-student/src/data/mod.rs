@@ -16,14 +16,16 @@ mod multi;
 mod set;
 mod split;
 mod synth;
+mod targets;
 
 pub use batcher::{Batch, BatchConfig, Batcher, LoaderPosition, Targets};
 pub use cache::{CACHE_DIR, CACHE_VERSION, CacheStatus};
 pub use error::{Error, Result};
 pub use multi::Teachers;
-pub use set::{RowView, ShardSet, TargetKind};
+pub use set::{RowView, ShardSet};
 pub use split::{Split, holdout_score, is_held_out};
 pub use synth::synthetic_batch;
+pub use targets::TargetKind;
 
 /// Rows that a [`Batcher`] and [`Batch::collect`] can read: one shard set, or several
 /// teachers joined by id. Row numbering is teacher 0's.

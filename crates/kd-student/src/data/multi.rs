@@ -9,7 +9,7 @@ use super::set::{RowView, ShardSet, check_same_tokenizer};
 /// Shard sets of several teachers over the same rows, joined by id. Row `i` is row `i` of
 /// teacher 0; the other teachers' rows are found through the join (their order may differ).
 ///
-/// Combining the distributions is the loss's job (DESIGN.md, "Multi-teacher"); this type
+/// Combining the distributions is the loss's job (docs/design.md, "Multi-teacher"); this type
 /// only guarantees that every teacher scored the same token sequence with the same tokenizer
 /// and exposes each teacher's top-k lists and the weights.
 #[derive(Debug)]
