@@ -795,7 +795,7 @@ fn parts_merge_into_the_whole_dump() {
     assert_eq!(manifest(&p1).totals.rows, 9);
     // While another process holds the destination, a merge is refused naming the lock.
     std::fs::create_dir_all(&merged).unwrap();
-    let held = kd_shard::FolderLock::take(&merged, ".shard-cat-merge.lock").unwrap();
+    let held = kd_fs::FolderLock::take(&merged, ".shard-cat-merge.lock").unwrap();
     let o = util::run("shard-cat", &["merge", "--out", s(&merged), s(&p1), s(&p0)]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);

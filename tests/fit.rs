@@ -1101,7 +1101,7 @@ fn a_second_run_into_the_same_folder_is_refused() {
     let out = dir.path().join("locked");
     let p = pipeline(dir.path(), &shards, &teacher, &out);
     std::fs::create_dir_all(&out).unwrap();
-    let held = kd_shard::FolderLock::take(&out, kd_student::fit::LOCK_FILE).unwrap();
+    let held = kd_fs::FolderLock::take(&out, kd_student::fit::LOCK_FILE).unwrap();
     let o = util::run("student-fit", &["--pipeline", p.to_str().unwrap()]);
     assert!(!o.status.success(), "a second run was not refused");
     let err = String::from_utf8_lossy(&o.stderr);

@@ -249,7 +249,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
             )?;
         }
         Cmd::Merge { parts, out: dest } => {
-            let m = merge(&parts, &dest)?;
+            let m = kd_shard::merge_parts(&parts, &dest)?;
             if args.json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&m)?)?;
             } else {
@@ -477,59 +477,4 @@ fn print_row(
         )?;
     }
     Ok(())
-}
-
-/// Combines part folders into `dest`: links or copies each part's shards and tokenizer, then
-/// writes one manifest (last, atomically).
-/// The lock file `merge` holds in its destination while it works.
-pub const MERGE_LOCK_FILE: &str = ".shard-cat-merge.lock";
-
-pub fn merge(parts: &[PathBuf], dest: &Path) -> anyhow::Result<Manifest> {
-    let mut ms = Vec::new();
-    for p in parts {
-        let m = manifest(p)?;
-        if !m.complete {
-            bail!(
-                "{}: part is not complete (resume its dump first)",
-                p.display()
-            );
-        }
-        ms.push((m, p.clone()));
-    }
-    ms.sort_by_key(|(m, _)| m.part.map(|p| p.index));
-    std::fs::create_dir_all(dest).with_context(|| dest.display().to_string())?;
-    // One merge per folder, as one dump per folder.
-    let _lock = kd_shard::FolderLock::take(dest, MERGE_LOCK_FILE)?;
-    if dest.join(kd_shard::MANIFEST_FILE).exists() {
-        bail!("{}: already holds a manifest", dest.display());
-    }
-    let merged = kd_shard::merge_manifests(&ms.iter().map(|(m, _)| m.clone()).collect::<Vec<_>>())?;
-    for (m, dir) in &ms {
-        for s in &m.shards {
-            let (src, dst) = (dir.join(&s.file), dest.join(&s.file));
-            if dst.exists() {
-                if kd_shard::hash_file(&dst)? == s.sha256 {
-                    continue;
-                }
-                bail!("{}: exists with different content", dst.display());
-            }
-            if std::fs::hard_link(&src, &dst).is_err() {
-                copy_atomic(&src, &dst)?;
-            }
-        }
-        for extra in ["tokenizer.json", "tokenizer_config.json"] {
-            let (src, dst) = (dir.join(extra), dest.join(extra));
-            if src.exists() && !dst.exists() {
-                copy_atomic(&src, &dst)?;
-            }
-        }
-    }
-    kd_shard::write_manifest_atomic(&dest.join(kd_shard::MANIFEST_FILE), &merged)?;
-    Ok(merged)
-}
-
-/// Copies `src` to `dst` so that `dst` is complete or absent.
-fn copy_atomic(src: &Path, dst: &Path) -> anyhow::Result<()> {
-    let bytes = std::fs::read(src).with_context(|| format!("copying {}", src.display()))?;
-    Ok(kd_shard::write_bytes_atomic(dst, &bytes)?)
 }

@@ -1,8 +1,6 @@
 //! Reading the study's files and publishing the report's files atomically.
 
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::{Error, Result};
 
@@ -20,45 +18,10 @@ pub(crate) fn read_text_optional(path: &Path) -> Result<Option<String>> {
     }
 }
 
-/// The temporary name `path` is written under before the rename: `.<name>.tmp-<pid>` in the
-/// same directory, so the rename cannot cross filesystems and a half-written file is hidden.
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory is written,
-/// fsynced and renamed over `path`. Readers see the old file (or none) or the whole new one;
-/// on error the temporary file is removed.
+/// Writes `bytes` to `path` atomically ([`kd_fs::write_bytes_atomic`]): readers see the old
+/// file (or none) or the whole new one.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result?;
-    fsync_dir(path.parent().unwrap_or(Path::new(".")));
-    Ok(())
-}
-
-/// fsyncs a directory so that a rename inside it is durable. Best effort: some platforms and
-/// filesystems cannot open or sync directories, and the file itself is already complete.
-fn fsync_dir(dir: &Path) {
-    #[cfg(unix)]
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
+    kd_fs::write_bytes_atomic(path, bytes).map_err(|e| Error::io(&e.path, e.source))
 }
 
 #[cfg(test)]

@@ -80,6 +80,22 @@ pub enum Error {
     /// The parts handed to [`crate::merge_manifests`] do not cover `0..count` exactly once.
     #[error("part coverage: {what}")]
     PartCoverage { what: String },
+    /// An operation that would overwrite or mix what it must not (a merge into a folder that
+    /// already holds a cache, a part that is not complete).
+    #[error("{}: {what}", path.display())]
+    Refused { path: PathBuf, what: String },
+    /// The output folder is held by another process.
+    #[error(transparent)]
+    Lock(#[from] kd_fs::LockError),
+}
+
+impl From<kd_fs::IoError> for Error {
+    fn from(e: kd_fs::IoError) -> Self {
+        Error::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 impl Error {

@@ -143,6 +143,7 @@
 mod error;
 mod fsutil;
 mod manifest;
+mod merge;
 mod reader;
 mod row;
 mod schema;
@@ -153,14 +154,12 @@ mod verify;
 mod writer;
 
 pub use error::{Error, Result};
-pub use fsutil::{
-    FolderLock, LockError, crash_point, hash_bytes, hash_file, injected_fault, tmp_path,
-    write_bytes_atomic,
-};
+pub use fsutil::{hash_bytes, hash_file};
 pub use manifest::{
     FORMAT_NAME, MANIFEST_FILE, Manifest, PARTIAL_MANIFEST_FILE, PartInfo, ShardEntry, Totals,
     canonical_json, merge_manifests, read_manifest, write_manifest_atomic,
 };
+pub use merge::{MERGE_LOCK_FILE, merge_parts};
 pub use reader::{ShardMeta, ShardReader, read_shard, read_shard_meta};
 pub use row::{LOGPROB_SLACK, MASS_SLACK, Row, Source, counts_of};
 pub use schema::{

@@ -205,7 +205,7 @@ fn atomic_publish_leaves_no_tmp_file() {
     let d = tempfile::tempdir().unwrap();
     write_shard(d.path(), "s.parquet", K, &tiny_rows(5, K)).unwrap();
     assert_eq!(list_dir(d.path()), ["s.parquet"]);
-    assert!(!tmp_path(&d.path().join("s.parquet")).exists());
+    assert!(!kd_fs::tmp_path(&d.path().join("s.parquet")).exists());
     // A rejected row publishes nothing and leaves nothing behind.
     let mut rows = tiny_rows(5, K);
     let bad = rows.iter().position(|r| r.n_pos() > 0).unwrap();

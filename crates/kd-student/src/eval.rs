@@ -185,13 +185,13 @@ pub fn run_eval(opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
 
 fn write_outputs(dir: &Path, out: &EvalOutput) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    kd_shard::write_bytes_atomic(&dir.join("eval.json"), &serde_json::to_vec_pretty(out)?)?;
+    kd_fs::write_bytes_atomic(&dir.join("eval.json"), &serde_json::to_vec_pretty(out)?)?;
     let mut lines = Vec::new();
     for g in &out.generations {
         serde_json::to_writer(&mut lines, g)?;
         lines.write_all(b"\n")?;
     }
-    kd_shard::write_bytes_atomic(&dir.join("generations.jsonl"), &lines)?;
+    kd_fs::write_bytes_atomic(&dir.join("generations.jsonl"), &lines)?;
     Ok(())
 }
 

@@ -5,6 +5,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use anyhow::Context as _;
+
 use candle_core::{DType, Device};
 use kd_loss::sampled::Estimator;
 use kd_loss::{Divergence, LossConfig, TailPolicy};
@@ -588,45 +590,14 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> anyhow::Error + '_ {
     move |e| anyhow::anyhow!("{}: {e}", path.display())
 }
 
-/// Publishes a directory atomically: `fill` writes into a temporary sibling
-/// `.tmp-<name>-<pid>`, every file in it is fsynced, then it is renamed over `dest` and the
-/// parent fsynced, so `dest` is complete (old or new) or absent. On error the temporary
-/// directory is removed. `crash` names the [`kd_shard::crash_point`] just before the rename.
+/// Publishes a directory atomically ([`kd_fs::publish_dir`]): `dest` is complete (old or
+/// new) or absent; `crash` names the crash point just before the rename.
 fn publish_dir(
     dest: &Path,
     crash: impl FnOnce() -> String,
     fill: impl FnOnce(&Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let parent = dest.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = dest.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let filled = (|| -> anyhow::Result<()> {
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        fill(&tmp)?;
-        for e in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
-            let p = e.map_err(io(&tmp))?.path();
-            std::fs::File::open(&p)
-                .and_then(|h| h.sync_all())
-                .map_err(io(&p))?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = filled {
-        // Nothing half-written stays behind; what was published is untouched.
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.context(format!("writing {}", dest.display())));
-    }
-    kd_shard::crash_point(crash);
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(io(dest))?;
-    }
-    std::fs::rename(&tmp, dest).map_err(io(dest))?;
-    std::fs::File::open(parent)
-        .and_then(|h| h.sync_all())
-        .map_err(io(parent))?;
-    Ok(())
+    kd_fs::publish_dir(dest, crash, fill).with_context(|| format!("writing {}", dest.display()))
 }
 
 /// The engine a run trains with, holding the optimizer state (and for the kernel engine the
@@ -708,7 +679,11 @@ fn remove_stray_checkpoint_dirs(out: &Path) -> anyhow::Result<()> {
             continue;
         };
         for e in rd.filter_map(|e| e.ok()) {
-            if e.file_name().to_string_lossy().starts_with(".tmp-") && e.path().is_dir() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(kd_fs::DIR_TMP_PREFIX)
+                && e.path().is_dir()
+            {
                 std::fs::remove_dir_all(e.path()).map_err(io(&dir))?;
             }
         }
@@ -837,7 +812,7 @@ pub fn fit(
     // One run per output folder: a second one would interleave metrics.jsonl and race the
     // checkpoints. The lock goes with the process, so a killed run can be resumed at once.
     std::fs::create_dir_all(&cfg.out).map_err(io(&cfg.out))?;
-    let _lock = kd_shard::FolderLock::take(&cfg.out, LOCK_FILE)?;
+    let _lock = kd_fs::FolderLock::take(&cfg.out, LOCK_FILE)?;
     let teachers = open_teachers(cfg)?;
     let set = &teachers.sets()[0];
     let dev = Device::Cpu;
@@ -1087,7 +1062,7 @@ pub fn fit(
                 }
                 Trainer::Kernels(k) => k.accumulate(&batch, &cfg.loss, cfg.logits_chunk)?,
             };
-            if kd_shard::injected_fault(|| format!("nan-loss:{step}")) {
+            if kd_fs::injected_fault(|| format!("nan-loss:{step}")) {
                 l.total = f64::NAN;
             }
             if !l.total.is_finite() {
@@ -1106,7 +1081,7 @@ pub fn fit(
         if loss.positions == 0 {
             anyhow::bail!("step {step}: the batch has no distilled positions");
         }
-        kd_shard::crash_point(|| format!("before-update:{step}"));
+        kd_fs::crash_point(|| format!("before-update:{step}"));
         let info = match &mut trainer {
             Trainer::Candle(opt) => {
                 let parts = micro.into_iter().zip(micro_grads).collect();
@@ -1198,7 +1173,7 @@ pub fn fit(
         positions_per_s: positions as f64 / secs.max(1e-9),
         seconds: secs,
     };
-    kd_shard::write_bytes_atomic(
+    kd_fs::write_bytes_atomic(
         &cfg.out.join("summary.json"),
         &serde_json::to_vec_pretty(&summary)?,
     )?;

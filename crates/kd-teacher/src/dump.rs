@@ -350,9 +350,9 @@ pub fn dump(
         path: out_dir.to_path_buf(),
         source,
     })?;
-    let lock = kd_shard::FolderLock::take(out_dir, LOCK_FILE).map_err(|e| match e {
-        kd_shard::LockError::Locked { dir, lock } => Error::Locked { dir, lock },
-        kd_shard::LockError::Io { path, source } => Error::Io { path, source },
+    let lock = kd_fs::FolderLock::take(out_dir, LOCK_FILE).map_err(|e| match e {
+        kd_fs::LockError::Locked { dir, lock } => Error::Locked { dir, lock },
+        kd_fs::LockError::Io { path, source } => Error::Io { path, source },
     })?;
     remove_stray_tmp_files(out_dir)?;
 
@@ -513,7 +513,7 @@ pub fn dump(
             &rows,
             &write,
         )?;
-        kd_shard::crash_point(|| format!("after-shard:{j}"));
+        kd_fs::crash_point(|| format!("after-shard:{j}"));
         done[j] = Some(entry);
         written += 1;
         manifest.shards = done.iter().flatten().cloned().collect();
@@ -597,7 +597,7 @@ fn remove_stray_tmp_files(dir: &Path) -> Result<()> {
 fn write_tokenizer_files(model: &LoadedModel, dir: &Path) -> Result<()> {
     let tok = &model.tokenizer;
     let json = serde_json::to_vec(&tok.to_tokenizer_json()).expect("tokenizer serializes");
-    kd_shard::write_bytes_atomic(&dir.join("tokenizer.json"), &json)?;
+    kd_fs::write_bytes_atomic(&dir.join("tokenizer.json"), &json)?;
     let mut cfg = serde_json::json!({});
     if let Some(t) = tok.chat_template() {
         cfg["chat_template"] = t.source().into();
@@ -610,7 +610,7 @@ fn write_tokenizer_files(model: &LoadedModel, dir: &Path) -> Result<()> {
     }
     cfg["add_bos_token"] = tok.add_bos_token().into();
     let cfg = serde_json::to_vec_pretty(&cfg).expect("config serializes");
-    Ok(kd_shard::write_bytes_atomic(
+    Ok(kd_fs::write_bytes_atomic(
         &dir.join("tokenizer_config.json"),
         &cfg,
     )?)

@@ -90,12 +90,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
-    #[cfg(unix)]
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io(dir))?;
-    let _ = dir;
-    Ok(())
+    kd_fs::fsync_dir(dir).map_err(|e| Error::io(&e.path, e.source))
 }
 
 impl Cache {
