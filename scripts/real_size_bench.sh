@@ -21,8 +21,8 @@ new=${NEW_TOKENS:-32}
 out=out/real
 mkdir -p "$out"
 ./scripts/fetch_tokenizers.sh > /dev/null
-cargo build --release --bin teacher-dump -p kd-distill
-cargo build --release -p kd-model --example random_teacher --example hf_to_gguf
+# The quickstart's build (the same features, so nothing is compiled twice).
+cargo build --release --workspace --bins --tests --examples
 head -8 data/prompts/quickstart.jsonl > "$out/prompts8.jsonl"
 results=$out/results.tsv
 [ -f "$results" ] || printf 'shape\ttool\tformat\tfile_gb\tload_s\ttokens_per_s\tpeak_gb\n' > "$results"

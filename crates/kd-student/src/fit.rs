@@ -608,6 +608,22 @@ enum Trainer {
 }
 
 impl Trainer {
+    /// A fresh optimizer state for `student` on the engine `kind`.
+    fn new(kind: EngineKind, student: &Student, cfg: &FitConfig) -> anyhow::Result<Trainer> {
+        Ok(match kind {
+            EngineKind::Candle => {
+                Trainer::Candle(AdamW::new(student.named_vars(), cfg.adamw.clone())?)
+            }
+            EngineKind::Kernels => Trainer::Kernels(Box::new(KernelStudent::new(
+                student,
+                cfg.adamw.clone(),
+                cfg.token_budget.max(EVAL_TOKENS),
+                cfg.max_len,
+                cfg.logits_chunk,
+            )?)),
+        })
+    }
+
     fn steps(&self) -> u64 {
         match self {
             Trainer::Candle(o) => o.step,
@@ -796,7 +812,10 @@ fn interrupted() -> bool {
     INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// Runs (or, with `resume`, continues) a training run.
+/// Runs (or, with `resume`, continues) a training run, in phases: prepare (teachers,
+/// student, rows, engine), resume from the latest checkpoint, evaluate the start, train step
+/// by step (logging, evaluating and checkpointing as configured), then publish the student
+/// and the summary.
 ///
 /// `engine` forces a training engine; none picks the kernel engine where it runs (a llama or
 /// Mistral student on an AVX-512 or AVX2 CPU) and candle otherwise.
@@ -814,26 +833,171 @@ pub fn fit(
     std::fs::create_dir_all(&cfg.out).map_err(io(&cfg.out))?;
     let _lock = kd_fs::FolderLock::take(&cfg.out, LOCK_FILE)?;
     let teachers = open_teachers(cfg)?;
-    let set = &teachers.sets()[0];
     let dev = Device::Cpu;
     let mut student = cfg.init.build(&dev)?;
-    check_vocab(&student, set)?;
+    check_vocab(&student, &teachers.sets()[0])?;
     if progress {
-        let c = &student.cfg;
+        print_student(&student, &teachers);
+    }
+    let split = training_split(cfg, &teachers)?;
+    let eval_rows = eval_rows(cfg, &teachers, &split)?;
+    let mut batcher = Batcher::new(
+        &teachers,
+        &split.train,
+        BatchConfig {
+            token_budget: cfg.token_budget,
+            max_len: cfg.max_len,
+            pad_id: 0,
+            seed: cfg.seed,
+            mix: cfg.mix,
+            max_epochs: None,
+        },
+    )?;
+    let total_steps = match cfg.positions {
+        Some(target) => {
+            steps_for_positions(batcher.clone(), &teachers, split.train.len(), cfg, target)?
+        }
+        None => cfg.steps,
+    };
+    let (kind, why_candle) = crate::engine::choose(engine, &student.cfg, cfg.max_len, &dev)?;
+    let mut trainer = Trainer::new(kind, &student, cfg)?;
+    if progress {
+        print_engine(&trainer, why_candle.as_deref());
+    }
+    let plan_bytes = match &trainer {
+        Trainer::Kernels(k) => Some(k.plan().total_bytes()),
+        Trainer::Candle(_) => None,
+    };
+    let fingerprint = teachers_fingerprint(&teachers);
+    let resumed = match resume {
+        true => resume_latest(cfg, &fingerprint, &mut student, &mut trainer, &mut batcher)?,
+        false => None,
+    };
+    remove_stray_checkpoint_dirs(&cfg.out)?;
+    let mut metrics = Metrics::open(&cfg.out.join("metrics.jsonl"))?;
+    let initial = eval_rows.evaluate(
+        &mut trainer.eval_model(&student),
+        cfg.max_len,
+        cfg.logits_chunk,
+    )?;
+    if resumed.is_none() {
+        metrics.eval(0, 0, &initial)?;
+    }
+    if progress {
         eprintln!(
-            "student: {} layers, hidden {}, MLP {}, {} heads ({} key/value), vocabulary {}: {:.1} M parameters; {} rows from {} teacher(s)",
-            c.num_hidden_layers,
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.vocab_size,
-            student.n_params() as f64 / 1e6,
-            teachers.len(),
-            teachers.sets().len()
+            "held-out at step {}: forward KL {:.4}, top-1 agreement {:.3} ({} positions)",
+            trainer.steps(),
+            initial.forward_kl,
+            initial.top1_agreement,
+            initial.positions
         );
     }
-    let mut split = Split::by_id_hash(&teachers, cfg.holdout_fraction)?;
+    let mut run = Run {
+        cfg,
+        teachers: &teachers,
+        n_train: split.train.len(),
+        eval_rows: &eval_rows,
+        student: &student,
+        trainer: &mut trainer,
+        batcher: &mut batcher,
+        metrics: &mut metrics,
+        fingerprint: &fingerprint,
+        sched: Schedule {
+            lr: cfg.lr,
+            min_lr: cfg.min_lr,
+            warmup_steps: cfg.warmup_steps,
+            total_steps,
+            decay: cfg.decay,
+        },
+        progress,
+        train_positions: resumed.map_or(0, |(_, p)| p),
+        positions: 0,
+        last_loss: f64::NAN,
+        last_checkpoint: latest_checkpoint(&cfg.out),
+        final_eval: None,
+    };
+    let start = Instant::now();
+    run.train()?;
+    let secs = start.elapsed().as_secs_f64();
+    let (positions, last_loss, train_positions) =
+        (run.positions, run.last_loss, run.train_positions);
+    let (last_ck, final_eval) = (run.last_checkpoint.take(), run.final_eval.take());
+    let final_eval = match final_eval {
+        Some(r) => r,
+        None => eval_rows.evaluate(
+            &mut trainer.eval_model(&student),
+            cfg.max_len,
+            cfg.logits_chunk,
+        )?,
+    };
+    trainer.sync(&student)?;
+    let export_dir = cfg.out.join("student");
+    publish_export(&student, &cfg.shards, &export_dir)?;
+    let summary = FitSummary {
+        steps: trainer.steps(),
+        engine: kind.name().to_string(),
+        planned_bytes: plan_bytes,
+        engine_seconds: trainer.timings().map(|t| {
+            t.phases()
+                .iter()
+                .map(|(k, d)| (k.to_string(), d.as_secs_f64()))
+                .collect()
+        }),
+        resumed_from: resumed.map(|(step, _)| step),
+        initial,
+        last_train_loss: last_loss,
+        final_eval,
+        train_positions,
+        checkpoint: last_ck.unwrap_or_default(),
+        export: export_dir,
+        positions_per_s: positions as f64 / secs.max(1e-9),
+        seconds: secs,
+    };
+    kd_fs::write_bytes_atomic(
+        &cfg.out.join("summary.json"),
+        &serde_json::to_vec_pretty(&summary)?,
+    )?;
+    Ok(summary)
+}
+
+/// Prints the student's shape and the rows it trains on.
+fn print_student(student: &Student, teachers: &Teachers) {
+    let c = &student.cfg;
+    eprintln!(
+        "student: {} layers, hidden {}, MLP {}, {} heads ({} key/value), vocabulary {}: {:.1} M parameters; {} rows from {} teacher(s)",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.vocab_size,
+        student.n_params() as f64 / 1e6,
+        teachers.len(),
+        teachers.sets().len()
+    );
+}
+
+/// Prints the training engine and, for the kernels, their memory plan.
+fn print_engine(trainer: &Trainer, why_candle: Option<&str>) {
+    match trainer {
+        Trainer::Kernels(k) => {
+            let level = match kd_model::kernels::level() {
+                Some(kd_model::kernels::Level::Avx512) => "AVX-512",
+                _ => "AVX2",
+            };
+            eprintln!("engine: kernels ({level}); memory plan: {}", k.plan());
+        }
+        Trainer::Candle(_) => match why_candle {
+            Some(why) => eprintln!("engine: candle ({why})"),
+            None => eprintln!("engine: candle"),
+        },
+    }
+}
+
+/// The training and held-out rows (by id hash), the training rows narrowed to `train_on`.
+fn training_split(cfg: &FitConfig, teachers: &Teachers) -> anyhow::Result<Split> {
+    let set = &teachers.sets()[0];
+    let mut split = Split::by_id_hash(teachers, cfg.holdout_fraction)?;
     if let Some(src) = cfg.train_on {
         split.train.retain(|&r| set.row(r).source == src);
         if split.train.is_empty() {
@@ -844,6 +1008,17 @@ pub fn fit(
             );
         }
     }
+    Ok(split)
+}
+
+/// The rows the student is evaluated on: `eval_shards`, or the held-out rows (against the
+/// same cache's top-k when it trains on draws), at most `eval_max_rows`.
+fn eval_rows<'t>(
+    cfg: &FitConfig,
+    teachers: &'t Teachers,
+    split: &Split,
+) -> anyhow::Result<EvalRows<'t>> {
+    let set = &teachers.sets()[0];
     let mut eval_rows = match &cfg.eval_shards {
         Some(dir) => {
             let e = ShardSet::open_targets(dir, Some(TargetKind::TopK))?;
@@ -865,198 +1040,218 @@ pub fn fit(
             let e = ShardSet::open_targets(&cfg.shards, Some(TargetKind::TopK))?;
             EvalRows::Separate(ShardSet::zip(vec![e], vec![1.0])?, split.held_out.clone())
         }
-        None => EvalRows::HeldOut(&teachers, split.held_out.clone()),
+        None => EvalRows::HeldOut(teachers, split.held_out.clone()),
     };
     if let Some(m) = cfg.eval_max_rows {
         match &mut eval_rows {
             EvalRows::Separate(_, r) | EvalRows::HeldOut(_, r) => r.truncate(m),
         }
     }
-    let bcfg = BatchConfig {
-        token_budget: cfg.token_budget,
-        max_len: cfg.max_len,
-        pad_id: 0,
-        seed: cfg.seed,
-        mix: cfg.mix,
-        max_epochs: None,
+    Ok(eval_rows)
+}
+
+/// Restores the student, the optimizer and the loader from the latest checkpoint in
+/// `cfg.out`, if there is one, refusing one made from other shards or another config.
+/// Returns the checkpoint's step and training positions.
+fn resume_latest(
+    cfg: &FitConfig,
+    fingerprint: &str,
+    student: &mut Student,
+    trainer: &mut Trainer,
+    batcher: &mut Batcher,
+) -> anyhow::Result<Option<(u64, u64)>> {
+    let Some(ck) = latest_checkpoint(&cfg.out) else {
+        return Ok(None);
     };
-    let mut batcher = Batcher::new(&teachers, &split.train, bcfg)?;
-    let total_steps = match cfg.positions {
-        Some(target) => {
-            steps_for_positions(batcher.clone(), &teachers, split.train.len(), cfg, target)?
+    let state: CheckpointState =
+        serde_json::from_slice(&std::fs::read(ck.join("state.json")).map_err(io(&ck))?)?;
+    if state.shards_fingerprint != fingerprint {
+        anyhow::bail!(
+            "{}: cannot resume: the shard set differs (fingerprint {} vs {})",
+            ck.display(),
+            state.shards_fingerprint,
+            fingerprint
+        );
+    }
+    if state.config != *cfg {
+        let a = serde_json::to_value(&state.config)?;
+        let b = serde_json::to_value(cfg)?;
+        let field = a
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(k, v)| b.get(k.as_str()) != Some(v))
+            .map(|(k, _)| k.clone())
+            .unwrap_or_default();
+        anyhow::bail!(
+            "{}: cannot resume: config field `{field}` differs",
+            ck.display()
+        );
+    }
+    student.load_safetensors(&ck.join("model.safetensors"))?;
+    let opt_path = ck.join("optimizer.safetensors");
+    match trainer {
+        Trainer::Candle(opt) => {
+            *opt = AdamW::new(student.named_vars(), cfg.adamw.clone())?;
+            opt.load_state(&opt_path, state.step)?;
         }
-        None => cfg.steps,
-    };
-    let (kind, why_candle) = crate::engine::choose(engine, &student.cfg, cfg.max_len, &dev)?;
-    let new_trainer = |student: &Student| -> anyhow::Result<Trainer> {
-        Ok(match kind {
-            EngineKind::Candle => {
-                Trainer::Candle(AdamW::new(student.named_vars(), cfg.adamw.clone())?)
+        Trainer::Kernels(k) => {
+            k.read_from(student)?;
+            k.load_state(&opt_path, state.step)?;
+        }
+    }
+    batcher.restore(state.loader)?;
+    Ok(Some((state.step, state.train_positions)))
+}
+
+/// `metrics.jsonl`, appended to: one JSON line per logged step and per evaluation.
+struct Metrics {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Metrics {
+    /// Opens `path` for appending. A killed run may have left half a line: it is ended, so
+    /// the next line stays readable.
+    fn open(path: &Path) -> anyhow::Result<Metrics> {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io(path))?;
+        let len = file.metadata().map_err(io(path))?.len();
+        if len > 0 {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut last = [0u8; 1];
+            let mut r = std::fs::File::open(path).map_err(io(path))?;
+            r.seek(SeekFrom::Start(len - 1))
+                .and_then(|_| r.read_exact(&mut last))
+                .map_err(io(path))?;
+            if last[0] != b'\n' {
+                writeln!(file).map_err(io(path))?;
             }
-            EngineKind::Kernels => Trainer::Kernels(Box::new(KernelStudent::new(
-                student,
-                cfg.adamw.clone(),
-                cfg.token_budget.max(EVAL_TOKENS),
-                cfg.max_len,
-                cfg.logits_chunk,
-            )?)),
+        }
+        Ok(Metrics {
+            file,
+            path: path.to_path_buf(),
         })
-    };
-    let mut trainer = new_trainer(&student)?;
-    let mut plan_bytes = None;
-    if progress {
-        match &trainer {
-            Trainer::Kernels(k) => {
-                let level = match kd_model::kernels::level() {
-                    Some(kd_model::kernels::Level::Avx512) => "AVX-512",
-                    _ => "AVX2",
-                };
-                eprintln!("engine: kernels ({level}); memory plan: {}", k.plan());
-            }
-            Trainer::Candle(_) => match &why_candle {
-                Some(why) => eprintln!("engine: candle ({why})"),
-                None => eprintln!("engine: candle"),
-            },
-        }
     }
-    if let Trainer::Kernels(k) = &trainer {
-        plan_bytes = Some(k.plan().total_bytes());
+
+    fn line(&mut self, line: &serde_json::Value) -> anyhow::Result<()> {
+        writeln!(self.file, "{line}").map_err(io(&self.path))
     }
-    let fingerprint = teachers_fingerprint(&teachers);
-    let mut resumed_from = None;
-    let mut train_positions = 0u64;
-    if resume && let Some(ck) = latest_checkpoint(&cfg.out) {
-        let state: CheckpointState =
-            serde_json::from_slice(&std::fs::read(ck.join("state.json")).map_err(io(&ck))?)?;
-        if state.shards_fingerprint != fingerprint {
-            anyhow::bail!(
-                "{}: cannot resume: the shard set differs (fingerprint {} vs {})",
-                ck.display(),
-                state.shards_fingerprint,
-                fingerprint
-            );
-        }
-        if state.config != *cfg {
-            let a = serde_json::to_value(&state.config)?;
-            let b = serde_json::to_value(cfg)?;
-            let field = a
-                .as_object()
-                .unwrap()
-                .iter()
-                .find(|(k, v)| b.get(k.as_str()) != Some(v))
-                .map(|(k, _)| k.clone())
-                .unwrap_or_default();
-            anyhow::bail!(
-                "{}: cannot resume: config field `{field}` differs",
-                ck.display()
-            );
-        }
-        student.load_safetensors(&ck.join("model.safetensors"))?;
-        let opt_path = ck.join("optimizer.safetensors");
-        match &mut trainer {
-            Trainer::Candle(opt) => {
-                *opt = AdamW::new(student.named_vars(), cfg.adamw.clone())?;
-                opt.load_state(&opt_path, state.step)?;
-            }
-            Trainer::Kernels(k) => {
-                k.read_from(&student)?;
-                k.load_state(&opt_path, state.step)?;
-            }
-        }
-        batcher.restore(state.loader)?;
-        resumed_from = Some(state.step);
-        train_positions = state.train_positions;
+
+    fn eval(&mut self, step: u64, train_positions: u64, r: &EvalReport) -> anyhow::Result<()> {
+        self.line(&serde_json::json!({"step": step, "train_positions": train_positions, "eval": r}))
     }
-    let sched = Schedule {
-        lr: cfg.lr,
-        min_lr: cfg.min_lr,
-        warmup_steps: cfg.warmup_steps,
-        total_steps,
-        decay: cfg.decay,
-    };
-    std::fs::create_dir_all(&cfg.out).map_err(io(&cfg.out))?;
-    remove_stray_checkpoint_dirs(&cfg.out)?;
-    let metrics_path = cfg.out.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(io(&metrics_path))?;
-    // A killed run may have left half a line: end it so the next line stays readable.
-    let len = metrics.metadata().map_err(io(&metrics_path))?.len();
-    if len > 0 {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut last = [0u8; 1];
-        let mut r = std::fs::File::open(&metrics_path).map_err(io(&metrics_path))?;
-        r.seek(SeekFrom::Start(len - 1))
-            .and_then(|_| r.read_exact(&mut last))
-            .map_err(io(&metrics_path))?;
-        if last[0] != b'\n' {
-            writeln!(metrics).map_err(io(&metrics_path))?;
-        }
-    }
-    let log_eval =
-        |metrics: &mut std::fs::File, step: u64, train_positions: u64, r: &EvalReport| {
-            let line =
-                serde_json::json!({"step": step, "train_positions": train_positions, "eval": r});
-            writeln!(metrics, "{line}").map_err(io(&metrics_path))
-        };
-    let initial = eval_rows.evaluate(
-        &mut trainer.eval_model(&student),
-        cfg.max_len,
-        cfg.logits_chunk,
-    )?;
-    if resumed_from.is_none() {
-        log_eval(&mut metrics, 0, 0, &initial)?;
-    }
-    if progress {
-        eprintln!(
-            "held-out at step {}: forward KL {:.4}, top-1 agreement {:.3} ({} positions)",
-            trainer.steps(),
-            initial.forward_kl,
-            initial.top1_agreement,
-            initial.positions
-        );
-    }
-    let bar = if progress {
-        let b = indicatif::ProgressBar::new(total_steps);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  eta {eta}")
+}
+
+/// A training run in progress: what one step reads and the counters it moves.
+struct Run<'a> {
+    cfg: &'a FitConfig,
+    teachers: &'a Teachers,
+    n_train: usize,
+    eval_rows: &'a EvalRows<'a>,
+    student: &'a Student,
+    trainer: &'a mut Trainer,
+    batcher: &'a mut Batcher,
+    metrics: &'a mut Metrics,
+    fingerprint: &'a str,
+    sched: Schedule,
+    progress: bool,
+    /// Distilled positions trained on since the run began, resumes included.
+    train_positions: u64,
+    /// Distilled positions trained on by this process (its rate).
+    positions: usize,
+    last_loss: f64,
+    last_checkpoint: Option<PathBuf>,
+    final_eval: Option<EvalReport>,
+}
+
+impl Run<'_> {
+    /// Steps until the schedule's last step, checkpointing on an interrupt.
+    fn train(&mut self) -> anyhow::Result<()> {
+        let total_steps = self.sched.total_steps;
+        let bar = if self.progress {
+            let b = indicatif::ProgressBar::new(total_steps);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} step {pos}/{len}  {msg}  eta {eta}",
+                )
                 .expect("a valid template"),
-        );
-        b.set_position(trainer.steps());
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let start = Instant::now();
-    let (mut positions, mut last_loss) = (0usize, f64::NAN);
-    let mut last_ck = latest_checkpoint(&cfg.out);
-    let mut final_eval = None;
-    while trainer.steps() < total_steps {
-        let step = trainer.steps();
-        if interrupted() {
-            let state = CheckpointState {
-                step,
-                train_positions,
-                loader: batcher.position(),
-                config: cfg.clone(),
-                shards_fingerprint: fingerprint.clone(),
-            };
-            let ck = save_checkpoint(&cfg.out, &student, &trainer, &state)?;
-            anyhow::bail!(
-                "interrupted at step {step}; checkpoint {} (continue with --resume)",
-                ck.display()
             );
+            b.set_position(self.trainer.steps());
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let start = Instant::now();
+        while self.trainer.steps() < total_steps {
+            let step = self.trainer.steps();
+            if interrupted() {
+                let ck = self.checkpoint(step)?;
+                anyhow::bail!(
+                    "interrupted at step {step}; checkpoint {} (continue with --resume)",
+                    ck.display()
+                );
+            }
+            let (loss, info) = self.step(step)?;
+            self.positions += loss.positions;
+            self.train_positions += loss.positions as u64;
+            self.last_loss = loss.total;
+            let done = self.trainer.steps();
+            bar.set_position(done);
+            if done % self.cfg.log_every.max(1) == 0 || done == total_steps {
+                let rate = self.positions as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                self.metrics.line(&serde_json::json!({"step": done, "loss": loss.total, "divergence": loss.divergence, "hard_ce": loss.hard_ce,
+                    "lr": info.lr, "grad_norm": info.grad_norm, "clipped": info.clipped, "positions": loss.positions,
+                    "train_positions": self.train_positions, "positions_per_s": rate}))?;
+                bar.set_message(format!("loss {:.4}  {rate:.0} positions/s", loss.total));
+                // Without a terminal the bar is hidden: keep a plain line per log interval.
+                if self.progress {
+                    bar.println(format!(
+                        "step {done}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} positions/s",
+                        total_steps, loss.total, info.lr, info.grad_norm, rate
+                    ));
+                }
+            }
+            let eval_every = self.cfg.eval_every;
+            if done == total_steps || (eval_every > 0 && done % eval_every == 0) {
+                let progress = self.progress;
+                let r = self.evaluate(done)?;
+                if progress {
+                    bar.println(format!(
+                        "held-out at step {done}: forward KL {:.4}, top-1 agreement {:.3}",
+                        r.forward_kl, r.top1_agreement
+                    ));
+                }
+            }
+            if done % self.cfg.checkpoint_every.max(1) == 0 || done == total_steps {
+                let ck = self.checkpoint(done)?;
+                self.last_checkpoint = Some(ck);
+                if let Some(keep) = self.cfg.keep_checkpoints {
+                    prune_checkpoints(&self.cfg.out, keep)?;
+                }
+            }
         }
-        // One optimizer step over `grad_accum` micro-batches, weighted by their positions.
+        bar.finish_and_clear();
+        Ok(())
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches, weighted by their positions. A
+    /// loss that is not finite stops the run before it is applied.
+    fn step(
+        &mut self,
+        step: u64,
+    ) -> anyhow::Result<(crate::train::BatchLoss, crate::optim::StepInfo)> {
+        let cfg = self.cfg;
         let (mut micro, mut micro_grads) = (Vec::new(), Vec::new());
         for _ in 0..cfg.grad_accum.max(1) {
-            let batch = next_distilled_batch(&mut batcher, &teachers, split.train.len(), cfg)?;
-            let mut l = match &mut trainer {
+            let batch = next_distilled_batch(self.batcher, self.teachers, self.n_train, cfg)?;
+            let mut l = match &mut *self.trainer {
                 Trainer::Candle(_) => {
                     let (l, g) =
-                        loss_and_grads(&student, &batch, &cfg.loss, cfg.logits_chunk, true)?;
+                        loss_and_grads(self.student, &batch, &cfg.loss, cfg.logits_chunk, true)?;
                     micro_grads.extend(g);
                     l
                 }
@@ -1069,7 +1264,7 @@ pub fn fit(
                 anyhow::bail!(
                     "loss became {} at step {step}; stopped without applying it; last good checkpoint: {}",
                     l.total,
-                    last_ck
+                    self.last_checkpoint
                         .as_ref()
                         .map(|p| p.display().to_string())
                         .unwrap_or_else(|| "none".into())
@@ -1082,102 +1277,40 @@ pub fn fit(
             anyhow::bail!("step {step}: the batch has no distilled positions");
         }
         kd_fs::crash_point(|| format!("before-update:{step}"));
-        let info = match &mut trainer {
+        let lr = self.sched.lr_at(step);
+        let info = match &mut *self.trainer {
             Trainer::Candle(opt) => {
                 let parts = micro.into_iter().zip(micro_grads).collect();
                 let (_, grads) = crate::train::combine_micro_batches(parts, opt.params())?;
-                opt.step(&grads, sched.lr_at(step), cfg.max_grad_norm)?
+                opt.step(&grads, lr, cfg.max_grad_norm)?
             }
-            Trainer::Kernels(k) => k.step(sched.lr_at(step), cfg.max_grad_norm),
+            Trainer::Kernels(k) => k.step(lr, cfg.max_grad_norm),
         };
-        positions += loss.positions;
-        train_positions += loss.positions as u64;
-        last_loss = loss.total;
-        let done = trainer.steps();
-        bar.set_position(done);
-        if done % cfg.log_every.max(1) == 0 || done == total_steps {
-            let rate = positions as f64 / start.elapsed().as_secs_f64().max(1e-9);
-            let line = serde_json::json!({"step": done, "loss": loss.total, "divergence": loss.divergence, "hard_ce": loss.hard_ce,
-                "lr": info.lr, "grad_norm": info.grad_norm, "clipped": info.clipped, "positions": loss.positions,
-                "train_positions": train_positions, "positions_per_s": rate});
-            writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
-            bar.set_message(format!("loss {:.4}  {rate:.0} positions/s", loss.total));
-            // Without a terminal the bar is hidden: keep a plain line per log interval.
-            if progress {
-                bar.println(format!(
-                    "step {done}/{}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} positions/s",
-                    total_steps, loss.total, info.lr, info.grad_norm, rate
-                ));
-            }
-        }
-        let eval_now = done == total_steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
-        if eval_now {
-            let r = eval_rows.evaluate(
-                &mut trainer.eval_model(&student),
-                cfg.max_len,
-                cfg.logits_chunk,
-            )?;
-            log_eval(&mut metrics, done, train_positions, &r)?;
-            if progress {
-                bar.println(format!(
-                    "held-out at step {done}: forward KL {:.4}, top-1 agreement {:.3}",
-                    r.forward_kl, r.top1_agreement
-                ));
-            }
-            final_eval = Some(r);
-        }
-        if done % cfg.checkpoint_every.max(1) == 0 || done == total_steps {
-            let state = CheckpointState {
-                step: done,
-                train_positions,
-                loader: batcher.position(),
-                config: cfg.clone(),
-                shards_fingerprint: fingerprint.clone(),
-            };
-            last_ck = Some(save_checkpoint(&cfg.out, &student, &trainer, &state)?);
-            if let Some(keep) = cfg.keep_checkpoints {
-                prune_checkpoints(&cfg.out, keep)?;
-            }
-        }
+        Ok((loss, info))
     }
-    bar.finish_and_clear();
-    let final_eval = match final_eval {
-        Some(r) => r,
-        None => eval_rows.evaluate(
-            &mut trainer.eval_model(&student),
-            cfg.max_len,
-            cfg.logits_chunk,
-        )?,
-    };
-    trainer.sync(&student)?;
-    let export_dir = cfg.out.join("student");
-    publish_export(&student, &cfg.shards, &export_dir)?;
-    let secs = start.elapsed().as_secs_f64();
-    let summary = FitSummary {
-        steps: trainer.steps(),
-        engine: kind.name().to_string(),
-        planned_bytes: plan_bytes,
-        engine_seconds: trainer.timings().map(|t| {
-            t.phases()
-                .iter()
-                .map(|(k, d)| (k.to_string(), d.as_secs_f64()))
-                .collect()
-        }),
-        resumed_from,
-        initial,
-        last_train_loss: last_loss,
-        final_eval,
-        train_positions,
-        checkpoint: last_ck.unwrap_or_default(),
-        export: export_dir,
-        positions_per_s: positions as f64 / secs.max(1e-9),
-        seconds: secs,
-    };
-    kd_fs::write_bytes_atomic(
-        &cfg.out.join("summary.json"),
-        &serde_json::to_vec_pretty(&summary)?,
-    )?;
-    Ok(summary)
+
+    /// Evaluates the student after step `done` and logs the result.
+    fn evaluate(&mut self, done: u64) -> anyhow::Result<&EvalReport> {
+        let r = self.eval_rows.evaluate(
+            &mut self.trainer.eval_model(self.student),
+            self.cfg.max_len,
+            self.cfg.logits_chunk,
+        )?;
+        self.metrics.eval(done, self.train_positions, &r)?;
+        Ok(self.final_eval.insert(r))
+    }
+
+    /// Publishes a checkpoint of the state after `step` steps.
+    fn checkpoint(&mut self, step: u64) -> anyhow::Result<PathBuf> {
+        let state = CheckpointState {
+            step,
+            train_positions: self.train_positions,
+            loader: self.batcher.position(),
+            config: self.cfg.clone(),
+            shards_fingerprint: self.fingerprint.to_string(),
+        };
+        save_checkpoint(&self.cfg.out, self.student, self.trainer, &state)
+    }
 }
 
 /// Refuses a student whose vocabulary differs from the shards'.

@@ -238,7 +238,10 @@ pub fn identity_manifest(
     m
 }
 
-/// Runs a dump of `input` through `model` into `out_dir`.
+/// Runs a dump of `input` through `model` into `out_dir`, in phases: check the settings,
+/// encode every row (a bad row stops the dump before any work), take the folder, find what an
+/// interrupted dump already published, dump the missing shards one by one (each published
+/// with the partial manifest), then publish the manifest.
 pub fn dump(
     model: &LoadedModel,
     input: &Input,
@@ -247,46 +250,157 @@ pub fn dump(
     out_dir: &Path,
 ) -> Result<DumpSummary> {
     let start = Instant::now();
+    check_settings(model, settings, opts)?;
+    let (records, encoded) = encode_rows(model, input, settings, opts)?;
+    let lock = take_folder(out_dir)?;
+    let mut manifest = identity_manifest(model, input, settings, opts.part, opts.shard_format);
+    let n_shards = encoded.len().div_ceil(settings.rows_per_shard);
+    let mut done = published_shards(out_dir, &manifest, n_shards, opts)?;
+    write_tokenizer_files(model, out_dir)?;
+
+    let bar = progress_bar(opts.progress, encoded.len() as u64);
+    let work_start = Instant::now();
+    let on_rows_done = |n: usize, tokens: u64| {
+        bar.inc(n as u64);
+        let secs = work_start.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!(
+            "{tokens} tokens, {:.1} tok/s",
+            tokens as f64 / secs
+        ));
+    };
+    let engine = Engine {
+        model: &model.model,
+        top_k: settings.top_k,
+        draws: crate::engine::Draws {
+            n: settings.samples as u32,
+            seed: settings.seed,
+        },
+        stop_ids: model.tokenizer.stop_ids(),
+        max_new_tokens: settings.max_new_tokens,
+        sampling: SamplingConfig {
+            temperature: settings.temperature,
+            top_p: settings.top_p,
+            seed: settings.seed,
+        },
+        logits_chunk: opts.logits_chunk,
+        on_rows_done: Some(&on_rows_done),
+    };
+    let partial_path = out_dir.join(kd_shard::PARTIAL_MANIFEST_FILE);
+    let reused = done.iter().filter(|d| d.is_some()).count();
+    let mut work = Work::default();
+    let mut written = 0;
+    for j in 0..n_shards {
+        let lo = j * settings.rows_per_shard;
+        let hi = (lo + settings.rows_per_shard).min(encoded.len());
+        if done[j].is_some() {
+            bar.inc((hi - lo) as u64);
+            continue;
+        }
+        let rows = dump_rows(
+            &engine,
+            &records[lo..hi],
+            &encoded[lo..hi],
+            opts.batch_size,
+            &mut work,
+        )?;
+        let write =
+            kd_shard::WriteOptions::for_version_with_samples(opts.shard_format, settings.samples);
+        let entry = kd_shard::write_shard_with(
+            out_dir,
+            &shard_name(opts.part, j),
+            settings.top_k,
+            &rows,
+            &write,
+        )?;
+        kd_fs::crash_point(|| format!("after-shard:{j}"));
+        done[j] = Some(entry);
+        written += 1;
+        manifest.shards = done.iter().flatten().cloned().collect();
+        manifest.totals = Totals::of(&manifest.shards);
+        kd_shard::write_manifest_atomic(&partial_path, &manifest)?;
+    }
+    bar.finish_and_clear();
+    publish_manifest(out_dir, &mut manifest, done)?;
+    drop(lock);
+    let secs = work_start.elapsed().as_secs_f64();
+    let toks = work.generated_tokens + work.scored_tokens;
+    let t = &manifest.totals;
+    Ok(DumpSummary {
+        out_dir: out_dir.to_path_buf(),
+        rows: t.rows,
+        shards_written: written,
+        shards_reused: reused,
+        prompt_tokens: work.prefill_tokens - work.scored_tokens,
+        generated_tokens: work.generated_tokens,
+        scored_tokens: work.scored_tokens,
+        positions: t.positions,
+        bytes: t.bytes,
+        seconds: start.elapsed().as_secs_f64(),
+        tokens_per_s: if secs > 0.0 { toks as f64 / secs } else { 0.0 },
+        bytes_per_position: if t.positions > 0 {
+            t.bytes as f64 / t.positions as f64
+        } else {
+            0.0
+        },
+        skipped_lines: input.skipped.len(),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// Refuses settings that cannot run together with this model, naming the field.
+fn check_settings(model: &LoadedModel, settings: &DumpSettings, opts: &RunOptions) -> Result<()> {
     settings.validate(model.model.vocab_size())?;
+    let refuse = |field: &str, what: String| {
+        Err(Error::Setting {
+            field: field.into(),
+            what,
+        })
+    };
     if settings.samples > 0 && opts.shard_format < 2 {
-        return Err(Error::Setting {
-            field: "shard_format".into(),
-            what: format!(
+        return refuse(
+            "shard_format",
+            format!(
                 "format {} cannot hold sampled targets; use format 2",
                 opts.shard_format
             ),
-        });
+        );
     }
     if opts.batch_size == 0 {
-        return Err(Error::Setting {
-            field: "batch_size".into(),
-            what: "must be at least 1".into(),
-        });
+        return refuse("batch_size", "must be at least 1".into());
     }
     if let Some((i, n)) = opts.part
         && (n == 0 || i >= n)
     {
-        return Err(Error::Setting {
-            field: "part".into(),
-            what: format!("{i}/{n}: the index must be below the count"),
-        });
+        return refuse(
+            "part",
+            format!("{i}/{n}: the index must be below the count"),
+        );
     }
     if model.tokenizer.vocab_size() != model.model.vocab_size() {
-        return Err(Error::Setting {
-            field: "tokenizer".into(),
-            what: format!(
+        return refuse(
+            "tokenizer",
+            format!(
                 "the tokenizer has {} tokens but the model's vocabulary has {}",
                 model.tokenizer.vocab_size(),
                 model.model.vocab_size()
             ),
-        });
+        );
     }
-    // Several responses per prompt: each prompt becomes rows `ID#0 … ID#(n-1)`, in input
-    // order, before the slicing into parts.
+    Ok(())
+}
+
+/// The rows of this dump (several per prompt with `responses_per_prompt`, each `ID#i`, in
+/// input order; then this part's slice) and their tokens. Every row is encoded up front, so
+/// a bad row is refused, naming its file, id and line, before any work.
+fn encode_rows(
+    model: &LoadedModel,
+    input: &Input,
+    settings: &DumpSettings,
+    opts: &RunOptions,
+) -> Result<(Vec<crate::input::Record>, Vec<Encoded>)> {
     let n_resp = settings.responses_per_prompt;
-    let expanded: Vec<crate::input::Record>;
-    let all: &[crate::input::Record] = if n_resp > 1 {
-        expanded = input
+    let all: Vec<crate::input::Record> = if n_resp > 1 {
+        input
             .records
             .iter()
             .flat_map(|r| {
@@ -295,24 +409,22 @@ pub fn dump(
                     ..r.clone()
                 })
             })
-            .collect();
-        &expanded
+            .collect()
     } else {
-        &input.records
+        input.records.clone()
     };
-    // Encode every record up front: a bad row is refused before any work.
     let range = match opts.part {
         Some((i, n)) => part_range(all.len(), i, n),
         None => 0..all.len(),
     };
-    let records = &all[range];
+    let records = all[range].to_vec();
     let enc_opts = EncodeOptions {
         chat_template: settings.chat_template,
         score: settings.mode == Mode::Score,
     };
     let max_len = model.model.max_len();
     let mut encoded: Vec<Encoded> = Vec::with_capacity(records.len());
-    for rec in records {
+    for rec in &records {
         let row_err = |what: String| Error::Row {
             path: input.path.clone(),
             id: rec.id.clone(),
@@ -345,7 +457,12 @@ pub fn dump(
         }
         encoded.push(e);
     }
+    Ok((records, encoded))
+}
 
+/// Creates `out_dir` and holds it for this process, removing what a killed run left
+/// half-written.
+fn take_folder(out_dir: &Path) -> Result<kd_fs::FolderLock> {
     std::fs::create_dir_all(out_dir).map_err(|source| Error::Io {
         path: out_dir.to_path_buf(),
         source,
@@ -355,13 +472,21 @@ pub fn dump(
         kd_fs::LockError::Io { path, source } => Error::Io { path, source },
     })?;
     remove_stray_tmp_files(out_dir)?;
+    Ok(lock)
+}
 
-    let mut manifest = identity_manifest(model, input, settings, opts.part, opts.shard_format);
+/// The shards an interrupted dump already published intact, by index. A folder that holds a
+/// manifest or shards is refused without `--resume`; with it, a previous manifest that
+/// describes another job is refused, naming the field that differs.
+fn published_shards(
+    out_dir: &Path,
+    manifest: &Manifest,
+    n_shards: usize,
+    opts: &RunOptions,
+) -> Result<Vec<Option<ShardEntry>>> {
     let final_path = out_dir.join(kd_shard::MANIFEST_FILE);
     let partial_path = out_dir.join(kd_shard::PARTIAL_MANIFEST_FILE);
-    let mut done: Vec<Option<ShardEntry>> = Vec::new();
-    let n_shards = encoded.len().div_ceil(settings.rows_per_shard);
-    done.resize(n_shards, None);
+    let mut done: Vec<Option<ShardEntry>> = vec![None; n_shards];
     let previous = if final_path.exists() {
         Some(kd_shard::read_manifest(&final_path)?)
     } else if partial_path.exists() {
@@ -381,183 +506,123 @@ pub fn dump(
             dir: out_dir.to_path_buf(),
         });
     }
-    if let Some(prev) = &previous {
-        if let Some(what) = prev.diff_identity(&manifest) {
-            let field = what.split(':').next().unwrap_or("settings").to_string();
-            return Err(Error::ResumeMismatch {
-                dir: out_dir.to_path_buf(),
-                field,
-                what,
-            });
-        }
-        if prev.part != manifest.part {
-            return Err(Error::ResumeMismatch {
-                dir: out_dir.to_path_buf(),
-                field: "part".into(),
-                what: format!("{:?} vs {:?}", prev.part, manifest.part),
-            });
-        }
-        for e in &prev.shards {
-            if let Some(j) = (0..n_shards).find(|&j| shard_name(opts.part, j) == e.file) {
-                let p = out_dir.join(&e.file);
-                if p.exists() && kd_shard::hash_file(&p)? == e.sha256 {
-                    done[j] = Some(e.clone());
-                }
+    let Some(prev) = &previous else {
+        return Ok(done);
+    };
+    if let Some(what) = prev.diff_identity(manifest) {
+        let field = what.split(':').next().unwrap_or("settings").to_string();
+        return Err(Error::ResumeMismatch {
+            dir: out_dir.to_path_buf(),
+            field,
+            what,
+        });
+    }
+    if prev.part != manifest.part {
+        return Err(Error::ResumeMismatch {
+            dir: out_dir.to_path_buf(),
+            field: "part".into(),
+            what: format!("{:?} vs {:?}", prev.part, manifest.part),
+        });
+    }
+    for e in &prev.shards {
+        if let Some(j) = (0..n_shards).find(|&j| shard_name(opts.part, j) == e.file) {
+            let p = out_dir.join(&e.file);
+            if p.exists() && kd_shard::hash_file(&p)? == e.sha256 {
+                done[j] = Some(e.clone());
             }
         }
     }
+    Ok(done)
+}
 
-    write_tokenizer_files(model, out_dir)?;
-    let bar = progress_bar(opts.progress, encoded.len() as u64);
-    let work_start = Instant::now();
-    let on_rows_done = |n: usize, tokens: u64| {
-        bar.inc(n as u64);
-        let secs = work_start.elapsed().as_secs_f64().max(1e-9);
-        bar.set_message(format!(
-            "{tokens} tokens, {:.1} tok/s",
-            tokens as f64 / secs
-        ));
-    };
-    let engine = Engine {
-        model: &model.model,
-        top_k: settings.top_k,
-        draws: crate::engine::Draws {
-            n: settings.samples as u32,
-            seed: settings.seed,
-        },
-        stop_ids: model.tokenizer.stop_ids(),
-        max_new_tokens: settings.max_new_tokens,
-        sampling: SamplingConfig {
-            temperature: settings.temperature,
-            top_p: settings.top_p,
-            seed: settings.seed,
-        },
-        logits_chunk: opts.logits_chunk,
-        on_rows_done: Some(&on_rows_done),
-    };
-    let reused = done.iter().filter(|d| d.is_some()).count();
-    let mut work = Work::default();
-    let mut written = 0;
-    for j in 0..n_shards {
-        let lo = j * settings.rows_per_shard;
-        let hi = (lo + settings.rows_per_shard).min(encoded.len());
-        if done[j].is_some() {
-            bar.inc((hi - lo) as u64);
-            continue;
+/// The rows of one shard, in order: the engine generates the rows without a response
+/// (continuous batching) and scores the others (batches of similar length).
+fn dump_rows(
+    engine: &Engine,
+    records: &[crate::input::Record],
+    encoded: &[Encoded],
+    batch_size: usize,
+    work: &mut Work,
+) -> Result<Vec<Row>> {
+    let (gen_idx, score_idx): (Vec<usize>, Vec<usize>) =
+        (0..encoded.len()).partition(|&i| encoded[i].response.is_none());
+    let mut by_index: Vec<Option<Row>> = (0..encoded.len()).map(|_| None).collect();
+    if !gen_idx.is_empty() {
+        let batch: Vec<(&str, &[u32])> = gen_idx
+            .iter()
+            .map(|&i| (records[i].id.as_str(), encoded[i].prompt.as_slice()))
+            .collect();
+        let gens = engine.generate(&batch, batch_size, work)?;
+        for (&i, g) in gen_idx.iter().zip(gens) {
+            let p = &encoded[i].prompt;
+            by_index[i] = Some(Row {
+                id: records[i].id.clone(),
+                source: Source::Generated,
+                input_ids: [p.as_slice(), &g.response].concat(),
+                prompt_len: p.len() as u32,
+                topk_ids: g.capture.topk_ids,
+                topk_logprobs: g.capture.topk_logprobs,
+                token_logprob: g.capture.token_logprob,
+                sample_ids: g.capture.sample_ids,
+                sample_logprobs: g.capture.sample_logprobs,
+            });
         }
-        let mut rows: Vec<Row> = Vec::with_capacity(hi - lo);
-        // The engine batches a whole shard itself: continuous batching when generating,
-        // batches of similar length when scoring. Progress is reported per shard.
-        {
-            let (b, be) = (lo, hi);
-            let (gen_idx, score_idx): (Vec<usize>, Vec<usize>) =
-                (b..be).partition(|&i| encoded[i].response.is_none());
-            let mut by_index: Vec<Option<Row>> = (b..be).map(|_| None).collect();
-            if !gen_idx.is_empty() {
-                let batch: Vec<(&str, &[u32])> = gen_idx
-                    .iter()
-                    .map(|&i| (records[i].id.as_str(), encoded[i].prompt.as_slice()))
-                    .collect();
-                let gens = engine.generate(&batch, opts.batch_size, &mut work)?;
-                for (&i, g) in gen_idx.iter().zip(gens) {
-                    let p = &encoded[i].prompt;
-                    by_index[i - b] = Some(Row {
-                        id: records[i].id.clone(),
-                        source: Source::Generated,
-                        input_ids: [p.as_slice(), &g.response].concat(),
-                        prompt_len: p.len() as u32,
-                        topk_ids: g.capture.topk_ids,
-                        topk_logprobs: g.capture.topk_logprobs,
-                        token_logprob: g.capture.token_logprob,
-                        sample_ids: g.capture.sample_ids,
-                        sample_logprobs: g.capture.sample_logprobs,
-                    });
-                }
-            }
-            if !score_idx.is_empty() {
-                let batch: Vec<(&str, &[u32], &[u32])> = score_idx
-                    .iter()
-                    .map(|&i| {
-                        (
-                            records[i].id.as_str(),
-                            encoded[i].prompt.as_slice(),
-                            encoded[i].response.as_deref().expect("partitioned"),
-                        )
-                    })
-                    .collect();
-                let caps = engine.score(&batch, opts.batch_size, &mut work)?;
-                for (&i, c) in score_idx.iter().zip(caps) {
-                    let p = &encoded[i].prompt;
-                    let r = encoded[i].response.as_deref().expect("partitioned");
-                    by_index[i - b] = Some(Row {
-                        id: records[i].id.clone(),
-                        source: Source::Scored,
-                        input_ids: [p.as_slice(), r].concat(),
-                        prompt_len: p.len() as u32,
-                        topk_ids: c.topk_ids,
-                        topk_logprobs: c.topk_logprobs,
-                        token_logprob: c.token_logprob,
-                        sample_ids: c.sample_ids,
-                        sample_logprobs: c.sample_logprobs,
-                    });
-                }
-            }
-            rows.extend(by_index.into_iter().map(|r| r.expect("every row done")));
-        }
-        let write =
-            kd_shard::WriteOptions::for_version_with_samples(opts.shard_format, settings.samples);
-        let entry = kd_shard::write_shard_with(
-            out_dir,
-            &shard_name(opts.part, j),
-            settings.top_k,
-            &rows,
-            &write,
-        )?;
-        kd_fs::crash_point(|| format!("after-shard:{j}"));
-        done[j] = Some(entry);
-        written += 1;
-        manifest.shards = done.iter().flatten().cloned().collect();
-        manifest.totals = Totals::of(&manifest.shards);
-        kd_shard::write_manifest_atomic(&partial_path, &manifest)?;
     }
-    bar.finish_and_clear();
+    if !score_idx.is_empty() {
+        let batch: Vec<(&str, &[u32], &[u32])> = score_idx
+            .iter()
+            .map(|&i| {
+                (
+                    records[i].id.as_str(),
+                    encoded[i].prompt.as_slice(),
+                    encoded[i].response.as_deref().expect("partitioned"),
+                )
+            })
+            .collect();
+        let caps = engine.score(&batch, batch_size, work)?;
+        for (&i, c) in score_idx.iter().zip(caps) {
+            let p = &encoded[i].prompt;
+            let r = encoded[i].response.as_deref().expect("partitioned");
+            by_index[i] = Some(Row {
+                id: records[i].id.clone(),
+                source: Source::Scored,
+                input_ids: [p.as_slice(), r].concat(),
+                prompt_len: p.len() as u32,
+                topk_ids: c.topk_ids,
+                topk_logprobs: c.topk_logprobs,
+                token_logprob: c.token_logprob,
+                sample_ids: c.sample_ids,
+                sample_logprobs: c.sample_logprobs,
+            });
+        }
+    }
+    Ok(by_index
+        .into_iter()
+        .map(|r| r.expect("every row done"))
+        .collect())
+}
+
+/// Writes the complete manifest (the commit point of the cache) and removes the partial one.
+fn publish_manifest(
+    out_dir: &Path,
+    manifest: &mut Manifest,
+    done: Vec<Option<ShardEntry>>,
+) -> Result<()> {
     manifest.shards = done
         .into_iter()
         .map(|d| d.expect("every shard done"))
         .collect();
     manifest.totals = Totals::of(&manifest.shards);
     manifest.complete = true;
-    kd_shard::write_manifest_atomic(&final_path, &manifest)?;
+    kd_shard::write_manifest_atomic(&out_dir.join(kd_shard::MANIFEST_FILE), manifest)?;
+    let partial_path = out_dir.join(kd_shard::PARTIAL_MANIFEST_FILE);
     if partial_path.exists() {
         std::fs::remove_file(&partial_path).map_err(|source| Error::Io {
             path: partial_path.clone(),
             source,
         })?;
     }
-    drop(lock);
-    let secs = work_start.elapsed().as_secs_f64();
-    let toks = work.generated_tokens + work.scored_tokens;
-    let t = &manifest.totals;
-    Ok(DumpSummary {
-        out_dir: out_dir.to_path_buf(),
-        rows: t.rows,
-        shards_written: written,
-        shards_reused: reused,
-        prompt_tokens: work.prefill_tokens - work.scored_tokens,
-        generated_tokens: work.generated_tokens,
-        scored_tokens: work.scored_tokens,
-        positions: t.positions,
-        bytes: t.bytes,
-        seconds: start.elapsed().as_secs_f64(),
-        tokens_per_s: if secs > 0.0 { toks as f64 / secs } else { 0.0 },
-        bytes_per_position: if t.positions > 0 {
-            t.bytes as f64 / t.positions as f64
-        } else {
-            0.0
-        },
-        skipped_lines: input.skipped.len(),
-        peak_rss_bytes: peak_rss_bytes(),
-    })
+    Ok(())
 }
 
 fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {
