@@ -7,6 +7,8 @@
 #
 #   ./scripts/real_size_bench.sh [SHAPE ...]     # default: tinyllama-1.1b llama-3.1-8b
 #
+# FORMATS (default "bf16 q8_0 q4_k_m") picks the teacher formats to run.
+#
 # Shapes: tinyllama-1.1b (Llama 2 tokenizer: bf16 only, since the GGUF writer takes
 # byte-level BPE tokenizers), llama-3.2-3b, llama-3.1-8b (Llama 3 tokenizer). Writes
 # out/real/results.tsv: tool, format, file GB, load s, generated tokens/s, peak GB.
@@ -18,6 +20,7 @@ shapes=("$@")
 [ ${#shapes[@]} -gt 0 ] || shapes=(tinyllama-1.1b llama-3.1-8b)
 threads=${THREADS:-2}
 new=${NEW_TOKENS:-32}
+formats=" ${FORMATS:-bf16 q8_0 q4_k_m} "
 out=out/real
 mkdir -p "$out"
 ./scripts/fetch_tokenizers.sh > /dev/null
@@ -68,14 +71,17 @@ for shape in "${shapes[@]}"; do
   esac
   hf=$out/$shape-bf16
   [ -f "$hf/model.safetensors" ] || ./target/release/examples/random_teacher "$shape" "$hf" "$tok"
-  dump "$shape" "$hf" bf16
-  baseline "$shape" scripts/transformers_dump_baseline.py "$hf" bf16 "$hf" --dtype bfloat16 --top-k 32
-  # f32 holds 4 bytes per parameter: only where that leaves room.
-  if awk -v s="$(size_gb "$hf")" -v m="$mem_gb" 'BEGIN {exit !(2 * s < 0.8 * m)}'; then
-    baseline "$shape" scripts/transformers_dump_baseline.py "$hf" f32 "$hf" --dtype float32 --top-k 32
+  if [[ $formats == *" bf16 "* ]]; then
+    dump "$shape" "$hf" bf16
+    baseline "$shape" scripts/transformers_dump_baseline.py "$hf" bf16 "$hf" --dtype bfloat16 --top-k 32
+    # f32 holds 4 bytes per parameter: only where that leaves room.
+    if awk -v s="$(size_gb "$hf")" -v m="$mem_gb" 'BEGIN {exit !(2 * s < 0.8 * m)}'; then
+      baseline "$shape" scripts/transformers_dump_baseline.py "$hf" f32 "$hf" --dtype float32 --top-k 32
+    fi
   fi
   if [ $gguf = yes ]; then
     for q in q8_0 q4_k_m; do
+      [[ $formats == *" $q "* ]] || continue
       g=$out/$shape-$q.gguf
       [ -f "$g" ] || ./target/release/examples/hf_to_gguf "$hf" "$g" "$q"
       dump "$shape" "$g" "$q"

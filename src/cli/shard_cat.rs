@@ -149,97 +149,12 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
         }
         Cmd::Verify { dir, quick } => {
             let r = kd_shard::verify_dir(&dir, !quick)?;
-            if args.json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?;
-            } else {
-                for p in &r.problems {
-                    eprintln!("{}: {}", dir.join(&p.file).display(), p.what);
-                }
-                if r.problems.is_empty() {
-                    writeln!(
-                        out,
-                        "ok: {} shards, {} rows verified{}",
-                        r.files_checked,
-                        r.rows,
-                        if quick {
-                            " (quick: hashes and footers)"
-                        } else {
-                            ""
-                        }
-                    )?;
-                } else {
-                    eprintln!("{} problem(s) found in {}", r.problems.len(), dir.display());
-                }
-            }
+            print_verify(&r, &dir, quick, args.json, out)?;
             return Ok(r.problems.is_empty());
         }
         Cmd::Stats { dir } => {
             let s = kd_shard::stats_dir(&dir)?;
-            if args.json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
-            } else {
-                writeln!(out, "shards                 {}", s.files)?;
-                writeln!(out, "rows                   {}", s.rows)?;
-                writeln!(out, "tokens                 {}", s.tokens)?;
-                writeln!(out, "distilled positions    {}", s.positions)?;
-                writeln!(out, "teacher-written tokens {}", s.response_tokens)?;
-                writeln!(out, "top-k                  {}", s.k)?;
-                if s.samples > 0 {
-                    writeln!(out, "draws per position     {}", s.samples)?;
-                    writeln!(
-                        out,
-                        "distinct ids drawn     {:.2} per position, holding {:.4} of the teacher's mass",
-                        s.mean_distinct_samples, s.mean_sampled_mass
-                    )?;
-                }
-                writeln!(
-                    out,
-                    "bytes                  {} ({})",
-                    s.bytes,
-                    human_bytes(s.bytes)
-                )?;
-                writeln!(out, "bytes per position     {:.1}", s.bytes_per_position)?;
-                writeln!(
-                    out,
-                    "bytes per entry        {:.2}{}",
-                    s.bytes_per_entry,
-                    if s.samples > 0 {
-                        " (a top-k entry or a draw)"
-                    } else {
-                        ""
-                    }
-                )?;
-                writeln!(
-                    out,
-                    "format version         {}{}",
-                    s.format_version,
-                    if s.format_version >= 2 {
-                        " (log-probs in steps of 1/1024 nats)"
-                    } else {
-                        " (f32 log-probs)"
-                    }
-                )?;
-                if s.k > 0 {
-                    writeln!(out, "mean tail mass         {:.4}", s.mean_tail_mass)?;
-                    writeln!(out, "mean top-1 probability {:.4}", s.mean_top1_prob)?;
-                }
-                writeln!(
-                    out,
-                    "mean token log-prob    {:.4} nats",
-                    s.mean_token_logprob
-                )?;
-                for (src, ss) in &s.by_source {
-                    let mut line =
-                        format!("  {src:<10} rows {} positions {}", ss.rows, ss.positions);
-                    if s.k > 0 {
-                        line += &format!(
-                            " tail {:.4} top-1 {:.4}",
-                            ss.mean_tail_mass, ss.mean_top1_prob
-                        );
-                    }
-                    writeln!(out, "{line}")?;
-                }
-            }
+            print_stats(&s, args.json, out)?;
         }
         Cmd::Schema { version } => {
             writeln!(
@@ -265,6 +180,108 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// Prints what `verify` found: the problems on stderr, a line on success.
+fn print_verify(
+    r: &kd_shard::VerifyReport,
+    dir: &Path,
+    quick: bool,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?;
+    } else {
+        for p in &r.problems {
+            eprintln!("{}: {}", dir.join(&p.file).display(), p.what);
+        }
+        if r.problems.is_empty() {
+            writeln!(
+                out,
+                "ok: {} shards, {} rows verified{}",
+                r.files_checked,
+                r.rows,
+                if quick {
+                    " (quick: hashes and footers)"
+                } else {
+                    ""
+                }
+            )?;
+        } else {
+            eprintln!("{} problem(s) found in {}", r.problems.len(), dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// Prints a cache's statistics, one per line (or as JSON).
+fn print_stats(s: &kd_shard::Stats, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
+    } else {
+        writeln!(out, "shards                 {}", s.files)?;
+        writeln!(out, "rows                   {}", s.rows)?;
+        writeln!(out, "tokens                 {}", s.tokens)?;
+        writeln!(out, "distilled positions    {}", s.positions)?;
+        writeln!(out, "teacher-written tokens {}", s.response_tokens)?;
+        writeln!(out, "top-k                  {}", s.k)?;
+        if s.samples > 0 {
+            writeln!(out, "draws per position     {}", s.samples)?;
+            writeln!(
+                out,
+                "distinct ids drawn     {:.2} per position, holding {:.4} of the teacher's mass",
+                s.mean_distinct_samples, s.mean_sampled_mass
+            )?;
+        }
+        writeln!(
+            out,
+            "bytes                  {} ({})",
+            s.bytes,
+            human_bytes(s.bytes)
+        )?;
+        writeln!(out, "bytes per position     {:.1}", s.bytes_per_position)?;
+        writeln!(
+            out,
+            "bytes per entry        {:.2}{}",
+            s.bytes_per_entry,
+            if s.samples > 0 {
+                " (a top-k entry or a draw)"
+            } else {
+                ""
+            }
+        )?;
+        writeln!(
+            out,
+            "format version         {}{}",
+            s.format_version,
+            if s.format_version >= 2 {
+                " (log-probs in steps of 1/1024 nats)"
+            } else {
+                " (f32 log-probs)"
+            }
+        )?;
+        if s.k > 0 {
+            writeln!(out, "mean tail mass         {:.4}", s.mean_tail_mass)?;
+            writeln!(out, "mean top-1 probability {:.4}", s.mean_top1_prob)?;
+        }
+        writeln!(
+            out,
+            "mean token log-prob    {:.4} nats",
+            s.mean_token_logprob
+        )?;
+        for (src, ss) in &s.by_source {
+            let mut line = format!("  {src:<10} rows {} positions {}", ss.rows, ss.positions);
+            if s.k > 0 {
+                line += &format!(
+                    " tail {:.4} top-1 {:.4}",
+                    ss.mean_tail_mass, ss.mean_top1_prob
+                );
+            }
+            writeln!(out, "{line}")?;
+        }
+    }
+    Ok(())
 }
 
 fn print_ls(m: &Manifest, out: &mut dyn Write) -> anyhow::Result<()> {

@@ -1,14 +1,18 @@
 //! `student-fit`: flags, pipeline stages, and the reports printed at the end.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::cli::{human_bytes, run_main, set_threads};
 use crate::pipeline::Pipeline;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use kd_loss::sampled::Estimator;
+use kd_loss::{Divergence, TailPolicy};
+use kd_student::data::TargetKind;
 use kd_student::eval::{EvalOptions, run_eval};
-use kd_student::fit::{FitConfig, FitSummary, fit};
+use kd_student::fit::{FitConfig, FitSummary, Init, fit};
+use kd_student::resolve::{FitSection, Overrides, Sections, StageChoice, resolve};
 
 /// Train a student from teacher-logit shards: the losses of docs/design.md, AdamW, checkpoints
 /// every N steps (atomic), exact resume, held-out evaluation, export to a Hugging Face
@@ -171,15 +175,6 @@ enum EstimatorArg {
     PlugIn,
 }
 
-/// `value` as the snake_case name a pipeline file uses.
-fn snake<T: clap::ValueEnum>(value: T) -> String {
-    value
-        .to_possible_value()
-        .expect("no skipped variants")
-        .get_name()
-        .replace('-', "_")
-}
-
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Engine {
     Kernels,
@@ -291,160 +286,87 @@ pub fn main() -> ! {
     })
 }
 
-/// Writes the flags that were given over the `[fit]` table `t`.
-fn overlay(a: &TrainArgs, t: &mut toml::Table) {
-    use toml::Value;
-    let path = |p: &Path| Value::String(p.to_string_lossy().into_owned());
-    let mut set = |key: &str, v: Option<Value>| {
-        if let Some(v) = v {
-            t.insert(key.to_string(), v);
-        }
+/// The settings the flags give, typed.
+fn overrides(a: &TrainArgs) -> Overrides {
+    let init = match (&a.init_from_teacher, &a.keep_layers, &a.init_from_student) {
+        (Some(p), Some(keep), _) => Some(Init::FromTeacher {
+            path: p.clone(),
+            keep_layers: keep.clone(),
+        }),
+        (_, _, Some(p)) => Some(Init::FromStudent { path: p.clone() }),
+        _ => None,
     };
-    set("shards", a.shards.as_deref().map(path));
-    set("eval_shards", a.eval_shards.as_deref().map(path));
-    set("out", a.out.as_deref().map(path));
-    set("lr", a.lr.map(Value::Float));
-    set("min_lr", a.min_lr.map(Value::Float));
-    let int = |v: u64| Value::Integer(v.min(i64::MAX as u64) as i64);
-    set("warmup_steps", a.warmup_steps.map(int));
-    set("token_budget", a.token_budget.map(|v| int(v as u64)));
-    set("max_len", a.max_len.map(|v| int(v as u64)));
-    set("holdout_fraction", a.holdout_fraction.map(Value::Float));
-    set("seed", a.seed.map(int));
-    set("checkpoint_every", a.checkpoint_every.map(int));
-    set("targets", a.targets.map(|v| Value::String(snake(v))));
-    set("estimator", a.estimator.map(|v| Value::String(snake(v))));
-    if let (Some(p), Some(keep)) = (&a.init_from_teacher, &a.keep_layers) {
-        let mut inner = toml::Table::new();
-        inner.insert("path".into(), path(p));
-        inner.insert(
-            "keep_layers".into(),
-            Value::Array(keep.iter().map(|&l| int(l as u64)).collect()),
-        );
-        let mut init = toml::Table::new();
-        init.insert("from_teacher".into(), Value::Table(inner));
-        set("init", Some(Value::Table(init)));
-    }
-    if let Some(p) = &a.init_from_student {
-        let mut inner = toml::Table::new();
-        inner.insert("path".into(), path(p));
-        let mut init = toml::Table::new();
-        init.insert("from_student".into(), Value::Table(inner));
-        set("init", Some(Value::Table(init)));
-    }
-    let loss_flags = a.loss.is_some() || a.temperature.is_some() || a.alpha.is_some();
-    if loss_flags || a.tail.is_some() {
-        let loss = t
-            .entry("loss")
-            .or_insert_with(|| Value::Table(toml::Table::new()));
-        if let Value::Table(loss) = loss {
-            if let Some(kind) = a.loss {
-                let mut d = toml::Table::new();
-                d.insert("kind".into(), Value::String(snake(kind)));
-                match kind {
-                    LossKind::Jsd => {
-                        d.insert("beta".into(), Value::Float(a.beta.unwrap_or(0.5)));
-                    }
-                    LossKind::SkewForwardKl | LossKind::SkewReverseKl => {
-                        d.insert("lambda".into(), Value::Float(a.lambda.unwrap_or(0.1)));
-                    }
-                    _ => {}
-                }
-                loss.insert("divergence".into(), Value::Table(d));
-            }
-            loss.entry("divergence").or_insert_with(|| {
-                let mut d = toml::Table::new();
-                d.insert("kind".into(), Value::String("forward_kl".into()));
-                Value::Table(d)
-            });
-            if let Some(v) = a.temperature {
-                loss.insert("temperature".into(), Value::Float(v));
-            }
-            if let Some(v) = a.alpha {
-                loss.insert("alpha".into(), Value::Float(v));
-            }
-            if let Some(v) = a.tail {
-                loss.insert("tail".into(), Value::String(snake(v)));
-            }
-        }
+    let divergence = a.loss.map(|kind| match kind {
+        LossKind::ForwardKl => Divergence::ForwardKl,
+        LossKind::ReverseKl => Divergence::ReverseKl,
+        LossKind::Jsd => Divergence::Jsd {
+            beta: a.beta.unwrap_or(0.5),
+        },
+        LossKind::SkewForwardKl => Divergence::SkewForwardKl {
+            lambda: a.lambda.unwrap_or(0.1),
+        },
+        LossKind::SkewReverseKl => Divergence::SkewReverseKl {
+            lambda: a.lambda.unwrap_or(0.1),
+        },
+        LossKind::LogitMse => Divergence::LogitMse,
+    });
+    Overrides {
+        shards: a.shards.clone(),
+        eval_shards: a.eval_shards.clone(),
+        out: a.out.clone(),
+        init,
+        divergence,
+        temperature: a.temperature,
+        alpha: a.alpha,
+        tail: a.tail.map(|t| match t {
+            TailArg::Bucket => TailPolicy::Bucket,
+            TailArg::Renorm => TailPolicy::Renorm,
+        }),
+        lr: a.lr,
+        min_lr: a.min_lr,
+        warmup_steps: a.warmup_steps,
+        token_budget: a.token_budget,
+        max_len: a.max_len,
+        holdout_fraction: a.holdout_fraction,
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every,
+        targets: a.targets.map(|t| match t {
+            TargetsArg::TopK => TargetKind::TopK,
+            TargetsArg::Sampled => TargetKind::Sampled,
+        }),
+        estimator: a.estimator.map(|e| match e {
+            EstimatorArg::Unbiased => Estimator::Unbiased,
+            EstimatorArg::PlugIn => Estimator::PlugIn,
+        }),
+        steps: a.steps,
+        positions: a.positions,
     }
 }
 
 /// The stages the pipeline file (if any) and the flags describe, resolved to complete
-/// configurations.
+/// configurations (`kd_student::resolve`).
 fn stages(a: &TrainArgs) -> anyhow::Result<Vec<(&'static str, FitConfig)>> {
-    let (p, origin) = match &a.pipeline {
-        Some(path) => (Pipeline::read(path)?, path.display().to_string()),
-        None => (Pipeline::default(), "flags".to_string()),
-    };
-    let mut base = match (p.fit, &a.pipeline) {
-        (Some(t), _) => t,
-        (None, None) => toml::Table::new(),
-        (None, Some(path)) => anyhow::bail!("{}: no [fit] section", path.display()),
-    };
-    overlay(a, &mut base);
-    for (key, how) in [
-        ("shards", "--shards"),
-        ("out", "--out"),
-        (
-            "init",
-            "--init-from-teacher with --keep-layers, or --init-from-student",
-        ),
-    ] {
-        if !base.contains_key(key) {
-            anyhow::bail!("missing {how} (or `{key}` in a pipeline's [fit] section)");
-        }
+    let mut sections = Sections::default();
+    if let Some(path) = &a.pipeline {
+        let p = Pipeline::read(path)?;
+        let parse = |t: toml::Table, section: &str| -> anyhow::Result<FitSection> {
+            toml::Value::Table(t)
+                .try_into()
+                .with_context(|| format!("{}: invalid [{section}] section", path.display()))
+        };
+        sections.fit = p.fit.map(|t| parse(t, "fit")).transpose()?;
+        sections.finetune = p.finetune.map(|t| parse(t, "finetune")).transpose()?;
+        sections.origin = Some(path.clone());
     }
-    let parse = |t: toml::Table, section: &str| -> anyhow::Result<FitConfig> {
-        toml::Value::Table(t)
-            .try_into()
-            .with_context(|| format!("{origin}: invalid [{section}] section"))
+    let choice = match a.stage {
+        Stage::All => StageChoice::All,
+        Stage::Distill => StageChoice::Distill,
+        Stage::Finetune => StageChoice::Finetune,
     };
-    let first = parse(base.clone(), "fit")?;
-    let mut out = Vec::new();
-    if let Some(ft) = p.finetune {
-        let mut t = base;
-        let explicit_out = ft.contains_key("out");
-        let explicit_init = ft.contains_key("init");
-        // Training on one source cannot mix sources: `mix` is not inherited then.
-        if ft.contains_key("train_on") {
-            t.remove("mix");
-        }
-        t.extend(ft);
-        let mut second = parse(t, "finetune")?;
-        if !explicit_out {
-            let mut name = first.out.clone().into_os_string();
-            name.push("-finetune");
-            second.out = name.into();
-        }
-        if !explicit_init {
-            second.init = kd_student::fit::Init::FromStudent {
-                path: first.out.join("student"),
-            };
-        }
-        out.push(("distill", first));
-        out.push(("finetune", second));
-    } else {
-        if a.stage == Stage::Finetune {
-            anyhow::bail!("{origin}: no [finetune] section");
-        }
-        out.push(("distill", first));
-    }
-    out.retain(|(name, _)| match a.stage {
-        Stage::All => true,
-        Stage::Distill => *name == "distill",
-        Stage::Finetune => *name == "finetune",
-    });
-    for (_, c) in &mut out {
-        if let Some(s) = a.steps {
-            c.steps = s;
-            c.positions = None;
-        }
-        if let Some(p) = a.positions {
-            c.positions = Some(p);
-        }
-    }
-    Ok(out)
+    Ok(resolve(sections, &overrides(a), choice)?
+        .into_iter()
+        .map(|s| (s.name, s.config))
+        .collect())
 }
 
 /// The resolved stages as a pipeline file: `[fit]`, and `[finetune]` for a second stage.

@@ -186,92 +186,29 @@ pub(crate) fn loss_into<L: Real, Z: Real, G: GradElem>(
     grad: Option<&mut [G]>,
     scale: f64,
 ) -> LossParts {
-    if let Err(e) = cfg.validate() {
-        panic!("kd-loss: invalid LossConfig: {e}");
-    }
-    let in_s = p
-        .support_mask()
-        .unwrap_or_else(|e| panic!("kd-loss: invalid Position: {e}"));
+    let in_s = checked_support(cfg, p, grad.as_ref().map(|g| g.len()));
     let v = p.vocab_size();
-    if let Some(g) = &grad
-        && g.len() != v
-    {
-        let e = LossError::GradLength {
-            expected: v,
-            got: g.len(),
-        };
-        panic!("kd-loss: {e}");
-    }
-
     let tau = cfg.temperature;
     let alpha = cfg.alpha;
     let ids = p.topk_ids;
     let k = ids.len();
-    let z = |j: usize| p.student_logits[j].to_f64();
     let l: Vec<f64> = p.topk_logprobs.iter().map(|x| x.to_f64()).collect();
     let is_mse = matches!(cfg.divergence, Divergence::LogitMse);
     // The full-vocabulary tempered softmax is needed only for the bucket policy.
     let bucket = cfg.tail == TailPolicy::Bucket && !is_mse;
     let has_tail = bucket && k < v;
-
-    // Pass 1: the maximum over V (written so that it vectorises; NaN logits are skipped as
-    // `f64::max` skips them).
-    let zs: Vec<f64> = p.student_logits.iter().map(|x| x.to_f64()).collect();
-    let zmax = zs
-        .iter()
-        .fold(f64::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    // Pass 2: shifted sums for LSE_V(z), LSE_V(u) and LSE_{j∉S}(u), all shifted by the
-    // global maximum, and the maximum over the complement of S. The terms are kept so that
-    // pass 3 divides instead of exponentiating again: one exponential per token at τ = 1,
-    // two otherwise, batched (`exp_shifted`).
-    let same = tau == 1.0;
-    let mut e1s = vec![0.0f64; v];
-    crate::math::exp_shifted(&zs, zmax, 1.0, &mut e1s);
-    let s1: f64 = e1s.iter().sum();
-    let mut ets: Vec<f64> = Vec::new();
-    let (mut st, mut sc, mut zmax_c) = (0.0f64, 0.0f64, f64::NEG_INFINITY);
-    if bucket {
-        if !same {
-            ets = vec![0.0f64; v];
-            crate::math::exp_shifted(&zs, zmax, 1.0 / tau, &mut ets);
-        }
-        let et: &[f64] = if same { &e1s } else { &ets };
-        // At τ = 1 the tempered terms are the plain ones, already summed.
-        st = if same { s1 } else { et.iter().sum() };
-        for ((&e, &member), &x) in et.iter().zip(&in_s).zip(&zs) {
-            if !member {
-                sc += e;
-                zmax_c = zmax_c.max(x);
-            }
-        }
-    }
-    let lse1 = zmax + s1.ln();
-    let lse_t = zmax / tau + st.ln();
-    // LSE_{j∉S}(u) shifted by the global maximum is exact unless the complement's largest
-    // term underflows (its logits more than ~600·τ below the maximum): then shift by the
-    // complement's own maximum.
-    let shared_tail = has_tail && sc > 0.0 && (zmax - zmax_c) / tau < 600.0;
-    let lse_c = if !has_tail {
-        f64::NEG_INFINITY
-    } else if shared_tail {
-        zmax / tau + sc.ln()
-    } else {
-        let own = in_s
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| !**m)
-            .map(|(j, _)| ((z(j) - zmax_c) / tau).exp())
-            .sum::<f64>();
-        zmax_c / tau + own.ln()
-    };
-    let hard_ce = lse1 - z(p.next_token as usize);
+    let sums = StudentSums::new(p.student_logits, &in_s, tau, bucket, has_tail);
+    let z = |j: usize| sums.zs[j];
+    let hard_ce = sums.lse1 - z(p.next_token as usize);
 
     // Divergence and g = ∂D/∂(log Q) on the support (or ∂D/∂u on S for logit MSE).
     let (divergence, g, lq) = if is_mse {
         let (d, g) = logit_mse(&l, ids, &z, tau);
         (d, g, Vec::new())
     } else {
-        let (lp, lq) = support_logs(&l, ids, &z, tau, v, bucket, has_tail, lse_t, lse_c);
+        let (lp, lq) = support_logs(
+            &l, ids, &z, tau, v, bucket, has_tail, sums.lse_t, sums.lse_c,
+        );
         let (d, g) = divergence_terms(cfg.divergence, &lp, &lq);
         (d, g, lq)
     };
@@ -293,24 +230,185 @@ pub(crate) fn loss_into<L: Real, Z: Real, G: GradElem>(
         } else {
             0.0
         };
-        let wc = (1.0 - alpha) * scale;
-        let y = p.next_token as usize;
+        let terms = GradTerms {
+            wd,
+            wc: (1.0 - alpha) * scale,
+            y: p.next_token as usize,
+            ids,
+            in_s: &in_s,
+            g: &g,
+            lq: &lq,
+            tau,
+            is_mse,
+            has_tail,
+        };
+        terms.write(&sums, grad);
+    }
+
+    LossParts {
+        divergence,
+        hard_ce,
+        total,
+    }
+}
+
+/// Checks the loss settings, the position and the gradient's length (the panics of
+/// [`position_loss`]) and returns the top-k membership of every token.
+fn checked_support<L: Real, Z: Real>(
+    cfg: &LossConfig,
+    p: &Position<'_, L, Z>,
+    grad_len: Option<usize>,
+) -> Vec<bool> {
+    if let Err(e) = cfg.validate() {
+        panic!("kd-loss: invalid LossConfig: {e}");
+    }
+    let in_s = p
+        .support_mask()
+        .unwrap_or_else(|e| panic!("kd-loss: invalid Position: {e}"));
+    let v = p.vocab_size();
+    if let Some(len) = grad_len
+        && len != v
+    {
+        let e = LossError::GradLength {
+            expected: v,
+            got: len,
+        };
+        panic!("kd-loss: {e}");
+    }
+    in_s
+}
+
+/// The student's log-sum-exps over V, over V tempered and over the complement of S, with
+/// the exponentials kept so that the gradient divides instead of exponentiating again.
+struct StudentSums {
+    /// The logits in f64.
+    zs: Vec<f64>,
+    /// exp(z_j − max z).
+    e1s: Vec<f64>,
+    s1: f64,
+    /// exp((z_j − max z)/τ) when τ ≠ 1 and the bucket tail is used (else empty: `e1s`).
+    ets: Vec<f64>,
+    /// Σ over the complement of S of the tempered terms.
+    sc: f64,
+    lse1: f64,
+    lse_t: f64,
+    lse_c: f64,
+    /// Whether `lse_c` shares the global shift (and `sc` is usable).
+    shared_tail: bool,
+}
+
+impl StudentSums {
+    fn new<Z: Real>(logits: &[Z], in_s: &[bool], tau: f64, bucket: bool, has_tail: bool) -> Self {
+        let v = logits.len();
+        // Pass 1: the maximum over V (written so that it vectorises; NaN logits are skipped
+        // as `f64::max` skips them).
+        let zs: Vec<f64> = logits.iter().map(|x| x.to_f64()).collect();
+        let zmax = zs
+            .iter()
+            .fold(f64::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        // Pass 2: shifted sums for LSE_V(z), LSE_V(u) and LSE_{j∉S}(u), all shifted by the
+        // global maximum, and the maximum over the complement of S: one exponential per
+        // token at τ = 1, two otherwise, batched (`exp_shifted`).
+        let same = tau == 1.0;
+        let mut e1s = vec![0.0f64; v];
+        crate::math::exp_shifted(&zs, zmax, 1.0, &mut e1s);
+        let s1: f64 = e1s.iter().sum();
+        let mut ets: Vec<f64> = Vec::new();
+        let (mut st, mut sc, mut zmax_c) = (0.0f64, 0.0f64, f64::NEG_INFINITY);
+        if bucket {
+            if !same {
+                ets = vec![0.0f64; v];
+                crate::math::exp_shifted(&zs, zmax, 1.0 / tau, &mut ets);
+            }
+            let et: &[f64] = if same { &e1s } else { &ets };
+            // At τ = 1 the tempered terms are the plain ones, already summed.
+            st = if same { s1 } else { et.iter().sum() };
+            for ((&e, &member), &x) in et.iter().zip(in_s).zip(&zs) {
+                if !member {
+                    sc += e;
+                    zmax_c = zmax_c.max(x);
+                }
+            }
+        }
+        let lse1 = zmax + s1.ln();
+        let lse_t = zmax / tau + st.ln();
+        // LSE_{j∉S}(u) shifted by the global maximum is exact unless the complement's
+        // largest term underflows (its logits more than ~600·τ below the maximum): then
+        // shift by the complement's own maximum.
+        let shared_tail = has_tail && sc > 0.0 && (zmax - zmax_c) / tau < 600.0;
+        let lse_c = if !has_tail {
+            f64::NEG_INFINITY
+        } else if shared_tail {
+            zmax / tau + sc.ln()
+        } else {
+            let own = in_s
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| !**m)
+                .map(|(j, _)| ((zs[j] - zmax_c) / tau).exp())
+                .sum::<f64>();
+            zmax_c / tau + own.ln()
+        };
+        StudentSums {
+            zs,
+            e1s,
+            s1,
+            ets,
+            sc,
+            lse1,
+            lse_t,
+            lse_c,
+            shared_tail,
+        }
+    }
+
+    /// The tempered terms: `ets`, or `e1s` at τ = 1.
+    fn tempered(&self) -> &[f64] {
+        if self.ets.is_empty() {
+            &self.e1s
+        } else {
+            &self.ets
+        }
+    }
+}
+
+/// What the gradient over V is made of: the weights of the divergence (`wd` = α·τ·scale)
+/// and of the hard CE (`wc` = (1 − α)·scale), and ∂D/∂(log Q) on the support.
+struct GradTerms<'a> {
+    wd: f64,
+    wc: f64,
+    y: usize,
+    ids: &'a [u32],
+    in_s: &'a [bool],
+    g: &'a [f64],
+    lq: &'a [f64],
+    tau: f64,
+    is_mse: bool,
+    has_tail: bool,
+}
+
+impl GradTerms<'_> {
+    /// Writes the gradient with respect to the logits into `grad`.
+    fn write<G: GradElem>(&self, s: &StudentSums, grad: &mut [G]) {
+        let (wd, wc, y, g, lq) = (self.wd, self.wc, self.y, self.g, self.lq);
+        let k = self.ids.len();
+        let same = s.ets.is_empty();
         // softmax(z)_j − [j = y], weighted; softmax(z)_j = e1_j / s1.
         let ce = |j: usize| {
             if wc == 0.0 {
                 0.0
             } else {
-                wc * (e1s[j] / s1 - if j == y { 1.0 } else { 0.0 })
+                wc * (s.e1s[j] / s.s1 - if j == y { 1.0 } else { 0.0 })
             }
         };
-        let ets: &[f64] = if same { &e1s } else { &ets };
-        let g_sum: f64 = if wd != 0.0 && !is_mse {
+        let ets = s.tempered();
+        let g_sum: f64 = if wd != 0.0 && !self.is_mse {
             g.iter().sum()
         } else {
             0.0
         };
         // Outside S: only the bucket tail term of D, and CE.
-        let tail_coef = if has_tail && wd != 0.0 {
+        let tail_coef = if self.has_tail && wd != 0.0 {
             wd * (g[k] - lq[k].exp() * g_sum)
         } else {
             0.0
@@ -318,45 +416,45 @@ pub(crate) fn loss_into<L: Real, Z: Real, G: GradElem>(
         // Outside S the gradient is c_ce·e1_j + c_tail·et_j (less wc at the label), with
         // one vectorised pass over V when the tail shares the global shift; S is written
         // after it.
-        let c_ce = if wc == 0.0 { 0.0 } else { wc / s1 };
-        if tail_coef == 0.0 || shared_tail {
+        let c_ce = if wc == 0.0 { 0.0 } else { wc / s.s1 };
+        if tail_coef == 0.0 || s.shared_tail {
             let c_tail = if tail_coef == 0.0 {
                 0.0
             } else {
-                tail_coef / sc
+                tail_coef / s.sc
             };
             if same || c_tail == 0.0 {
                 let c = c_ce + c_tail;
-                for (g, &e) in grad.iter_mut().zip(&e1s) {
+                for (g, &e) in grad.iter_mut().zip(&s.e1s) {
                     *g = G::from_f64(c * e);
                 }
             } else {
-                for ((g, &e), &t) in grad.iter_mut().zip(&e1s).zip(ets) {
+                for ((g, &e), &t) in grad.iter_mut().zip(&s.e1s).zip(ets) {
                     *g = G::from_f64(c_ce * e + c_tail * t);
                 }
             }
-            if !in_s[y] && wc != 0.0 {
+            if !self.in_s[y] && wc != 0.0 {
                 let t = if c_tail == 0.0 { 0.0 } else { c_tail * ets[y] };
-                grad[y] = G::from_f64(c_ce * e1s[y] - wc + t);
+                grad[y] = G::from_f64(c_ce * s.e1s[y] - wc + t);
             }
         } else {
-            for (j, &member) in in_s.iter().enumerate() {
+            for (j, &member) in self.in_s.iter().enumerate() {
                 if member {
                     continue;
                 }
                 let mut val = ce(j);
                 // q_j / Q_tail = exp(u_j − LSE_{i∉S} u_i).
-                val += tail_coef * (z(j) / tau - lse_c).exp();
+                val += tail_coef * (s.zs[j] / self.tau - s.lse_c).exp();
                 grad[j] = G::from_f64(val);
             }
         }
         // On S: g_a − Q_a·G (q_a = Q_a in bucket, the renormalised Q_a in renorm), or 2d/c.
-        for (a, &id) in ids.iter().enumerate() {
+        for (a, &id) in self.ids.iter().enumerate() {
             let j = id as usize;
             let mut val = ce(j);
             if wd != 0.0 {
                 val += wd
-                    * if is_mse {
+                    * if self.is_mse {
                         g[a]
                     } else {
                         g[a] - lq[a].exp() * g_sum
@@ -364,12 +462,6 @@ pub(crate) fn loss_into<L: Real, Z: Real, G: GradElem>(
             }
             grad[j] = G::from_f64(val);
         }
-    }
-
-    LossParts {
-        divergence,
-        hard_ce,
-        total,
     }
 }
 

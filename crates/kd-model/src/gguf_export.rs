@@ -44,55 +44,37 @@ pub fn gguf_metadata(
     dtype: GgmlDType,
     extra: &[(&str, gguf_file::Value)],
 ) -> Result<(Vec<(String, gguf_file::Value)>, Option<Vec<f32>>)> {
-    use gguf_file::Value as V;
-    let refuse = |field: &str, what: String| Error::BadField {
-        path: path.to_path_buf(),
-        field: field.to_string(),
-        what,
-    };
-    if !tok.is_byte_level() {
-        return Err(refuse(
-            "tokenizer",
-            "GGUF export writes byte-level BPE tokenizers (the `gpt2` model); this one is SentencePiece-style".into(),
-        ));
-    }
-    let tj = tok.to_tokenizer_json();
-    let merges: Vec<V> = tj["model"]["merges"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
-        .iter()
-        .map(|m| match m {
-            serde_json::Value::String(s) => Ok(V::String(s.clone())),
-            serde_json::Value::Array(p) => Ok(V::String(format!(
-                "{} {}",
-                p.first().and_then(|x| x.as_str()).unwrap_or_default(),
-                p.get(1).and_then(|x| x.as_str()).unwrap_or_default()
-            ))),
-            other => Err(refuse(
-                "tokenizer.merges",
-                format!("unexpected merge {other}"),
-            )),
-        })
-        .collect::<Result<_>>()?;
-    let n = tok.vocab_size() as u32;
-    let tokens: Vec<V> = (0..n)
-        .map(|i| V::String(tok.vocab_string(i).unwrap_or_default().to_string()))
-        .collect();
-    let types: Vec<V> = (0..n)
-        .map(|i| {
-            V::I32(match tok.token_kind(i) {
-                Some(TokenKind::Control) => 3,
-                Some(TokenKind::UserDefined) => 4,
-                _ => 1,
-            })
-        })
-        .collect();
     // llama.cpp writes Mistral as llama; only llama's q/k rows are permuted.
     let arch = match cfg.arch {
         crate::config::Arch::Mistral => "llama",
         a => a.name(),
     };
+    let mut meta = shape_metadata(arch, cfg, dtype);
+    meta.extend(tokenizer_metadata(path, tok)?);
+    let rope_factors = rope_metadata(path, arch, cfg, &mut meta)?;
+    for (k, v) in extra {
+        meta.retain(|(m, _)| m != k);
+        meta.push((k.to_string(), v.clone()));
+    }
+    Ok((meta, rope_factors))
+}
+
+/// An error naming the exported file and the field it cannot write.
+fn refuse(path: &Path, field: &str, what: String) -> Error {
+    Error::BadField {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        what,
+    }
+}
+
+/// The architecture and shape keys (`<arch>.block_count`, …).
+fn shape_metadata(
+    arch: &str,
+    cfg: &LlamaConfig,
+    dtype: GgmlDType,
+) -> Vec<(String, gguf_file::Value)> {
+    use gguf_file::Value as V;
     let key = |k: &str| -> String { format!("{arch}.{k}") };
     let mut meta: Vec<(String, V)> = vec![
         ("general.architecture".into(), V::String(arch.into())),
@@ -133,7 +115,54 @@ pub fn gguf_metadata(
         meta.push((key("attention.key_length"), V::U32(cfg.head_dim() as u32)));
         meta.push((key("attention.value_length"), V::U32(cfg.head_dim() as u32)));
     }
-    meta.extend([
+    meta
+}
+
+/// The tokenizer keys (`tokenizer.ggml.*`, the chat template). Only byte-level BPE
+/// tokenizers have a GGUF form here.
+fn tokenizer_metadata(path: &Path, tok: &Tokenizer) -> Result<Vec<(String, gguf_file::Value)>> {
+    use gguf_file::Value as V;
+    if !tok.is_byte_level() {
+        return Err(refuse(
+            path,
+            "tokenizer",
+            "GGUF export writes byte-level BPE tokenizers (the `gpt2` model); this one is SentencePiece-style".into(),
+        ));
+    }
+    let tj = tok.to_tokenizer_json();
+    let merges: Vec<V> = tj["model"]["merges"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Ok(V::String(s.clone())),
+            serde_json::Value::Array(p) => Ok(V::String(format!(
+                "{} {}",
+                p.first().and_then(|x| x.as_str()).unwrap_or_default(),
+                p.get(1).and_then(|x| x.as_str()).unwrap_or_default()
+            ))),
+            other => Err(refuse(
+                path,
+                "tokenizer.merges",
+                format!("unexpected merge {other}"),
+            )),
+        })
+        .collect::<Result<_>>()?;
+    let n = tok.vocab_size() as u32;
+    let tokens: Vec<V> = (0..n)
+        .map(|i| V::String(tok.vocab_string(i).unwrap_or_default().to_string()))
+        .collect();
+    let types: Vec<V> = (0..n)
+        .map(|i| {
+            V::I32(match tok.token_kind(i) {
+                Some(TokenKind::Control) => 3,
+                Some(TokenKind::UserDefined) => 4,
+                _ => 1,
+            })
+        })
+        .collect();
+    let mut meta: Vec<(String, V)> = vec![
         ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
         (
             "tokenizer.ggml.pre".into(),
@@ -146,7 +175,7 @@ pub fn gguf_metadata(
             "tokenizer.ggml.add_bos_token".into(),
             V::Bool(tok.add_bos_token()),
         ),
-    ]);
+    ];
     for (k, id) in [
         ("tokenizer.ggml.bos_token_id", tok.bos_id()),
         ("tokenizer.ggml.eos_token_id", tok.eos_id()),
@@ -162,38 +191,47 @@ pub fn gguf_metadata(
             V::String(t.source().to_string()),
         ));
     }
-    let mut rope_factors: Option<Vec<f32>> = None;
-    match &cfg.rope_scaling {
-        None => {}
+    Ok(meta)
+}
+
+/// The RoPE scaling keys, pushed onto `meta`; returns the per-frequency divisors of the
+/// `rope_freqs.weight` tensor when the scaling is written that way (Llama 3.1's is, as
+/// llama.cpp's converter writes it).
+fn rope_metadata(
+    path: &Path,
+    arch: &str,
+    cfg: &LlamaConfig,
+    meta: &mut Vec<(String, gguf_file::Value)>,
+) -> Result<Option<Vec<f32>>> {
+    use gguf_file::Value as V;
+    let key = |k: &str| -> String { format!("{arch}.{k}") };
+    Ok(match &cfg.rope_scaling {
+        None => None,
         Some(RopeScaling::Linear { factor }) => {
             meta.push((key("rope.scaling.type"), V::String("linear".into())));
             meta.push((key("rope.scaling.factor"), V::F32(*factor as f32)));
+            None
         }
-        Some(RopeScaling::Freqs { factors }) => rope_factors = Some(factors.clone()),
+        Some(RopeScaling::Freqs { factors }) => Some(factors.clone()),
         Some(s @ RopeScaling::Llama3 { .. }) => {
-            // llama.cpp's converter writes Llama 3.1's scaling as per-frequency divisors.
             let (plain, _) = crate::rope::frequencies(cfg.rope_theta, cfg.head_dim(), None);
             let (scaled, _) = crate::rope::frequencies(cfg.rope_theta, cfg.head_dim(), Some(s));
-            rope_factors = Some(
+            Some(
                 plain
                     .iter()
                     .zip(&scaled)
                     .map(|(p, s)| (p / s) as f32)
                     .collect(),
-            );
+            )
         }
         Some(other) => {
             return Err(refuse(
+                path,
                 "rope_scaling",
                 format!("{other:?} has no GGUF form this exporter writes"),
             ));
         }
-    }
-    for (k, v) in extra {
-        meta.retain(|(m, _)| m != k);
-        meta.push((k.to_string(), v.clone()));
-    }
-    Ok((meta, rope_factors))
+    })
 }
 
 /// The GGUF metadata and tensors of a model: `cfg`, tokenizer `tok`, weights `w` (Hugging

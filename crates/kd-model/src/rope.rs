@@ -240,129 +240,192 @@ pub fn parse_hf(
             ));
         }
     };
-    let allowed: &[&str] = match rope_type.as_str() {
-        "default" => &[],
-        "linear" | "dynamic" => &["factor"],
-        "llama3" => &[
-            "factor",
-            "low_freq_factor",
-            "high_freq_factor",
-            "original_max_position_embeddings",
-        ],
-        "yarn" => &[
-            "factor",
-            "original_max_position_embeddings",
-            "attention_factor",
-            "beta_fast",
-            "beta_slow",
-            "mscale",
-            "mscale_all_dim",
-            "truncate",
-        ],
-        other => {
-            return Err(refuse(
-                key("rope_type"),
-                format!(
-                    "RoPE type `{other}` is not implemented (implemented: default, linear, \
-                     dynamic, llama3, yarn)"
-                ),
-            ));
-        }
+    let params = Params {
+        top,
+        p,
+        name,
+        rope_type: &rope_type,
+        max_position_embeddings,
     };
-    for k in p.keys() {
-        let common = ["rope_type", "type", "rope_theta", "partial_rotary_factor"];
-        if !common.contains(&k.as_str()) && !allowed.contains(&k.as_str()) {
-            return Err(refuse(
-                key(k),
-                format!("not a parameter of RoPE type `{rope_type}` that this loader implements"),
-            ));
-        }
+    params.check_keys()?;
+    Ok((theta, params.scaling()?))
+}
+
+/// One RoPE parameter object (`rope_scaling` or `rope_parameters`) of a given type.
+struct Params<'a> {
+    top: &'a Map<String, Value>,
+    p: &'a Map<String, Value>,
+    /// `rope_scaling` or `rope_parameters`, for messages.
+    name: &'a str,
+    rope_type: &'a str,
+    max_position_embeddings: usize,
+}
+
+impl Params<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.name)
     }
-    let get = |k: &str| p.get(k).filter(|v| !v.is_null());
-    let req = |k: &str| -> Result<f64, Refused> {
-        let v =
-            get(k).ok_or_else(|| refuse(key(k), format!("required by RoPE type `{rope_type}`")))?;
-        num(&key(k), v)
-    };
-    let opt =
-        |k: &str| -> Result<Option<f64>, Refused> { get(k).map(|v| num(&key(k), v)).transpose() };
-    let positive = |k: &str, x: f64| -> Result<f64, Refused> {
+
+    /// Refuses a type this loader does not implement, and a key its type does not have.
+    fn check_keys(&self) -> Result<(), Refused> {
+        let allowed: &[&str] = match self.rope_type {
+            "default" => &[],
+            "linear" | "dynamic" => &["factor"],
+            "llama3" => &[
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ],
+            "yarn" => &[
+                "factor",
+                "original_max_position_embeddings",
+                "attention_factor",
+                "beta_fast",
+                "beta_slow",
+                "mscale",
+                "mscale_all_dim",
+                "truncate",
+            ],
+            other => {
+                return Err(refuse(
+                    self.key("rope_type"),
+                    format!(
+                        "RoPE type `{other}` is not implemented (implemented: default, linear, \
+                         dynamic, llama3, yarn)"
+                    ),
+                ));
+            }
+        };
+        for k in self.p.keys() {
+            let common = ["rope_type", "type", "rope_theta", "partial_rotary_factor"];
+            if !common.contains(&k.as_str()) && !allowed.contains(&k.as_str()) {
+                return Err(refuse(
+                    self.key(k),
+                    format!(
+                        "not a parameter of RoPE type `{}` that this loader implements",
+                        self.rope_type
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, k: &str) -> Option<&Value> {
+        self.p.get(k).filter(|v| !v.is_null())
+    }
+
+    fn num(&self, k: &str, v: &Value) -> Result<f64, Refused> {
+        v.as_f64()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| refuse(self.key(k), format!("expected a finite number, found {v}")))
+    }
+
+    /// A number the type requires.
+    fn req(&self, k: &str) -> Result<f64, Refused> {
+        let v = self.get(k).ok_or_else(|| {
+            refuse(
+                self.key(k),
+                format!("required by RoPE type `{}`", self.rope_type),
+            )
+        })?;
+        self.num(k, v)
+    }
+
+    fn opt(&self, k: &str) -> Result<Option<f64>, Refused> {
+        self.get(k).map(|v| self.num(k, v)).transpose()
+    }
+
+    /// A required number that must be positive.
+    fn positive(&self, k: &str) -> Result<f64, Refused> {
+        let x = self.req(k)?;
         if x > 0.0 {
             Ok(x)
         } else {
-            Err(refuse(key(k), format!("must be positive, found {x}")))
+            Err(refuse(self.key(k), format!("must be positive, found {x}")))
         }
-    };
-    // `transformers` gives a top-level `original_max_position_embeddings` precedence, then the
-    // object's, then `max_position_embeddings`.
-    let original = || -> Result<usize, Refused> {
+    }
+
+    /// `transformers` gives a top-level `original_max_position_embeddings` precedence, then
+    /// the object's, then `max_position_embeddings`.
+    fn original(&self) -> Result<usize, Refused> {
         let (k, v) = match (
-            top.get("original_max_position_embeddings"),
-            get("original_max_position_embeddings"),
+            self.top.get("original_max_position_embeddings"),
+            self.get("original_max_position_embeddings"),
         ) {
             (Some(v), _) if !v.is_null() => ("original_max_position_embeddings".to_string(), v),
-            (_, Some(v)) => (key("original_max_position_embeddings"), v),
-            _ => return Ok(max_position_embeddings),
+            (_, Some(v)) => (self.key("original_max_position_embeddings"), v),
+            _ => return Ok(self.max_position_embeddings),
         };
         v.as_u64()
             .filter(|&n| n > 0 && n <= MAX_POSITIONS as u64)
             .map(|n| n as usize)
             .ok_or_else(|| refuse(k, format!("expected a positive integer, found {v}")))
-    };
-    let scaling = match rope_type.as_str() {
-        "default" => None,
-        "linear" => Some(RopeScaling::Linear {
-            factor: positive("factor", req("factor")?)?,
-        }),
-        "dynamic" => Some(RopeScaling::Dynamic {
-            factor: positive("factor", req("factor")?)?,
-        }),
-        "llama3" => {
-            let low = positive("low_freq_factor", req("low_freq_factor")?)?;
-            let high = positive("high_freq_factor", req("high_freq_factor")?)?;
-            if high <= low {
-                return Err(refuse(
-                    key("high_freq_factor"),
-                    format!("must exceed low_freq_factor ({high} <= {low})"),
-                ));
-            }
-            Some(RopeScaling::Llama3 {
-                factor: positive("factor", req("factor")?)?,
-                low_freq_factor: low,
-                high_freq_factor: high,
-                original_max_position_embeddings: original()?,
-            })
-        }
-        "yarn" => {
-            let orig = original()?;
-            let factor = match opt("factor")? {
-                Some(f) => positive("factor", f)?,
-                None => max_position_embeddings as f64 / orig as f64,
-            };
-            let truncate = match get("truncate") {
-                None => None,
-                Some(Value::Bool(b)) => Some(*b),
-                Some(v) => {
+    }
+
+    /// The scaling of this type (none for `default`); the keys are checked.
+    fn scaling(&self) -> Result<Option<RopeScaling>, Refused> {
+        Ok(match self.rope_type {
+            "default" => None,
+            "linear" => Some(RopeScaling::Linear {
+                factor: self.positive("factor")?,
+            }),
+            "dynamic" => Some(RopeScaling::Dynamic {
+                factor: self.positive("factor")?,
+            }),
+            "llama3" => {
+                let low = self.positive("low_freq_factor")?;
+                let high = self.positive("high_freq_factor")?;
+                if high <= low {
                     return Err(refuse(
-                        key("truncate"),
-                        format!("expected a boolean, found {v}"),
+                        self.key("high_freq_factor"),
+                        format!("must exceed low_freq_factor ({high} <= {low})"),
                     ));
                 }
-            };
-            Some(RopeScaling::Yarn {
-                factor,
-                original_max_position_embeddings: orig,
-                attention_factor: opt("attention_factor")?,
-                beta_fast: opt("beta_fast")?,
-                beta_slow: opt("beta_slow")?,
-                mscale: opt("mscale")?,
-                mscale_all_dim: opt("mscale_all_dim")?,
-                truncate,
-            })
-        }
-        _ => unreachable!("refused above"),
-    };
-    Ok((theta, scaling))
+                Some(RopeScaling::Llama3 {
+                    factor: self.positive("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: self.original()?,
+                })
+            }
+            "yarn" => {
+                let orig = self.original()?;
+                let factor = match self.opt("factor")? {
+                    Some(f) if f > 0.0 => f,
+                    Some(f) => {
+                        return Err(refuse(
+                            self.key("factor"),
+                            format!("must be positive, found {f}"),
+                        ));
+                    }
+                    None => self.max_position_embeddings as f64 / orig as f64,
+                };
+                let truncate = match self.get("truncate") {
+                    None => None,
+                    Some(Value::Bool(b)) => Some(*b),
+                    Some(v) => {
+                        return Err(refuse(
+                            self.key("truncate"),
+                            format!("expected a boolean, found {v}"),
+                        ));
+                    }
+                };
+                Some(RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: orig,
+                    attention_factor: self.opt("attention_factor")?,
+                    beta_fast: self.opt("beta_fast")?,
+                    beta_slow: self.opt("beta_slow")?,
+                    mscale: self.opt("mscale")?,
+                    mscale_all_dim: self.opt("mscale_all_dim")?,
+                    truncate,
+                })
+            }
+            _ => unreachable!("refused by check_keys"),
+        })
+    }
 }
 
 fn check_theta(theta: f64, key: &str) -> Result<(), Refused> {

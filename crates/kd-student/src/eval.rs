@@ -1,7 +1,6 @@
 //! `student-fit eval`: a trained student against a shard set, per distilled token, plus a few
 //! greedy generations of the student beside the teacher's stored response.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
@@ -11,6 +10,7 @@ use serde::Serialize;
 
 use crate::data::{RowSource, ShardSet, Split};
 use crate::engine::KernelStudent;
+use crate::error::Result;
 use crate::fit::{EVAL_TOKENS, EvalModel, EvalReport, check_vocab, evaluate};
 
 /// What to evaluate and how.
@@ -76,7 +76,7 @@ fn prompt_text(decoded: &str) -> String {
 }
 
 /// Evaluates a student on a shard set and generates from it greedily.
-pub fn run_eval(opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
+pub fn run_eval(opts: &EvalOptions) -> Result<EvalOutput> {
     let set = ShardSet::open_targets(&opts.shards, Some(crate::data::TargetKind::TopK))?;
     let dev = Device::Cpu;
     let student = Student::from_hf_dir(&opts.student, DType::F32, &dev)?;
@@ -183,13 +183,13 @@ pub fn run_eval(opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
     Ok(out)
 }
 
-fn write_outputs(dir: &Path, out: &EvalOutput) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+fn write_outputs(dir: &Path, out: &EvalOutput) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| kd_fs::IoError::new(dir, e))?;
     kd_fs::write_bytes_atomic(&dir.join("eval.json"), &serde_json::to_vec_pretty(out)?)?;
     let mut lines = Vec::new();
     for g in &out.generations {
         serde_json::to_writer(&mut lines, g)?;
-        lines.write_all(b"\n")?;
+        lines.push(b'\n');
     }
     kd_fs::write_bytes_atomic(&dir.join("generations.jsonl"), &lines)?;
     Ok(())

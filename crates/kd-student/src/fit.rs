@@ -5,8 +5,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Context as _;
-
 use candle_core::{DType, Device};
 use kd_loss::sampled::Estimator;
 use kd_loss::{Divergence, LossConfig, TailPolicy};
@@ -17,6 +15,7 @@ use crate::data::{
     Batch, BatchConfig, Batcher, LoaderPosition, RowSource, ShardSet, Split, TargetKind, Teachers,
 };
 use crate::engine::{EngineKind, KernelStudent};
+use crate::error::{Error, Result, error, refuse};
 use crate::optim::{AdamW, AdamWConfig, Decay, Schedule};
 use crate::train::{PositionTargets, loss_and_grads};
 
@@ -38,7 +37,7 @@ pub enum Init {
 
 impl Init {
     /// Builds the student this initialisation describes, in f32 on `dev`.
-    pub fn build(&self, dev: &Device) -> anyhow::Result<Student> {
+    pub fn build(&self, dev: &Device) -> Result<Student> {
         let student = self.build_unchecked(dev)?;
         // Checkpoints and the export are Hugging Face directories: refuse a student whose
         // RoPE has no config.json form before training it.
@@ -47,7 +46,8 @@ impl Init {
                 Init::FromTeacher { path, .. } | Init::FromStudent { path } => path,
                 Init::Random { config, .. } => config,
             };
-            anyhow::bail!(
+            refuse!(
+                Setting,
                 "{}: {e}; a student is saved as a Hugging Face directory, so start it from a \
                  Hugging Face teacher directory instead",
                 path.display()
@@ -56,7 +56,7 @@ impl Init {
         Ok(student)
     }
 
-    fn build_unchecked(&self, dev: &Device) -> anyhow::Result<Student> {
+    fn build_unchecked(&self, dev: &Device) -> Result<Student> {
         Ok(match self {
             Init::FromTeacher { path, keep_layers } => {
                 Student::from_teacher(path, keep_layers, DType::F32, dev)?
@@ -65,7 +65,8 @@ impl Init {
             Init::Random { config, seed } => {
                 let dir = if config.is_file() {
                     if config.file_name().is_none_or(|n| n != "config.json") {
-                        anyhow::bail!(
+                        refuse!(
+                            Setting,
                             "{}: init.random.config must be a file named config.json or a directory holding one",
                             config.display()
                         );
@@ -192,7 +193,7 @@ fn is_unbiased(e: &Estimator) -> bool {
 }
 
 /// Deletes all but the newest `keep` published checkpoints under `out`.
-fn prune_checkpoints(out: &Path, keep: usize) -> anyhow::Result<()> {
+fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
     let dirs = checkpoint_dirs(out);
     let n = dirs.len().saturating_sub(keep.max(1));
     for d in &dirs[..n] {
@@ -225,6 +226,8 @@ pub const DEFAULT_LR: f64 = 5e-4;
 pub const DEFAULT_MIN_LR: f64 = 5e-5;
 /// Default `warmup_steps`.
 pub const DEFAULT_WARMUP_STEPS: u64 = 50;
+/// Default `max_grad_norm`.
+pub const DEFAULT_MAX_GRAD_NORM: f64 = 1.0;
 /// Default `holdout_fraction`.
 pub const DEFAULT_HOLDOUT_FRACTION: f64 = 0.1;
 /// The batcher's next batch that has a distilled position. A batch whose rows' prompts all
@@ -235,18 +238,19 @@ fn next_distilled_batch<S: RowSource + ?Sized>(
     src: &S,
     rows: usize,
     cfg: &FitConfig,
-) -> anyhow::Result<Batch> {
+) -> Result<Batch> {
     let mut tries = 0;
     loop {
         let b = batcher
             .next_batch(src)
-            .ok_or_else(|| anyhow::anyhow!("no training rows"))?;
+            .ok_or_else(|| error!(Training, "no training rows"))?;
         if b.n_pos() > 0 {
             return Ok(b);
         }
         tries += 1;
         if tries > rows {
-            anyhow::bail!(
+            refuse!(
+                Setting,
                 "{}: no training row has a response position within max_len = {}",
                 cfg.shards.display(),
                 cfg.max_len
@@ -263,7 +267,7 @@ fn steps_for_positions<S: RowSource + ?Sized>(
     rows: usize,
     cfg: &FitConfig,
     target: u64,
-) -> anyhow::Result<u64> {
+) -> Result<u64> {
     let (mut steps, mut positions) = (0u64, 0u64);
     while positions < target {
         for _ in 0..cfg.grad_accum.max(1) {
@@ -281,7 +285,7 @@ pub const DEFAULT_CHECKPOINT_EVERY: u64 = 250;
 /// Default `logits_chunk`.
 pub const DEFAULT_LOGITS_CHUNK: usize = 128;
 
-fn default_loss() -> LossConfig {
+pub(crate) fn default_loss() -> LossConfig {
     LossConfig {
         divergence: Divergence::ForwardKl,
         temperature: 1.0,
@@ -311,7 +315,7 @@ fn default_decay() -> Decay {
     Decay::Cosine
 }
 fn default_max_grad_norm() -> f64 {
-    1.0
+    DEFAULT_MAX_GRAD_NORM
 }
 fn default_holdout_fraction() -> f64 {
     DEFAULT_HOLDOUT_FRACTION
@@ -328,17 +332,19 @@ fn default_logits_chunk() -> usize {
 
 /// Opens the training teachers of `cfg`: `shards` alone, or joined with `extra_teachers` by
 /// row id (refused when ids, tokens or tokenizers differ).
-pub fn open_teachers(cfg: &FitConfig) -> anyhow::Result<Teachers> {
+pub fn open_teachers(cfg: &FitConfig) -> Result<Teachers> {
     let first = ShardSet::open_targets(&cfg.shards, cfg.targets)?;
     if first.targets() == TargetKind::Sampled {
         if !cfg.extra_teachers.is_empty() {
-            anyhow::bail!(
+            refuse!(
+                Setting,
                 "extra_teachers: {} holds sampled targets; several teachers need top-k targets",
                 cfg.shards.display()
             );
         }
         kd_loss::sampled::check(&cfg.loss, cfg.estimator).map_err(|e| {
-            anyhow::anyhow!(
+            error!(
+                Setting,
                 "loss on the sampled targets of {}: {e}",
                 cfg.shards.display()
             )
@@ -348,7 +354,8 @@ pub fn open_teachers(cfg: &FitConfig) -> anyhow::Result<Teachers> {
     let extra: f64 = cfg.extra_teachers.iter().map(|t| t.weight).sum();
     let valid = extra > 0.0 && extra < 1.0;
     if !cfg.extra_teachers.is_empty() && !valid {
-        anyhow::bail!(
+        refuse!(
+            Setting,
             "extra_teachers: the weights sum to {extra}; they must sum to less than 1 (the teacher of `shards` gets the rest)"
         );
     }
@@ -374,7 +381,7 @@ impl EvalRows<'_> {
         model: &mut EvalModel<'_>,
         max_len: usize,
         chunk: usize,
-    ) -> anyhow::Result<EvalReport> {
+    ) -> Result<EvalReport> {
         match self {
             EvalRows::Separate(t, rows) => evaluate(model, t, rows, max_len, chunk),
             EvalRows::HeldOut(t, rows) => evaluate(model, *t, rows, max_len, chunk),
@@ -397,7 +404,7 @@ impl EvalModel<'_> {
     }
 
     /// Final hidden states of `batch`'s distilled positions, `[n_pos, hidden]`.
-    fn position_hidden(&mut self, batch: &Batch) -> anyhow::Result<Vec<f32>> {
+    fn position_hidden(&mut self, batch: &Batch) -> Result<Vec<f32>> {
         match self {
             EvalModel::Kernels(k) => k.position_hidden(batch),
             EvalModel::Candle(student) => {
@@ -418,7 +425,7 @@ impl EvalModel<'_> {
     }
 
     /// Logits `[n, vocab]` of hidden rows `h` `[n, hidden]`.
-    fn logits(&mut self, h: &[f32], n: usize, out: &mut Vec<f32>) -> anyhow::Result<()> {
+    fn logits(&mut self, h: &[f32], n: usize, out: &mut Vec<f32>) -> Result<()> {
         match self {
             EvalModel::Kernels(k) => k.logits_into(h, n, out),
             EvalModel::Candle(student) => {
@@ -487,7 +494,7 @@ pub fn evaluate<S: RowSource + ?Sized>(
     rows: &[usize],
     max_len: usize,
     chunk: usize,
-) -> anyhow::Result<EvalReport> {
+) -> Result<EvalReport> {
     let fwd = LossConfig {
         divergence: Divergence::ForwardKl,
         temperature: 1.0,
@@ -586,8 +593,8 @@ struct CheckpointState {
     shards_fingerprint: String,
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> anyhow::Error + '_ {
-    move |e| anyhow::anyhow!("{}: {e}", path.display())
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Io(kd_fs::IoError::new(path, e))
 }
 
 /// Publishes a directory atomically ([`kd_fs::publish_dir`]): `dest` is complete (old or
@@ -595,9 +602,10 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> anyhow::Error + '_ {
 fn publish_dir(
     dest: &Path,
     crash: impl FnOnce() -> String,
-    fill: impl FnOnce(&Path) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    kd_fs::publish_dir(dest, crash, fill).with_context(|| format!("writing {}", dest.display()))
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    kd_fs::publish_dir(dest, crash, fill)
+        .map_err(|e| e.context(format!("writing {}", dest.display())))
 }
 
 /// The engine a run trains with, holding the optimizer state (and for the kernel engine the
@@ -609,7 +617,7 @@ enum Trainer {
 
 impl Trainer {
     /// A fresh optimizer state for `student` on the engine `kind`.
-    fn new(kind: EngineKind, student: &Student, cfg: &FitConfig) -> anyhow::Result<Trainer> {
+    fn new(kind: EngineKind, student: &Student, cfg: &FitConfig) -> Result<Trainer> {
         Ok(match kind {
             EngineKind::Candle => {
                 Trainer::Candle(AdamW::new(student.named_vars(), cfg.adamw.clone())?)
@@ -638,14 +646,14 @@ impl Trainer {
         }
     }
 
-    fn sync(&self, student: &Student) -> anyhow::Result<()> {
+    fn sync(&self, student: &Student) -> Result<()> {
         if let Trainer::Kernels(k) = self {
             k.write_to(student)?;
         }
         Ok(())
     }
 
-    fn save_state(&self, path: &Path) -> anyhow::Result<()> {
+    fn save_state(&self, path: &Path) -> Result<()> {
         match self {
             Trainer::Candle(o) => Ok(o.save_state(path)?),
             Trainer::Kernels(k) => k.save_state(path),
@@ -667,7 +675,7 @@ fn save_checkpoint(
     student: &Student,
     trainer: &Trainer,
     state: &CheckpointState,
-) -> anyhow::Result<PathBuf> {
+) -> Result<PathBuf> {
     trainer.sync(student)?;
     let final_dir = dir
         .join("checkpoints")
@@ -689,7 +697,7 @@ fn save_checkpoint(
 
 /// Removes half-written checkpoint and export directories (`.tmp-*`) a killed run left behind
 /// in `out` and `out/checkpoints` (never a published one).
-fn remove_stray_checkpoint_dirs(out: &Path) -> anyhow::Result<()> {
+fn remove_stray_checkpoint_dirs(out: &Path) -> Result<()> {
     for dir in [out.to_path_buf(), out.join("checkpoints")] {
         let Ok(rd) = std::fs::read_dir(&dir) else {
             continue;
@@ -749,11 +757,11 @@ pub fn export_gguf(
     student_dir: &Path,
     dest: &Path,
     dtype: candle_core::quantized::GgmlDType,
-) -> anyhow::Result<u64> {
+) -> Result<u64> {
     let student = Student::from_hf_dir(student_dir, DType::F32, &Device::Cpu)?;
     let tok_path = student_dir.join("tokenizer.json");
     let tok = kd_tokenizer::Tokenizer::from_tokenizer_json(&tok_path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+        .map_err(|e| error!(Setting, "{}: {e}", tok_path.display()))?;
     let weights: kd_model::gguf_export::Weights = student
         .named_vars()
         .into_iter()
@@ -768,12 +776,15 @@ pub fn export_gguf(
     )?)
 }
 
-pub fn export(student: &Student, shards: &Path, dest: &Path) -> anyhow::Result<()> {
+pub fn export(student: &Student, shards: &Path, dest: &Path) -> Result<()> {
     std::fs::create_dir_all(dest).map_err(io(dest))?;
-    let cfg = student
-        .cfg
-        .to_hf_json()
-        .map_err(|e| anyhow::anyhow!("{}: cannot export the student: {e}", dest.display()))?;
+    let cfg = student.cfg.to_hf_json().map_err(|e| {
+        error!(
+            Setting,
+            "{}: cannot export the student: {e}",
+            dest.display()
+        )
+    })?;
     let config = dest.join("config.json");
     std::fs::write(&config, serde_json::to_vec_pretty(&cfg)?).map_err(io(&config))?;
     student.save_safetensors(&dest.join("model.safetensors"))?;
@@ -792,7 +803,7 @@ pub fn export(student: &Student, shards: &Path, dest: &Path) -> anyhow::Result<(
 
 /// [`export`] published atomically with [`publish_dir`]: `dest` is always a complete export
 /// (old or new).
-pub fn publish_export(student: &Student, shards: &Path, dest: &Path) -> anyhow::Result<()> {
+pub fn publish_export(student: &Student, shards: &Path, dest: &Path) -> Result<()> {
     let name = dest.file_name().unwrap_or_default().to_string_lossy();
     publish_dir(
         dest,
@@ -824,10 +835,10 @@ pub fn fit(
     resume: bool,
     progress: bool,
     engine: Option<EngineKind>,
-) -> anyhow::Result<FitSummary> {
+) -> Result<FitSummary> {
     cfg.loss
         .validate()
-        .map_err(|e| anyhow::anyhow!("loss: {e}"))?;
+        .map_err(|e| error!(Setting, "loss: {e}"))?;
     // One run per output folder: a second one would interleave metrics.jsonl and race the
     // checkpoints. The lock goes with the process, so a killed run can be resumed at once.
     std::fs::create_dir_all(&cfg.out).map_err(io(&cfg.out))?;
@@ -995,13 +1006,14 @@ fn print_engine(trainer: &Trainer, why_candle: Option<&str>) {
 }
 
 /// The training and held-out rows (by id hash), the training rows narrowed to `train_on`.
-fn training_split(cfg: &FitConfig, teachers: &Teachers) -> anyhow::Result<Split> {
+fn training_split(cfg: &FitConfig, teachers: &Teachers) -> Result<Split> {
     let set = &teachers.sets()[0];
     let mut split = Split::by_id_hash(teachers, cfg.holdout_fraction)?;
     if let Some(src) = cfg.train_on {
         split.train.retain(|&r| set.row(r).source == src);
         if split.train.is_empty() {
-            anyhow::bail!(
+            refuse!(
+                Setting,
                 "train_on = \"{}\": {} has no such training rows",
                 src.as_str(),
                 cfg.shards.display()
@@ -1013,11 +1025,7 @@ fn training_split(cfg: &FitConfig, teachers: &Teachers) -> anyhow::Result<Split>
 
 /// The rows the student is evaluated on: `eval_shards`, or the held-out rows (against the
 /// same cache's top-k when it trains on draws), at most `eval_max_rows`.
-fn eval_rows<'t>(
-    cfg: &FitConfig,
-    teachers: &'t Teachers,
-    split: &Split,
-) -> anyhow::Result<EvalRows<'t>> {
+fn eval_rows<'t>(cfg: &FitConfig, teachers: &'t Teachers, split: &Split) -> Result<EvalRows<'t>> {
     let set = &teachers.sets()[0];
     let mut eval_rows = match &cfg.eval_shards {
         Some(dir) => {
@@ -1030,7 +1038,8 @@ fn eval_rows<'t>(
         // (a `top:K,sample:N` dump): the per-token metrics need the teacher's distribution.
         None if set.targets() == TargetKind::Sampled && !split.held_out.is_empty() => {
             if set.manifest().top_k() == 0 {
-                anyhow::bail!(
+                refuse!(
+                    Setting,
                     "{}: held-out evaluation needs the teacher's top-k, and this cache holds \
                      sampled targets only: dump with --targets top:K,sample:N, give eval_shards \
                      (a top-k dump), or set holdout_fraction = 0",
@@ -1059,14 +1068,15 @@ fn resume_latest(
     student: &mut Student,
     trainer: &mut Trainer,
     batcher: &mut Batcher,
-) -> anyhow::Result<Option<(u64, u64)>> {
+) -> Result<Option<(u64, u64)>> {
     let Some(ck) = latest_checkpoint(&cfg.out) else {
         return Ok(None);
     };
     let state: CheckpointState =
         serde_json::from_slice(&std::fs::read(ck.join("state.json")).map_err(io(&ck))?)?;
     if state.shards_fingerprint != fingerprint {
-        anyhow::bail!(
+        refuse!(
+            Resume,
             "{}: cannot resume: the shard set differs (fingerprint {} vs {})",
             ck.display(),
             state.shards_fingerprint,
@@ -1083,7 +1093,8 @@ fn resume_latest(
             .find(|(k, v)| b.get(k.as_str()) != Some(v))
             .map(|(k, _)| k.clone())
             .unwrap_or_default();
-        anyhow::bail!(
+        refuse!(
+            Resume,
             "{}: cannot resume: config field `{field}` differs",
             ck.display()
         );
@@ -1113,7 +1124,7 @@ struct Metrics {
 impl Metrics {
     /// Opens `path` for appending. A killed run may have left half a line: it is ended, so
     /// the next line stays readable.
-    fn open(path: &Path) -> anyhow::Result<Metrics> {
+    fn open(path: &Path) -> Result<Metrics> {
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -1137,11 +1148,11 @@ impl Metrics {
         })
     }
 
-    fn line(&mut self, line: &serde_json::Value) -> anyhow::Result<()> {
+    fn line(&mut self, line: &serde_json::Value) -> Result<()> {
         writeln!(self.file, "{line}").map_err(io(&self.path))
     }
 
-    fn eval(&mut self, step: u64, train_positions: u64, r: &EvalReport) -> anyhow::Result<()> {
+    fn eval(&mut self, step: u64, train_positions: u64, r: &EvalReport) -> Result<()> {
         self.line(&serde_json::json!({"step": step, "train_positions": train_positions, "eval": r}))
     }
 }
@@ -1170,7 +1181,7 @@ struct Run<'a> {
 
 impl Run<'_> {
     /// Steps until the schedule's last step, checkpointing on an interrupt.
-    fn train(&mut self) -> anyhow::Result<()> {
+    fn train(&mut self) -> Result<()> {
         let total_steps = self.sched.total_steps;
         let bar = if self.progress {
             let b = indicatif::ProgressBar::new(total_steps);
@@ -1190,7 +1201,8 @@ impl Run<'_> {
             let step = self.trainer.steps();
             if interrupted() {
                 let ck = self.checkpoint(step)?;
-                anyhow::bail!(
+                refuse!(
+                    Training,
                     "interrupted at step {step}; checkpoint {} (continue with --resume)",
                     ck.display()
                 );
@@ -1240,10 +1252,7 @@ impl Run<'_> {
 
     /// One optimizer step over `grad_accum` micro-batches, weighted by their positions. A
     /// loss that is not finite stops the run before it is applied.
-    fn step(
-        &mut self,
-        step: u64,
-    ) -> anyhow::Result<(crate::train::BatchLoss, crate::optim::StepInfo)> {
+    fn step(&mut self, step: u64) -> Result<(crate::train::BatchLoss, crate::optim::StepInfo)> {
         let cfg = self.cfg;
         let (mut micro, mut micro_grads) = (Vec::new(), Vec::new());
         for _ in 0..cfg.grad_accum.max(1) {
@@ -1261,7 +1270,8 @@ impl Run<'_> {
                 l.total = f64::NAN;
             }
             if !l.total.is_finite() {
-                anyhow::bail!(
+                refuse!(
+                    Training,
                     "loss became {} at step {step}; stopped without applying it; last good checkpoint: {}",
                     l.total,
                     self.last_checkpoint
@@ -1274,7 +1284,10 @@ impl Run<'_> {
         }
         let loss = crate::train::combine_losses(&micro);
         if loss.positions == 0 {
-            anyhow::bail!("step {step}: the batch has no distilled positions");
+            refuse!(
+                Training,
+                "step {step}: the batch has no distilled positions"
+            );
         }
         kd_fs::crash_point(|| format!("before-update:{step}"));
         let lr = self.sched.lr_at(step);
@@ -1290,7 +1303,7 @@ impl Run<'_> {
     }
 
     /// Evaluates the student after step `done` and logs the result.
-    fn evaluate(&mut self, done: u64) -> anyhow::Result<&EvalReport> {
+    fn evaluate(&mut self, done: u64) -> Result<&EvalReport> {
         let r = self.eval_rows.evaluate(
             &mut self.trainer.eval_model(self.student),
             self.cfg.max_len,
@@ -1301,7 +1314,7 @@ impl Run<'_> {
     }
 
     /// Publishes a checkpoint of the state after `step` steps.
-    fn checkpoint(&mut self, step: u64) -> anyhow::Result<PathBuf> {
+    fn checkpoint(&mut self, step: u64) -> Result<PathBuf> {
         let state = CheckpointState {
             step,
             train_positions: self.train_positions,
@@ -1314,9 +1327,10 @@ impl Run<'_> {
 }
 
 /// Refuses a student whose vocabulary differs from the shards'.
-pub fn check_vocab(student: &Student, set: &ShardSet) -> anyhow::Result<()> {
+pub fn check_vocab(student: &Student, set: &ShardSet) -> Result<()> {
     if student.vocab_size() != set.vocab_size() as usize {
-        anyhow::bail!(
+        refuse!(
+            Setting,
             "the student's vocabulary ({} tokens) differs from the shards' ({} tokens, {}): a student must share the teacher's tokenizer",
             student.vocab_size(),
             set.vocab_size(),

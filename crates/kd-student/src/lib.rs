@@ -51,7 +51,11 @@
 pub mod answers;
 pub mod data;
 pub mod engine;
+mod error;
 pub mod eval;
 pub mod fit;
 pub mod optim;
+pub mod resolve;
 pub mod train;
+
+pub use error::{Error, Result};

@@ -13,6 +13,7 @@ use kd_loss::{LossConfig, LossParts, Position};
 use kd_model::trainable::Student;
 
 use crate::data::Batch;
+use crate::error::{Result, error};
 
 /// Loss means over the batch's distilled positions (token mean; prompt and padding excluded).
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
@@ -48,7 +49,7 @@ pub struct PositionTargets {
 
 impl PositionTargets {
     /// The targets of every position of `batch` for a vocabulary of `vocab` tokens.
-    pub fn of(batch: &Batch, vocab: usize) -> anyhow::Result<PositionTargets> {
+    pub fn of(batch: &Batch, vocab: usize) -> Result<PositionTargets> {
         let n = batch.n_pos();
         let mut t = PositionTargets {
             start: Vec::with_capacity(n + 1),
@@ -75,7 +76,7 @@ impl PositionTargets {
                 })
                 .collect();
             let (ids, lps) = kd_loss::combine_teachers(&parts, vocab)
-                .map_err(|e| anyhow::anyhow!("combining the teachers: {e}"))?;
+                .map_err(|e| error!(Setting, "combining the teachers: {e}"))?;
             t.ids.extend_from_slice(&ids);
             t.logprobs.extend_from_slice(&lps);
             t.start.push(t.ids.len());
@@ -111,7 +112,7 @@ pub fn loss_and_grads(
     cfg: &LossConfig,
     chunk: usize,
     want_grads: bool,
-) -> anyhow::Result<(BatchLoss, Option<GradStore>)> {
+) -> Result<(BatchLoss, Option<GradStore>)> {
     let n = batch.pos_row.len();
     if n == 0 {
         return Ok((BatchLoss::default(), None));

@@ -57,8 +57,46 @@ fn parse_tokenizer_json(root: &Value) -> Result<Parts> {
         }
     }
     // No normalizer, NFC (Qwen), or a sequence of those (SentencePiece's are read above).
-    let nfc = match root.get("normalizer") {
-        _ if sp.is_some() => false,
+    let nfc = sp.is_none() && normalizer_is_nfc(root.get("normalizer"))?;
+    let pre = match root.get("pre_tokenizer") {
+        // SentencePiece-style: no split into words beyond its own (see `SpForm`).
+        _ if sp.is_some() => PreTokenizer::none(),
+        None | Some(Value::Null) => {
+            return Err(Error::Unsupported {
+                what: "a tokenizer without `pre_tokenizer` (not byte-level)".into(),
+            });
+        }
+        Some(p) => PreTokenizer::from_hf_json(p, "pre_tokenizer")?,
+    };
+
+    let (tokens, kinds) = vocabulary(root)?;
+
+    let merges = merges(root)?;
+    let ignore_merges = model
+        .get("ignore_merges")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(Parts {
+        tokens,
+        kinds,
+        merges,
+        merges_field: "model.merges",
+        pre,
+        ignore_merges,
+        bos: None,
+        eos: None,
+        pad: None,
+        add_bos: false,
+        chat_template: None,
+        nfc,
+        sp,
+    })
+}
+
+/// Whether `normalizer` asks for NFC: none, `NFC`, or a `Sequence` of those; any other is
+/// refused.
+fn normalizer_is_nfc(normalizer: Option<&Value>) -> Result<bool> {
+    Ok(match normalizer {
         None | Some(Value::Null) => false,
         Some(n) => {
             let ty = |n: &Value| {
@@ -84,19 +122,12 @@ fn parse_tokenizer_json(root: &Value) -> Result<Parts> {
             }
             nfc
         }
-    };
-    let pre = match root.get("pre_tokenizer") {
-        // SentencePiece-style: no split into words beyond its own (see `SpForm`).
-        _ if sp.is_some() => PreTokenizer::none(),
-        None | Some(Value::Null) => {
-            return Err(Error::Unsupported {
-                what: "a tokenizer without `pre_tokenizer` (not byte-level)".into(),
-            });
-        }
-        Some(p) => PreTokenizer::from_hf_json(p, "pre_tokenizer")?,
-    };
+    })
+}
 
-    // Vocabulary: model.vocab plus added_tokens, which may extend it.
+/// The tokens and their kinds by id: `model.vocab` plus `added_tokens`, which may extend it;
+/// ids must be contiguous.
+fn vocabulary(root: &Value) -> Result<(Vec<String>, Vec<TokenKind>)> {
     let vocab = field(root, "model.vocab")?
         .as_object()
         .ok_or_else(|| Error::wrong_type("model.vocab", "an object of token → id"))?;
@@ -170,8 +201,12 @@ fn parse_tokenizer_json(root: &Value) -> Result<Parts> {
         tokens.push(t);
         kinds.push(k);
     }
+    Ok((tokens, kinds))
+}
 
-    let merges = field(root, "model.merges")?
+/// `model.merges`, as pairs: each a `"left right"` string or a `[left, right]` array.
+fn merges(root: &Value) -> Result<Vec<(String, String)>> {
+    field(root, "model.merges")?
         .as_array()
         .ok_or_else(|| Error::wrong_type("model.merges", "an array"))?
         .iter()
@@ -192,26 +227,7 @@ fn parse_tokenizer_json(root: &Value) -> Result<Parts> {
                 _ => Err(bad()),
             }
         })
-        .collect::<Result<Vec<_>>>()?;
-    let ignore_merges = model
-        .get("ignore_merges")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    Ok(Parts {
-        tokens,
-        kinds,
-        merges,
-        merges_field: "model.merges",
-        pre,
-        ignore_merges,
-        bos: None,
-        eos: None,
-        pad: None,
-        add_bos: false,
-        chat_template: None,
-        nfc,
-        sp,
-    })
+        .collect::<Result<Vec<_>>>()
 }
 
 /// `bos_token` etc. in tokenizer_config.json: a string, an AddedToken object, or null.

@@ -20,6 +20,9 @@ pub(crate) const GPT2_PATTERN: &str =
 
 /// Llama 3's word regex, as llama.cpp spells it (explicit case classes rather
 /// than `(?i:...)`, which would also fold e.g. `ſ` to `s`).
+/// The same pattern as Llama 3's own `tokenizer.json` writes it, with a case-insensitive
+/// group: a file with it is the `llama3` preset.
+const LLAMA3_HF_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Qwen 2's word regex: like Llama 3's but one digit per word.
@@ -340,9 +343,14 @@ impl PreTokenizer {
                 ),
             });
         }
+        let llama3_as_written = [
+            Step::split(LLAMA3_HF_PATTERN, false, SplitBehavior::Isolated)?,
+            Step::byte_level(false, false)?,
+        ];
         let name = ["smollm", "gpt2", "llama3", "qwen2", "default"]
             .into_iter()
             .find(|preset| PreTokenizer::from_preset(preset).is_ok_and(|p| p.steps == steps))
+            .or((steps == llama3_as_written).then_some("llama3"))
             .unwrap_or("custom")
             .to_string();
         Ok(PreTokenizer { name, steps })

@@ -191,6 +191,17 @@ fn llama3_byte_level() {
     );
 }
 
+/// An exported GGUF names the pre-tokenizer (`tokenizer.ggml.pre`) and readers look it up by
+/// that name: Llama 3's own file, whose pattern has a case-insensitive group, is `llama3`.
+#[test]
+fn llama3_pre_tokenizer_has_its_gguf_name() {
+    let Some(path) = real_tokenizer("llama3") else {
+        return;
+    };
+    let tok = Tokenizer::from_tokenizer_json(&path).unwrap();
+    assert_eq!(tok.pre_tokenizer(), "llama3");
+}
+
 #[test]
 fn qwen3_byte_level_nfc() {
     check_family("qwen3", &["<|im_start|>", "<|im_end|>", "<think>"]);

@@ -39,7 +39,6 @@ pub mod ops;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use candle_core::{Device, Tensor};
 use kd_loss::{LossConfig, LossParts, Position};
 use kd_model::kernels::PackedF32;
@@ -47,6 +46,7 @@ use kd_model::{LlamaConfig, Student};
 use rayon::prelude::*;
 
 use crate::data::Batch;
+use crate::error::{Error, Result, error, refuse};
 use crate::optim::{AdamWConfig, StepInfo, decays};
 use crate::train::{BatchLoss, PositionTargets};
 use ops::{dw_acc, linear_backward, rms_backward, rms_forward, xwt};
@@ -113,7 +113,7 @@ pub fn choose(
     cfg: &LlamaConfig,
     max_len: usize,
     device: &Device,
-) -> anyhow::Result<(EngineKind, Option<String>)> {
+) -> Result<(EngineKind, Option<String>)> {
     let why_not = if device.is_cpu() {
         kernels_unsupported(cfg, max_len)
     } else {
@@ -121,7 +121,7 @@ pub fn choose(
     };
     match (asked, why_not) {
         (Some(EngineKind::Kernels), Some(why)) => {
-            anyhow::bail!("--engine kernels cannot train this student: {why}")
+            refuse!(Setting, "--engine kernels cannot train this student: {why}")
         }
         (Some(k), _) => Ok((k, None)),
         (None, None) => Ok((EngineKind::Kernels, None)),
@@ -460,7 +460,7 @@ impl KernelStudent {
         tokens: usize,
         max_len: usize,
         chunk: usize,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         Self::build(student, adam, tokens, max_len, chunk, true)
     }
 
@@ -471,7 +471,7 @@ impl KernelStudent {
         tokens: usize,
         max_len: usize,
         chunk: usize,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         Self::build(
             student,
             AdamWConfig::default(),
@@ -489,10 +489,13 @@ impl KernelStudent {
         max_len: usize,
         chunk: usize,
         training: bool,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         let cfg = student.cfg.clone();
         if let Some(why) = kernels_unsupported(&cfg, max_len) {
-            anyhow::bail!("the kernel engine cannot train this student: {why}");
+            refuse!(
+                Setting,
+                "the kernel engine cannot train this student: {why}"
+            );
         }
         let (d, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let (qd, kvd) = (cfg.q_dim(), cfg.num_key_value_heads * cfg.head_dim());
@@ -542,7 +545,8 @@ impl KernelStudent {
         let total = at;
         let vars = student.named_vars();
         if vars.len() != slots.len() {
-            anyhow::bail!(
+            refuse!(
+                Setting,
                 "the kernel engine lays out {} parameter tensors, the student has {}",
                 slots.len(),
                 vars.len()
@@ -697,14 +701,19 @@ impl KernelStudent {
     }
 
     /// Copies the parameters of `student` in.
-    pub fn read_from(&mut self, student: &Student) -> anyhow::Result<()> {
+    pub fn read_from(&mut self, student: &Student) -> Result<()> {
         for (name, var) in student.named_vars() {
             let s = self
                 .slot(&name)
-                .with_context(|| format!("the kernel engine has no parameter `{name}`"))?
+                .ok_or_else(|| error!(Input, "the kernel engine has no parameter `{name}`"))?
                 .clone();
             if var.dims() != s.shape.as_slice() {
-                anyhow::bail!("`{name}`: shape {:?}, expected {:?}", var.dims(), s.shape);
+                refuse!(
+                    Input,
+                    "`{name}`: shape {:?}, expected {:?}",
+                    var.dims(),
+                    s.shape
+                );
             }
             let t: Vec<f32> = var
                 .as_tensor()
@@ -718,11 +727,11 @@ impl KernelStudent {
     }
 
     /// Writes the parameters into `student` (to save, export or evaluate it).
-    pub fn write_to(&self, student: &Student) -> anyhow::Result<()> {
+    pub fn write_to(&self, student: &Student) -> Result<()> {
         for (name, var) in student.named_vars() {
             let s = self
                 .slot(&name)
-                .with_context(|| format!("the kernel engine has no parameter `{name}`"))?;
+                .ok_or_else(|| error!(Input, "the kernel engine has no parameter `{name}`"))?;
             let t = Tensor::from_slice(
                 &self.params[s.off..s.off + s.len],
                 s.shape.as_slice(),
@@ -751,12 +760,7 @@ impl KernelStudent {
     }
 
     /// Loss of `batch` without gradients (the forward pass and the head only).
-    pub fn loss(
-        &mut self,
-        batch: &Batch,
-        cfg: &LossConfig,
-        chunk: usize,
-    ) -> anyhow::Result<BatchLoss> {
+    pub fn loss(&mut self, batch: &Batch, cfg: &LossConfig, chunk: usize) -> Result<BatchLoss> {
         self.run(batch, cfg, chunk, false)
     }
 
@@ -1053,7 +1057,7 @@ impl KernelStudent {
         cfg: &LossConfig,
         chunk: usize,
         grads: bool,
-    ) -> anyhow::Result<LossParts> {
+    ) -> Result<LossParts> {
         let (d, .., v) = self.dims();
         let n = p.ids.len();
         let npos = p.rows.len();
@@ -1160,7 +1164,7 @@ impl KernelStudent {
         batch: &Batch,
         cfg: &LossConfig,
         chunk: usize,
-    ) -> anyhow::Result<BatchLoss> {
+    ) -> Result<BatchLoss> {
         self.run(batch, cfg, chunk, true)
     }
 
@@ -1170,9 +1174,9 @@ impl KernelStudent {
         cfg: &LossConfig,
         chunk: usize,
         grads: bool,
-    ) -> anyhow::Result<BatchLoss> {
+    ) -> Result<BatchLoss> {
         if grads && self.grads.is_empty() {
-            anyhow::bail!("this kernel student was built for inference only");
+            refuse!(Setting, "this kernel student was built for inference only");
         }
         let n = batch.n_pos();
         if n == 0 {
@@ -1198,23 +1202,29 @@ impl KernelStudent {
         })
     }
 
-    fn check_ids(&self, p: &Packed) -> anyhow::Result<()> {
+    fn check_ids(&self, p: &Packed) -> Result<()> {
         let v = self.cfg.vocab_size;
         if let Some(&id) = p.ids.iter().find(|&&id| id as usize >= v) {
-            anyhow::bail!("token id {id} is outside the student's vocabulary of {v}");
+            refuse!(
+                Input,
+                "token id {id} is outside the student's vocabulary of {v}"
+            );
         }
         if let Some(&(_, len)) = p
             .segs
             .iter()
             .find(|s| s.1 > self.cos.len() / (self.cfg.head_dim() / 2))
         {
-            anyhow::bail!("a row of {len} tokens is longer than the student's context");
+            refuse!(
+                Input,
+                "a row of {len} tokens is longer than the student's context"
+            );
         }
         Ok(())
     }
 
     /// Final hidden states of `batch`'s distilled positions, `[n_pos, hidden]` (evaluation).
-    pub fn position_hidden(&mut self, batch: &Batch) -> anyhow::Result<Vec<f32>> {
+    pub fn position_hidden(&mut self, batch: &Batch) -> Result<Vec<f32>> {
         let p = Packed::of(batch);
         self.check_ids(&p)?;
         self.forward(&p);
@@ -1227,7 +1237,7 @@ impl KernelStudent {
     }
 
     /// Final hidden states `[len, hidden]` of every position of one token sequence.
-    pub fn sequence_hidden(&mut self, ids: &[u32]) -> anyhow::Result<Vec<f32>> {
+    pub fn sequence_hidden(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         let n = ids.len();
         let p = Packed {
             ids: ids.to_vec(),
@@ -1312,7 +1322,7 @@ impl KernelStudent {
 
     /// Writes the AdamW moments as [`crate::optim::AdamW::save_state`] does (`m.NAME`,
     /// `v.NAME`), so either engine resumes the other's checkpoints.
-    pub fn save_state(&self, path: &Path) -> anyhow::Result<()> {
+    pub fn save_state(&self, path: &Path) -> Result<()> {
         let mut map = std::collections::HashMap::new();
         for s in &self.slots {
             for (prefix, buf) in [("m", &self.m), ("v", &self.v)] {
@@ -1325,21 +1335,22 @@ impl KernelStudent {
             }
         }
         candle_core::safetensors::save(&map, path)
-            .with_context(|| format!("writing {}", path.display()))
+            .map_err(|e| Error::from(e).context(format!("writing {}", path.display())))
     }
 
     /// Restores moments saved by either engine and the step count.
-    pub fn load_state(&mut self, path: &Path, step: u64) -> anyhow::Result<()> {
+    pub fn load_state(&mut self, path: &Path, step: u64) -> Result<()> {
         let map = candle_core::safetensors::load(path, &Device::Cpu)
-            .with_context(|| format!("reading {}", path.display()))?;
+            .map_err(|e| Error::from(e).context(format!("reading {}", path.display())))?;
         for s in &self.slots {
             for (prefix, buf) in [("m", &mut self.m), ("v", &mut self.v)] {
                 let key = format!("{prefix}.{}", s.name);
                 let t = map
                     .get(&key)
-                    .with_context(|| format!("{}: missing `{key}`", path.display()))?;
+                    .ok_or_else(|| error!(Resume, "{}: missing `{key}`", path.display()))?;
                 if t.dims() != s.shape.as_slice() {
-                    anyhow::bail!(
+                    refuse!(
+                        Resume,
                         "{}: `{key}` has shape {:?}, expected {:?}",
                         path.display(),
                         t.dims(),
