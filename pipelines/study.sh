@@ -13,9 +13,10 @@
 # prompts from a JSONL file of your own; the training prompts are then every seed task whose
 # id is not in it; implies --no-publish), --quick, --no-publish.
 #
-# A full run with the default --out also publishes: it replaces docs/study/ with OUT/results/
-# and OUT/times.tsv, and rewrites the study block of README.md from them (between the
-# `study:begin` and `study:end` markers), so the README shows exactly what the study wrote.
+# A full run with the default --out also publishes: it replaces the files of docs/study/ with
+# OUT/results/ and OUT/times.tsv (docs/study/README.md stays), and rewrites the study block of
+# docs/study/README.md from them (between the `study:begin` and `study:end` markers), so the
+# study's page shows exactly what the study wrote.
 #
 # 1. Splits the 175 self-instruct seed tasks by a hash of their id into training prompts
 #    (~80%) and held-out prompts (the rest): no prompt is in both. With --heldout FILE the
@@ -143,8 +144,8 @@ dump() { # NAME INPUT TEACHER-DUMP-ARGS...
 }
 # The training rows' sampling: the sweep's dumps share it, so their rows are the training rows.
 # shellcheck disable=SC2206
-ROWS=("$OUT/prompts/train.jsonl" --temperature 1.0 --seed 0 $LIMIT_TRAIN)
-TRAIN=("${ROWS[@]}" --samples "$SAMPLES")
+ROWS=("$OUT/prompts/train.jsonl" --sampling-temperature 1.0 --seed 0 $LIMIT_TRAIN)
+TRAIN=("${ROWS[@]}" --responses-per-prompt "$SAMPLES")
 dump train-k32 "${TRAIN[@]}" --targets top:32
 # shellcheck disable=SC2086
 dump heldout-k64 "$OUT/prompts/heldout.jsonl" --targets top:64 $LIMIT_HELD
@@ -224,7 +225,7 @@ done
 # The cache sweep, after the methods: the other caches of the same responses (the first
 # SWEEP_SAMPLES of each prompt's; with fewer than SAMPLES the top-32 format-2 baseline is a
 # dump and a run of its own, on the same rows as the others).
-SWEEP=("${ROWS[@]}" --samples "$SWEEP_SAMPLES")
+SWEEP=("${ROWS[@]}" --responses-per-prompt "$SWEEP_SAMPLES")
 SWEEP_K32=train-k32
 SWEEP_K32_RUN=6l-forward_kl
 if [ "$SWEEP_SAMPLES" != "$SAMPLES" ]; then
@@ -295,19 +296,18 @@ $(cost train-s12 12 "sample:12" "sample:12 (format 2, unbiased estimator)" 6l-s1
 EOF
 timed report "$BIN/study-report" "$OUT" --max-prompts 1000   # every held-out prompt side by side
 
-# 5. Publish: docs/study/ and the README's study block.
+# 5. Publish: docs/study/ (its README.md kept) and that README's study block.
 if [ "$PUBLISH" = 1 ]; then
-    rm -rf docs/study
     mkdir -p docs/study
+    find docs/study -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
     cp "$OUT"/results/* "$OUT/times.tsv" docs/study/
-    python3 - docs/study/results.md README.md <<'EOF'
+    python3 - docs/study/results.md docs/study/README.md <<'EOF'
 import re, sys
 results, readme = sys.argv[1], sys.argv[2]
 md = open(results, encoding="utf-8").read()
-# The tables and the machine line, with links pointing into docs/study/.
+# The tables, plots and the machine line; the links stay relative to docs/study/, where the
+# README that embeds them lives beside them.
 body = re.sub(r"^# .*\n+", "", md)
-body = re.sub(r"\]\(([\w.-]+\.(?:png|md))\)", r"](docs/study/\1)", body)
-body = body.replace("## Cost of the teacher cache", "#### Cost of the teacher cache")
 text = open(readme, encoding="utf-8").read()
 begin, end = "<!-- study:begin -->", "<!-- study:end -->"
 if begin not in text or end not in text:

@@ -26,7 +26,9 @@ pub struct DumpSection {
     pub top_k: Option<usize>,
     /// `top:K`, `sample:N` or `top:K,sample:N` (see `teacher-dump --targets`).
     pub targets: Option<String>,
-    /// Responses generated per prompt (see `teacher-dump --samples`).
+    /// Responses generated per prompt (see `teacher-dump --responses-per-prompt`).
+    pub responses_per_prompt: Option<usize>,
+    /// The former name of `responses_per_prompt`, accepted with a note until the next release.
     pub samples: Option<usize>,
     pub max_new_tokens: Option<usize>,
     pub temperature: Option<f64>,

@@ -549,6 +549,49 @@ fn several_responses_per_prompt_are_rows_of_their_own() {
     assert!(err.contains("responses_per_prompt"), "{err}");
 }
 
+/// The renamed flags: `--responses-per-prompt` and `--sampling-temperature` make the dump the
+/// former `--samples` and `--temperature` made, and a former name still works, with a note.
+#[test]
+fn renamed_flags_dump_what_the_former_names_did() {
+    let c = Case::soft();
+    let input = c.input("in.jsonl", &prompts(2));
+    let (old, new) = (c.path("old"), c.path("new"));
+    let o = c.run(
+        &input,
+        &old,
+        &["--samples", "2", "--temperature", "1.0", "--seed", "3"],
+    );
+    assert!(o.status.success());
+    let note = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        note.contains("--samples is now --responses-per-prompt")
+            && note.contains("--temperature is now --sampling-temperature"),
+        "{note}"
+    );
+    let o = c.run(
+        &input,
+        &new,
+        &[
+            "--responses-per-prompt",
+            "2",
+            "--sampling-temperature",
+            "1.0",
+            "--seed",
+            "3",
+        ],
+    );
+    assert!(o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("note:"));
+    assert_eq!(responses(&old), responses(&new));
+    assert_eq!(manifest(&old).settings, manifest(&new).settings);
+    let err = c.dump_fails(
+        &input,
+        &c.path("both"),
+        &["--samples", "2", "--responses-per-prompt", "2"],
+    );
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
 /// Starts a 40-row dump (10 shards), kills it with SIGKILL once its partial manifest lists
 /// `at_least` shards, and returns the output folder.
 fn killed_dump(c: &Case, input: &Path, name: &str, extra: &[&str], at_least: usize) -> PathBuf {

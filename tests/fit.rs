@@ -1343,6 +1343,34 @@ holdout_fraction = 0.25
     );
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("--init-from-teacher"), "{e}");
+
+    // The loss temperature's flag is --loss-temperature; the former --temperature still
+    // sets it, with a note.
+    let base = [
+        "--shards",
+        shards.to_str().unwrap(),
+        "--out",
+        c.to_str().unwrap(),
+        "--init-from-student",
+        c.to_str().unwrap(),
+        "--print-config",
+    ];
+    let new = util::run_ok(
+        "student-fit",
+        &[&base[..], &["--loss-temperature", "3.0"]].concat(),
+    );
+    assert!(new.contains("temperature = 3.0"), "{new}");
+    let o = util::run(
+        "student-fit",
+        &[&base[..], &["--temperature", "3.0"]].concat(),
+    );
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout), new);
+    let note = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        note.contains("--temperature is now --loss-temperature"),
+        "{note}"
+    );
 }
 
 /// `--positions N` trains on at least N distilled positions: the fewest steps whose batches

@@ -57,8 +57,12 @@ struct TrainArgs {
     /// λ of --loss skew-forward-kl or skew-reverse-kl [default: 0.1].
     #[arg(long, requires = "loss")]
     lambda: Option<f64>,
-    /// Temperature τ of the divergence (`loss.temperature`) [default: 1].
-    #[arg(long)]
+    /// Temperature τ of the divergence (`loss.temperature`) [default: 1]. (teacher-dump's
+    /// --sampling-temperature is the responses' sampling temperature.)
+    #[arg(long, conflicts_with = "temperature")]
+    loss_temperature: Option<f64>,
+    /// The former name of --loss-temperature, accepted (with a note) until the next release.
+    #[arg(long, hide = true)]
     temperature: Option<f64>,
     /// Weight α of the divergence; 1 − α weighs hard cross-entropy on the stored tokens, α = 0
     /// is SFT on the teacher's responses (`loss.alpha`) [default: 1].
@@ -316,7 +320,12 @@ fn overrides(a: &TrainArgs) -> Overrides {
         out: a.out.clone(),
         init,
         divergence,
-        temperature: a.temperature,
+        temperature: crate::cli::teacher_dump::renamed(
+            a.loss_temperature,
+            a.temperature,
+            "--temperature",
+            "--loss-temperature",
+        ),
         alpha: a.alpha,
         tail: a.tail.map(|t| match t {
             TailArg::Bucket => TailPolicy::Bucket,

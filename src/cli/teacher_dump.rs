@@ -57,15 +57,24 @@ pub struct Args {
     )]
     pub targets: Option<String>,
     /// Responses generated per prompt, each its own row `ID#i` with its own sampling stream
-    /// (reproducible per (seed, ID, i) whatever the batch size); needs --temperature above 0
-    /// [default: 1].
-    #[arg(long)]
+    /// (reproducible per (seed, ID, i) whatever the batch size); needs
+    /// --sampling-temperature above 0 [default: 1].
+    #[arg(long, conflicts_with = "samples")]
+    pub responses_per_prompt: Option<usize>,
+    /// The former name of --responses-per-prompt, accepted (with a note) until the next
+    /// release.
+    #[arg(long, hide = true)]
     pub samples: Option<usize>,
     /// Most tokens generated per prompt [default: 256].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
-    /// Sampling temperature; 0 is greedy [default: 0].
-    #[arg(long)]
+    /// Temperature of the responses' sampling; 0 is greedy [default: 0]. (The distillation
+    /// loss has its own, student-fit's --loss-temperature.)
+    #[arg(long, conflicts_with = "temperature")]
+    pub sampling_temperature: Option<f64>,
+    /// The former name of --sampling-temperature, accepted (with a note) until the next
+    /// release.
+    #[arg(long, hide = true)]
     pub temperature: Option<f64>,
     /// Nucleus sampling: keep the smallest set of tokens with this much probability [default: 1].
     #[arg(long)]
@@ -129,6 +138,23 @@ pub struct Resolved {
     pub limit: Option<usize>,
     pub skip_bad_lines: bool,
     pub threads: usize,
+}
+
+/// The value of a setting given under its new name, or under its former one with a note on
+/// stderr.
+pub(crate) fn renamed<T>(
+    new: Option<T>,
+    old: Option<T>,
+    old_name: &str,
+    new_name: &str,
+) -> Option<T> {
+    if new.is_none() && old.is_some() {
+        eprintln!(
+            "note: {old_name} is now {new_name}; the former name is accepted until the next release"
+        );
+        return old;
+    }
+    new
 }
 
 /// `top:K`, `sample:N` or both (comma-separated, either order): `(top_k, samples)`, with 0
@@ -217,9 +243,28 @@ impl Args {
             },
             top_k,
             samples,
-            responses_per_prompt: self.samples.or(p.samples).unwrap_or(1),
+            responses_per_prompt: renamed(
+                self.responses_per_prompt,
+                self.samples,
+                "--samples",
+                "--responses-per-prompt",
+            )
+            .or(renamed(
+                p.responses_per_prompt,
+                p.samples,
+                "`samples` in [dump]",
+                "`responses_per_prompt`",
+            ))
+            .unwrap_or(1),
             max_new_tokens: self.max_new_tokens.or(p.max_new_tokens).unwrap_or(256),
-            temperature: self.temperature.or(p.temperature).unwrap_or(0.0),
+            temperature: renamed(
+                self.sampling_temperature,
+                self.temperature,
+                "--temperature",
+                "--sampling-temperature",
+            )
+            .or(p.temperature)
+            .unwrap_or(0.0),
             top_p: self.top_p.or(p.top_p).unwrap_or(1.0),
             seed: self.seed.or(p.seed).unwrap_or(0),
             chat_template: !self.no_chat_template && p.chat_template.unwrap_or(true),

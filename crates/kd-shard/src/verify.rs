@@ -97,7 +97,7 @@ fn kind_of(e: &Error) -> ProblemKind {
 ///
 /// Always: the manifest parses (else `Err`), its fingerprint and totals are consistent, every
 /// listed shard exists with the listed size and sha256, no unlisted `*.parquet` file lies
-/// below `dir`, every shard's footer has the v1 schema, `kd.top_k` equal to the manifest's
+/// below `dir`, every shard's footer has the schema of its format version (1 or 2), `kd.top_k` equal to the manifest's
 /// `top_k`, and the listed row count. With `deep`, every row is also decoded and checked with
 /// [`crate::Row::validate`] against the manifest's k and vocabulary, and the shard's tokens,
 /// positions and response tokens are compared with its entry.

@@ -35,7 +35,7 @@ pub struct DumpSettings {
     /// dumps keep their identity.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub samples: usize,
-    /// Responses generated per prompt (`teacher-dump --samples N`), each its own row with id
+    /// Responses generated per prompt (`teacher-dump --responses-per-prompt N`), each its own row with id
     /// `ID#i` (i from 0) and its own sampling stream (seed, `ID#i`), so every response is
     /// reproducible whatever the batch size. 1 (left out of the manifest) keeps ids as given.
     #[serde(default = "one", skip_serializing_if = "is_one")]
