@@ -43,9 +43,9 @@ pub fn error_chain(e: &anyhow::Error) -> String {
 
 /// Makes glibc's allocator serve large blocks from the heap and keep freed memory, instead of
 /// mapping and unmapping every large tensor: training allocates and frees buffers of
-/// hundreds of megabytes each step, and the kernel zeroing fresh pages cost a quarter of the
-/// run time (measured: `student-fit` on the 6-layer SmolLM2 student went from 60 to 120
-/// positions/s). Peak memory is unchanged: freed blocks are reused, not accumulated.
+/// hundreds of megabytes each step, and the kernel zeroing fresh pages cost much of the run
+/// time (the measured speed-up of `student-fit` is in docs/performance.md). Peak memory is
+/// unchanged: freed blocks are reused, not accumulated.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before other threads exist.

@@ -38,11 +38,10 @@ pub struct Args {
     /// two halves of a generated/scored data mix).
     #[arg(long)]
     pub mixed: bool,
-    /// Log-probabilities kept per position [default: 32]. On the first 16 quickstart prompts
-    /// with SmolLM2-135M the mass outside the top k averaged 12.6% at k=8, 6.5% at k=32 and 4.5% at
-    /// k=64, for about 107 bytes per position at k=32 against 193 at k=64 (format 2); the bucket tail
-    /// policy of the losses accounts for the rest exactly. `shard-cat stats` prints a dump's
-    /// mean tail mass.
+    /// Log-probabilities kept per position [default: 32]. A larger k leaves less mass outside
+    /// the top k and costs more bytes per position (measured for each k in
+    /// docs/performance.md); the bucket tail policy of the losses accounts for the rest
+    /// exactly. `shard-cat stats` prints a dump's mean tail mass and bytes per position.
     #[arg(long)]
     pub top_k: Option<usize>,
     /// What to store per position: `top:K` (the K most likely tokens; the default is top:32),

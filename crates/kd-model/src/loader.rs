@@ -24,7 +24,7 @@ pub enum Precision {
     /// f32 arithmetic on dequantized weights: the teacher's real distribution (default).
     Exact,
     /// candle's quantized kernels on the GGUF blocks. Faster, but activations are quantized to
-    /// 8 bits inside each dot product, which moves log-probs (see the README for measured error).
+    /// 8 bits inside each dot product, which moves log-probs (measured error: docs/performance.md).
     Quantized,
 }
 

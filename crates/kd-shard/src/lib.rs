@@ -84,10 +84,10 @@
 //!
 //! ## Storage (measured)
 //!
-//! Format 2 against format 1 at k = 32, `cargo run -p kd-shard --release --example encodings
+//! Format 2 against format 1 at k = 32: `cargo run -p kd-shard --release --example encodings
 //! out/quickstart` (the quickstart's 3680 positions, one file) and `... encodings 20000`
-//! (synthetic): 102.4 against 162.4 B/position on the quickstart, 79.6 against 138.0 on the
-//! synthetic rows. The tables below are format 1's encodings.
+//! (synthetic); the figures are in docs/performance.md. The tables below are format 1's
+//! encodings.
 //!
 //! Bytes per distilled position at k=32 on [`synth::realistic_rows`] (49152 vocabulary, 2000
 //! positions, zstd level 3), measured with

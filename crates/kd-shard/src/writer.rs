@@ -87,9 +87,9 @@ impl WriteOptions {
     /// Format 2: as format 1 with integer log-probs and top-k ids, both BYTE_STREAM_SPLIT.
     ///
     /// Measured with `cargo run -p kd-shard --release --example encodings out/quickstart`
-    /// (a format-1 dump) on the quickstart's 3680 positions at k = 32, all rows in one file:
-    /// 102.4 B/position (format 1: 162.4); on 20000 synthetic positions
-    /// (`synth::realistic_rows`): 79.6 against 138.0.
+    /// (a format-1 dump) on the quickstart's 3680 positions at k = 32, all rows in one file,
+    /// and on 20000 synthetic positions (`synth::realistic_rows`); the figures are in
+    /// docs/performance.md.
     pub fn v2() -> Self {
         WriteOptions {
             topk_id_encoding: ValueEncoding::ByteStreamSplit,
