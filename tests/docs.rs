@@ -12,8 +12,8 @@ fn table_rows(text: &str) -> Vec<&str> {
 #[test]
 fn readme_study_block_matches_the_study_files() {
     let root = util::root();
-    let readme = std::fs::read_to_string(root.join("docs/study/README.md"))
-        .expect("docs/study/README.md");
+    let readme =
+        std::fs::read_to_string(root.join("docs/study/README.md")).expect("docs/study/README.md");
     let (_, rest) = readme
         .split_once("<!-- study:begin -->")
         .expect("docs/study/README.md has a study block");
