@@ -41,6 +41,8 @@ pub struct DumpSection {
     pub approx_quantized: Option<bool>,
     pub skip_bad_lines: Option<bool>,
     pub threads: Option<usize>,
+    /// `cpu`, `cuda`, `cuda:N` or `auto` (see `teacher-dump --device`).
+    pub device: Option<String>,
 }
 
 /// A whole pipeline file. Sections for later phases are kept as raw tables here.

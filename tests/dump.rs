@@ -549,6 +549,35 @@ fn several_responses_per_prompt_are_rows_of_their_own() {
     assert!(err.contains("responses_per_prompt"), "{err}");
 }
 
+/// `--device`: the device is printed and recorded in the manifest (not in its identity, so a
+/// resume on another device goes on); `cuda` in a binary built without it is refused by name
+/// before any work, and a name that is no device is refused by clap.
+#[test]
+fn the_device_is_recorded_and_a_missing_one_refused_by_name() {
+    let c = Case::soft();
+    let input = c.input("in.jsonl", &prompts(2));
+    let out = c.path("cpu");
+    let o = c.run(&input, &out, &["--device", "cpu"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("device: cpu"));
+    let text = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(m["device"], "cpu");
+    let plain = c.path("auto");
+    c.dump(&input, &plain, &[]);
+    assert_eq!(manifest(&out).fingerprint, manifest(&plain).fingerprint);
+    if !cfg!(feature = "cuda") {
+        let err = c.dump_fails(&input, &c.path("gpu"), &["--device", "cuda:1"]);
+        assert!(
+            err.contains("--device cuda:1") && err.contains("built without CUDA"),
+            "{err}"
+        );
+        assert!(!c.path("gpu").join("manifest.json").exists());
+    }
+    let err = c.dump_fails(&input, &c.path("bad"), &["--device", "gpu"]);
+    assert!(err.contains("expected cpu, cuda, cuda:N or auto"), "{err}");
+}
+
 /// The renamed flags: `--responses-per-prompt` and `--sampling-temperature` make the dump the
 /// former `--samples` and `--temperature` made, and a former name still works, with a note.
 #[test]

@@ -278,6 +278,14 @@ fn the_candle_engine_resumes_exactly_and_agrees_with_the_kernel_engine() {
     let (c, sc) = run("candle", "candle");
     assert_eq!(sk["engine"], "kernels");
     assert_eq!(sc["engine"], "candle");
+    // Without CUDA in the binary, `--device auto` (the default) trains on the CPU, and
+    // summary.json says so.
+    if !cfg!(feature = "cuda") {
+        assert_eq!(sk["device"], "cpu");
+        let file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(k.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(file["device"], "cpu");
+    }
     let (fk, fc) = (
         sk["final_eval"]["forward_kl"].as_f64().unwrap(),
         sc["final_eval"]["forward_kl"].as_f64().unwrap(),

@@ -50,7 +50,11 @@ fn main() {
             }
             input.records.truncate(n);
         }
-        let model = kd_model::load(&r.teacher, r.settings.precision, &candle_core::Device::Cpu)
+        let device = r.device.open()?;
+        if !json {
+            eprintln!("device: {}", kd_model::device_name(&device));
+        }
+        let model = kd_model::load(&r.teacher, r.settings.precision, &device)
             .with_context(|| format!("loading the teacher {}", r.teacher.display()))?;
         if !json {
             eprintln!(

@@ -146,6 +146,12 @@ struct TrainArgs {
     /// Default: kernels where they run, candle otherwise. The run prints which one it uses.
     #[arg(long)]
     engine: Option<Engine>,
+    /// Where the student trains: `cpu` (the kernel engine where it runs), `cuda`, `cuda:N`
+    /// (the candle engine on that GPU) or `auto` (CUDA when the binary was built with it and
+    /// a device answers, else the CPU) [default: auto]. Printed at the start and recorded in
+    /// summary.json.
+    #[arg(long, value_parser = crate::cli::teacher_dump::parse_device)]
+    device: Option<kd_model::DeviceChoice>,
     /// Print the final summary as JSON.
     #[arg(long)]
     json: bool,
@@ -236,6 +242,9 @@ struct EvalArgs {
     /// The student: an exported directory (OUT/student) or a checkpoint directory.
     #[arg(long)]
     student: PathBuf,
+    /// Where the student runs: cpu, cuda, cuda:N or auto [default: auto].
+    #[arg(long, value_parser = crate::cli::teacher_dump::parse_device)]
+    device: Option<kd_model::DeviceChoice>,
     /// The shard set to evaluate on.
     #[arg(long)]
     shards: PathBuf,
@@ -413,6 +422,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         kd_student::fit::request_stop();
     })
     .context("installing the Ctrl-C handler")?;
+    let device = open_device(a.device, a.json)?;
     let mut summaries = Vec::new();
     for (name, cfg) in &stages {
         if !a.json {
@@ -433,7 +443,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
                 cfg.out.display()
             );
         }
-        let s = fit(cfg, a.resume, !a.json, a.engine.map(Into::into))?;
+        let s = fit(cfg, a.resume, !a.json, a.engine.map(Into::into), &device)?;
         if !a.json {
             print_summary(name, &s)?;
         }
@@ -449,6 +459,18 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())
+}
+
+/// Opens `--device` (default auto), printing which one runs unless the output is JSON.
+fn open_device(
+    choice: Option<kd_model::DeviceChoice>,
+    json: bool,
+) -> anyhow::Result<candle_core::Device> {
+    let device = choice.unwrap_or_default().open()?;
+    if !json {
+        eprintln!("device: {}", kd_model::device_name(&device));
+    }
+    Ok(device)
 }
 
 fn print_summary(stage: &str, s: &FitSummary) -> anyhow::Result<()> {
@@ -490,7 +512,9 @@ fn print_summary(stage: &str, s: &FitSummary) -> anyhow::Result<()> {
 
 fn eval(e: EvalArgs) -> anyhow::Result<()> {
     set_threads(e.threads);
+    let device = open_device(e.device, e.json)?;
     let r = run_eval(&EvalOptions {
+        device,
         student: e.student,
         shards: e.shards,
         holdout_fraction: e.holdout_fraction,

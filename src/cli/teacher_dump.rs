@@ -119,6 +119,11 @@ pub struct Args {
     /// CPU threads (0 = all cores) [default: 0].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the teacher runs: `cpu` (the exact kernels), `cuda`, `cuda:N`, or `auto` (CUDA
+    /// when the binary was built with it and a device answers, else the CPU) [default:
+    /// auto]. Printed at the start and recorded in the manifest.
+    #[arg(long, value_parser = parse_device)]
+    pub device: Option<kd_model::DeviceChoice>,
     /// Print the final summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -137,6 +142,12 @@ pub struct Resolved {
     pub limit: Option<usize>,
     pub skip_bad_lines: bool,
     pub threads: usize,
+    pub device: kd_model::DeviceChoice,
+}
+
+/// `--device`'s value.
+pub(crate) fn parse_device(s: &str) -> Result<kd_model::DeviceChoice, String> {
+    s.parse().map_err(|e: kd_model::DeviceError| e.to_string())
 }
 
 /// The value of a setting given under its new name, or under its former one with a note on
@@ -291,6 +302,13 @@ impl Args {
             limit: self.limit.or(p.limit),
             skip_bad_lines: self.skip_bad_lines || p.skip_bad_lines.unwrap_or(false),
             threads: self.threads.or(p.threads).unwrap_or(0),
+            device: match (self.device, p.device.as_deref()) {
+                (Some(d), _) => d,
+                (None, Some(d)) => d
+                    .parse()
+                    .map_err(|e: kd_model::DeviceError| anyhow::anyhow!("[dump] device: {e}"))?,
+                (None, None) => kd_model::DeviceChoice::Auto,
+            },
         })
     }
 }

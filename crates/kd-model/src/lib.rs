@@ -27,6 +27,7 @@
 
 pub mod config;
 pub mod cpu;
+pub mod device;
 pub mod error;
 pub mod gguf_check;
 pub mod gguf_export;
@@ -41,6 +42,7 @@ pub mod weights;
 pub use kd_kernels as kernels;
 
 pub use config::{Arch, LlamaConfig};
+pub use device::{DeviceChoice, DeviceError, device_name};
 pub use error::{Error, Result};
 pub use llama::{KvCache, Layer, Linear, Llama, log_softmax_f64};
 pub use loader::{Kernels, LoadedModel, ModelIdentity, Precision, load, load_with, sha256_file};

@@ -246,6 +246,14 @@ impl Llama {
     }
 
     /// Which implementation computes: `"cpu-kernels"` or `"candle"`.
+    /// The device the model computes on.
+    pub fn device(&self) -> candle_core::Device {
+        match &self.backend {
+            Backend::Candle(c) => c.embed.device().clone(),
+            Backend::Cpu(_) => candle_core::Device::Cpu,
+        }
+    }
+
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
             Backend::Candle(_) => "candle",

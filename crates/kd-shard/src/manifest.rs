@@ -91,6 +91,10 @@ pub struct Manifest {
     pub format_version: u32,
     /// Name and version of the writing program, e.g. `"teacher-dump 0.1.0"`.
     pub producer: String,
+    /// Where the teacher ran (`cpu`, `cuda:0`); not part of the identity. Absent in caches
+    /// written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// Teacher identity (architecture, vocab_size, weights_sha256, ...); must hold `vocab_size`.
     pub teacher: Value,
     /// Tokenizer identity; must hold `fingerprint` and `vocab_size`.
@@ -199,6 +203,7 @@ impl Manifest {
             input,
             settings,
             part,
+            device: None,
             fingerprint: String::new(),
             complete: false,
             shards: Vec::new(),
@@ -475,6 +480,12 @@ pub fn merge_manifests(parts: &[Manifest]) -> Result<Manifest> {
         None,
     );
     merged.format_version = first.format_version;
+    // The parts' device when they agree; parts run on different devices record none.
+    merged.device = first.device.clone().filter(|d| {
+        by_index
+            .values()
+            .all(|m| m.device.as_deref() == Some(d.as_str()))
+    });
     let mut seen = BTreeSet::new();
     for m in by_index.values() {
         for s in &m.shards {

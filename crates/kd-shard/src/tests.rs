@@ -756,7 +756,7 @@ fn manifest_json_schema_matches_struct() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/manifest-v1.schema.json");
     let schema: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let (_, m) = {
+    let (_, mut m) = {
         let mut m = manifest_for(vec![]);
         m.part = Some(PartInfo { index: 0, count: 1 });
         m.push_shard(ShardEntry {
@@ -786,6 +786,10 @@ fn manifest_json_schema_matches_struct() {
         k
     };
     assert_eq!(strs(&schema["required"]), keys(&m));
+    // Every required field, and the optional `device` when it is recorded.
+    m.as_object_mut()
+        .unwrap()
+        .insert("device".into(), "cpu".into());
     assert_eq!(keys(&schema["properties"]), keys(&m));
     let defs = &schema["$defs"];
     assert_eq!(strs(&defs["shard"]["required"]), keys(&m["shards"][0]));

@@ -16,6 +16,8 @@ use crate::fit::{EVAL_TOKENS, EvalModel, EvalReport, check_vocab, evaluate};
 /// What to evaluate and how.
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
+    /// Where the student runs.
+    pub device: Device,
     /// A Hugging Face directory: an export (`OUT/student`) or a checkpoint directory.
     pub student: PathBuf,
     /// The shard set to evaluate on.
@@ -78,7 +80,7 @@ fn prompt_text(decoded: &str) -> String {
 /// Evaluates a student on a shard set and generates from it greedily.
 pub fn run_eval(opts: &EvalOptions) -> Result<EvalOutput> {
     let set = ShardSet::open_targets(&opts.shards, Some(crate::data::TargetKind::TopK))?;
-    let dev = Device::Cpu;
+    let dev = opts.device.clone();
     let student = Student::from_hf_dir(&opts.student, DType::F32, &dev)?;
     check_vocab(&student, &set)?;
     let mut rows = match opts.holdout_fraction {

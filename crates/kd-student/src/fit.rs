@@ -563,6 +563,8 @@ pub fn evaluate<S: RowSource + ?Sized>(
 #[derive(Clone, Debug, Serialize)]
 pub struct FitSummary {
     pub steps: u64,
+    /// Where the student trained (`cpu`, `cuda:0`).
+    pub device: String,
     /// The training engine (`kernels` or `candle`).
     pub engine: String,
     /// Memory the kernel engine planned at start (none on the candle engine).
@@ -835,6 +837,7 @@ pub fn fit(
     resume: bool,
     progress: bool,
     engine: Option<EngineKind>,
+    device: &Device,
 ) -> Result<FitSummary> {
     cfg.loss
         .validate()
@@ -844,7 +847,7 @@ pub fn fit(
     std::fs::create_dir_all(&cfg.out).map_err(io(&cfg.out))?;
     let _lock = kd_fs::FolderLock::take(&cfg.out, LOCK_FILE)?;
     let teachers = open_teachers(cfg)?;
-    let dev = Device::Cpu;
+    let dev = device.clone();
     let mut student = cfg.init.build(&dev)?;
     check_vocab(&student, &teachers.sets()[0])?;
     if progress {
@@ -946,6 +949,7 @@ pub fn fit(
     publish_export(&student, &cfg.shards, &export_dir)?;
     let summary = FitSummary {
         steps: trainer.steps(),
+        device: kd_model::device_name(&dev),
         engine: kind.name().to_string(),
         planned_bytes: plan_bytes,
         engine_seconds: trainer.timings().map(|t| {

@@ -149,6 +149,8 @@ pub struct RunOptions {
 #[derive(Clone, Debug, Serialize)]
 pub struct DumpSummary {
     pub out_dir: PathBuf,
+    /// Where the teacher ran (`cpu`, `cuda:0`).
+    pub device: String,
     pub rows: u64,
     pub shards_written: usize,
     pub shards_reused: usize,
@@ -221,6 +223,7 @@ pub fn identity_manifest(
         format: kd_shard::FORMAT_NAME.to_string(),
         format_version,
         producer: format!("teacher-dump {}", env!("CARGO_PKG_VERSION")),
+        device: Some(kd_model::device_name(&model.model.device())),
         teacher,
         tokenizer,
         input,
@@ -327,6 +330,7 @@ pub fn dump(
     let t = &manifest.totals;
     Ok(DumpSummary {
         out_dir: out_dir.to_path_buf(),
+        device: kd_model::device_name(&model.model.device()),
         rows: t.rows,
         shards_written: written,
         shards_reused: reused,
