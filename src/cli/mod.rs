@@ -4,6 +4,23 @@ pub mod shard_cat;
 pub mod student_fit;
 pub mod teacher_dump;
 
+/// `--device`'s value.
+pub fn parse_device(s: &str) -> Result<kd_model::DeviceChoice, String> {
+    s.parse().map_err(|e: kd_model::DeviceError| e.to_string())
+}
+
+/// The value of a setting given under its new name, or under its former one with a note on
+/// stderr.
+pub fn renamed<T>(new: Option<T>, old: Option<T>, old_name: &str, new_name: &str) -> Option<T> {
+    if new.is_none() && old.is_some() {
+        eprintln!(
+            "note: {old_name} is now {new_name}; the former name is accepted until the next release"
+        );
+        return old;
+    }
+    new
+}
+
 /// Runs a binary's body: prints the error chain and exits 1 on failure; a closed output pipe
 /// (`shard-cat … | head`) ends quietly with status 0.
 pub fn run_main(body: impl FnOnce() -> anyhow::Result<()>) -> ! {

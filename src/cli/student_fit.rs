@@ -150,7 +150,7 @@ struct TrainArgs {
     /// (the candle engine on that GPU) or `auto` (CUDA when the binary was built with it and
     /// a device answers, else the CPU) [default: auto]. Printed at the start and recorded in
     /// summary.json.
-    #[arg(long, value_parser = crate::cli::teacher_dump::parse_device)]
+    #[arg(long, value_parser = crate::cli::parse_device)]
     device: Option<kd_model::DeviceChoice>,
     /// Print the final summary as JSON.
     #[arg(long)]
@@ -243,7 +243,7 @@ struct EvalArgs {
     #[arg(long)]
     student: PathBuf,
     /// Where the student runs: cpu, cuda, cuda:N or auto [default: auto].
-    #[arg(long, value_parser = crate::cli::teacher_dump::parse_device)]
+    #[arg(long, value_parser = crate::cli::parse_device)]
     device: Option<kd_model::DeviceChoice>,
     /// The shard set to evaluate on.
     #[arg(long)]
@@ -329,7 +329,7 @@ fn overrides(a: &TrainArgs) -> Overrides {
         out: a.out.clone(),
         init,
         divergence,
-        temperature: crate::cli::teacher_dump::renamed(
+        temperature: crate::cli::renamed(
             a.loss_temperature,
             a.temperature,
             "--temperature",

@@ -122,7 +122,7 @@ pub struct Args {
     /// Where the teacher runs: `cpu` (the exact kernels), `cuda`, `cuda:N`, or `auto` (CUDA
     /// when the binary was built with it and a device answers, else the CPU) [default:
     /// auto]. Printed at the start and recorded in the manifest.
-    #[arg(long, value_parser = parse_device)]
+    #[arg(long, value_parser = crate::cli::parse_device)]
     pub device: Option<kd_model::DeviceChoice>,
     /// Print the final summary as JSON on stdout.
     #[arg(long)]
@@ -143,28 +143,6 @@ pub struct Resolved {
     pub skip_bad_lines: bool,
     pub threads: usize,
     pub device: kd_model::DeviceChoice,
-}
-
-/// `--device`'s value.
-pub(crate) fn parse_device(s: &str) -> Result<kd_model::DeviceChoice, String> {
-    s.parse().map_err(|e: kd_model::DeviceError| e.to_string())
-}
-
-/// The value of a setting given under its new name, or under its former one with a note on
-/// stderr.
-pub(crate) fn renamed<T>(
-    new: Option<T>,
-    old: Option<T>,
-    old_name: &str,
-    new_name: &str,
-) -> Option<T> {
-    if new.is_none() && old.is_some() {
-        eprintln!(
-            "note: {old_name} is now {new_name}; the former name is accepted until the next release"
-        );
-        return old;
-    }
-    new
 }
 
 /// `top:K`, `sample:N` or both (comma-separated, either order): `(top_k, samples)`, with 0
@@ -253,21 +231,23 @@ impl Args {
             },
             top_k,
             samples,
-            responses_per_prompt: renamed(
+            responses_per_prompt: crate::cli::renamed(
                 self.responses_per_prompt,
                 self.samples,
                 "--samples",
                 "--responses-per-prompt",
             )
-            .or(renamed(
-                p.responses_per_prompt,
-                p.samples,
-                "`samples` in [dump]",
-                "`responses_per_prompt`",
-            ))
+            .or_else(|| {
+                crate::cli::renamed(
+                    p.responses_per_prompt,
+                    p.samples,
+                    "`samples` in [dump]",
+                    "`responses_per_prompt`",
+                )
+            })
             .unwrap_or(1),
             max_new_tokens: self.max_new_tokens.or(p.max_new_tokens).unwrap_or(256),
-            temperature: renamed(
+            temperature: crate::cli::renamed(
                 self.sampling_temperature,
                 self.temperature,
                 "--temperature",

@@ -1,7 +1,7 @@
 //! Streaming hashes and safe shard paths; atomic publication is kd-fs's.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -73,14 +73,6 @@ impl<W: Write> Write for HashingWriter<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
-}
-
-/// [`kd_fs::write_atomic`] with this crate's error.
-pub(crate) fn write_atomic<T>(
-    final_path: &Path,
-    fill: impl FnOnce(BufWriter<File>) -> Result<(BufWriter<File>, T)>,
-) -> Result<T> {
-    kd_fs::write_atomic(final_path, fill)
 }
 
 /// Checks that a shard's `file` is a plain relative path below the manifest directory
@@ -160,7 +152,7 @@ mod tests {
     fn write_atomic_removes_tmp_on_error() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("f.json");
-        let r: Result<()> = write_atomic(&p, |mut w| {
+        let r: Result<()> = kd_fs::write_atomic(&p, |mut w| {
             w.write_all(b"partial").unwrap();
             Err(Error::corrupt(&p, "boom"))
         });

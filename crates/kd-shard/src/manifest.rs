@@ -7,8 +7,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::fsutil::{hash_bytes, write_atomic};
+use crate::fsutil::hash_bytes;
 use crate::{Error, FORMAT_VERSION, Result};
+use kd_fs::write_atomic;
 
 /// The name of the committed manifest in a shard directory.
 pub const MANIFEST_FILE: &str = "manifest.json";

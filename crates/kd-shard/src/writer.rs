@@ -14,13 +14,14 @@ use parquet::file::properties::{
 };
 use parquet::schema::types::ColumnPath;
 
-use crate::fsutil::{HashingWriter, safe_join, write_atomic};
+use crate::fsutil::{HashingWriter, safe_join};
 use crate::manifest::ShardEntry;
 use crate::schema::{
     LIST_ITEM, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_SAMPLES,
     META_TAIL_SCALE, META_TOP_K, arrow_schema_of,
 };
 use crate::{DEFAULT_FORMAT_VERSION, Error, FORMAT_VERSION, Result, Row, Source};
+use kd_fs::write_atomic;
 
 /// How the values of one family of columns are encoded inside Parquet pages (before zstd).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -395,7 +396,7 @@ pub fn write_shard_with(
                 .collect::<std::collections::BTreeMap<_, _>>(),
         ),
     );
-    let (sha, bytes) = write_atomic(&path, |file| {
+    let (sha, bytes) = write_atomic::<_, Error>(&path, |file| {
         let pq = |e| Error::parquet(&path, e);
         let mut w = ArrowWriter::try_new(HashingWriter::new(file), schema.clone(), Some(props))
             .map_err(pq)?;

@@ -210,7 +210,7 @@ pub struct TeacherShards {
     pub weight: f64,
 }
 
-fn one() -> u64 {
+pub(crate) fn one() -> u64 {
     1
 }
 
@@ -226,8 +226,6 @@ pub const DEFAULT_LR: f64 = 5e-4;
 pub const DEFAULT_MIN_LR: f64 = 5e-5;
 /// Default `warmup_steps`.
 pub const DEFAULT_WARMUP_STEPS: u64 = 50;
-/// Default `max_grad_norm`.
-pub const DEFAULT_MAX_GRAD_NORM: f64 = 1.0;
 /// Default `holdout_fraction`.
 pub const DEFAULT_HOLDOUT_FRACTION: f64 = 0.1;
 /// The batcher's next batch that has a distilled position. A batch whose rows' prompts all
@@ -293,40 +291,40 @@ pub(crate) fn default_loss() -> LossConfig {
         tail: TailPolicy::Bucket,
     }
 }
-fn default_steps() -> u64 {
+pub(crate) fn default_steps() -> u64 {
     DEFAULT_STEPS
 }
-fn default_token_budget() -> usize {
+pub(crate) fn default_token_budget() -> usize {
     DEFAULT_TOKEN_BUDGET
 }
-fn default_max_len() -> usize {
+pub(crate) fn default_max_len() -> usize {
     DEFAULT_MAX_LEN
 }
-fn default_lr() -> f64 {
+pub(crate) fn default_lr() -> f64 {
     DEFAULT_LR
 }
-fn default_min_lr() -> f64 {
+pub(crate) fn default_min_lr() -> f64 {
     DEFAULT_MIN_LR
 }
-fn default_warmup_steps() -> u64 {
+pub(crate) fn default_warmup_steps() -> u64 {
     DEFAULT_WARMUP_STEPS
 }
-fn default_decay() -> Decay {
+pub(crate) fn default_decay() -> Decay {
     Decay::Cosine
 }
-fn default_max_grad_norm() -> f64 {
-    DEFAULT_MAX_GRAD_NORM
+pub(crate) fn default_max_grad_norm() -> f64 {
+    1.0
 }
-fn default_holdout_fraction() -> f64 {
+pub(crate) fn default_holdout_fraction() -> f64 {
     DEFAULT_HOLDOUT_FRACTION
 }
-fn default_log_every() -> u64 {
+pub(crate) fn default_log_every() -> u64 {
     DEFAULT_LOG_EVERY
 }
-fn default_checkpoint_every() -> u64 {
+pub(crate) fn default_checkpoint_every() -> u64 {
     DEFAULT_CHECKPOINT_EVERY
 }
-fn default_logits_chunk() -> usize {
+pub(crate) fn default_logits_chunk() -> usize {
     DEFAULT_LOGITS_CHUNK
 }
 

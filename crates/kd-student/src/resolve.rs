@@ -217,15 +217,14 @@ pub fn resolve(
 /// Replaces each field of `$base` that `$over` gives.
 macro_rules! replace_given {
     ($base:ident, $over:ident; $($f:ident),* $(,)?) => {
-        $(if $over.$f.is_some() { $base.$f = $over.$f; })*
+        $(if let Some(v) = &$over.$f { $base.$f = Some(v.clone()); })*
     };
 }
 
 impl FitSection {
     /// The flags over this section.
     fn apply(&mut self, o: &Overrides) {
-        let over = o.clone();
-        replace_given!(self, over; shards, eval_shards, out, init, lr, min_lr, warmup_steps,
+        replace_given!(self, o; shards, eval_shards, out, init, lr, min_lr, warmup_steps,
             token_budget, max_len, holdout_fraction, seed, checkpoint_every, targets, estimator);
         if o.divergence.is_some()
             || o.temperature.is_some()
@@ -267,17 +266,20 @@ impl FitSection {
             "--init-from-teacher with --keep-layers, or --init-from-student",
             "init",
         ))?;
+        // The defaults are FitConfig's own (its serde defaults), so a key left out of a
+        // section and a key left out of a parsed FitConfig mean the same.
+        let defaults = fit::default_loss();
         let loss = match self.loss {
-            None => fit::default_loss(),
+            None => defaults,
             Some(l) => LossConfig {
                 divergence: l.divergence.ok_or_else(|| ResolveError::MissingKey {
                     origin: origin.to_string(),
                     section,
                     key: "loss.divergence",
                 })?,
-                temperature: l.temperature.unwrap_or(1.0),
-                alpha: l.alpha.unwrap_or(1.0),
-                tail: l.tail.unwrap_or_default(),
+                temperature: l.temperature.unwrap_or(defaults.temperature),
+                alpha: l.alpha.unwrap_or(defaults.alpha),
+                tail: l.tail.unwrap_or(defaults.tail),
             },
         };
         Ok(FitConfig {
@@ -285,30 +287,32 @@ impl FitSection {
             out,
             init,
             loss,
-            steps: self.steps.unwrap_or(fit::DEFAULT_STEPS),
+            steps: self.steps.unwrap_or_else(fit::default_steps),
             positions: self.positions,
-            token_budget: self.token_budget.unwrap_or(fit::DEFAULT_TOKEN_BUDGET),
-            max_len: self.max_len.unwrap_or(fit::DEFAULT_MAX_LEN),
-            lr: self.lr.unwrap_or(fit::DEFAULT_LR),
-            min_lr: self.min_lr.unwrap_or(fit::DEFAULT_MIN_LR),
-            warmup_steps: self.warmup_steps.unwrap_or(fit::DEFAULT_WARMUP_STEPS),
-            decay: self.decay.unwrap_or(Decay::Cosine),
+            token_budget: self.token_budget.unwrap_or_else(fit::default_token_budget),
+            max_len: self.max_len.unwrap_or_else(fit::default_max_len),
+            lr: self.lr.unwrap_or_else(fit::default_lr),
+            min_lr: self.min_lr.unwrap_or_else(fit::default_min_lr),
+            warmup_steps: self.warmup_steps.unwrap_or_else(fit::default_warmup_steps),
+            decay: self.decay.unwrap_or_else(fit::default_decay),
             adamw: self.adamw.unwrap_or_default(),
-            max_grad_norm: self.max_grad_norm.unwrap_or(fit::DEFAULT_MAX_GRAD_NORM),
+            max_grad_norm: self
+                .max_grad_norm
+                .unwrap_or_else(fit::default_max_grad_norm),
             holdout_fraction: self
                 .holdout_fraction
-                .unwrap_or(fit::DEFAULT_HOLDOUT_FRACTION),
-            seed: self.seed.unwrap_or(0),
-            log_every: self.log_every.unwrap_or(fit::DEFAULT_LOG_EVERY),
+                .unwrap_or_else(fit::default_holdout_fraction),
+            seed: self.seed.unwrap_or_default(),
+            log_every: self.log_every.unwrap_or_else(fit::default_log_every),
             checkpoint_every: self
                 .checkpoint_every
-                .unwrap_or(fit::DEFAULT_CHECKPOINT_EVERY),
-            logits_chunk: self.logits_chunk.unwrap_or(fit::DEFAULT_LOGITS_CHUNK),
-            grad_accum: self.grad_accum.unwrap_or(1),
+                .unwrap_or_else(fit::default_checkpoint_every),
+            logits_chunk: self.logits_chunk.unwrap_or_else(fit::default_logits_chunk),
+            grad_accum: self.grad_accum.unwrap_or_else(fit::one),
             mix: self.mix,
             extra_teachers: self.extra_teachers.unwrap_or_default(),
             eval_shards: self.eval_shards,
-            eval_every: self.eval_every.unwrap_or(0),
+            eval_every: self.eval_every.unwrap_or_default(),
             eval_max_rows: self.eval_max_rows,
             train_on: self.train_on,
             keep_checkpoints: self.keep_checkpoints,

@@ -1,6 +1,7 @@
 //! A whole dump: plan shards, take the folder lock, resume, run the engine, publish shards
 //! and manifests atomically, report throughput.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -396,39 +397,48 @@ fn check_settings(model: &LoadedModel, settings: &DumpSettings, opts: &RunOption
 /// The rows of this dump (several per prompt with `responses_per_prompt`, each `ID#i`, in
 /// input order; then this part's slice) and their tokens. Every row is encoded up front, so
 /// a bad row is refused, naming its file, id and line, before any work.
-fn encode_rows(
+fn encode_rows<'a>(
     model: &LoadedModel,
-    input: &Input,
+    input: &'a Input,
     settings: &DumpSettings,
     opts: &RunOptions,
-) -> Result<(Vec<crate::input::Record>, Vec<Encoded>)> {
+) -> Result<(Cow<'a, [crate::input::Record]>, Vec<Encoded>)> {
     let n_resp = settings.responses_per_prompt;
-    let all: Vec<crate::input::Record> = if n_resp > 1 {
-        input
-            .records
-            .iter()
-            .flat_map(|r| {
-                (0..n_resp).map(move |i| crate::input::Record {
-                    id: format!("{}#{i}", r.id),
-                    ..r.clone()
+    let all: Cow<'a, [crate::input::Record]> = if n_resp > 1 {
+        Cow::Owned(
+            input
+                .records
+                .iter()
+                .flat_map(|r| {
+                    (0..n_resp).map(move |i| crate::input::Record {
+                        id: format!("{}#{i}", r.id),
+                        ..r.clone()
+                    })
                 })
-            })
-            .collect()
+                .collect(),
+        )
     } else {
-        input.records.clone()
+        Cow::Borrowed(&input.records)
     };
     let range = match opts.part {
         Some((i, n)) => part_range(all.len(), i, n),
         None => 0..all.len(),
     };
-    let records = all[range].to_vec();
+    let records = match all {
+        Cow::Borrowed(all) => Cow::Borrowed(&all[range]),
+        Cow::Owned(mut all) => {
+            all.truncate(range.end);
+            all.drain(..range.start);
+            Cow::Owned(all)
+        }
+    };
     let enc_opts = EncodeOptions {
         chat_template: settings.chat_template,
         score: settings.mode == Mode::Score,
     };
     let max_len = model.model.max_len();
     let mut encoded: Vec<Encoded> = Vec::with_capacity(records.len());
-    for rec in &records {
+    for rec in records.iter() {
         let row_err = |what: String| Error::Row {
             path: input.path.clone(),
             id: rec.id.clone(),

@@ -343,17 +343,25 @@ impl PreTokenizer {
                 ),
             });
         }
-        let llama3_as_written = [
+        let preset = ["smollm", "gpt2", "llama3", "qwen2", "default"]
+            .into_iter()
+            .find(|preset| PreTokenizer::from_preset(preset).is_ok_and(|p| p.steps == steps));
+        let name = match preset {
+            Some(name) => name,
+            None if steps == Self::llama3_as_written()? => "llama3",
+            None => "custom",
+        }
+        .to_string();
+        Ok(PreTokenizer { name, steps })
+    }
+
+    /// The steps of Llama 3's own `tokenizer.json`: the `llama3` preset with the pattern
+    /// spelled as that file spells it.
+    fn llama3_as_written() -> Result<Vec<Step>> {
+        Ok(vec![
             Step::split(LLAMA3_HF_PATTERN, false, SplitBehavior::Isolated)?,
             Step::byte_level(false, false)?,
-        ];
-        let name = ["smollm", "gpt2", "llama3", "qwen2", "default"]
-            .into_iter()
-            .find(|preset| PreTokenizer::from_preset(preset).is_ok_and(|p| p.steps == steps))
-            .or((steps == llama3_as_written).then_some("llama3"))
-            .unwrap_or("custom")
-            .to_string();
-        Ok(PreTokenizer { name, steps })
+        ])
     }
 
     /// The Hugging Face `pre_tokenizer` JSON for these steps.
