@@ -46,6 +46,7 @@ fn measure(
         },
         logits_chunk: 256,
         on_rows_done: None,
+        reduce_on_device: false,
     };
     let batch: Vec<(&str, &[u32])> = prompts
         .iter()

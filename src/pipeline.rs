@@ -43,6 +43,8 @@ pub struct DumpSection {
     pub threads: Option<usize>,
     /// `cpu`, `cuda`, `cuda:N` or `auto` (see `teacher-dump --device`).
     pub device: Option<String>,
+    /// `f32`, `bf16` or `f16` (see `teacher-dump --dtype`).
+    pub dtype: Option<String>,
 }
 
 /// A whole pipeline file. Sections for later phases are kept as raw tables here.

@@ -578,6 +578,52 @@ fn the_device_is_recorded_and_a_missing_one_refused_by_name() {
     assert!(err.contains("expected cpu, cuda, cuda:N or auto"), "{err}");
 }
 
+/// `--dtype bf16|f16`: the teacher computes in half precision on candle's path (here on the
+/// CPU, as it would on a GPU), the dtype is printed and recorded in the settings, so the
+/// cache's identity differs from an exact one and a resume across dtypes is refused; its
+/// log-probs stay near the exact ones. f32 leaves the manifest as it was.
+#[test]
+fn a_half_precision_dump_records_its_dtype_and_stays_near_the_exact_one() {
+    let c = Case::soft();
+    let input = c.input("in.jsonl", &prompts(3));
+    let exact = c.path("exact");
+    c.dump(&input, &exact, &[]);
+    assert!(manifest(&exact).settings.get("dtype").is_none());
+    let f32_out = c.path("f32");
+    c.dump(&input, &f32_out, &["--dtype", "f32"]);
+    assert_eq!(manifest(&f32_out).fingerprint, manifest(&exact).fingerprint);
+    for dtype in ["bf16", "f16"] {
+        let out = c.path(dtype);
+        let o = c.run(&input, &out, &["--dtype", dtype]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains(&format!("Exact {dtype} on candle")), "{err}");
+        let m = manifest(&out);
+        assert_eq!(m.settings["dtype"], dtype);
+        assert_ne!(m.fingerprint, manifest(&exact).fingerprint);
+        // Positions correspond while the two greedy responses agree.
+        let (a, b) = (rows(&exact), rows(&out));
+        let mut worst = 0f32;
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.prompt_len, y.prompt_len);
+            let p = x.prompt_len as usize;
+            let same = (p..x.input_ids.len().min(y.input_ids.len()))
+                .take_while(|&t| x.input_ids[t] == y.input_ids[t])
+                .count();
+            for j in 0..same {
+                worst = worst.max((x.token_logprob[j] - y.token_logprob[j]).abs());
+            }
+        }
+        // bf16 keeps 8 significant bits, f16 11: measured 0.11 and 0.018 nats here.
+        let bound = if dtype == "bf16" { 0.25 } else { 0.05 };
+        assert!(worst > 0.0 && worst < bound, "{dtype}: worst {worst} nats");
+    }
+    let err = c.dump_fails(&input, &exact, &["--dtype", "bf16", "--resume"]);
+    assert!(err.contains("settings.dtype"), "{err}");
+    let err = c.dump_fails(&input, &c.path("bad"), &["--dtype", "fp8"]);
+    assert!(err.contains("expected f32, bf16 or f16"), "{err}");
+}
+
 /// The renamed flags: `--responses-per-prompt` and `--sampling-temperature` make the dump the
 /// former `--samples` and `--temperature` made, and a former name still works, with a note.
 #[test]

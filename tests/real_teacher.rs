@@ -118,6 +118,7 @@ fn greedy_generation_reproduces_reference_continuations() {
         },
         logits_chunk: 64,
         on_rows_done: None,
+        reduce_on_device: false,
     };
     let prompts: Vec<Vec<u32>> = cases
         .iter()

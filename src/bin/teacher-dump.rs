@@ -21,11 +21,22 @@ fn memory_plan(m: &kd_model::Llama, r: &kd_distill::cli::teacher_dump::Resolved)
                 parts.join(", ")
             )
         }
-        None => "weights in candle tensors".to_string(),
+        None => format!(
+            "weights {} ({} in candle tensors)",
+            human_bytes(m.candle_weight_bytes().unwrap_or(0) as u64),
+            kd_model::Dtype::from_candle(m.dtype())
+        ),
     };
     let tokens = r.settings.max_new_tokens + 512;
     let kv = m.kv_bytes_per_token() * tokens * r.run.batch_size;
-    let logits = 4 * m.vocab_size() * r.run.batch_size;
+    // f32 logits of one batch, and on candle's path the copy in the products' dtype they
+    // are cast from.
+    let per = 4 + if m.weight_memory().is_some() {
+        0
+    } else {
+        m.dtype().size_in_bytes()
+    };
+    let logits = per * m.vocab_size() * r.run.batch_size.max(r.run.logits_chunk);
     format!(
         "memory plan: {weights}, KV cache {} for a batch of {} at {tokens} tokens, {} of logits per step",
         human_bytes(kv as u64),
@@ -38,7 +49,7 @@ fn main() {
     let args = Args::parse();
     let json = args.json;
     run_main(move || {
-        let r = args.resolve()?;
+        let mut r = args.resolve()?;
         set_threads(r.threads);
         let mut input = kd_teacher::input::read_jsonl(&r.input, r.skip_bad_lines)?;
         for (line, what) in &input.skipped {
@@ -54,14 +65,21 @@ fn main() {
         if !json {
             eprintln!("device: {}", kd_model::device_name(&device));
         }
-        let model = kd_model::load(&r.teacher, r.settings.precision, &device)
+        r.settings.dtype = r.dtype_on(&device);
+        let opts = kd_model::LoadOptions {
+            precision: r.settings.precision,
+            dtype: r.settings.dtype,
+            kernels: kd_model::Kernels::Auto,
+        };
+        let model = kd_model::load_opts(&r.teacher, &opts, &device)
             .with_context(|| format!("loading the teacher {}", r.teacher.display()))?;
         if !json {
             eprintln!(
-                "teacher {} ({} parameters, {:?} on {}), {} prompts from {}, top-k {}, {}",
+                "teacher {} ({} parameters, {:?} {} on {}), {} prompts from {}, top-k {}, {}",
                 r.teacher.display(),
                 model.identity.n_params,
                 r.settings.precision,
+                r.settings.dtype,
                 model.model.backend_name(),
                 input.records.len(),
                 r.input.display(),

@@ -9,6 +9,11 @@ pub fn parse_device(s: &str) -> Result<kd_model::DeviceChoice, String> {
     s.parse().map_err(|e: kd_model::DeviceError| e.to_string())
 }
 
+/// `--dtype f32|bf16|f16`.
+pub fn parse_dtype(s: &str) -> Result<kd_model::Dtype, String> {
+    s.parse().map_err(|e: kd_model::UnknownDtype| e.to_string())
+}
+
 /// The value of a setting given under its new name, or under its former one with a note on
 /// stderr.
 pub fn renamed<T>(new: Option<T>, old: Option<T>, old_name: &str, new_name: &str) -> Option<T> {

@@ -104,6 +104,11 @@ struct TrainArgs {
     /// How sampled targets enter the loss (`estimator`) [default: unbiased].
     #[arg(long, value_enum)]
     estimator: Option<EstimatorArg>,
+    /// The dtype of the student's matrix products (`precision`): `f32`, or `bf16` (operands
+    /// rounded to bf16; master weights, AdamW moments, norms, softmax and the loss stay f32).
+    /// bf16 trains on the candle engine, meant for a GPU [default: f32].
+    #[arg(long, value_parser = clap::value_parser!(kd_student::fit::TrainPrecision))]
+    precision: Option<kd_student::fit::TrainPrecision>,
     /// Print the resolved settings of every stage as a pipeline file (TOML) and exit
     /// without training.
     #[arg(long)]
@@ -356,6 +361,7 @@ fn overrides(a: &TrainArgs) -> Overrides {
             EstimatorArg::Unbiased => Estimator::Unbiased,
             EstimatorArg::PlugIn => Estimator::PlugIn,
         }),
+        precision: a.precision,
         steps: a.steps,
         positions: a.positions,
     }

@@ -124,6 +124,14 @@ pub struct Args {
     /// auto]. Printed at the start and recorded in the manifest.
     #[arg(long, value_parser = crate::cli::parse_device)]
     pub device: Option<kd_model::DeviceChoice>,
+    /// What the teacher's weights, activations and products are held in: `f32` (exact: the
+    /// CPU kernels, or candle's f32 products on a GPU), `bf16` or `f16` (approximate; the
+    /// weights as stored where the file holds that dtype, rounded once otherwise). Logits and
+    /// log-probs are f32 in every case. [default: bf16 on CUDA, f32 on the CPU]. Recorded in
+    /// the manifest's settings, so a half-precision cache never passes for an exact one; the
+    /// measured error of each dtype is in docs/performance.md.
+    #[arg(long, value_parser = crate::cli::parse_dtype)]
+    pub dtype: Option<kd_model::Dtype>,
     /// Print the final summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -143,6 +151,19 @@ pub struct Resolved {
     pub skip_bad_lines: bool,
     pub threads: usize,
     pub device: kd_model::DeviceChoice,
+    /// `--dtype` as given; none takes the device's default ([`Resolved::dtype_on`]).
+    pub dtype: Option<kd_model::Dtype>,
+}
+
+impl Resolved {
+    /// The dtype on an opened device: as given, else bf16 on CUDA and f32 (exact) elsewhere.
+    pub fn dtype_on(&self, device: &candle_core::Device) -> kd_model::Dtype {
+        match self.dtype {
+            Some(d) => d,
+            None if device.is_cuda() => kd_model::Dtype::Bf16,
+            None => kd_model::Dtype::F32,
+        }
+    }
 }
 
 /// `top:K`, `sample:N` or both (comma-separated, either order): `(top_k, samples)`, with 0
@@ -264,6 +285,8 @@ impl Args {
             } else {
                 Precision::Exact
             },
+            // Set from the opened device (`Resolved::dtype_on`).
+            dtype: kd_model::Dtype::F32,
         };
         let part = self.part.as_deref().map(parse_part).transpose()?;
         Ok(Resolved {
@@ -288,6 +311,15 @@ impl Args {
                     .parse()
                     .map_err(|e: kd_model::DeviceError| anyhow::anyhow!("[dump] device: {e}"))?,
                 (None, None) => kd_model::DeviceChoice::Auto,
+            },
+            dtype: match (self.dtype, p.dtype.as_deref()) {
+                (Some(d), _) => Some(d),
+                (None, Some(d)) => {
+                    Some(d.parse().map_err(|e: kd_model::UnknownDtype| {
+                        anyhow::anyhow!("[dump] dtype: {e}")
+                    })?)
+                }
+                (None, None) => None,
             },
         })
     }

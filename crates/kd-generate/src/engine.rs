@@ -48,12 +48,7 @@ impl Capture {
         row_id: &str,
         position: usize,
     ) {
-        for &(id, l) in top {
-            self.topk_ids.push(id);
-            self.topk_logprobs.push((l as f64 - lse) as f32);
-        }
-        self.token_logprob
-            .push((logits[next as usize] as f64 - lse) as f32);
+        self.record_top(lse, top, logits[next as usize]);
         if draws.n > 0 {
             let seed = kd_loss::sampled::stream_seed(draws.seed, row_id, position as u64);
             for (id, c) in kd_loss::sampled::draw(logits, lse, draws.n, seed) {
@@ -66,12 +61,56 @@ impl Capture {
         }
     }
 
+    /// Appends one position's top-k and next-token log-prob from their logits and the
+    /// position's log-sum-exp (what [`crate::reduce`] sends back).
+    fn record_top(&mut self, lse: f64, top: &[(u32, f32)], next_logit: f32) {
+        for &(id, l) in top {
+            self.topk_ids.push(id);
+            self.topk_logprobs.push((l as f64 - lse) as f32);
+        }
+        self.token_logprob.push((next_logit as f64 - lse) as f32);
+    }
+
     fn extend(&mut self, other: Capture) {
         self.topk_ids.extend(other.topk_ids);
         self.topk_logprobs.extend(other.topk_logprobs);
         self.token_logprob.extend(other.token_logprob);
         self.sample_ids.extend(other.sample_ids);
         self.sample_logprobs.extend(other.sample_logprobs);
+    }
+}
+
+/// The logits of the positions in hand: whole rows `[n · vocab]` on the host, or reduced.
+enum Logits {
+    Rows(Vec<f32>),
+    Reduced(crate::reduce::Reduced),
+}
+
+impl Logits {
+    fn empty(reduced: bool, k: usize) -> Self {
+        if reduced {
+            Logits::Reduced(crate::reduce::Reduced {
+                k,
+                top: Vec::new(),
+                lse: Vec::new(),
+                picked: Vec::new(),
+            })
+        } else {
+            Logits::Rows(Vec::new())
+        }
+    }
+
+    /// Adds the positions of `other` after these (both of one kind).
+    fn extend(&mut self, other: Logits) {
+        match (self, other) {
+            (Logits::Rows(a), Logits::Rows(b)) => a.extend(b),
+            (Logits::Reduced(a), Logits::Reduced(b)) => {
+                a.top.extend(b.top);
+                a.lse.extend(b.lse);
+                a.picked.extend(b.picked);
+            }
+            _ => unreachable!("one engine reduces all its logits or none"),
+        }
     }
 }
 
@@ -116,6 +155,11 @@ pub struct Engine<'a> {
     /// Called with the number of rows just finished and the tokens generated or scored so far
     /// (progress reporting).
     pub on_rows_done: Option<&'a (dyn Fn(usize, u64) + Sync)>,
+    /// Reduce the logits where they are ([`crate::reduce`]) and copy back only the top-k,
+    /// the log-sum-exp and the next token's logit, when nothing needs the whole row (greedy
+    /// decoding, no sampled targets, `top_k ≤` [`crate::reduce::MAX_K`]). The dump sets it
+    /// on a GPU.
+    pub reduce_on_device: bool,
 }
 
 impl Engine<'_> {
@@ -156,7 +200,11 @@ impl Engine<'_> {
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&r| rows[r].1.len());
         let mut active: Vec<usize> = Vec::new();
-        let mut logits: Vec<f32> = Vec::new();
+        let reduce = self.reduce_on_device
+            && samplers.iter().all(|s| s.is_greedy())
+            && self.draws.n == 0
+            && k.max(1) <= crate::reduce::MAX_K.min(v);
+        let mut logits = Logits::empty(reduce, k.max(1));
         let mut next_row = 0;
         loop {
             if active.len() < batch && next_row < n {
@@ -173,7 +221,7 @@ impl Engine<'_> {
                     .enumerate()
                     .map(|(i, p)| (i, p.len() - 1))
                     .collect();
-                let lg: Vec<f32> = model.logits_at_vec(&hidden, &sel)?;
+                let lg = self.position_logits(&hidden, Some(&sel), reduce, None)?;
                 work.prefill_seconds += t0.elapsed().as_secs_f64();
                 logits.extend(lg);
                 active.extend(new);
@@ -197,25 +245,37 @@ impl Engine<'_> {
                 .into_par_iter()
                 .enumerate()
                 .map(|(j, (r, (g, s)))| {
-                    let row = &flat[j * v..(j + 1) * v];
-                    // Greedy picks the first of the top-k (largest logit, smallest id on
-                    // ties); sampling weighs the whole vocabulary.
-                    let top = top_k_logits(row, k.max(1));
-                    let next = if s.is_greedy() {
-                        top[0].0
-                    } else {
-                        s.choose_logits(row)
-                    };
                     let position = g.response.len();
-                    g.capture.record(
-                        row,
-                        log_sum_exp(row),
-                        &top[..k.min(top.len())],
-                        next,
-                        self.draws,
-                        rows[r].0,
-                        position,
-                    );
+                    let next = match flat {
+                        Logits::Rows(all) => {
+                            let row = &all[j * v..(j + 1) * v];
+                            // Greedy picks the first of the top-k (largest logit, smallest id
+                            // on ties); sampling weighs the whole vocabulary.
+                            let top = top_k_logits(row, k.max(1));
+                            let next = if s.is_greedy() {
+                                top[0].0
+                            } else {
+                                s.choose_logits(row)
+                            };
+                            g.capture.record(
+                                row,
+                                log_sum_exp(row),
+                                &top[..k.min(top.len())],
+                                next,
+                                self.draws,
+                                rows[r].0,
+                                position,
+                            );
+                            next
+                        }
+                        // Only greedy rows are reduced: the next token is the best one.
+                        Logits::Reduced(red) => {
+                            let top = red.top(j);
+                            g.capture
+                                .record_top(red.lse[j], &top[..k.min(top.len())], top[0].1);
+                            top[0].0
+                        }
+                    };
                     g.response.push(next);
                     (r, next)
                 })
@@ -243,7 +303,7 @@ impl Engine<'_> {
                 f(picks.len() - keep.len(), work.generated_tokens);
             }
             active = keep.iter().map(|&j| picks[j].0).collect();
-            logits.clear();
+            logits = Logits::empty(reduce, k.max(1));
             if keep.is_empty() {
                 cache = None;
                 continue;
@@ -251,7 +311,7 @@ impl Engine<'_> {
             let c = cache.as_mut().expect("active rows have a cache");
             c.retain_rows(&keep)?;
             let h = model.step(c, &next_tokens)?;
-            logits = model.logits_vec(&h)?;
+            logits = self.position_logits(&h, None, reduce, None)?;
         }
         Ok(out)
     }
@@ -280,6 +340,32 @@ impl Engine<'_> {
         Ok(caps)
     }
 
+    /// `[n, vocab]` logits as the capture reads them: reduced where they are, or copied
+    /// whole to the host.
+    /// `sel` picks `(row, position)`s of a `[batch, len, hidden]` prefill output; without
+    /// it `hidden` is `[n, hidden]`.
+    fn position_logits(
+        &self,
+        hidden: &candle_core::Tensor,
+        sel: Option<&[(usize, usize)]>,
+        reduce: bool,
+        picks: Option<&[u32]>,
+    ) -> Result<Logits> {
+        let m = self.model;
+        Ok(if reduce {
+            let logits = match sel {
+                Some(sel) => m.logits_at(hidden, sel)?,
+                None => m.logits(hidden)?,
+            };
+            Logits::Reduced(crate::reduce::reduce(&logits, self.top_k.max(1), picks)?)
+        } else {
+            Logits::Rows(match sel {
+                Some(sel) => m.logits_at_vec(hidden, sel)?,
+                None => m.logits_vec(hidden)?,
+            })
+        })
+    }
+
     fn score_batch(
         &self,
         rows: &[(&str, &[u32], &[u32])],
@@ -298,26 +384,48 @@ impl Engine<'_> {
         }
         let v = self.model.vocab_size();
         let mut caps: Vec<Capture> = vec![Capture::default(); rows.len()];
+        let reduce = self.reduce_on_device
+            && self.draws.n == 0
+            && (1..=crate::reduce::MAX_K.min(v)).contains(&self.top_k);
         for chunk in sel.chunks(self.logits_chunk.max(1)) {
-            let flat: Vec<f32> = self.model.logits_at_vec(&hidden, chunk)?;
-            let per: Vec<(usize, Capture)> = chunk
-                .par_iter()
-                .enumerate()
-                .map(|(j, &(i, t))| {
-                    let mut c = Capture::default();
-                    let row = &flat[j * v..(j + 1) * v];
-                    let top = if self.top_k > 0 {
-                        top_k_logits(row, self.top_k)
-                    } else {
-                        Vec::new()
-                    };
-                    let (id, prompt, _) = rows[i];
-                    let position = t + 1 - prompt.len();
-                    let next = seqs[i][t + 1];
-                    c.record(row, log_sum_exp(row), &top, next, self.draws, id, position);
-                    (i, c)
-                })
-                .collect();
+            let next: Vec<u32> = chunk.iter().map(|&(i, t)| seqs[i][t + 1]).collect();
+            let lg = self.position_logits(&hidden, Some(chunk), reduce, Some(&next))?;
+            let per: Vec<(usize, Capture)> = match lg {
+                Logits::Reduced(red) => chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &(i, _))| {
+                        let mut c = Capture::default();
+                        c.record_top(red.lse[j], red.top(j), red.picked[j]);
+                        (i, c)
+                    })
+                    .collect(),
+                Logits::Rows(flat) => chunk
+                    .par_iter()
+                    .enumerate()
+                    .map(|(j, &(i, t))| {
+                        let mut c = Capture::default();
+                        let row = &flat[j * v..(j + 1) * v];
+                        let top = if self.top_k > 0 {
+                            top_k_logits(row, self.top_k)
+                        } else {
+                            Vec::new()
+                        };
+                        let (id, prompt, _) = rows[i];
+                        let position = t + 1 - prompt.len();
+                        c.record(
+                            row,
+                            log_sum_exp(row),
+                            &top,
+                            next[j],
+                            self.draws,
+                            id,
+                            position,
+                        );
+                        (i, c)
+                    })
+                    .collect(),
+            };
             for (i, c) in per {
                 caps[i].extend(c);
             }

@@ -8,4 +8,5 @@
 //! `student-fit eval` (kd-student) uses it to let a student answer prompts.
 
 pub mod engine;
+pub mod reduce;
 pub mod sampler;

@@ -28,6 +28,7 @@
 pub mod config;
 pub mod cpu;
 pub mod device;
+pub mod dtype;
 pub mod error;
 pub mod gguf_check;
 pub mod gguf_export;
@@ -43,8 +44,12 @@ pub use kd_kernels as kernels;
 
 pub use config::{Arch, LlamaConfig};
 pub use device::{DeviceChoice, DeviceError, device_name};
+pub use dtype::{Dtype, UnknownDtype};
 pub use error::{Error, Result};
 pub use llama::{KvCache, Layer, Linear, Llama, log_softmax_f64};
-pub use loader::{Kernels, LoadedModel, ModelIdentity, Precision, load, load_with, sha256_file};
+pub use loader::{
+    Kernels, LoadOptions, LoadedModel, ModelIdentity, Precision, load, load_opts, load_with,
+    sha256_file,
+};
 pub use rope::RopeScaling;
 pub use trainable::Student;

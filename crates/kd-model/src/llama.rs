@@ -20,7 +20,8 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Linear::Dense(w) => x.matmul(&w.t()?)?,
-            Linear::Quant(q) => q.forward(x)?,
+            // candle's quantized products take f32 activations.
+            Linear::Quant(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
         })
     }
 }
@@ -218,8 +219,9 @@ impl Llama {
         let half = cfg.head_dim() / 2;
         let max = cfg.max_position_embeddings;
         let (cos, sin) = crate::cpu::rope_tables(&cfg);
-        let cos = Tensor::from_vec(cos, (max, half), device)?;
-        let sin = Tensor::from_vec(sin, (max, half), device)?;
+        let dt = embed.dtype();
+        let cos = Tensor::from_vec(cos, (max, half), device)?.to_dtype(dt)?;
+        let sin = Tensor::from_vec(sin, (max, half), device)?.to_dtype(dt)?;
         Ok(Self {
             cfg,
             rope_interleaved,
@@ -245,7 +247,6 @@ impl Llama {
         }
     }
 
-    /// Which implementation computes: `"cpu-kernels"` or `"candle"`.
     /// The device the model computes on.
     pub fn device(&self) -> candle_core::Device {
         match &self.backend {
@@ -254,6 +255,7 @@ impl Llama {
         }
     }
 
+    /// Which implementation computes: `"cpu-kernels"` or `"candle"`.
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
             Backend::Candle(_) => "candle",
@@ -274,9 +276,48 @@ impl Llama {
         }
     }
 
-    /// Bytes of keys and values one token of one sequence adds to a KV cache (f32).
+    /// Bytes of keys and values one token of one sequence adds to a KV cache (in the
+    /// model's dtype).
     pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.cfg.num_hidden_layers * self.cfg.num_key_value_heads * self.cfg.head_dim() * 4
+        2 * self.cfg.num_hidden_layers
+            * self.cfg.num_key_value_heads
+            * self.cfg.head_dim()
+            * self.dtype().size_in_bytes()
+    }
+
+    /// The dtype of the weights and activations (f32 on the CPU kernels).
+    pub fn dtype(&self) -> DType {
+        match &self.backend {
+            Backend::Candle(c) => c.embed.dtype(),
+            Backend::Cpu(_) => DType::F32,
+        }
+    }
+
+    /// Bytes the weights take in candle's tensors (`None` on the CPU kernels, see
+    /// [`Llama::weight_memory`]).
+    pub fn candle_weight_bytes(&self) -> Option<usize> {
+        let Backend::Candle(c) = &self.backend else {
+            return None;
+        };
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let lin = |l: &Linear| match l {
+            Linear::Dense(w) => t(w),
+            Linear::Quant(q) => match q {
+                QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+                QMatMul::Tensor(w) | QMatMul::TensorF16(w) => t(w),
+            },
+        };
+        let mut n = t(&c.embed) + t(&c.norm) + lin(&c.lm_head);
+        for l in &c.layers {
+            n += t(&l.attn_norm) + t(&l.ffn_norm);
+            n += [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                .into_iter()
+                .map(lin)
+                .sum::<usize>();
+            n += l.qkv_bias.as_ref().map_or(0, t);
+            n += l.qk_norm.as_ref().map_or(0, |(a, b)| t(a) + t(b));
+        }
+        Some(n)
     }
 
     /// The hyperparameters the model was built with.
@@ -360,7 +401,7 @@ impl Llama {
         }
         let ids = Tensor::from_vec(ids, (b, l), &self.device)?;
         let pos = Tensor::from_vec(pos, b * l, &self.device)?;
-        let mask = Tensor::from_vec(mask, (b, 1, l, l), &self.device)?;
+        let mask = Tensor::from_vec(mask, (b, 1, l, l), &self.device)?.to_dtype(c.embed.dtype())?;
         let mut cache = want_cache.then(|| CandleCache {
             kv: (0..c.layers.len()).map(|_| None).collect(),
             rows: rows
@@ -438,7 +479,8 @@ impl Llama {
                 }
                 let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
                 let pos = Tensor::from_vec(pos, b, &self.device)?;
-                let mask = Tensor::from_vec(mask, (b, 1, 1, lk), &self.device)?;
+                let mask = Tensor::from_vec(mask, (b, 1, 1, lk), &self.device)?
+                    .to_dtype(c.embed.dtype())?;
                 let h = c.forward(
                     &self.cfg,
                     self.rope_interleaved,

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Arch, LlamaConfig};
 use crate::cpu::{CpuLayer, CpuLlama};
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kernels::PanelMatrix;
 use crate::llama::{Layer, Linear, Llama};
@@ -39,6 +40,8 @@ pub struct ModelIdentity {
     pub n_params: usize,
     pub config: LlamaConfig,
     pub precision: Precision,
+    /// What the products are computed in (`f32` exact).
+    pub dtype: Dtype,
 }
 
 pub struct LoadedModel {
@@ -71,10 +74,40 @@ pub fn load_with(
     device: &Device,
     kernels: Kernels,
 ) -> Result<LoadedModel> {
+    let opts = LoadOptions {
+        precision,
+        dtype: Dtype::F32,
+        kernels,
+    };
+    load_opts(path, &opts, device)
+}
+
+/// How [`load_opts`] builds a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    pub precision: Precision,
+    /// The dtype of weights, activations and products. Anything but f32 runs candle's path
+    /// (on the CPU too, where it is slow and serves to measure a GPU dtype's error).
+    pub dtype: Dtype,
+    pub kernels: Kernels,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            precision: Precision::Exact,
+            dtype: Dtype::F32,
+            kernels: Kernels::Auto,
+        }
+    }
+}
+
+/// [`load`] with every option.
+pub fn load_opts(path: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedModel> {
     if path.is_dir() {
-        load_hf_dir(path, precision, device, kernels)
+        load_hf_dir(path, opts, device)
     } else if path.exists() {
-        load_gguf(path, precision, device, kernels)
+        load_gguf(path, opts, device)
     } else {
         Err(Error::Io {
             path: path.to_path_buf(),
@@ -278,12 +311,7 @@ pub fn gguf_config<R: std::io::Read + std::io::Seek>(
     Ok(cfg)
 }
 
-fn load_gguf(
-    path: &Path,
-    precision: Precision,
-    device: &Device,
-    kernels: Kernels,
-) -> Result<LoadedModel> {
+fn load_gguf(path: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedModel> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -393,7 +421,7 @@ fn load_gguf(
         .get("general.file_type")
         .and_then(|v| v.to_u32().ok())
         .map(file_type_name);
-    let (model, hashes) = raw.build_hashing(&files, precision, device, kernels)?;
+    let (model, hashes) = raw.build_hashing(&files, opts, device)?;
     let identity = ModelIdentity {
         architecture: cfg.arch.name().into(),
         format: "gguf".into(),
@@ -402,7 +430,8 @@ fn load_gguf(
         file_type,
         n_params: cfg.n_params(),
         config: cfg.clone(),
-        precision,
+        precision: opts.precision,
+        dtype: opts.dtype,
     };
     Ok(LoadedModel {
         model,
@@ -596,12 +625,7 @@ pub fn load_hf_tensors_where(
     Ok(all)
 }
 
-fn load_hf_dir(
-    dir: &Path,
-    precision: Precision,
-    device: &Device,
-    kernels: Kernels,
-) -> Result<LoadedModel> {
+fn load_hf_dir(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedModel> {
     let cfg = read_hf_config(dir)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer =
@@ -685,7 +709,7 @@ fn load_hf_dir(
         lm_head,
         rope_interleaved: false,
     };
-    let (model, hashes) = raw.build_hashing(&files, precision, device, kernels)?;
+    let (model, hashes) = raw.build_hashing(&files, opts, device)?;
     // The directory's hash: sha256 over the files' hex hashes, in name order.
     let mut h = Sha256::new();
     for f in &hashes {
@@ -699,7 +723,8 @@ fn load_hf_dir(
         file_type: None,
         n_params: cfg.n_params(),
         config: cfg.clone(),
-        precision,
+        precision: opts.precision,
+        dtype: opts.dtype,
     };
     Ok(LoadedModel {
         model,
@@ -745,6 +770,7 @@ impl RawTensor<'_> {
         &self,
         files: &WeightFiles,
         precision: Precision,
+        dtype: Dtype,
         device: &Device,
     ) -> Result<Linear> {
         let linear = || -> candle_core::Result<Linear> {
@@ -760,7 +786,7 @@ impl RawTensor<'_> {
                 {
                     Linear::Quant(QMatMul::from_qtensor(self.qtensor(device)?)?)
                 } else {
-                    Linear::Dense(self.dense(device)?)
+                    Linear::Dense(self.typed(dtype.candle(), device)?)
                 },
             )
         };
@@ -820,34 +846,37 @@ impl RawModel<'_> {
     fn build_hashing(
         self,
         files: &WeightFiles,
-        precision: Precision,
+        opts: &LoadOptions,
         device: &Device,
-        kernels: Kernels,
     ) -> Result<(Llama, Vec<String>)> {
         std::thread::scope(|s| {
             let hashing = s.spawn(|| files.sha256_each());
-            let model = self.build(files, precision, device, kernels);
+            let model = self.build(files, opts, device);
             let hashes = hashing.join().expect("hashing thread");
             Ok((model?, hashes))
         })
     }
 
-    fn build(
-        self,
-        files: &WeightFiles,
-        precision: Precision,
-        device: &Device,
-        kernels: Kernels,
-    ) -> Result<Llama> {
+    fn build(self, files: &WeightFiles, opts: &LoadOptions, device: &Device) -> Result<Llama> {
+        let LoadOptions {
+            precision,
+            dtype,
+            kernels,
+        } = *opts;
         let cpu = kernels == Kernels::Auto
             && precision == Precision::Exact
+            && dtype == Dtype::F32
             && device.is_cpu()
             && crate::kernels::supported();
         if cpu {
             return self.build_cpu(files);
         }
-        let dense =
-            |t: &RawTensor| -> Result<Tensor> { t.dense(device).map_err(|e| named(files, t, e)) };
+        // Norms, biases and the embeddings are held in the products' dtype too, as
+        // transformers holds a bf16 model; the logits come back in f32.
+        let dense = |t: &RawTensor| -> Result<Tensor> {
+            t.typed(dtype.candle(), device)
+                .map_err(|e| named(files, t, e))
+        };
         let embed = dense(&self.embed)?;
         let layers = self
             .layers
@@ -866,14 +895,14 @@ impl RawModel<'_> {
                         None => None,
                     },
                     attn_norm: dense(&l.attn_norm)?,
-                    q: l.q.candle_linear(files, precision, device)?,
-                    k: l.k.candle_linear(files, precision, device)?,
-                    v: l.v.candle_linear(files, precision, device)?,
-                    o: l.o.candle_linear(files, precision, device)?,
+                    q: l.q.candle_linear(files, precision, dtype, device)?,
+                    k: l.k.candle_linear(files, precision, dtype, device)?,
+                    v: l.v.candle_linear(files, precision, dtype, device)?,
+                    o: l.o.candle_linear(files, precision, dtype, device)?,
                     ffn_norm: dense(&l.ffn_norm)?,
-                    gate: l.gate.candle_linear(files, precision, device)?,
-                    up: l.up.candle_linear(files, precision, device)?,
-                    down: l.down.candle_linear(files, precision, device)?,
+                    gate: l.gate.candle_linear(files, precision, dtype, device)?,
+                    up: l.up.candle_linear(files, precision, dtype, device)?,
+                    down: l.down.candle_linear(files, precision, dtype, device)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -881,7 +910,7 @@ impl RawModel<'_> {
             .lm_head
             .as_ref()
             .unwrap_or(&self.embed)
-            .candle_linear(files, precision, device)?;
+            .candle_linear(files, precision, dtype, device)?;
         Llama::new(
             self.cfg,
             embed,

@@ -88,6 +88,9 @@ pub struct Student {
     cos: Tensor,
     sin: Tensor,
     dtype: DType,
+    /// The dtype of the matrix products (forward and backward); the parameters, norms,
+    /// softmax and everything else stay in `dtype`. Equal to `dtype` unless set.
+    products: DType,
     device: Device,
 }
 
@@ -249,6 +252,7 @@ impl Student {
             cos,
             sin,
             dtype,
+            products: dtype,
             device: device.clone(),
         })
     }
@@ -348,6 +352,29 @@ impl Student {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Computes the matrix products in `dtype` (`student-fit --precision bf16`): operands are
+    /// rounded to it and the product comes back in the parameters' dtype, so the parameters
+    /// (and AdamW's moments) stay f32 and their gradients arrive through the rounding.
+    pub fn set_products(&mut self, dtype: DType) {
+        self.products = dtype;
+    }
+
+    /// The dtype of the matrix products.
+    pub fn products(&self) -> DType {
+        self.products
+    }
+
+    /// `a · b` in the products' dtype, returned in the parameters' dtype.
+    pub fn product(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.products == self.dtype {
+            return Ok(a.matmul(b)?);
+        }
+        let p = self.products;
+        Ok(a.to_dtype(p)?
+            .matmul(&b.to_dtype(p)?)?
+            .to_dtype(self.dtype)?)
     }
 
     pub fn device(&self) -> &Device {
@@ -522,9 +549,9 @@ impl Student {
         let mut x = self.embed.index_select(&ids, 0)?; // [b*l, d]
         for layer in &self.layers {
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut q = h.matmul(&layer.q.t()?)?;
-            let mut k = h.matmul(&layer.k.t()?)?;
-            let mut v = h.matmul(&layer.v.t()?)?;
+            let mut q = self.product(&h, &layer.q.t()?)?;
+            let mut k = self.product(&h, &layer.k.t()?)?;
+            let mut v = self.product(&h, &layer.v.t()?)?;
             if let Some([bq, bk, bv]) = &layer.qkv_bias {
                 q = q.broadcast_add(bq)?;
                 k = k.broadcast_add(bk)?;
@@ -543,19 +570,19 @@ impl Student {
             let k = rope_half_split(&k, &cos, &sin)?;
             // [b, nkv, rep*l, hd] x [b, nkv, hd, l]
             let q = q.reshape((b, nkv, rep * l, hd))?;
-            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let att = (self.product(&q, &k.t()?)? * scale)?.broadcast_add(&mask)?;
             let att = softmax_last_dim(&att)?;
-            let y = att.matmul(&v)?;
+            let y = self.product(&att, &v)?;
             let y = y
                 .reshape((b, nh, l, hd))?
                 .transpose(1, 2)?
                 .reshape((b * l, nh * hd))?;
-            x = (x + y.matmul(&layer.o.t()?)?)?;
+            x = (x + self.product(&y, &layer.o.t()?)?)?;
             let h = rms_norm(&x, &layer.ffn_norm, eps)?;
-            let g = h.matmul(&layer.gate.t()?)?;
-            let u = h.matmul(&layer.up.t()?)?;
+            let g = self.product(&h, &layer.gate.t()?)?;
+            let u = self.product(&h, &layer.up.t()?)?;
             let m = (g.silu()? * u)?;
-            x = (x + m.matmul(&layer.down.t()?)?)?;
+            x = (x + self.product(&m, &layer.down.t()?)?)?;
         }
         let x = rms_norm(&x, &self.norm, eps)?;
         Ok(x.reshape((b, l, cfg.hidden_size))?)
@@ -565,7 +592,7 @@ impl Student {
     /// applied only where the trainer needs it, in chunks of its choosing.
     pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(hidden_rows.matmul(&head.t()?)?)
+        self.product(hidden_rows, &head.t()?)
     }
 }
 

@@ -136,6 +136,22 @@ impl RawTensor<'_> {
         self.qtensor(&Device::Cpu)?.dequantize(device)
     }
 
+    /// The tensor in `dtype` on `device`: straight from the file's bytes when it stores that
+    /// dtype, otherwise dequantized to f32 (on the CPU, one tensor at a time) and rounded once.
+    pub fn typed(&self, dtype: candle_core::DType, device: &Device) -> candle_core::Result<Tensor> {
+        use candle_core::DType;
+        let stored = match self.dtype {
+            GgmlDType::F32 => Some(DType::F32),
+            GgmlDType::F16 => Some(DType::F16),
+            GgmlDType::BF16 => Some(DType::BF16),
+            _ => None,
+        };
+        if stored == Some(dtype) {
+            return Tensor::from_raw_buffer(self.bytes, dtype, &self.dims, device);
+        }
+        self.dense(&Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+    }
+
     /// The tensor's values as f32.
     pub fn f32_values(&self) -> candle_core::Result<Vec<f32>> {
         self.dense(&Device::Cpu)?.flatten_all()?.to_vec1()

@@ -142,6 +142,7 @@ pub fn run_eval(opts: &EvalOptions) -> Result<EvalOutput> {
             },
             logits_chunk: opts.logits_chunk,
             on_rows_done: None,
+            reduce_on_device: !model.device().is_cpu(),
         };
         let mut work = kd_generate::engine::Work::default();
         let gens = engine.generate(&prompts, 8, &mut work)?;

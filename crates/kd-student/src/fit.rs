@@ -186,10 +186,50 @@ pub struct FitConfig {
     /// (any loss whose plug-in value is finite, accepting its bias). Ignored for top-k.
     #[serde(default, skip_serializing_if = "is_unbiased")]
     pub estimator: Estimator,
+    /// The dtype of the matrix products (`student-fit --precision`): `f32` (default) or
+    /// `bf16`, whose operands are rounded to bf16 with f32 master weights, AdamW moments,
+    /// norms, softmax and loss. bf16 runs on the candle engine (a GPU, or `--engine candle`).
+    #[serde(default, skip_serializing_if = "TrainPrecision::is_f32")]
+    pub precision: TrainPrecision,
 }
 
 fn is_unbiased(e: &Estimator) -> bool {
     *e == Estimator::Unbiased
+}
+
+/// What a student's matrix products compute in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainPrecision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl TrainPrecision {
+    fn is_f32(&self) -> bool {
+        *self == TrainPrecision::F32
+    }
+
+    /// candle's dtype of the products.
+    pub fn dtype(self) -> DType {
+        match self {
+            TrainPrecision::F32 => DType::F32,
+            TrainPrecision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for TrainPrecision {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(TrainPrecision::F32),
+            "bf16" => Ok(TrainPrecision::Bf16),
+            _ => Err(format!("--precision {s:?}: expected f32 or bf16")),
+        }
+    }
 }
 
 /// Deletes all but the newest `keep` published checkpoints under `out`.
@@ -871,7 +911,8 @@ pub fn fit(
         }
         None => cfg.steps,
     };
-    let (kind, why_candle) = crate::engine::choose(engine, &student.cfg, cfg.max_len, &dev)?;
+    let (kind, why_candle) = choose_engine(cfg, engine, &student, &dev)?;
+    student.set_products(cfg.precision.dtype());
     let mut trainer = Trainer::new(kind, &student, cfg)?;
     if progress {
         print_engine(&trainer, why_candle.as_deref());
@@ -991,6 +1032,29 @@ fn print_student(student: &Student, teachers: &Teachers) {
 }
 
 /// Prints the training engine and, for the kernels, their memory plan.
+/// The engine for `cfg`: bf16 products run on candle's engine, which is chosen for them
+/// unless another engine was asked for.
+fn choose_engine(
+    cfg: &FitConfig,
+    asked: Option<EngineKind>,
+    student: &Student,
+    dev: &Device,
+) -> Result<(EngineKind, Option<String>)> {
+    if cfg.precision == TrainPrecision::Bf16 {
+        return match asked {
+            Some(EngineKind::Kernels) => refuse!(
+                Setting,
+                "--precision bf16 runs on the candle engine; the kernel engine computes in f32"
+            ),
+            _ => Ok((
+                EngineKind::Candle,
+                Some("--precision bf16 runs on the candle engine".into()),
+            )),
+        };
+    }
+    crate::engine::choose(asked, &student.cfg, cfg.max_len, dev)
+}
+
 fn print_engine(trainer: &Trainer, why_candle: Option<&str>) {
     match trainer {
         Trainer::Kernels(k) => {

@@ -15,7 +15,7 @@ use kd_loss::{Divergence, LossConfig, TailPolicy};
 use serde::Deserialize;
 
 use crate::data::TargetKind;
-use crate::fit::{self, FitConfig, Init, TeacherShards};
+use crate::fit::{self, FitConfig, Init, TeacherShards, TrainPrecision};
 use crate::optim::{AdamWConfig, Decay};
 
 /// A `[fit]` or `[finetune]` section of a pipeline file: every [`FitConfig`] key, each
@@ -52,6 +52,7 @@ pub struct FitSection {
     pub keep_checkpoints: Option<usize>,
     pub targets: Option<TargetKind>,
     pub estimator: Option<Estimator>,
+    pub precision: Option<TrainPrecision>,
 }
 
 /// A section's `loss` table: each key optional; `divergence` is required once the table is
@@ -87,6 +88,7 @@ pub struct Overrides {
     pub checkpoint_every: Option<u64>,
     pub targets: Option<TargetKind>,
     pub estimator: Option<Estimator>,
+    pub precision: Option<TrainPrecision>,
     /// Steps of every stage run (clears `positions`).
     pub steps: Option<u64>,
     /// Distilled positions of every stage run.
@@ -225,7 +227,8 @@ impl FitSection {
     /// The flags over this section.
     fn apply(&mut self, o: &Overrides) {
         replace_given!(self, o; shards, eval_shards, out, init, lr, min_lr, warmup_steps,
-            token_budget, max_len, holdout_fraction, seed, checkpoint_every, targets, estimator);
+            token_budget, max_len, holdout_fraction, seed, checkpoint_every, targets, estimator,
+            precision);
         if o.divergence.is_some()
             || o.temperature.is_some()
             || o.alpha.is_some()
@@ -253,7 +256,7 @@ impl FitSection {
             max_len, lr, min_lr, warmup_steps, decay, adamw, max_grad_norm, holdout_fraction,
             seed, log_every, checkpoint_every, logits_chunk, grad_accum, mix, extra_teachers,
             eval_shards, eval_every, eval_max_rows, train_on, keep_checkpoints, targets,
-            estimator);
+            estimator, precision);
         self
     }
 
@@ -318,6 +321,7 @@ impl FitSection {
             keep_checkpoints: self.keep_checkpoints,
             targets: self.targets,
             estimator: self.estimator.unwrap_or_default(),
+            precision: self.precision.unwrap_or_default(),
         })
     }
 }

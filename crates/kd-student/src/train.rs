@@ -143,7 +143,9 @@ pub fn loss_and_grads(
     for s in (0..n).step_by(chunk) {
         let len = chunk.min(n - s);
         let h_c = sel_d.narrow(0, s, len)?;
-        let z = h_c.matmul(&w.t()?)?.to_dtype(candle_core::DType::F32)?;
+        let z = student
+            .product(&h_c, &w.t()?)?
+            .to_dtype(candle_core::DType::F32)?;
         let z: Vec<f32> = z.flatten_all()?.to_vec1()?;
         let positions: Vec<Position<'_, f64, f32>> = (0..len)
             .map(|i| {
@@ -171,8 +173,8 @@ pub fn loss_and_grads(
             // kd_loss scales by 1/len; the batch mean needs 1/n.
             let g = (Tensor::from_vec(g, (len, v), &dev)?.to_dtype(w.dtype())?
                 * (len as f64 / n as f64))?;
-            dh_parts.push(g.matmul(&w)?);
-            let gw = g.t()?.matmul(&h_c)?;
+            dh_parts.push(student.product(&g, &w)?);
+            let gw = student.product(&g.t()?, &h_c)?;
             dw = Some(match dw {
                 Some(acc) => (acc + gw)?,
                 None => gw,

@@ -60,6 +60,7 @@ fn tiny_dump(
         chat_template: true,
         rows_per_shard: 16,
         precision: Precision::Exact,
+        dtype: kd_model::Dtype::F32,
     };
     let opts = RunOptions {
         batch_size: 8,

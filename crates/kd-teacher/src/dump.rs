@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use kd_model::{LoadedModel, Precision};
+use kd_model::{Dtype, LoadedModel, Precision};
 use kd_shard::{Manifest, PartInfo, Row, ShardEntry, Source, Totals};
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +48,10 @@ pub struct DumpSettings {
     pub chat_template: bool,
     pub rows_per_shard: usize,
     pub precision: Precision,
+    /// What the teacher computed in (`teacher-dump --dtype`). Left out of the manifest when
+    /// f32, so exact caches keep their identity; bf16 and f16 caches carry it.
+    #[serde(default, skip_serializing_if = "Dtype::is_exact")]
+    pub dtype: Dtype,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -288,6 +292,7 @@ pub fn dump(
         },
         logits_chunk: opts.logits_chunk,
         on_rows_done: Some(&on_rows_done),
+        reduce_on_device: !model.model.device().is_cpu(),
     };
     let partial_path = out_dir.join(kd_shard::PARTIAL_MANIFEST_FILE);
     let reused = done.iter().filter(|d| d.is_some()).count();
@@ -372,6 +377,15 @@ fn check_settings(model: &LoadedModel, settings: &DumpSettings, opts: &RunOption
     }
     if opts.batch_size == 0 {
         return refuse("batch_size", "must be at least 1".into());
+    }
+    if settings.dtype != model.identity.dtype {
+        return refuse(
+            "dtype",
+            format!(
+                "the settings say {} but the teacher was loaded in {}",
+                settings.dtype, model.identity.dtype
+            ),
+        );
     }
     if let Some((i, n)) = opts.part
         && (n == 0 || i >= n)

@@ -14,7 +14,8 @@
 //! let input = input::read_jsonl("prompts.jsonl".as_ref(), false).unwrap();
 //! let settings = dump::DumpSettings { mode: dump::Mode::Generate, top_k: 32, samples: 0, responses_per_prompt: 1,
 //!     max_new_tokens: 128, temperature: 0.0, top_p: 1.0, seed: 0, chat_template: true,
-//!     rows_per_shard: 64, precision: kd_model::Precision::Exact };
+//!     rows_per_shard: 64, precision: kd_model::Precision::Exact,
+//!     dtype: kd_model::Dtype::F32 };
 //! let opts = dump::RunOptions { batch_size: 8, resume: false, part: None, progress: true,
 //!     logits_chunk: 256, shard_format: kd_shard::DEFAULT_FORMAT_VERSION };
 //! let summary = dump::dump(&model, &input, &settings, &opts, "out/shards".as_ref()).unwrap();
