@@ -314,6 +314,46 @@ fn the_candle_engine_resumes_exactly_and_agrees_with_the_kernel_engine() {
     kill_at_checkpoint(&args, &b, 10);
     let resumed = [&args[..], &["--resume"]].concat();
     util::run_ok("student-fit", &resumed);
+
+    // bf16 products (f32 master weights) pick the candle engine by themselves and train
+    // close to the f32 run without equalling it; the kernel engine refuses them.
+    let h = dir.path().join("bf16");
+    let ph = pipeline(dir.path(), &shards, &teacher, &h);
+    let s = util::run_ok(
+        "student-fit",
+        &[
+            "--pipeline",
+            ph.to_str().unwrap(),
+            "--precision",
+            "bf16",
+            "--json",
+        ],
+    );
+    let sh: serde_json::Value = serde_json::from_str(&s).unwrap();
+    assert_eq!(sh["engine"], "candle");
+    assert_eq!(sh["precision"], "bf16");
+    assert_eq!(sc["precision"], "f32");
+    let fh = sh["final_eval"]["forward_kl"].as_f64().unwrap();
+    eprintln!("held-out forward KL after bf16 products: {fh:.5} (f32 {fc:.5})");
+    assert!(fh != fc && ((fh - fc) / fc).abs() < 0.05, "{fh} vs {fc}");
+    let o = util::run(
+        "student-fit",
+        &[
+            "--pipeline",
+            ph.to_str().unwrap(),
+            "--out",
+            dir.path().join("bf16-kernels").to_str().unwrap(),
+            "--precision",
+            "bf16",
+            "--engine",
+            "kernels",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--precision bf16"),
+        "{err}"
+    );
     for f in ["model.safetensors", "optimizer.safetensors"] {
         let wa = std::fs::read(c.join("checkpoints/step-00000030").join(f)).unwrap();
         let wb = std::fs::read(b.join("checkpoints/step-00000030").join(f)).unwrap();

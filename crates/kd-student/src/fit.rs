@@ -605,6 +605,8 @@ pub struct FitSummary {
     pub device: String,
     /// The training engine (`kernels` or `candle`).
     pub engine: String,
+    /// The dtype of the matrix products (`f32` or `bf16`).
+    pub precision: TrainPrecision,
     /// Memory the kernel engine planned at start (none on the candle engine).
     pub planned_bytes: Option<usize>,
     /// Seconds the kernel engine spent per phase of its steps in this process (none on the
@@ -990,6 +992,7 @@ pub fn fit(
         steps: trainer.steps(),
         device: kd_model::device_name(&dev),
         engine: kind.name().to_string(),
+        precision: cfg.precision,
         planned_bytes: plan_bytes,
         engine_seconds: trainer.timings().map(|t| {
             t.phases()

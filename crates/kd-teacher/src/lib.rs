@@ -27,6 +27,6 @@ pub mod error;
 pub mod input;
 
 /// Generation and scoring, shared with phase two ([`kd_generate`]).
-pub use kd_generate::{engine, sampler};
+pub use kd_generate::{engine, reduce, sampler};
 
 pub use error::{Error, Result};
