@@ -11,7 +11,10 @@
 # of its own),
 # --max-new-tokens N (teacher and student responses, default 128), --heldout FILE (held-out
 # prompts from a JSONL file of your own; the training prompts are then every seed task whose
-# id is not in it; implies --no-publish), --quick, --no-publish.
+# id is not in it; implies --no-publish), --quick, --no-publish, --device D (cpu, cuda, cuda:N:
+# where the dumps, training runs and evaluations run; a cuda device builds the binaries with
+# `--features cuda` into target/cuda, see docs/gpu.md; the teacher then computes in the
+# dumps' default dtype there, bf16).
 #
 # A full run with the default --out also publishes: it replaces the files of docs/study/ with
 # OUT/results/ and OUT/times.tsv (docs/study/README.md stays), and rewrites the study block of
@@ -55,6 +58,7 @@ LIMIT_TRAIN=""
 LIMIT_HELD=""
 PUBLISH=1
 HELDOUT_FILE=""
+DEVICE=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT="$2"; PUBLISH=0; shift 2 ;;
@@ -64,6 +68,7 @@ while [ $# -gt 0 ]; do
         --samples) SAMPLES="$2"; shift 2 ;;
         --sweep-samples) SWEEP_SAMPLES="$2"; shift 2 ;;
         --max-new-tokens) MAX_NEW="$2"; shift 2 ;;
+        --device) DEVICE="$2"; shift 2 ;;
         --quick) PUBLISH=0; POSITIONS=600; SAMPLES=2; MAX_NEW=24; LIMIT_TRAIN="--limit 8"; LIMIT_HELD="--limit 6"; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "study.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -80,7 +85,14 @@ declare -A LAYERS=(["6l"]="[0, 6, 12, 18, 24, 29]" ["15l"]="[0, 2, 4, 6, 8, 10, 
 declare -A STUDENT_WORDS=(["6l"]="6 of 30 layers (0, 6, 12, 18, 24, 29)" ["15l"]="15 of 30 layers (every other one)")
 
 [ -f "$TEACHER" ] || ./scripts/setup.sh
-cargo build --release --workspace --bins --tests --examples   # as scripts/quickstart.sh: one build
+DEV=()
+if [ -n "$DEVICE" ]; then DEV=(--device "$DEVICE"); fi
+case "$DEVICE" in
+    cuda*)
+        BIN=target/cuda/release
+        CARGO_TARGET_DIR=target/cuda cargo build --release --workspace --features cuda --bins ;;
+    *) cargo build --release --workspace --bins --tests --examples ;;   # as scripts/quickstart.sh: one build
+esac
 mkdir -p "$OUT/prompts" "$OUT/dumps" "$OUT/runs" "$OUT/evals" "$OUT/pipelines"
 
 # 1. Split by id: held out when the first byte of sha256(id) is below 51 (20%), or, with
@@ -139,7 +151,7 @@ dump() { # NAME INPUT TEACHER-DUMP-ARGS...
     local t0
     t0=$(now_ns)
     timed "dump $name" "$BIN/teacher-dump" --teacher "$TEACHER" --input "$input" --out "$dir" \
-        --max-new-tokens "$MAX_NEW" --batch-size 8 --rows-per-shard 64 --resume "$@"
+        --max-new-tokens "$MAX_NEW" --batch-size 8 --rows-per-shard 64 --resume "${DEV[@]}" "$@"
     python3 -c "print(($(now_ns) - $t0) / 1e9)" > "$dir.seconds"
 }
 # The training rows' sampling: the sweep's dumps share it, so their rows are the training rows.
@@ -201,13 +213,13 @@ EOF
     else
         local resume=()
         [ -d "$run/checkpoints" ] && resume=(--resume)
-        timed "train $1" "$BIN/student-fit" --pipeline "$p" "${resume[@]}"
+        timed "train $1" "$BIN/student-fit" --pipeline "$p" "${resume[@]}" "${DEV[@]}"
     fi
     if [ -f "$OUT/evals/$1/eval.json" ] && [ "$OUT/evals/$1/eval.json" -nt "$run/summary.json" ]; then
         echo "study: $OUT/evals/$1 is complete" >&2
     else
         timed "eval $1" "$BIN/student-fit" eval --student "$run/student" --shards "$HELD" --max-len 512 \
-            --generations "$HELD_ROWS" --max-new-tokens "$MAX_NEW" --out "$OUT/evals/$1" --json > /dev/null
+            --generations "$HELD_ROWS" --max-new-tokens "$MAX_NEW" --out "$OUT/evals/$1" "${DEV[@]}" --json > /dev/null
     fi
 }
 FKL='{ divergence = { kind = "forward_kl" } }'

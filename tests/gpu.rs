@@ -1,7 +1,8 @@
 //! Checks that need a CUDA device; `scripts/gpu_check.sh` runs them on a GPU machine.
 //!
 //! In a build without the `cuda` feature they are ignored (cargo reports them so). In a
-//! `cuda` build on a machine without a usable device they print `skipped: …` and return.
+//! `cuda` build on a machine without a usable device they print `skipped: …` and return,
+//! unless `KD_REQUIRE_GPU=1` (set by the GPU check), which makes that a failure.
 //! With `KD_GPU_OUT` set, each writes its figures there as `<test>.json`.
 //! `KD_GPU_ON_CPU=1` runs them with candle's CPU device standing in for the GPU (slowly, with
 //! `KD_GPU_ROWS` rows for the speed figures): a check of the checks where no GPU is at hand.
@@ -24,6 +25,9 @@ fn gpu() -> Option<Device> {
     }
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
+        Err(e) if std::env::var("KD_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("KD_REQUIRE_GPU=1 but no CUDA device answers: {e}")
+        }
         Err(e) => {
             eprintln!("skipped: no CUDA device ({e})");
             None

@@ -4,8 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The repository: `KD_REPO_ROOT` (a test binary run from another checkout, as
+/// `scripts/gpu_check.sh` runs one built elsewhere), else where the tests were built.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("KD_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// The reference data (`tests/reference`, see its README), or `KD_REFERENCE_DIR`.

@@ -5,9 +5,11 @@
 //!     cargo run --release -p kd-model --example random_teacher -- \
 //!         tinyllama-1.1b OUT_DIR TOKENIZER_JSON
 //!
-//! Shapes: tinyllama-1.1b, llama-3.2-3b, llama-3.1-8b. The tokenizer (its vocabulary must
-//! match the shape: 32000 for TinyLlama's Llama 2 tokenizer, 128256 for Llama 3's) is copied
-//! beside the weights. Weights are N(0, 0.02²), norms 1, as transformers initialises them.
+//! Shapes: smollm2-135m, tinyllama-1.1b, llama-3.2-3b, llama-3.1-8b. The tokenizer (its
+//! vocabulary must match the shape: 49152 for SmolLM2's, 32000 for TinyLlama's Llama 2
+//! tokenizer, 128256 for Llama 3's) is copied beside the weights; given a `.gguf` file, its
+//! tokenizer and chat template are written out as `tokenizer.json` and
+//! `tokenizer_config.json`. Weights are N(0, 0.02²), norms 1, as transformers initialises them.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -35,6 +37,20 @@ fn shape(name: &str) -> Option<LlamaConfig> {
         eos_token_id: Some(serde_json::json!(2)),
     };
     Some(match name {
+        "smollm2-135m" => LlamaConfig {
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            rope_theta: 100000.0,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            bos_token_id: Some(1),
+            eos_token_id: Some(serde_json::json!(2)),
+            ..base
+        },
         "tinyllama-1.1b" => base,
         "llama-3.2-3b" => LlamaConfig {
             vocab_size: 128256,
@@ -74,7 +90,9 @@ fn main() {
         std::process::exit(2);
     };
     let cfg = shape(name).unwrap_or_else(|| {
-        eprintln!("unknown shape {name}: tinyllama-1.1b, llama-3.2-3b or llama-3.1-8b");
+        eprintln!(
+            "unknown shape {name}: smollm2-135m, tinyllama-1.1b, llama-3.2-3b or llama-3.1-8b"
+        );
         std::process::exit(2);
     });
     let out = PathBuf::from(out);
@@ -144,14 +162,39 @@ fn main() {
         serde_json::to_string_pretty(&config).unwrap(),
     )
     .unwrap();
-    std::fs::copy(tokenizer, out.join("tokenizer.json")).unwrap();
-    let cfg_src = PathBuf::from(tokenizer).with_file_name("tokenizer_config.json");
-    if cfg_src.exists() {
-        std::fs::copy(cfg_src, out.join("tokenizer_config.json")).unwrap();
+    if tokenizer.ends_with(".gguf") {
+        write_gguf_tokenizer(tokenizer.as_ref(), &out);
+    } else {
+        std::fs::copy(tokenizer, out.join("tokenizer.json")).unwrap();
+        let cfg_src = PathBuf::from(tokenizer).with_file_name("tokenizer_config.json");
+        if cfg_src.exists() {
+            std::fs::copy(cfg_src, out.join("tokenizer_config.json")).unwrap();
+        }
     }
     eprintln!(
         "\n{}: {} parameters, {at} bytes of bf16 weights",
         out.display(),
         cfg.n_params()
     );
+}
+
+/// A GGUF file's tokenizer as `tokenizer.json`, with its chat template and end-of-sequence
+/// token in `tokenizer_config.json`.
+fn write_gguf_tokenizer(gguf: &std::path::Path, out: &std::path::Path) {
+    let content = kd_model::loader::read_gguf_header(gguf).unwrap();
+    let tok = kd_tokenizer::Tokenizer::from_gguf(&content).unwrap();
+    let json = serde_json::to_string(&tok.to_tokenizer_json()).unwrap();
+    std::fs::write(out.join("tokenizer.json"), json).unwrap();
+    let mut tc = serde_json::json!({});
+    if let Some(t) = tok.chat_template() {
+        tc["chat_template"] = t.source().into();
+    }
+    if let Some(e) = tok.eos_id() {
+        tc["eos_token"] = tok.token_text(e).into();
+    }
+    std::fs::write(
+        out.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tc).unwrap(),
+    )
+    .unwrap();
 }

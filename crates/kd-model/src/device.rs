@@ -76,6 +76,16 @@ impl DeviceChoice {
     }
 }
 
+/// Free and total bytes of a CUDA device's memory; `None` on other devices.
+pub fn memory_info(d: &Device) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = d {
+        return c.cuda_stream().context().mem_get_info().ok();
+    }
+    let _ = d;
+    None
+}
+
 /// A device's name as `--device` takes it: `cpu`, `cuda:N`, `metal:N`.
 pub fn device_name(d: &Device) -> String {
     match d.location() {

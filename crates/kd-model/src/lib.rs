@@ -43,7 +43,7 @@ pub mod weights;
 pub use kd_kernels as kernels;
 
 pub use config::{Arch, LlamaConfig};
-pub use device::{DeviceChoice, DeviceError, device_name};
+pub use device::{DeviceChoice, DeviceError, device_name, memory_info};
 pub use dtype::{Dtype, UnknownDtype};
 pub use error::{Error, Result};
 pub use llama::{KvCache, Layer, Linear, Llama, log_softmax_f64};

@@ -607,8 +607,11 @@ pub struct FitSummary {
     pub engine: String,
     /// The dtype of the matrix products (`f32` or `bf16`).
     pub precision: TrainPrecision,
-    /// Memory the kernel engine planned at start (none on the candle engine).
+    /// Memory planned at start: the kernel engine's, or the candle engine's on a GPU (none
+    /// for candle on a CPU).
     pub planned_bytes: Option<usize>,
+    /// The most device memory in use after a backward pass, on a GPU.
+    pub peak_device_bytes: Option<usize>,
     /// Seconds the kernel engine spent per phase of its steps in this process (none on the
     /// candle engine).
     pub engine_seconds: Option<std::collections::BTreeMap<String, f64>>,
@@ -921,6 +924,21 @@ pub fn fit(
     }
     let plan_bytes = match &trainer {
         Trainer::Kernels(k) => Some(k.plan().total_bytes()),
+        Trainer::Candle(_) if !dev.is_cpu() => {
+            let plan = crate::plan::candle_plan(
+                &student.cfg,
+                student.n_params(),
+                cfg.token_budget.max(EVAL_TOKENS),
+                cfg.max_len,
+                cfg.logits_chunk,
+                cfg.precision == TrainPrecision::Bf16,
+            );
+            if progress {
+                eprintln!("memory plan on {}: {plan}", kd_model::device_name(&dev));
+            }
+            crate::plan::check_fits(&plan, &dev)?;
+            Some(plan.total_bytes())
+        }
         Trainer::Candle(_) => None,
     };
     let fingerprint = teachers_fingerprint(&teachers);
@@ -993,6 +1011,7 @@ pub fn fit(
         device: kd_model::device_name(&dev),
         engine: kind.name().to_string(),
         precision: cfg.precision,
+        peak_device_bytes: crate::plan::peak_device_memory(),
         planned_bytes: plan_bytes,
         engine_seconds: trainer.timings().map(|t| {
             t.phases()

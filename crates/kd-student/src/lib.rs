@@ -55,6 +55,7 @@ mod error;
 pub mod eval;
 pub mod fit;
 pub mod optim;
+pub mod plan;
 pub mod resolve;
 pub mod train;
 

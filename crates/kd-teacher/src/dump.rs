@@ -156,6 +156,8 @@ pub struct DumpSummary {
     pub out_dir: PathBuf,
     /// Where the teacher ran (`cpu`, `cuda:0`).
     pub device: String,
+    /// What the teacher computed in.
+    pub dtype: Dtype,
     pub rows: u64,
     pub shards_written: usize,
     pub shards_reused: usize,
@@ -337,6 +339,7 @@ pub fn dump(
     Ok(DumpSummary {
         out_dir: out_dir.to_path_buf(),
         device: kd_model::device_name(&model.model.device()),
+        dtype: settings.dtype,
         rows: t.rows,
         shards_written: written,
         shards_reused: reused,
