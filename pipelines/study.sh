@@ -95,6 +95,42 @@ case "$DEVICE" in
 esac
 mkdir -p "$OUT/prompts" "$OUT/dumps" "$OUT/runs" "$OUT/evals" "$OUT/pipelines"
 
+# An estimate before the work, from the published study's step times (docs/study/times.tsv,
+# its machine and --positions in docs/study/results.json): training scaled by positions, dumps
+# by responses per prompt. On a GPU, the rates of a GPU check (KD_GPU_SUMMARY=its
+# summary.json) replace the CPU's; without them there is no measured rate to estimate from.
+# (--quick, whose prompts are limited, is not estimated.)
+[ -n "$LIMIT_TRAIN" ] || python3 - "$POSITIONS" "$SAMPLES" "$DEVICE" "${KD_GPU_SUMMARY:-}" <<'EOF' || true
+import json, re, sys
+positions, samples, device, gpu = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+r = json.load(open("docs/study/results.json"))
+m = re.search(r"--positions (\d+)", r["command"])
+pub_pos = int(m.group(1)) if m else 200000
+m = re.search(r"--samples (\d+)", r["command"])
+pub_samples = int(m.group(1)) if m else 16
+t = {"train": 0.0, "dump": 0.0, "other": 0.0}
+for line in open("docs/study/times.tsv"):
+    what, secs = line.rstrip("\n").split("\t")
+    kind = what.split()[0]
+    t[kind if kind in t else "other"] += float(secs)
+train, dump = t["train"] * positions / pub_pos, t["dump"] * samples / pub_samples
+cpu = train + dump + t["other"]
+if device.startswith("cuda"):
+    if gpu:
+        g = json.load(open(gpu))
+        fit, tok = g["student_positions_per_s"], g["teacher_dump_tokens_per_s"]
+        est = train * fit["6-cpu"] / fit["6-gpu-bf16"] + dump * tok["cpu"] / tok["gpu-bf16"] + t["other"]
+        print(f"study: estimated {est / 3600:.1f} h on {device} (the GPU check's rates in {gpu})",
+              file=sys.stderr)
+    else:
+        print(f"study: no estimate for {device}: no measured GPU rates (run scripts/gpu_check.sh "
+              f"and pass its summary.json as KD_GPU_SUMMARY); on the CPU this study would take "
+              f"about {cpu / 3600:.1f} h", file=sys.stderr)
+else:
+    print(f"study: estimated {cpu / 3600:.1f} h (the published study's steps on {r['machine']}, "
+          f"scaled to --positions {positions} and --samples {samples})", file=sys.stderr)
+EOF
+
 # 1. Split by id: held out when the first byte of sha256(id) is below 51 (20%), or, with
 #    --heldout FILE, when the id is one of FILE's.
 if [ -n "$HELDOUT_FILE" ] && [ ! -f "$HELDOUT_FILE" ]; then

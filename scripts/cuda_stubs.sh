@@ -9,7 +9,8 @@
 # candle 0.11 has cudarc link them dynamically. Each stub defines every function cudarc
 # declares for its library (read from cudarc's own source) and carries the real library's
 # soname, so a binary linked against the stubs loads the real libraries where they are
-# installed. Loaded instead (on a machine without a GPU, with the folder on LD_LIBRARY_PATH),
+# installed. Loaded instead (on a machine without a GPU, with the folder on LD_LIBRARY_PATH:
+# each stub is also there under its soname),
 # every stub function returns 100, CUDA_ERROR_NO_DEVICE: `--device cuda` then says that no
 # device answers, and the CPU paths run.
 #
@@ -31,6 +32,7 @@ while read -r lib soname module; do
     | sort -u | sed 's/.*/int &(void) { return 100; }/' > "$c"
   test -s "$c" || { echo "no functions found in $src" >&2; exit 1; }
   cc -shared -fPIC -Wl,-soname,"$soname" -o "$out/$lib.so" "$c"
+  ln -sf "$lib.so" "$out/$soname"
   echo "$out/$lib.so ($soname): $(wc -l < "$c") functions"
 done <<'LIBS'
 libcuda libcuda.so.1 driver
@@ -41,5 +43,6 @@ libcublasLt libcublasLt.so.13 cublaslt
 LIBS
 if [ -n "${CUDA_ROOT:-}" ] && [ -f "$CUDA_ROOT/lib/libcudart.so.13" ]; then
   ln -sf "$CUDA_ROOT/lib/libcudart.so.13" "$out/libcudart.so"
+  ln -sf "$CUDA_ROOT/lib/libcudart.so.13" "$out/libcudart.so.13"
   echo "$out/libcudart.so -> $CUDA_ROOT/lib/libcudart.so.13"
 fi

@@ -15,9 +15,15 @@
 #     1% of the CPU's.
 # Figures: teacher-dump generated tokens/s at batch 64; student-fit distilled positions/s of
 # the 6- and 15-layer students in f32 and bf16; peak device memory.
+#
+# A rehearsal where there is no GPU: KD_GPU_CHECK_DEVICE=cpu runs every step on the CPU
+# instead (KD_GPU_ON_CPU=1 for the tests), KD_GPU_CHECK_STEPS shortens the training runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+device=${KD_GPU_CHECK_DEVICE:-cuda}
+steps=${KD_GPU_CHECK_STEPS:-100}
+steps15=$((steps < 30 ? steps : 30))
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -30,8 +36,11 @@ log "device: $(cat "$out/gpu.txt")"
 if [ -d target/gpu-bundle ]; then
   bin=$work/bin
   mkdir -p "$bin"
-  for f in target/gpu-bundle/bin/*.gz; do
-    gunzip -c "$f" > "$bin/$(basename "${f%.gz}")"
+  for f in target/gpu-bundle/bin/*.xz; do
+    # xz where it is installed, Python's lzma otherwise.
+    xz -dc "$f" > "$bin/$(basename "${f%.xz}")" 2> /dev/null ||
+      python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' \
+        "$f" > "$bin/$(basename "${f%.xz}")"
   done
   chmod +x "$bin"/*
   tests=$bin/gpu-tests
@@ -39,8 +48,7 @@ if [ -d target/gpu-bundle ]; then
   log "bundle of commit $(cat target/gpu-bundle/commit 2> /dev/null || echo unknown)"
 else
   export CARGO_TARGET_DIR=target/cuda
-  cargo build --release --features cuda --bins --tests 2>&1 | tail -3
-  cargo build --release --features cuda -p kd-model --example random_teacher 2>&1 | tail -1
+  cargo build --release --workspace --features cuda --bins --tests --examples 2>&1 | tail -3
   bin=target/cuda/release
   tests=$(ls -t "$bin"/deps/gpu-* | grep -v '\.d$' | head -1)
   random_teacher=$bin/examples/random_teacher
@@ -70,8 +78,8 @@ dump() {
 }
 dump --device cpu --out "$work/qs-cpu" > "$out/dump-cpu.json"
 log "CPU dump done"
-dump --device cuda --batch-size 64 --out "$work/qs-gpu" > "$out/dump-gpu-bf16.json"
-dump --device cuda --dtype f32 --batch-size 64 --out "$work/qs-gpu-f32" > "$out/dump-gpu-f32.json"
+dump --device "$device" --dtype bf16 --batch-size 64 --out "$work/qs-gpu" > "$out/dump-gpu-bf16.json"
+dump --device "$device" --dtype f32 --batch-size 64 --out "$work/qs-gpu-f32" > "$out/dump-gpu-f32.json"
 log "GPU dumps done"
 
 fit() {
@@ -80,12 +88,15 @@ fit() {
 }
 six=0,6,12,18,24,29
 fifteen=0,2,4,6,8,10,12,14,16,18,20,22,24,26,29
-fit --keep-layers $six --device cpu --out "$work/s6-cpu" > "$out/fit6-cpu.json"
+fit --keep-layers $six --steps "$steps" --device cpu --out "$work/s6-cpu" > "$out/fit6-cpu.json"
 log "CPU student done"
-fit --keep-layers $six --device cuda --out "$work/s6-f32" > "$out/fit6-gpu-f32.json"
-fit --keep-layers $six --device cuda --precision bf16 --out "$work/s6-bf16" > "$out/fit6-gpu-bf16.json"
-fit --keep-layers $fifteen --steps 30 --device cuda --out "$work/s15-f32" > "$out/fit15-gpu-f32.json"
-fit --keep-layers $fifteen --steps 30 --device cuda --precision bf16 --out "$work/s15-bf16" \
+fit --keep-layers $six --steps "$steps" --device "$device" --engine candle --out "$work/s6-f32" \
+  > "$out/fit6-gpu-f32.json"
+fit --keep-layers $six --steps "$steps" --device "$device" --precision bf16 --out "$work/s6-bf16" \
+  > "$out/fit6-gpu-bf16.json"
+fit --keep-layers $fifteen --steps "$steps15" --device "$device" --engine candle --out "$work/s15-f32" \
+  > "$out/fit15-gpu-f32.json"
+fit --keep-layers $fifteen --steps "$steps15" --device "$device" --precision bf16 --out "$work/s15-bf16" \
   > "$out/fit15-gpu-bf16.json"
 log "GPU students done"
 kill "$smi" 2> /dev/null || true
