@@ -17,7 +17,8 @@
 # the 6- and 15-layer students in f32 and bf16; peak device memory.
 #
 # A rehearsal where there is no GPU: KD_GPU_CHECK_DEVICE=cpu runs every step on the CPU
-# instead (KD_GPU_ON_CPU=1 for the tests), KD_GPU_CHECK_STEPS shortens the training runs.
+# instead (KD_GPU_ON_CPU=1 for the tests), KD_GPU_CHECK_STEPS shortens the training runs, and
+# KD_GPU_CHECK_RANDOM_TEACHER=1 takes the random teacher even where the real one is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -57,7 +58,7 @@ fi
 
 teacher=data/models/SmolLM2-135M-Instruct.Q4_1.gguf
 tokenizer=target/gpu-bundle/tokenizer/tokenizer.json
-if [ ! -f "$teacher" ]; then
+if [ ! -f "$teacher" ] || [ "${KD_GPU_CHECK_RANDOM_TEACHER:-0}" = 1 ]; then
   teacher=$work/teacher
   "$random_teacher" smollm2-135m "$teacher" "$tokenizer" 2> /dev/null
 fi

@@ -33,8 +33,12 @@
 //! | `topk_logprob_gaps` | `list<uint32>` | within a position, `ceil(-lp[r]·S) - ceil(-lp[r-1]·S)` (gap 0: `ceil(-lp[0]·S)`) |
 //! | `token_logprob_q` | `list<uint32>` | `ceil(-lp·S)` of the token that actually follows |
 //! | `tail_logmass_q` | `list<uint32>` | per position `round(-ln(r)·T)`, r = 1 − Σ exp(top-k), [`NO_TAIL`] when r ≤ 0 |
-//! | `sample_ids` | `list<uint32>` | sampled targets: `n_pos × n` ids drawn at T=1, sorted by id within a position, repeats kept |
-//! | `sample_logprob_q` | `list<uint32>` | `ceil(-lp·S)` of each draw's teacher log-prob |
+//! | `sample_ids` | `list<uint32>` | sampled targets: each position's distinct ids among its `n` draws at T=1, ascending, positions in order |
+//! | `sample_logprob_q` | `list<uint32>` | `ceil(-lp·S)` of each distinct id's teacher log-prob |
+//! | `sample_counts` | `list<uint32>` | how many of its position's draws each id is (≥ 1; a position's counts sum to `n`) |
+//!
+//! Shards written before `sample_counts` end at `sample_logprob_q` and store every draw with its
+//! repeats; the reader takes both and gives back every draw, repeats included, either way.
 //!
 //! `kd.samples` (= `n`, 0 for a top-k cache) in the metadata says how many draws each
 //! position holds; `kd.top_k` may then be 0 (a cache of draws only). With c draws of an id

@@ -347,7 +347,8 @@ impl<'a, T: ArrowPrimitiveType> ListCol<'a, T> {
 fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Row>> {
     let scales = meta.logprob_scale.zip(meta.tail_scale);
     let names = crate::schema::columns_of(meta.format_version);
-    if b.num_columns() != names.len() {
+    let legacy = meta.format_version >= 2 && b.num_columns() == crate::schema::LEGACY_COLUMNS_V2;
+    if b.num_columns() != names.len() && !legacy {
         return Err(Error::schema(
             path,
             format!(
@@ -381,6 +382,8 @@ fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Ro
             ListCol<'a, UInt32Type>,
             (u32, u32),
             [ListCol<'a, UInt32Type>; 2],
+            // `sample_counts`; absent in shards that store each draw with its repeats.
+            Option<ListCol<'a, UInt32Type>>,
         ),
     }
     let lps = match scales {
@@ -397,6 +400,10 @@ fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Ro
                 ListCol::new(path, names[8], b.column(8))?,
                 ListCol::new(path, names[9], b.column(9))?,
             ],
+            match b.num_columns() > 10 {
+                true => Some(ListCol::new(path, names[10], b.column(10))?),
+                false => None,
+            },
         ),
     };
     let mut rows = Vec::with_capacity(b.num_rows());
@@ -412,12 +419,27 @@ fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Ro
                 Vec::new(),
                 Vec::new(),
             ),
-            LogProbs::Int(a, b, t, (scale, tail_scale), [sid, sq]) => {
+            LogProbs::Int(a, b, t, (scale, tail_scale), [sid, sq], counts) => {
                 let gaps = a.get(path, names[5], i)?;
                 let q = b.get(path, names[6], i)?;
                 let tail = t.get(path, names[7], i)?;
-                let sample_ids = sid.get(path, names[8], i)?;
-                let sample_q = sq.get(path, names[9], i)?;
+                let mut sample_ids = sid.get(path, names[8], i)?;
+                let mut sample_q = sq.get(path, names[9], i)?;
+                if let Some(c) = counts {
+                    let c = c.get(path, names[10], i)?;
+                    (sample_ids, sample_q) = crate::v2::expand_draws(&sample_ids, &sample_q, &c)
+                        .ok_or_else(|| {
+                            Error::corrupt(
+                                path,
+                                format!(
+                                    "row {i} of batch: {} distinct sampled ids, {} log-probs and {} counts (each at least 1)",
+                                    sample_ids.len(),
+                                    sample_q.len(),
+                                    c.len()
+                                ),
+                            )
+                        })?;
+                }
                 if sample_q.len() != sample_ids.len() {
                     return Err(Error::corrupt(
                         path,

@@ -93,7 +93,11 @@ impl Row {
         Row {
             topk_logprobs,
             token_logprob,
-            sample_logprobs: crate::v2::decode_samples(&e.sample_q, crate::LOGPROB_SCALE),
+            sample_logprobs: {
+                let (_, q) = crate::v2::expand_draws(&e.sample_ids, &e.sample_q, &e.sample_counts)
+                    .expect("encoded draws expand");
+                crate::v2::decode_samples(&q, crate::LOGPROB_SCALE)
+            },
             ..self.clone()
         }
     }

@@ -34,8 +34,9 @@ pub const META_TAIL_SCALE: &str = "kd.tail_scale";
 /// per position (decimal string; 0 when the shard holds top-k targets only).
 pub const META_SAMPLES: &str = "kd.samples";
 
-/// Column names of a v2 shard in file order.
-pub const COLUMNS_V2: [&str; 10] = [
+/// Column names of a v2 shard in file order. Shards written before `sample_counts` existed
+/// end at `sample_logprob_q` and store each draw with its repeats; readers take both.
+pub const COLUMNS_V2: [&str; 11] = [
     "id",
     "source",
     "input_ids",
@@ -46,7 +47,11 @@ pub const COLUMNS_V2: [&str; 10] = [
     "tail_logmass_q",
     "sample_ids",
     "sample_logprob_q",
+    "sample_counts",
 ];
+
+/// The columns of a v2 shard written before `sample_counts`.
+pub(crate) const LEGACY_COLUMNS_V2: usize = 10;
 
 /// Column names of a v1 shard in file order.
 pub const COLUMNS: [&str; 7] = [
@@ -69,8 +74,8 @@ pub fn arrow_schema() -> SchemaRef {
 }
 
 /// The canonical schema of a v2 shard: as v1, with the two log-prob columns stored as
-/// integers (`topk_logprob_gaps`, `token_logprob_q`), then `tail_logmass_q`, `sample_ids` and
-/// `sample_logprob_q`.
+/// integers (`topk_logprob_gaps`, `token_logprob_q`), then `tail_logmass_q`, `sample_ids`,
+/// `sample_logprob_q` and `sample_counts`.
 pub fn arrow_schema_v2() -> SchemaRef {
     let base = columns_schema(COLUMNS_V2[..7].try_into().expect("seven"), DataType::UInt32);
     let mut fields: Vec<Field> = base.fields().iter().map(|f| f.as_ref().clone()).collect();
@@ -134,7 +139,8 @@ pub(crate) fn check_arrow_schema(path: &Path, found: &Schema, version: u32) -> R
     let expected = arrow_schema_of(version);
     let want = columns_of(version);
     let names: Vec<&str> = found.fields().iter().map(|f| f.name().as_str()).collect();
-    if names != want {
+    let legacy = version >= 2 && names == want[..LEGACY_COLUMNS_V2];
+    if names != want && !legacy {
         return Err(Error::schema(
             path,
             format!("columns are {names:?}, expected {want:?} (format version {version})"),
@@ -201,10 +207,10 @@ pub fn schema_json_of(version: u32) -> Value {
         "error_bound": "every decoded top-k log-prob is within 1/S nats (1/1024 < 1e-3) of the teacher's exact f32 value: the writer rounds -log_prob * S up to an integer and stores the differences of those integers within a position; the shift by the tail is a weighted mean of the rounding errors, so it keeps each entry within the bound; token_logprob, rounded up the same way and given the same shift, is within 1/S too",
         "rank_order": "within a position, entries stay sorted by log-prob descending, so the gaps are non-negative; equal decoded values may come from distinct exact values",
         "sample_logprobs": "-sample_logprob_q / S, each within 1/S nats of the teacher's exact value",
-        "sampled_targets": "position j's draws are sample_ids[j*n..(j+1)*n]; an id drawn c times appears c times, so p_hat(id) = c / n is an unbiased estimate of the teacher's probability; forward KL at T=1 estimated as sum over draws of (log p(id) - log q(id)) / n is unbiased, and so is its gradient q - p_hat"
+        "sampled_targets": "a row's draws are its distinct drawn ids per position, in position order and ascending within a position, with counts: position j owns the entries after the first j*n draws (running sum of sample_counts) up to where the counts sum to (j+1)*n. An id drawn c times is stored once with count c, so p_hat(id) = c / n is an unbiased estimate of the teacher's probability; forward KL at T=1 estimated as sum over distinct ids of c * (log p(id) - log q(id)) / n is unbiased, and so is its gradient q - p_hat. In numpy: ids = np.repeat(sample_ids, sample_counts) and lps = np.repeat(-sample_logprob_q / S, sample_counts) give the n draws of each position, n at a time. Shards without the sample_counts column store every draw with its repeats (counts all 1)."
     });
     v["position_convention"]["description"] = json!(
-        "Distilled position t runs over prompt_len-1 ..= len(input_ids)-2 and holds the teacher's distribution for predicting input_ids[t+1]. Position j = t-(prompt_len-1) owns topk_ids[j*k..(j+1)*k], topk_logprob_gaps[j*k..(j+1)*k], token_logprob_q[j], tail_logmass_q[j], sample_ids[j*n..(j+1)*n] and sample_logprob_q[j*n..(j+1)*n]."
+        "Distilled position t runs over prompt_len-1 ..= len(input_ids)-2 and holds the teacher's distribution for predicting input_ids[t+1]. Position j = t-(prompt_len-1) owns topk_ids[j*k..(j+1)*k], topk_logprob_gaps[j*k..(j+1)*k], token_logprob_q[j], tail_logmass_q[j], and the distinct draws whose counts (sample_counts) sum to n from the end of position j-1's (see decoding.sampled_targets)."
     );
     v["manifest"]["fields"]["settings"] = json!(
         "every dump setting; must contain top_k (0 when the cache holds sampled targets only) and samples when it holds sampled targets"
@@ -235,15 +241,22 @@ pub fn schema_json_of(version: u32) -> Value {
         "name": "sample_ids",
         "type": "list<uint32>",
         "nullable": false,
-        "length": "n_pos * n",
-        "description": "sampled targets: n ids drawn per position from the teacher's distribution at T=1 (a stream seeded by the dump's seed, the row id and the position), sorted by id within a position with repeats kept; empty lists when n is 0"
+        "length": "distinct draws of the row's positions (at most n_pos * n)",
+        "description": "sampled targets: n ids drawn per position from the teacher's distribution at T=1 (a stream seeded by the dump's seed, the row id and the position), each distinct id of a position stored once, ascending within a position, positions in order; empty lists when n is 0"
     }));
     cols.push(json!({
         "name": "sample_logprob_q",
         "type": "list<uint32>",
         "nullable": false,
-        "length": "n_pos * n",
-        "description": "ceil(-log_prob * S) of each draw's teacher log-probability at T=1, aligned with sample_ids"
+        "length": "as sample_ids",
+        "description": "ceil(-log_prob * S) of each distinct drawn id's teacher log-probability at T=1, aligned with sample_ids"
+    }));
+    cols.push(json!({
+        "name": "sample_counts",
+        "type": "list<uint32>",
+        "nullable": false,
+        "length": "as sample_ids",
+        "description": "how many of its position's n draws each id of sample_ids is (at least 1); a position's counts sum to n. Absent in shards written before it, whose sample_ids and sample_logprob_q hold every draw with its repeats"
     }));
     v
 }

@@ -707,8 +707,8 @@ t = pq.read_table(sys.argv[1])
 md = {k.decode(): v.decode() for k, v in t.schema.metadata.items() if k.decode().startswith("kd.")}
 k, S, T = int(md["kd.top_k"]), int(md["kd.logprob_scale"]), int(md["kd.tail_scale"])
 out = []
-cols = [t.column(c).to_pylist() for c in ("topk_logprob_gaps", "token_logprob_q", "tail_logmass_q", "sample_logprob_q")]
-for gaps, q, tails, sq in zip(*cols):
+cols = [t.column(c).to_pylist() for c in ("topk_logprob_gaps", "token_logprob_q", "tail_logmass_q", "sample_logprob_q", "sample_counts")]
+for gaps, q, tails, sq, counts in zip(*cols):
     lps, shifts = [], []
     for j, tq in zip(range(0, len(gaps), k), tails):
         lp = [-c / S for c in accumulate(gaps[j:j + k])]
@@ -717,7 +717,7 @@ for gaps, q, tails, sq in zip(*cols):
         lps += [x + shift for x in lp]
         shifts.append(shift)
     out.append({"topk_logprobs": lps, "token_logprob": [-x / S + s for x, s in zip(q, shifts)],
-                "sample_logprobs": [-x / S for x in sq]})
+                "sample_logprobs": [-x / S for x, c in zip(sq, counts) for _ in range(c)]})
 print(json.dumps({"meta": md, "columns": t.column_names, "rows": out}))
 "#;
     let v = run_python(&py, script, &d.path().join("s.parquet"));
@@ -871,4 +871,52 @@ fn sampled_targets_round_trip_in_format_2() {
 fn sample_counts_group_repeats() {
     let c = counts_of(&[3, 3, 7, 9, 9, 9], &[-0.5, -0.5, -2.0, -0.1, -0.1, -0.1]);
     assert_eq!(c, vec![(3, 2, -0.5), (7, 1, -2.0), (9, 3, -0.1)]);
+}
+
+/// Draws are stored once per distinct id with a count; shards written before that, with
+/// every draw and its repeats and no `sample_counts` column, read back to the same rows.
+#[test]
+fn draws_are_stored_distinct_and_shards_with_repeats_still_read() {
+    let d = tempfile::tempdir().unwrap();
+    let (k, n) = (3, 12);
+    let rows = crate::synth::tiny_rows_with_samples(7, k, n);
+    let repeats: usize = rows
+        .iter()
+        .map(|r| r.sample_ids.windows(2).filter(|w| w[0] == w[1]).count())
+        .sum();
+    assert!(repeats > 0, "the fixture draws some ids more than once");
+    let opts = WriteOptions::for_version_with_samples(2, n);
+    write_shard_with(d.path(), "new.parquet", k, &rows, &opts).unwrap();
+    crate::writer::legacy::with_repeats(|| {
+        write_shard_with(d.path(), "old.parquet", k, &rows, &opts).unwrap()
+    });
+    let new_rows = read_shard(&d.path().join("new.parquet")).unwrap();
+    let old_rows = read_shard(&d.path().join("old.parquet")).unwrap();
+    assert_eq!(new_rows, stored(&rows, k, 2));
+    assert_eq!(old_rows, new_rows);
+    // The new file stores fewer sampled entries: one per distinct id.
+    let count = |name: &str| {
+        let f = std::fs::File::open(d.path().join(name)).unwrap();
+        let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
+        let names: Vec<String> = b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let mut total = 0;
+        for batch in b.build().unwrap() {
+            let batch = batch.unwrap();
+            let c = batch
+                .column(8)
+                .as_any()
+                .downcast_ref::<arrow::array::ListArray>()
+                .unwrap();
+            total += c.values().len();
+        }
+        (names.len(), total)
+    };
+    let all: usize = rows.iter().map(|r| r.sample_ids.len()).sum();
+    assert_eq!(count("old.parquet"), (10, all));
+    assert_eq!(count("new.parquet"), (11, all - repeats));
 }

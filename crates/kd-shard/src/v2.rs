@@ -34,8 +34,12 @@ pub(crate) struct Encoded {
     pub(crate) token_q: Vec<u32>,
     /// `tail_logmass_q`.
     pub(crate) tail: Vec<u32>,
-    /// `sample_logprob_q`: `ceil(-lp · S)` of each draw.
+    /// `sample_ids`: each position's distinct drawn ids, ascending.
+    pub(crate) sample_ids: Vec<u32>,
+    /// `sample_logprob_q`: `ceil(-lp · S)` of each distinct drawn id.
     pub(crate) sample_q: Vec<u32>,
+    /// `sample_counts`: how many of the position's draws each distinct id is.
+    pub(crate) sample_counts: Vec<u32>,
 }
 
 /// A row's v2 integers. The row is valid (each position sorted by log-prob descending), so
@@ -72,17 +76,60 @@ pub(crate) fn encode_row(r: &Row, k: usize) -> Result<Encoded, String> {
         .iter()
         .map(|&lp| range(lp))
         .collect::<Result<_, _>>()?;
-    let sample_q = r
-        .sample_logprobs
-        .iter()
-        .map(|&lp| range(lp))
-        .collect::<Result<_, _>>()?;
+    let (sample_ids, sample_q, sample_counts) = distinct_draws(r)?;
     Ok(Encoded {
         gaps,
         token_q,
         tail,
+        sample_ids,
         sample_q,
+        sample_counts,
     })
+}
+
+/// A row's draws as distinct ids per position, with one quantized log-prob and a count each.
+/// Within a position the draws are sorted by id (a valid row), so repeats are adjacent.
+fn distinct_draws(r: &Row) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), String> {
+    let (mut ids, mut q, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+    let positions = r.token_logprob.len();
+    if r.sample_ids.is_empty() || positions == 0 {
+        return Ok((ids, q, counts));
+    }
+    let n = r.sample_ids.len() / positions;
+    for (pos_ids, pos_lps) in r.sample_ids.chunks(n).zip(r.sample_logprobs.chunks(n)) {
+        let mut j = 0;
+        while j < pos_ids.len() {
+            let end = j + pos_ids[j..]
+                .iter()
+                .take_while(|&&id| id == pos_ids[j])
+                .count();
+            ids.push(pos_ids[j]);
+            q.push(quantize(pos_lps[j]).ok_or_else(|| {
+                format!("log-prob {} is below the range of format 2", pos_lps[j])
+            })?);
+            counts.push((end - j) as u32);
+            j = end;
+        }
+    }
+    Ok((ids, q, counts))
+}
+
+/// The draws of a row as the reader gives them back, each id repeated by its count:
+/// `(sample_ids, sample_q)` with one entry per draw. `None` when a count is 0 or the lists
+/// differ in length.
+pub(crate) fn expand_draws(ids: &[u32], q: &[u32], counts: &[u32]) -> Option<(Vec<u32>, Vec<u32>)> {
+    if ids.len() != q.len() || ids.len() != counts.len() || counts.contains(&0) {
+        return None;
+    }
+    let total: usize = counts.iter().map(|&c| c as usize).sum();
+    let (mut out_ids, mut out_q) = (Vec::with_capacity(total), Vec::with_capacity(total));
+    for ((&id, &lq), &c) in ids.iter().zip(q).zip(counts) {
+        for _ in 0..c {
+            out_ids.push(id);
+            out_q.push(lq);
+        }
+    }
+    Some((out_ids, out_q))
 }
 
 /// The sampled targets' log-probs: `-q / scale` (each within 1/scale nats of the exact value).

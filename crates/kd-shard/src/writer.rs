@@ -270,7 +270,6 @@ fn record_batch(
     quantized: Option<&[crate::v2::Encoded]>,
     path: &Path,
 ) -> Result<RecordBatch> {
-    let too_big = || Error::corrupt(path, "list values exceed i32 offsets in one batch");
     let id: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.id)));
     let source: ArrayRef = Arc::new(StringArray::from_iter_values(
         rows.iter().map(|r| r.source.as_str()),
@@ -294,10 +293,31 @@ fn record_batch(
             columns.push(u32_lists(q.iter().map(|r| r.gaps.as_slice())));
             columns.push(u32_lists(q.iter().map(|r| r.token_q.as_slice())));
             columns.push(u32_lists(q.iter().map(|r| r.tail.as_slice())));
-            columns.push(u32_lists(rows.iter().map(|r| r.sample_ids.as_slice())));
+            #[cfg(test)]
+            if legacy::draws_with_repeats() {
+                let expanded: Vec<(Vec<u32>, Vec<u32>)> = q
+                    .iter()
+                    .map(|e| crate::v2::expand_draws(&e.sample_ids, &e.sample_q, &e.sample_counts))
+                    .collect::<Option<_>>()
+                    .expect("encoded draws expand");
+                columns.push(u32_lists(expanded.iter().map(|e| e.0.as_slice())));
+                columns.push(u32_lists(expanded.iter().map(|e| e.1.as_slice())));
+                return finish_batch(schema, columns, path);
+            }
+            columns.push(u32_lists(q.iter().map(|r| r.sample_ids.as_slice())));
             columns.push(u32_lists(q.iter().map(|r| r.sample_q.as_slice())));
+            columns.push(u32_lists(q.iter().map(|r| r.sample_counts.as_slice())));
         }
     }
+    finish_batch(schema, columns, path)
+}
+
+fn finish_batch(
+    schema: &SchemaRef,
+    columns: Vec<Option<ArrayRef>>,
+    path: &Path,
+) -> Result<RecordBatch> {
+    let too_big = || Error::corrupt(path, "list values exceed i32 offsets in one batch");
     let columns = columns
         .into_iter()
         .collect::<Option<Vec<ArrayRef>>>()
@@ -306,6 +326,26 @@ fn record_batch(
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Tests write shards as they were before `sample_counts`: every draw with its repeats.
+#[cfg(test)]
+pub(crate) mod legacy {
+    use std::cell::Cell;
+
+    thread_local!(static REPEATS: Cell<bool> = const { Cell::new(false) });
+
+    pub(crate) fn draws_with_repeats() -> bool {
+        REPEATS.with(Cell::get)
+    }
+
+    /// Runs `f` with this thread's writes in the former layout.
+    pub(crate) fn with_repeats<T>(f: impl FnOnce() -> T) -> T {
+        REPEATS.with(|r| r.set(true));
+        let out = f();
+        REPEATS.with(|r| r.set(false));
+        out
+    }
 }
 
 /// Writes one shard atomically with [`WriteOptions::default`]; see [`write_shard_with`].
@@ -389,8 +429,16 @@ pub fn write_shard_with(
     let props = writer_properties(k, opts, &path)?;
     // The kd.* keys also go into the Arrow schema's metadata, which pyarrow and polars show
     // as the table's metadata (they read it from the embedded ARROW:schema).
+    let schema = arrow_schema_of(version).as_ref().clone();
+    #[cfg(test)]
+    let schema = if version >= 2 && legacy::draws_with_repeats() {
+        let fields: Vec<_> = schema.fields().iter().take(10).cloned().collect();
+        arrow::datatypes::Schema::new(fields)
+    } else {
+        schema
+    };
     let schema = Arc::new(
-        arrow_schema_of(version).as_ref().clone().with_metadata(
+        schema.with_metadata(
             kd_metadata(k, version, opts.samples)
                 .into_iter()
                 .collect::<std::collections::BTreeMap<_, _>>(),
