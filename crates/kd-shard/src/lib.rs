@@ -37,8 +37,10 @@
 //! | `sample_logprob_q` | `list<uint32>` | `ceil(-lp·S)` of each distinct id's teacher log-prob |
 //! | `sample_counts` | `list<uint32>` | how many of its position's draws each id is (≥ 1; a position's counts sum to `n`) |
 //!
-//! Shards written before `sample_counts` end at `sample_logprob_q` and store every draw with its
-//! repeats; the reader takes both and gives back every draw, repeats included, either way.
+//! `sample_counts` is written only where there are draws. Shards without it end at
+//! `sample_logprob_q`: caches without draws, and sampled shards written before the column
+//! existed, which store every draw with its repeats; the reader takes both and gives back
+//! every draw, repeats included, either way.
 //!
 //! `kd.samples` (= `n`, 0 for a top-k cache) in the metadata says how many draws each
 //! position holds; `kd.top_k` may then be 0 (a cache of draws only). With c draws of an id

@@ -34,8 +34,10 @@ pub const META_TAIL_SCALE: &str = "kd.tail_scale";
 /// per position (decimal string; 0 when the shard holds top-k targets only).
 pub const META_SAMPLES: &str = "kd.samples";
 
-/// Column names of a v2 shard in file order. Shards written before `sample_counts` existed
-/// end at `sample_logprob_q` and store each draw with its repeats; readers take both.
+/// Column names of a v2 shard in file order. `sample_counts` is written only where there are
+/// draws; shards without it (caches without draws, and sampled shards written before it
+/// existed, which store each draw with its repeats) end at `sample_logprob_q`. Readers take
+/// both.
 pub const COLUMNS_V2: [&str; 11] = [
     "id",
     "source",
@@ -207,7 +209,7 @@ pub fn schema_json_of(version: u32) -> Value {
         "error_bound": "every decoded top-k log-prob is within 1/S nats (1/1024 < 1e-3) of the teacher's exact f32 value: the writer rounds -log_prob * S up to an integer and stores the differences of those integers within a position; the shift by the tail is a weighted mean of the rounding errors, so it keeps each entry within the bound; token_logprob, rounded up the same way and given the same shift, is within 1/S too",
         "rank_order": "within a position, entries stay sorted by log-prob descending, so the gaps are non-negative; equal decoded values may come from distinct exact values",
         "sample_logprobs": "-sample_logprob_q / S, each within 1/S nats of the teacher's exact value",
-        "sampled_targets": "a row's draws are its distinct drawn ids per position, in position order and ascending within a position, with counts: position j owns the entries after the first j*n draws (running sum of sample_counts) up to where the counts sum to (j+1)*n. An id drawn c times is stored once with count c, so p_hat(id) = c / n is an unbiased estimate of the teacher's probability; forward KL at T=1 estimated as sum over distinct ids of c * (log p(id) - log q(id)) / n is unbiased, and so is its gradient q - p_hat. In numpy: ids = np.repeat(sample_ids, sample_counts) and lps = np.repeat(-sample_logprob_q / S, sample_counts) give the n draws of each position, n at a time. Shards without the sample_counts column store every draw with its repeats (counts all 1)."
+        "sampled_targets": "a row's draws are its distinct drawn ids per position, in position order and ascending within a position, with counts: position j owns the entries after the first j*n draws (running sum of sample_counts) up to where the counts sum to (j+1)*n. An id drawn c times is stored once with count c, so p_hat(id) = c / n is an unbiased estimate of the teacher's probability; forward KL at T=1 estimated as sum over distinct ids of c * (log p(id) - log q(id)) / n is unbiased, and so is its gradient q - p_hat. In numpy: ids = np.repeat(sample_ids, sample_counts) and lps = np.repeat(-sample_logprob_q / S, sample_counts) give the n draws of each position, n at a time. Shards without the sample_counts column store every draw with its repeats (counts all 1): caches without draws, and caches written before the column existed."
     });
     v["position_convention"]["description"] = json!(
         "Distilled position t runs over prompt_len-1 ..= len(input_ids)-2 and holds the teacher's distribution for predicting input_ids[t+1]. Position j = t-(prompt_len-1) owns topk_ids[j*k..(j+1)*k], topk_logprob_gaps[j*k..(j+1)*k], token_logprob_q[j], tail_logmass_q[j], and the distinct draws whose counts (sample_counts) sum to n from the end of position j-1's (see decoding.sampled_targets)."
@@ -256,7 +258,7 @@ pub fn schema_json_of(version: u32) -> Value {
         "type": "list<uint32>",
         "nullable": false,
         "length": "as sample_ids",
-        "description": "how many of its position's n draws each id of sample_ids is (at least 1); a position's counts sum to n. Absent in shards written before it, whose sample_ids and sample_logprob_q hold every draw with its repeats"
+        "description": "how many of its position's n draws each id of sample_ids is (at least 1); a position's counts sum to n. Present only in shards with draws (kd.samples > 0); absent in shards without draws (their sample lists are empty) and in shards written before it, whose sample_ids and sample_logprob_q hold every draw with its repeats"
     }));
     v
 }

@@ -17,8 +17,8 @@ use parquet::schema::types::ColumnPath;
 use crate::fsutil::{HashingWriter, safe_join};
 use crate::manifest::ShardEntry;
 use crate::schema::{
-    LIST_ITEM, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_SAMPLES,
-    META_TAIL_SCALE, META_TOP_K, arrow_schema_of,
+    LEGACY_COLUMNS_V2, LIST_ITEM, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE,
+    META_SAMPLES, META_TAIL_SCALE, META_TOP_K, arrow_schema_of,
 };
 use crate::{DEFAULT_FORMAT_VERSION, Error, FORMAT_VERSION, Result, Row, Source};
 use kd_fs::write_atomic;
@@ -264,10 +264,14 @@ fn f32_lists<'a>(lists: impl Iterator<Item = &'a [f32]> + Clone) -> Option<Array
     ))
 }
 
+/// `quantized` holds format 2's integers; with `counts` the draws are stored distinct with
+/// `sample_counts`, without it (a cache without draws, whose lists are all empty) the column
+/// is left out, as before it existed.
 fn record_batch(
     schema: &SchemaRef,
     rows: &[Row],
     quantized: Option<&[crate::v2::Encoded]>,
+    counts: bool,
     path: &Path,
 ) -> Result<RecordBatch> {
     let id: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.id)));
@@ -293,8 +297,12 @@ fn record_batch(
             columns.push(u32_lists(q.iter().map(|r| r.gaps.as_slice())));
             columns.push(u32_lists(q.iter().map(|r| r.token_q.as_slice())));
             columns.push(u32_lists(q.iter().map(|r| r.tail.as_slice())));
-            #[cfg(test)]
-            if legacy::draws_with_repeats() {
+            if counts {
+                columns.push(u32_lists(q.iter().map(|r| r.sample_ids.as_slice())));
+                columns.push(u32_lists(q.iter().map(|r| r.sample_q.as_slice())));
+                columns.push(u32_lists(q.iter().map(|r| r.sample_counts.as_slice())));
+            } else {
+                // Every draw with its repeats (empty lists in a cache without draws).
                 let expanded: Vec<(Vec<u32>, Vec<u32>)> = q
                     .iter()
                     .map(|e| crate::v2::expand_draws(&e.sample_ids, &e.sample_q, &e.sample_counts))
@@ -302,11 +310,7 @@ fn record_batch(
                     .expect("encoded draws expand");
                 columns.push(u32_lists(expanded.iter().map(|e| e.0.as_slice())));
                 columns.push(u32_lists(expanded.iter().map(|e| e.1.as_slice())));
-                return finish_batch(schema, columns, path);
             }
-            columns.push(u32_lists(q.iter().map(|r| r.sample_ids.as_slice())));
-            columns.push(u32_lists(q.iter().map(|r| r.sample_q.as_slice())));
-            columns.push(u32_lists(q.iter().map(|r| r.sample_counts.as_slice())));
         }
     }
     finish_batch(schema, columns, path)
@@ -328,7 +332,8 @@ fn finish_batch(
     })
 }
 
-/// Tests write shards as they were before `sample_counts`: every draw with its repeats.
+/// Tests write sampled shards as they were before `sample_counts`: every draw with its
+/// repeats.
 #[cfg(test)]
 pub(crate) mod legacy {
     use std::cell::Cell;
@@ -429,10 +434,18 @@ pub fn write_shard_with(
     let props = writer_properties(k, opts, &path)?;
     // The kd.* keys also go into the Arrow schema's metadata, which pyarrow and polars show
     // as the table's metadata (they read it from the embedded ARROW:schema).
-    let schema = arrow_schema_of(version).as_ref().clone();
+    // `sample_counts` only where there are draws: a top-k cache keeps the columns it had.
+    let counts = version >= 2 && opts.samples > 0;
     #[cfg(test)]
-    let schema = if version >= 2 && legacy::draws_with_repeats() {
-        let fields: Vec<_> = schema.fields().iter().take(10).cloned().collect();
+    let counts = counts && !legacy::draws_with_repeats();
+    let schema = arrow_schema_of(version).as_ref().clone();
+    let schema = if version >= 2 && !counts {
+        let fields: Vec<_> = schema
+            .fields()
+            .iter()
+            .take(LEGACY_COLUMNS_V2)
+            .cloned()
+            .collect();
         arrow::datatypes::Schema::new(fields)
     } else {
         schema
@@ -450,7 +463,7 @@ pub fn write_shard_with(
             .map_err(pq)?;
         for range in batch_ranges(rows, opts.row_group_rows.max(1)) {
             let q = quantized.as_deref().map(|q| &q[range.clone()]);
-            w.write(&record_batch(&schema, &rows[range], q, &path)?)
+            w.write(&record_batch(&schema, &rows[range], q, counts, &path)?)
                 .map_err(pq)?;
         }
         let (file, sha, bytes) = w.into_inner().map_err(pq)?.finish();
