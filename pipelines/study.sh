@@ -14,7 +14,7 @@
 # id is not in it; implies --no-publish), --quick, --no-publish, --device D (cpu, cuda, cuda:N:
 # where the dumps, training runs and evaluations run; a cuda device builds the binaries with
 # `--features cuda` into target/cuda, see docs/gpu.md; the teacher then computes in the
-# dumps' default dtype there, bf16).
+# dumps' default dtype there, bf16, and --max-new-tokens defaults to 256).
 #
 # A full run with the default --out also publishes: it replaces the files of docs/study/ with
 # OUT/results/ and OUT/times.tsv (docs/study/README.md stays), and rewrites the study block of
@@ -59,6 +59,7 @@ LIMIT_HELD=""
 PUBLISH=1
 HELDOUT_FILE=""
 DEVICE=""
+MAX_NEW_GIVEN=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT="$2"; PUBLISH=0; shift 2 ;;
@@ -67,9 +68,9 @@ while [ $# -gt 0 ]; do
         --positions) POSITIONS="$2"; shift 2 ;;
         --samples) SAMPLES="$2"; shift 2 ;;
         --sweep-samples) SWEEP_SAMPLES="$2"; shift 2 ;;
-        --max-new-tokens) MAX_NEW="$2"; shift 2 ;;
+        --max-new-tokens) MAX_NEW="$2"; MAX_NEW_GIVEN=1; shift 2 ;;
         --device) DEVICE="$2"; shift 2 ;;
-        --quick) PUBLISH=0; POSITIONS=600; SAMPLES=2; MAX_NEW=24; LIMIT_TRAIN="--limit 8"; LIMIT_HELD="--limit 6"; shift ;;
+        --quick) PUBLISH=0; POSITIONS=600; SAMPLES=2; MAX_NEW=24; MAX_NEW_GIVEN=1; LIMIT_TRAIN="--limit 8"; LIMIT_HELD="--limit 6"; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "study.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -87,6 +88,8 @@ declare -A STUDENT_WORDS=(["6l"]="6 of 30 layers (0, 6, 12, 18, 24, 29)" ["15l"]
 [ -f "$TEACHER" ] || ./scripts/setup.sh
 DEV=()
 if [ -n "$DEVICE" ]; then DEV=(--device "$DEVICE"); fi
+# On a GPU the responses may run to 256 tokens, so that the teacher's answers end.
+case "$DEVICE" in cuda*) [ "$MAX_NEW_GIVEN" = 1 ] || MAX_NEW=256 ;; esac
 case "$DEVICE" in
     cuda*)
         BIN=target/cuda/release

@@ -115,6 +115,46 @@ fn killed_and_resumed_run_equals_an_uninterrupted_one() {
         eprintln!("skipped: Python safetensors/numpy not installed (export names not checked)");
     }
 
+    // `logits` runs on the kernel engine's forward pass on the CPU and on candle's elsewhere:
+    // the same log-probs; a CUDA device in a binary without CUDA is refused by name.
+    let logits = |extra: &[&str]| -> serde_json::Value {
+        let student = a.join("student");
+        let args = [
+            &[
+                "logits",
+                "--student",
+                student.to_str().unwrap(),
+                "--ids",
+                "1,40,2,5",
+            ],
+            extra,
+        ]
+        .concat();
+        serde_json::from_str(&util::run_ok("student-fit", &args)).unwrap()
+    };
+    let cpu = logits(&["--device", "cpu"]);
+    assert_eq!(cpu["logprobs"].as_array().unwrap().len(), 4);
+    assert_eq!(logits(&[]), cpu);
+    if !cfg!(feature = "cuda") {
+        let student = a.join("student");
+        let o = util::run(
+            "student-fit",
+            &[
+                "logits",
+                "--student",
+                student.to_str().unwrap(),
+                "--ids",
+                "1",
+                "--device",
+                "cuda",
+            ],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("built without CUDA"),
+            "{err}"
+        );
+    }
     // With torch and transformers (KD_PYTHON names an interpreter that has them), the export
     // gives transformers' log-probs within 1e-4 nats at every position and token.
     let py = std::env::var("KD_PYTHON").unwrap_or_else(|_| "python3".into());

@@ -291,6 +291,10 @@ struct LogitsArgs {
     /// Token ids, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     ids: Vec<u32>,
+    /// Where the student runs: `cpu` (the kernel engine's forward pass where it runs),
+    /// `cuda`, `cuda:N` or `auto` [default: auto].
+    #[arg(long, value_parser = crate::cli::parse_device, default_value = "auto")]
+    device: kd_model::DeviceChoice,
 }
 
 /// The binary's body.
@@ -611,14 +615,14 @@ fn export_gguf(x: ExportArgs) -> anyhow::Result<()> {
 }
 
 fn logits(l: LogitsArgs) -> anyhow::Result<()> {
-    let student = kd_model::trainable::Student::from_hf_dir(
-        &l.student,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )?;
+    let device = l.device.open()?;
+    let student =
+        kd_model::trainable::Student::from_hf_dir(&l.student, candle_core::DType::F32, &device)?;
     let n = l.ids.len();
-    // The kernel engine's forward pass where it runs, candle's otherwise.
-    let z: Vec<Vec<f32>> = if kd_student::engine::kernels_unsupported(&student.cfg, n).is_none() {
+    // The kernel engine's forward pass where it runs (on the CPU), candle's otherwise.
+    let kernels =
+        device.is_cpu() && kd_student::engine::kernels_unsupported(&student.cfg, n).is_none();
+    let z: Vec<Vec<f32>> = if kernels {
         let mut k = kd_student::engine::KernelStudent::for_inference(&student, n, n, n)?;
         let h = k.sequence_hidden(&l.ids)?;
         let mut z = Vec::new();
@@ -627,7 +631,7 @@ fn logits(l: LogitsArgs) -> anyhow::Result<()> {
             .map(|r| r.to_vec())
             .collect()
     } else {
-        let ids = candle_core::Tensor::from_vec(l.ids.clone(), (1, n), &candle_core::Device::Cpu)?;
+        let ids = candle_core::Tensor::from_vec(l.ids.clone(), (1, n), &device)?;
         let hidden = student.forward(&ids, &[n])?;
         let d = hidden.dim(2)?;
         student
