@@ -32,10 +32,11 @@
 #    with the same batches and learning-rate schedule, under: SFT on the teacher's responses
 #    (α = 0), forward KL, reverse KL, JSD(0.5), the seed recipe (forward KL, τ = 2, α = 0.7),
 #    and reverse KL started from that student's SFT result (MiniLLM's practice; its budget
-#    comes on top of the SFT run's). Then the cache sweep: the same responses dumped again
-#    (the same in every dump, since a row's sampling stream depends only on the seed, the id
-#    and i) as top-8, top-32 in format 1, sample:12 and top-1024 (the near-full reference),
-#    each timed, and the 6-layer student trained with forward KL from each.
+#    comes on top of the SFT run's). Then the cache sweep: the same responses (the same in
+#    every dump, since a row's sampling stream depends only on the seed, the id and i)
+#    dumped once at top-1024 in format 1, from which top-8, top-32 in format 1 and top-1024
+#    in format 2 (the near-full reference) are derived by `shard-cat derive`, and dumped
+#    again as sample:12; each timed, and the 6-layer student trained with forward KL from each.
 # 4. Evaluates each student's initialisation and every trained student on the held-out
 #    shards (top-64, bucket tail), generates greedily for every held-out prompt (ROUGE-L F1
 #    against the teacher's answer, the share of answers that end with end-of-turn, their
@@ -276,18 +277,36 @@ done
 # The cache sweep, after the methods: the other caches of the same responses (the first
 # SWEEP_SAMPLES of each prompt's; with fewer than SAMPLES the top-32 format-2 baseline is a
 # dump and a run of its own, on the same rows as the others).
+# The sweep's top-k caches are derived, without the teacher, from one format-1 top-1024 dump
+# of those responses (`shard-cat derive`: each is, byte for byte, the dump its settings would
+# write); their time is the derivation's. The sampled cache needs the teacher's whole
+# distribution, so it stays a dump.
+derive() { # NAME SHARD-CAT-DERIVE-ARGS...
+    local name="$1" dir="$OUT/dumps/$1"
+    shift
+    if [ -f "$dir/manifest.json" ] && [ -f "$dir.seconds" ]; then
+        echo "study: $dir is complete" >&2
+        return
+    fi
+    rm -rf "$dir"
+    local t0
+    t0=$(now_ns)
+    timed "derive $name" "$BIN/shard-cat" derive "$OUT/dumps/sweep-k1024-v1" --out "$dir" "$@"
+    python3 -c "print(($(now_ns) - $t0) / 1e9)" > "$dir.seconds"
+}
 SWEEP=("${ROWS[@]}" --responses-per-prompt "$SWEEP_SAMPLES")
+dump sweep-k1024-v1 "${SWEEP[@]}" --targets top:1024 --shard-format 1
 SWEEP_K32=train-k32
 SWEEP_K32_RUN=6l-forward_kl
 if [ "$SWEEP_SAMPLES" != "$SAMPLES" ]; then
     SWEEP_K32=sweep-k32
     SWEEP_K32_RUN=6l-sweep-k32
-    dump sweep-k32 "${SWEEP[@]}" --targets top:32
+    derive sweep-k32 --top-k 32 --shard-format 2
 fi
-dump train-k8 "${SWEEP[@]}" --targets top:8
-dump train-k32-v1 "${SWEEP[@]}" --targets top:32 --shard-format 1
+derive train-k8 --top-k 8 --shard-format 2
+derive train-k32-v1 --top-k 32
+derive train-k1024 --shard-format 2
 dump train-s12 "${SWEEP[@]}" --targets sample:12
-dump train-k1024 "${SWEEP[@]}" --targets top:1024
 [ "$SWEEP_K32_RUN" = 6l-forward_kl ] || fit "$SWEEP_K32_RUN" 6l "$OUT/dumps/$SWEEP_K32" "$FKL" "$BUDGET"
 fit 6l-k8 6l "$OUT/dumps/train-k8" "$FKL" "$BUDGET"
 fit 6l-k32-v1 6l "$OUT/dumps/train-k32-v1" "$FKL" "$BUDGET"
@@ -337,10 +356,10 @@ cat > "$OUT/study.json" <<EOF
 $(methods)
   ],
   "cost": [
-$(cost train-k8 8 "top-k, format 2" "top-8 (format 2)" 6l-k8 "tail mass $(tail_mass train-k8)"),
-$(cost train-k32-v1 32 "top-k, format 1" "top-32 (format 1)" 6l-k32-v1 "tail mass $(tail_mass train-k32-v1)"),
+$(cost train-k8 8 "top-k, format 2" "top-8 (format 2)" 6l-k8 "tail mass $(tail_mass train-k8); derived from the top-1024 dump"),
+$(cost train-k32-v1 32 "top-k, format 1" "top-32 (format 1)" 6l-k32-v1 "tail mass $(tail_mass train-k32-v1); derived from the top-1024 dump"),
 $(cost "$SWEEP_K32" 32 "top-k, format 2" "top-32 (format 2)" "$SWEEP_K32_RUN" "tail mass $(tail_mass "$SWEEP_K32")"),
-$(cost train-k1024 1024 "top-k, format 2" "top-1024 (format 2, near-full reference)" 6l-k1024 "tail mass $(tail_mass train-k1024)"),
+$(cost train-k1024 1024 "top-k, format 2" "top-1024 (format 2, near-full reference)" 6l-k1024 "tail mass $(tail_mass train-k1024); derived from the format-1 dump"),
 $(cost train-s12 12 "sample:12" "sample:12 (format 2, unbiased estimator)" 6l-s12 "12 draws per position")
   ]
 }

@@ -624,6 +624,60 @@ fn a_half_precision_dump_records_its_dtype_and_stays_near_the_exact_one() {
     assert!(err.contains("expected f32, bf16 or f16"), "{err}");
 }
 
+/// `shard-cat derive`: top-4 in format 2 derived from a top-16 format-1 dump is the top-4
+/// format-2 dump of the same rows, shard for shard and byte for byte, with the same identity;
+/// a subset of rows gets its own identity; asking for more entries than the source holds, or
+/// a destination that already holds a cache, is refused.
+#[test]
+fn a_derived_cache_is_the_dump_its_settings_would_write() {
+    let c = Case::soft();
+    let input = c.input("in.jsonl", &prompts(6));
+    let (wide, narrow) = (c.path("k16-v1"), c.path("k4"));
+    c.dump(&input, &wide, &["--top-k", "16", "--shard-format", "1"]);
+    c.dump(&input, &narrow, &["--top-k", "4"]);
+    let derived = c.path("derived");
+    let derive = |extra: &[&str]| {
+        let a = [&["derive", s(&wide)], extra].concat();
+        util::run("shard-cat", &a)
+    };
+    let o = derive(&["--out", s(&derived), "--top-k", "4", "--shard-format", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (m, d) = (manifest(&narrow), manifest(&derived));
+    assert_eq!(d.fingerprint, m.fingerprint);
+    assert_eq!(
+        d.shards, m.shards,
+        "the same shards, byte for byte (sha256)"
+    );
+    assert_eq!(rows(&derived), rows(&narrow));
+    let from = d.derived_from.as_ref().expect("derived_from");
+    assert_eq!(from["top_k"], 16);
+    assert_eq!(from["fingerprint"], manifest(&wide).fingerprint.as_str());
+    util::run_ok("shard-cat", &["verify", s(&derived)]);
+
+    let ids = c.path("ids.txt");
+    let keep: Vec<String> = rows(&narrow).iter().take(2).map(|r| r.id.clone()).collect();
+    std::fs::write(&ids, keep.join("\n")).unwrap();
+    let subset = c.path("subset");
+    let o = derive(&["--out", s(&subset), "--ids", s(&ids)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: Vec<String> = rows(&subset).iter().map(|r| r.id.clone()).collect();
+    assert_eq!(got, keep);
+    assert_eq!(manifest(&subset).input["selected_rows"], 2);
+    assert_ne!(manifest(&subset).fingerprint, manifest(&wide).fingerprint);
+
+    for (extra, want) in [
+        (
+            vec!["--out", s(&c.path("more")), "--top-k", "32"],
+            "1 to 16",
+        ),
+        (vec!["--out", s(&derived)], "already holds a manifest"),
+    ] {
+        let o = derive(&extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{err}");
+    }
+}
+
 /// The renamed flags: `--responses-per-prompt` and `--sampling-temperature` make the dump the
 /// former `--samples` and `--temperature` made, and a former name still works, with a note.
 #[test]

@@ -69,6 +69,27 @@ pub enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write another cache from a finished one, without the teacher: fewer top-k entries
+    /// (the tail mass recomputed from the stored values), the other shard format, or a subset
+    /// of the rows. From a format-1 source the rows are exactly those a dump with the new
+    /// settings writes. The new manifest has the identity such a dump would have and names
+    /// its source in `derived_from`. Sampled targets are kept as they are.
+    Derive {
+        /// The source cache.
+        src: PathBuf,
+        /// The new cache's folder (created; must not hold a manifest).
+        #[arg(long)]
+        out: PathBuf,
+        /// Top-k entries per position (at most the source's) [default: the source's].
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Shard format, 1 or 2 [default: the source's].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=kd_shard::FORMAT_VERSION as i64))]
+        shard_format: Option<u32>,
+        /// Keep only the rows whose ids are listed in this file, one per line.
+        #[arg(long)]
+        ids: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -162,6 +183,46 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<bool> {
                 "{}",
                 serde_json::to_string_pretty(&kd_shard::schema_json_of(version))?
             )?;
+        }
+        Cmd::Derive {
+            src,
+            out: dest,
+            top_k,
+            shard_format,
+            ids,
+        } => {
+            let ids = match ids {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(String::from)
+                        .collect(),
+                ),
+                None => None,
+            };
+            let opts = kd_shard::DeriveOptions {
+                top_k,
+                format_version: shard_format,
+                ids,
+            };
+            let m = kd_shard::derive(&src, &dest, &opts)?;
+            if args.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&m)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "derived {} rows, {} positions (top-{}, format {}) from {} -> {}",
+                    m.totals.rows,
+                    m.totals.positions,
+                    m.top_k(),
+                    m.format_version,
+                    src.display(),
+                    dest.join(kd_shard::MANIFEST_FILE).display()
+                )?;
+            }
         }
         Cmd::Merge { parts, out: dest } => {
             let m = kd_shard::merge_parts(&parts, &dest)?;

@@ -146,6 +146,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod derive;
 mod error;
 mod fsutil;
 mod manifest;
@@ -159,6 +160,7 @@ mod v2;
 mod verify;
 mod writer;
 
+pub use derive::{DERIVE_LOCK_FILE, DeriveOptions, derive};
 pub use error::{Error, Result};
 pub use fsutil::{hash_bytes, hash_file};
 pub use manifest::{

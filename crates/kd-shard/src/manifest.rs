@@ -114,6 +114,10 @@ pub struct Manifest {
     pub shards: Vec<ShardEntry>,
     /// Sums over `shards`.
     pub totals: Totals,
+    /// The cache this one was derived from by `shard-cat derive` (its path, fingerprint,
+    /// format, top-k and rows); not part of the identity. Absent in dumps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived_from: Option<Value>,
 }
 
 /// Appends the canonical JSON of `v`: object keys sorted by their UTF-8 bytes, no whitespace,
@@ -205,6 +209,7 @@ impl Manifest {
             settings,
             part,
             device: None,
+            derived_from: None,
             fingerprint: String::new(),
             complete: false,
             shards: Vec::new(),

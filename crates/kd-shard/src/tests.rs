@@ -786,10 +786,10 @@ fn manifest_json_schema_matches_struct() {
         k
     };
     assert_eq!(strs(&schema["required"]), keys(&m));
-    // Every required field, and the optional `device` when it is recorded.
-    m.as_object_mut()
-        .unwrap()
-        .insert("device".into(), "cpu".into());
+    // Every required field, and the optional `device` and `derived_from` when recorded.
+    let o = m.as_object_mut().unwrap();
+    o.insert("device".into(), "cpu".into());
+    o.insert("derived_from".into(), json!({"top_k": 32}));
     assert_eq!(keys(&schema["properties"]), keys(&m));
     let defs = &schema["$defs"];
     assert_eq!(strs(&defs["shard"]["required"]), keys(&m["shards"][0]));

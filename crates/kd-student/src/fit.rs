@@ -922,25 +922,7 @@ pub fn fit(
     if progress {
         print_engine(&trainer, why_candle.as_deref());
     }
-    let plan_bytes = match &trainer {
-        Trainer::Kernels(k) => Some(k.plan().total_bytes()),
-        Trainer::Candle(_) if !dev.is_cpu() => {
-            let plan = crate::plan::candle_plan(
-                &student.cfg,
-                student.n_params(),
-                cfg.token_budget.max(EVAL_TOKENS),
-                cfg.max_len,
-                cfg.logits_chunk,
-                cfg.precision == TrainPrecision::Bf16,
-            );
-            if progress {
-                eprintln!("memory plan on {}: {plan}", kd_model::device_name(&dev));
-            }
-            crate::plan::check_fits(&plan, &dev)?;
-            Some(plan.total_bytes())
-        }
-        Trainer::Candle(_) => None,
-    };
+    let plan_bytes = planned_bytes(&trainer, &student, cfg, &dev, progress)?;
     let fingerprint = teachers_fingerprint(&teachers);
     let resumed = match resume {
         true => resume_latest(cfg, &fingerprint, &mut student, &mut trainer, &mut batcher)?,
@@ -1054,6 +1036,37 @@ fn print_student(student: &Student, teachers: &Teachers) {
 }
 
 /// Prints the training engine and, for the kernels, their memory plan.
+/// The memory a run plans at start: the kernel engine's, or on a GPU the candle engine's
+/// (printed, and refused when the device has too little free memory); none for candle on a
+/// CPU.
+fn planned_bytes(
+    trainer: &Trainer,
+    student: &Student,
+    cfg: &FitConfig,
+    dev: &Device,
+    progress: bool,
+) -> Result<Option<usize>> {
+    Ok(match trainer {
+        Trainer::Kernels(k) => Some(k.plan().total_bytes()),
+        Trainer::Candle(_) if !dev.is_cpu() => {
+            let plan = crate::plan::candle_plan(
+                &student.cfg,
+                student.n_params(),
+                cfg.token_budget.max(EVAL_TOKENS),
+                cfg.max_len,
+                cfg.logits_chunk,
+                cfg.precision == TrainPrecision::Bf16,
+            );
+            if progress {
+                eprintln!("memory plan on {}: {plan}", kd_model::device_name(dev));
+            }
+            crate::plan::check_fits(&plan, dev)?;
+            Some(plan.total_bytes())
+        }
+        Trainer::Candle(_) => None,
+    })
+}
+
 /// The engine for `cfg`: bf16 products run on candle's engine, which is chosen for them
 /// unless another engine was asked for.
 fn choose_engine(

@@ -243,6 +243,7 @@ pub fn identity_manifest(
         complete: false,
         shards: Vec::new(),
         totals: Totals::default(),
+        derived_from: None,
     };
     m.fingerprint = m.compute_fingerprint();
     m
