@@ -203,7 +203,8 @@ fn the_teacher_on_the_gpu_against_the_cpu_kernels() {
 }
 
 /// The reduction on the GPU keeps what the CPU's keeps: the same top-k values (ids may
-/// differ only among tied logits) and the same log-sum-exp, at the quickstart's vocabulary.
+/// differ only among tied logits), the same log-sum-exp and the same draws, at the
+/// quickstart's vocabulary and at Qwen's.
 #[test]
 #[cfg_attr(
     not(feature = "cuda"),
@@ -226,6 +227,17 @@ fn the_reduction_on_the_gpu_equals_the_cpus() {
         for (a, b) in c.lse.iter().zip(&g.lse) {
             assert!((a - b).abs() < 1e-9, "{a} vs {b}");
         }
+        // Sampled targets: the same draws (the CDFs may differ in their last bits only).
+        let seeds: Vec<u64> = (0..n as u64).collect();
+        let draws = |d: &Device, lse: &[f64]| {
+            let t = candle_core::Tensor::from_slice(&x, (n, v), d).unwrap();
+            kd_teacher::reduce::draw(&t, lse, &seeds, 12).unwrap()
+        };
+        assert_eq!(
+            draws(&Device::Cpu, &c.lse),
+            draws(&dev, &c.lse),
+            "draws, v {v}"
+        );
     }
 }
 

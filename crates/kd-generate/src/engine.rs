@@ -71,6 +71,32 @@ impl Capture {
         self.token_logprob.push((next_logit as f64 - lse) as f32);
     }
 
+    /// Appends one position's draws made on the device (`(id, count, logit)`, ids ascending).
+    fn record_draws(&mut self, lse: f64, draws: &[(u32, u32, f32)]) {
+        for &(id, c, z) in draws {
+            let lp = (z as f64 - lse) as f32;
+            for _ in 0..c {
+                self.sample_ids.push(id);
+                self.sample_logprobs.push(lp);
+            }
+        }
+    }
+
+    /// A position reduced on the device: its top-k, next-token log-prob and draws.
+    fn record_reduced(
+        &mut self,
+        red: &crate::reduce::Reduced,
+        j: usize,
+        k: usize,
+        next_logit: f32,
+    ) {
+        let top = red.top(j);
+        self.record_top(red.lse[j], &top[..k.min(top.len())], next_logit);
+        if let Some(d) = red.draws.get(j) {
+            self.record_draws(red.lse[j], d);
+        }
+    }
+
     fn extend(&mut self, other: Capture) {
         self.topk_ids.extend(other.topk_ids);
         self.topk_logprobs.extend(other.topk_logprobs);
@@ -94,6 +120,7 @@ impl Logits {
                 top: Vec::new(),
                 lse: Vec::new(),
                 picked: Vec::new(),
+                draws: Vec::new(),
             })
         } else {
             Logits::Rows(Vec::new())
@@ -108,6 +135,7 @@ impl Logits {
                 a.top.extend(b.top);
                 a.lse.extend(b.lse);
                 a.picked.extend(b.picked);
+                a.draws.extend(b.draws);
             }
             _ => unreachable!("one engine reduces all its logits or none"),
         }
@@ -156,9 +184,9 @@ pub struct Engine<'a> {
     /// (progress reporting).
     pub on_rows_done: Option<&'a (dyn Fn(usize, u64) + Sync)>,
     /// Reduce the logits where they are ([`crate::reduce`]) and copy back only the top-k,
-    /// the log-sum-exp and the next token's logit, when nothing needs the whole row (greedy
-    /// decoding, no sampled targets, `top_k ≤` [`crate::reduce::MAX_K`]). The dump sets it
-    /// on a GPU.
+    /// the log-sum-exp, the next token's logit and the sampled targets, when nothing needs
+    /// the whole row (greedy decoding or scoring, `top_k ≤` [`crate::reduce::MAX_K`]). The
+    /// dump sets it on a GPU.
     pub reduce_on_device: bool,
 }
 
@@ -202,7 +230,6 @@ impl Engine<'_> {
         let mut active: Vec<usize> = Vec::new();
         let reduce = self.reduce_on_device
             && samplers.iter().all(|s| s.is_greedy())
-            && self.draws.n == 0
             && k.max(1) <= crate::reduce::MAX_K.min(v);
         let mut logits = Logits::empty(reduce, k.max(1));
         let mut next_row = 0;
@@ -221,7 +248,8 @@ impl Engine<'_> {
                     .enumerate()
                     .map(|(i, p)| (i, p.len() - 1))
                     .collect();
-                let lg = self.position_logits(&hidden, Some(&sel), reduce, None)?;
+                let seeds = self.next_seeds(&new, rows, &out);
+                let lg = self.position_logits(&hidden, Some(&sel), reduce, None, &seeds)?;
                 work.prefill_seconds += t0.elapsed().as_secs_f64();
                 logits.extend(lg);
                 active.extend(new);
@@ -270,10 +298,9 @@ impl Engine<'_> {
                         }
                         // Only greedy rows are reduced: the next token is the best one.
                         Logits::Reduced(red) => {
-                            let top = red.top(j);
-                            g.capture
-                                .record_top(red.lse[j], &top[..k.min(top.len())], top[0].1);
-                            top[0].0
+                            let best = red.top(j)[0];
+                            g.capture.record_reduced(red, j, k, best.1);
+                            best.0
                         }
                     };
                     g.response.push(next);
@@ -311,7 +338,8 @@ impl Engine<'_> {
             let c = cache.as_mut().expect("active rows have a cache");
             c.retain_rows(&keep)?;
             let h = model.step(c, &next_tokens)?;
-            logits = self.position_logits(&h, None, reduce, None)?;
+            let seeds = self.next_seeds(&active, rows, &out);
+            logits = self.position_logits(&h, None, reduce, None, &seeds)?;
         }
         Ok(out)
     }
@@ -343,13 +371,15 @@ impl Engine<'_> {
     /// `[n, vocab]` logits as the capture reads them: reduced where they are, or copied
     /// whole to the host.
     /// `sel` picks `(row, position)`s of a `[batch, len, hidden]` prefill output; without
-    /// it `hidden` is `[n, hidden]`.
+    /// it `hidden` is `[n, hidden]`. `seeds` are the positions' draw streams (used with
+    /// sampled targets).
     fn position_logits(
         &self,
         hidden: &candle_core::Tensor,
         sel: Option<&[(usize, usize)]>,
         reduce: bool,
         picks: Option<&[u32]>,
+        seeds: &[u64],
     ) -> Result<Logits> {
         let m = self.model;
         Ok(if reduce {
@@ -357,13 +387,30 @@ impl Engine<'_> {
                 Some(sel) => m.logits_at(hidden, sel)?,
                 None => m.logits(hidden)?,
             };
-            Logits::Reduced(crate::reduce::reduce(&logits, self.top_k.max(1), picks)?)
+            let mut red = crate::reduce::reduce(&logits, self.top_k.max(1), picks)?;
+            if self.draws.n > 0 {
+                red.draws = crate::reduce::draw(&logits, &red.lse, seeds, self.draws.n)?;
+            }
+            Logits::Reduced(red)
         } else {
             Logits::Rows(match sel {
                 Some(sel) => m.logits_at_vec(hidden, sel)?,
                 None => m.logits_vec(hidden)?,
             })
         })
+    }
+
+    /// The draw streams of the next positions of the input rows `active`.
+    fn next_seeds(&self, active: &[usize], rows: &[(&str, &[u32])], out: &[Generated]) -> Vec<u64> {
+        active
+            .iter()
+            .map(|&r| self.seed(rows[r].0, out[r].response.len()))
+            .collect()
+    }
+
+    /// The draw stream of a row's distilled position.
+    fn seed(&self, row_id: &str, position: usize) -> u64 {
+        kd_loss::sampled::stream_seed(self.draws.seed, row_id, position as u64)
     }
 
     fn score_batch(
@@ -384,19 +431,21 @@ impl Engine<'_> {
         }
         let v = self.model.vocab_size();
         let mut caps: Vec<Capture> = vec![Capture::default(); rows.len()];
-        let reduce = self.reduce_on_device
-            && self.draws.n == 0
-            && (1..=crate::reduce::MAX_K.min(v)).contains(&self.top_k);
+        let reduce = self.reduce_on_device && self.top_k.max(1) <= crate::reduce::MAX_K.min(v);
         for chunk in sel.chunks(self.logits_chunk.max(1)) {
             let next: Vec<u32> = chunk.iter().map(|&(i, t)| seqs[i][t + 1]).collect();
-            let lg = self.position_logits(&hidden, Some(chunk), reduce, Some(&next))?;
+            let seeds: Vec<u64> = chunk
+                .iter()
+                .map(|&(i, t)| self.seed(rows[i].0, t + 1 - rows[i].1.len()))
+                .collect();
+            let lg = self.position_logits(&hidden, Some(chunk), reduce, Some(&next), &seeds)?;
             let per: Vec<(usize, Capture)> = match lg {
                 Logits::Reduced(red) => chunk
                     .iter()
                     .enumerate()
                     .map(|(j, &(i, _))| {
                         let mut c = Capture::default();
-                        c.record_top(red.lse[j], red.top(j), red.picked[j]);
+                        c.record_reduced(&red, j, self.top_k, red.picked[j]);
                         (i, c)
                     })
                     .collect(),

@@ -29,6 +29,8 @@ pub struct Reduced {
     pub lse: Vec<f64>,
     /// The logit of each position's `pick` (empty without picks).
     pub picked: Vec<f32>,
+    /// Each position's sampled targets ([`draw`]; empty without them).
+    pub draws: Vec<RowDraws>,
 }
 
 impl Reduced {
@@ -69,7 +71,100 @@ pub fn reduce(logits: &Tensor, k: usize, picks: Option<&[u32]>) -> Result<Reduce
         top: ids.into_iter().zip(vals).collect(),
         lse: lse.flatten_all()?.to_vec1()?,
         picked,
+        draws: Vec::new(),
     })
+}
+
+/// Block of the two-level prefix sum in [`draw`]: the CDF of a row is a product with a
+/// `CDF_BLOCK`-square triangular matrix per block plus the blocks' offsets.
+const CDF_BLOCK: usize = 256;
+
+/// One row's draws: `(id, count, logit)`, ids ascending, counts summing to `n`.
+pub type RowDraws = Vec<(u32, u32, f32)>;
+
+/// `n` draws per row from softmax(`logits`), each row with its log-sum-exp `lse` and its
+/// stream `seeds[i]`, by [`kd_loss::sampled::draw`]'s inverse CDF: draw k takes the first id
+/// whose cumulative probability exceeds the stream's k-th uniform, the last id whatever
+/// rounding leaves over. The CDF is summed in f64 on the device in blocks, so it can differ
+/// from the host's sequential sum in its last bits, which moves a draw only when a uniform
+/// falls between the two (about 1e-16 of the time). Only the `n` ids and their logits per
+/// row are copied back.
+pub fn draw(logits: &Tensor, lse: &[f64], seeds: &[u64], n: u32) -> Result<Vec<RowDraws>> {
+    let (m, v) = logits.dims2()?;
+    assert!(
+        lse.len() == m && seeds.len() == m,
+        "one log-sum-exp and one seed per row"
+    );
+    let dev = logits.device();
+    let x = logits.to_dtype(DType::F64)?;
+    let lse_t = Tensor::from_slice(lse, (m, 1), dev)?;
+    let p = x.broadcast_sub(&lse_t)?.exp()?;
+    let cdf = prefix_sum(&p)?;
+    let us: Vec<f64> = seeds
+        .iter()
+        .flat_map(|&s| kd_loss::sampled::uniforms(n, s))
+        .collect();
+    let us = Tensor::from_vec(us, (m, n as usize, 1), dev)?;
+    // For each uniform, the ids whose cumulative probability does not exceed it.
+    let below = cdf
+        .unsqueeze(1)?
+        .broadcast_le(&us)?
+        .to_dtype(DType::U32)?
+        .sum(2)?
+        .clamp(0u32, (v - 1) as u32)?;
+    let picked = logits
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .gather(&below, 1)?;
+    let ids: Vec<Vec<u32>> = below.to_vec2()?;
+    let zs: Vec<Vec<f32>> = picked.to_vec2()?;
+    Ok(ids
+        .into_iter()
+        .zip(zs)
+        .map(|(ids, zs)| {
+            // The uniforms ascend, so the ids do: repeats are adjacent.
+            let mut out: RowDraws = Vec::new();
+            for (id, z) in ids.into_iter().zip(zs) {
+                match out.last_mut() {
+                    Some(last) if last.0 == id => last.1 += 1,
+                    _ => out.push((id, 1, z)),
+                }
+            }
+            out
+        })
+        .collect())
+}
+
+/// Inclusive prefix sums along each row of `p` `[m, v]`: within blocks of [`CDF_BLOCK`]
+/// columns by a product with an upper-triangular matrix of ones, plus each block's offset,
+/// the exclusive prefix sum of the block totals (the same product over blocks).
+fn prefix_sum(p: &Tensor) -> Result<Tensor> {
+    let (m, v) = p.dims2()?;
+    let dev = p.device();
+    let b = CDF_BLOCK;
+    let nb = v.div_ceil(b);
+    let padded = if nb * b > v {
+        Tensor::cat(&[p, &Tensor::zeros((m, nb * b - v), p.dtype(), dev)?], 1)?
+    } else {
+        p.clone()
+    };
+    let tri = |n: usize, strict: bool| -> Result<Tensor> {
+        let mut t = vec![0f64; n * n];
+        for i in 0..n {
+            for j in i + usize::from(strict)..n {
+                t[i * n + j] = 1.0;
+            }
+        }
+        Ok(Tensor::from_vec(t, (n, n), dev)?)
+    };
+    let inner = padded.reshape((m * nb, b))?.matmul(&tri(b, false)?)?;
+    let totals = inner.narrow(1, b - 1, 1)?.reshape((m, nb))?;
+    let offsets = totals.matmul(&tri(nb, true)?)?;
+    let cdf = inner
+        .reshape((m, nb, b))?
+        .broadcast_add(&offsets.unsqueeze(2)?)?
+        .reshape((m, nb * b))?;
+    Ok(cdf.narrow(1, 0, v)?)
 }
 
 /// Each row's `k` largest values and their column ids, best first.
@@ -139,6 +234,27 @@ mod tests {
         (0..n * v)
             .map(|_| (rng.normal() * 4.0 * 8.0).round() / 8.0)
             .collect()
+    }
+
+    #[test]
+    fn draws_on_the_device_are_the_hosts() {
+        for (v, n) in [(1000, 12), (49_152, 64), (300, 1)] {
+            let m = 4;
+            let x: Vec<f32> = logits(m, v, v as u64 + 1).iter().map(|z| z * 0.5).collect();
+            let t = Tensor::from_slice(&x, (m, v), &Device::Cpu).unwrap();
+            let lse: Vec<f64> = x.chunks(v).map(log_sum_exp).collect();
+            let seeds: Vec<u64> = (0..m as u64).map(|i| 977 * i + 3).collect();
+            let got = draw(&t, &lse, &seeds, n).unwrap();
+            for i in 0..m {
+                let row = &x[i * v..(i + 1) * v];
+                let want = kd_loss::sampled::draw(row, lse[i], n, seeds[i]);
+                let ours: Vec<(u32, u32)> = got[i].iter().map(|d| (d.0, d.1)).collect();
+                assert_eq!(ours, want, "v {v} n {n} row {i}");
+                for d in &got[i] {
+                    assert_eq!(d.2, row[d.0 as usize]);
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,17 +1,17 @@
 //! The engine with its logits reduced where they are ([`Engine::reduce_on_device`], what a
-//! GPU runs) captures what it captures from whole rows on the host: the same responses and
-//! top-k ids, log-probs within float rounding of the log-sum-exp.
+//! GPU runs) captures what it captures from whole rows on the host: the same responses, top-k
+//! ids and sampled targets, log-probs within float rounding of the log-sum-exp.
 
 use candle_core::Device;
 use kd_generate::engine::{Capture, Draws, Engine, Work};
 use kd_generate::sampler::SamplingConfig;
 use kd_model::{Kernels, Precision, load_with};
 
-fn engine(model: &kd_model::Llama, top_k: usize, reduce: bool) -> Engine<'_> {
+fn engine(model: &kd_model::Llama, top_k: usize, draws: u32, reduce: bool) -> Engine<'_> {
     Engine {
         model,
         top_k,
-        draws: Draws::default(),
+        draws: Draws { n: draws, seed: 11 },
         stop_ids: vec![],
         max_new_tokens: 9,
         sampling: SamplingConfig {
@@ -27,6 +27,10 @@ fn engine(model: &kd_model::Llama, top_k: usize, reduce: bool) -> Engine<'_> {
 
 fn same_capture(a: &Capture, b: &Capture) {
     assert_eq!(a.topk_ids, b.topk_ids);
+    assert_eq!(a.sample_ids, b.sample_ids);
+    for (x, y) in a.sample_logprobs.iter().zip(&b.sample_logprobs) {
+        assert!((x - y).abs() <= 1e-5, "{x} vs {y}");
+    }
     assert_eq!(a.topk_logprobs.len(), b.topk_logprobs.len());
     assert_eq!(a.token_logprob.len(), b.token_logprob.len());
     let pairs = a
@@ -50,12 +54,12 @@ fn reduced_logits_capture_what_whole_rows_capture() {
         .into_iter()
         .zip(prompts.iter().map(|p| p.as_slice()))
         .collect();
-    for k in [1, 4, 16] {
+    for (k, n) in [(1, 0), (4, 0), (16, 0), (4, 7), (0, 5)] {
         let mut work = Work::default();
-        let host = engine(&m.model, k, false)
+        let host = engine(&m.model, k, n, false)
             .generate(&rows, 3, &mut work)
             .unwrap();
-        let dev = engine(&m.model, k, true)
+        let dev = engine(&m.model, k, n, true)
             .generate(&rows, 3, &mut work)
             .unwrap();
         for (h, d) in host.iter().zip(&dev) {
@@ -68,10 +72,10 @@ fn reduced_logits_capture_what_whole_rows_capture() {
             .zip(&host)
             .map(|((id, p), g)| (*id, *p, g.response.as_slice()))
             .collect();
-        let host_s = engine(&m.model, k, false)
+        let host_s = engine(&m.model, k, n, false)
             .score(&scored, 2, &mut work)
             .unwrap();
-        let dev_s = engine(&m.model, k, true)
+        let dev_s = engine(&m.model, k, n, true)
             .score(&scored, 2, &mut work)
             .unwrap();
         for ((h, d), g) in host_s.iter().zip(&dev_s).zip(&host) {

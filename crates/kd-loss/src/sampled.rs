@@ -149,19 +149,25 @@ fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// N draws from softmax(`logits`) (with `lse` its log-sum-exp) using the stream `seed`:
-/// `(id, count)` pairs sorted by id, counts summing to `n`. Inverse CDF over the
-/// vocabulary with the N uniforms sorted: one pass over V.
-pub fn draw<Z: Real>(logits: &[Z], lse: f64, n: u32, seed: u64) -> Vec<(u32, u32)> {
+/// The `n` uniforms of the stream `seed` that [`draw`] inverts, ascending: 53 random bits
+/// each, in [0, 1). Draw k takes the first id whose cumulative probability exceeds `u_k`.
+pub fn uniforms(n: u32, seed: u64) -> Vec<f64> {
     let mut state = seed;
     let mut us: Vec<f64> = (0..n)
         .map(|_| {
             state = splitmix(state);
-            // 53 random bits in [0, 1).
             (state >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
         })
         .collect();
     us.sort_by(f64::total_cmp);
+    us
+}
+
+/// N draws from softmax(`logits`) (with `lse` its log-sum-exp) using the stream `seed`:
+/// `(id, count)` pairs sorted by id, counts summing to `n`. Inverse CDF over the
+/// vocabulary with the N uniforms sorted: one pass over V.
+pub fn draw<Z: Real>(logits: &[Z], lse: f64, n: u32, seed: u64) -> Vec<(u32, u32)> {
+    let us = uniforms(n, seed);
     let mut out: Vec<(u32, u32)> = Vec::new();
     let mut cum = 0.0f64;
     let mut next = 0usize;
