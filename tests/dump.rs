@@ -1370,17 +1370,26 @@ for s in m["shards"]:
 print(json.dumps({"rows": rows, "tokens": tokens, "positions": positions}))
 "#;
 
-#[test]
-fn pyarrow_reads_the_shards() {
+/// Whether `python3` imports `modules`; without them a test skips with a note, unless
+/// `KD_REQUIRE_PYARROW=1` (CI), which makes their absence a failure.
+fn python_has(modules: &str) -> bool {
+    let import = format!("import {modules}");
     let has = std::process::Command::new("python3")
-        .args(["-c", "import pyarrow.parquet"])
+        .args(["-c", &import])
         .output()
         .is_ok_and(|o| o.status.success());
     if !has {
         if std::env::var("KD_REQUIRE_PYARROW").is_ok_and(|v| v == "1") {
-            panic!("KD_REQUIRE_PYARROW=1 but `python3 -c 'import pyarrow.parquet'` fails");
+            panic!("KD_REQUIRE_PYARROW=1 but `python3 -c '{import}'` fails");
         }
-        eprintln!("skipped: pyarrow is not importable by python3");
+        eprintln!("skipped: python3 cannot {import}");
+    }
+    has
+}
+
+#[test]
+fn pyarrow_reads_the_shards() {
+    if !python_has("pyarrow.parquet") {
         return;
     }
     let c = Case::new();
@@ -1608,4 +1617,94 @@ fn damaged_caches_are_refused_by_verify_and_student_fit() {
             "0",
         ],
     );
+}
+
+/// The Python package (`python/`, `kd_cache`) decodes every format as the Rust reader does:
+/// format 1, format 2 with its tail shift, draws with counts; and it checks the shards'
+/// hashes. The script prints each row's decoded values; they must equal the Rust reader's
+/// within float rounding (Python decodes in f64, the reader stores f32).
+#[test]
+fn the_python_package_reads_every_format_as_the_reader_does() {
+    if !python_has("pyarrow.parquet, numpy") {
+        return;
+    }
+    let c = Case::soft();
+    let input = c.input("in.jsonl", &prompts(5));
+    let script = r#"
+import json, sys
+import kd_cache
+rows = []
+for r in kd_cache.Cache(sys.argv[1]).rows():
+    d = {"id": r["id"], "topk_ids": r["topk_ids"].ravel().tolist(),
+         "topk_logprobs": r["topk_logprobs"].ravel().tolist(),
+         "token_logprob": r["token_logprob"].tolist()}
+    if "sample_ids" in r:
+        d["sample_ids"] = r["sample_ids"].ravel().tolist()
+        d["sample_logprobs"] = r["sample_logprobs"].ravel().tolist()
+    rows.append(d)
+print(json.dumps(rows))
+"#;
+    let cases: [(&str, &[&str]); 3] = [
+        ("v1", &["--shard-format", "1"]),
+        ("v2", &[]),
+        (
+            "draws",
+            &["--targets", "top:4,sample:6", "--sampling-temperature", "1"],
+        ),
+    ];
+    for (name, extra) in cases {
+        let dir = c.path(name);
+        c.dump(&input, &dir, extra);
+        let o = read_with_kd_cache(script, &dir);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let got: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+        let want = rows(&dir);
+        assert_eq!(got.len(), want.len());
+        let mut worst = 0f64;
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g["id"], w.id.as_str());
+            assert_eq!(g["topk_ids"], json!(w.topk_ids));
+            let close = |key: &str, xs: &[f32], worst: &mut f64| {
+                let ys: Vec<f64> = serde_json::from_value(g[key].clone()).unwrap();
+                assert_eq!(ys.len(), xs.len(), "{name} {key}");
+                for (y, x) in ys.iter().zip(xs) {
+                    *worst = worst.max((y - f64::from(*x)).abs());
+                }
+            };
+            close("topk_logprobs", &w.topk_logprobs, &mut worst);
+            close("token_logprob", &w.token_logprob, &mut worst);
+            if !w.sample_ids.is_empty() {
+                assert_eq!(g["sample_ids"], json!(w.sample_ids));
+                close("sample_logprobs", &w.sample_logprobs, &mut worst);
+            }
+        }
+        assert!(
+            worst < 1e-5,
+            "{name}: the Python decoding is {worst} nats from the reader's"
+        );
+    }
+    // A shard that does not match its manifest's hash is refused, naming the file.
+    let dir = c.path("v2");
+    let shard = dir.join(&manifest(&dir).shards[0].file);
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&shard, bytes).unwrap();
+    let o = read_with_kd_cache(script, &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("sha256"), "{err}");
+}
+
+/// Runs `script` with the repository's `python/` package importable and the cache `dir` as
+/// its argument.
+fn read_with_kd_cache(script: &str, dir: &Path) -> Output {
+    std::process::Command::new("python3")
+        .env("PYTHONPATH", util::root().join("python"))
+        .args(["-c", script, s(dir)])
+        .output()
+        .unwrap()
 }
