@@ -331,6 +331,11 @@ fn print_stats(s: &kd_shard::Stats, json: bool, out: &mut dyn Write) -> anyhow::
             "mean token log-prob    {:.4} nats",
             s.mean_token_logprob
         )?;
+        writeln!(out, "bytes per position by column")?;
+        let per = |b: u64| b as f64 / s.positions.max(1) as f64;
+        for (col, b) in &s.bytes_by_column {
+            writeln!(out, "  {col:<22} {:8.2}", per(*b))?;
+        }
         for (src, ss) in &s.by_source {
             let mut line = format!("  {src:<10} rows {} positions {}", ss.rows, ss.positions);
             if s.k > 0 {

@@ -175,7 +175,7 @@ pub use schema::{
     META_TAIL_SCALE, META_TOP_K, arrow_schema, arrow_schema_of, arrow_schema_v2, schema_json,
     schema_json_of,
 };
-pub use stats::{SourceStats, Stats, StatsBuilder, stats_dir};
+pub use stats::{FILE_OVERHEAD, SourceStats, Stats, StatsBuilder, stats_dir};
 pub use v2::{NO_TAIL, TAIL_SCALE};
 pub use verify::{Problem, ProblemKind, VerifyReport, verify_dir};
 pub use writer::{ValueEncoding, WriteOptions, created_by, write_shard, write_shard_with};

@@ -60,7 +60,13 @@ pub struct Stats {
     pub mean_token_logprob: f64,
     /// The same statistics per source, keyed `generated` / `scored`.
     pub by_source: BTreeMap<String, SourceStats>,
+    /// Where the bytes go: each column's compressed bytes over every shard (from the Parquet
+    /// metadata), and under [`FILE_OVERHEAD`] the rest of the files (footers, page headers).
+    pub bytes_by_column: BTreeMap<String, u64>,
 }
+
+/// The key of [`Stats::bytes_by_column`] for the bytes outside the column chunks.
+pub const FILE_OVERHEAD: &str = "(footers and headers)";
 
 #[derive(Default)]
 struct Acc {
@@ -196,6 +202,7 @@ impl StatsBuilder {
             mean_top1_prob: top1,
             mean_token_logprob: tok,
             by_source,
+            bytes_by_column: BTreeMap::new(),
         }
     }
 }
@@ -214,5 +221,27 @@ pub fn stats_dir(dir: &Path) -> Result<Stats> {
     let bytes = crate::manifest::Totals::of(&m.shards).bytes;
     let mut s = b.finish(m.shards.len(), bytes, m.vocab_size());
     s.format_version = m.format_version;
+    for sh in &m.shards {
+        let path = crate::fsutil::safe_join(dir, &sh.file)?;
+        add_column_bytes(&path, &mut s.bytes_by_column)?;
+    }
+    let in_columns: u64 = s.bytes_by_column.values().sum();
+    s.bytes_by_column
+        .insert(FILE_OVERHEAD.to_string(), bytes.saturating_sub(in_columns));
     Ok(s)
+}
+
+/// Adds each column's compressed bytes in the shard `path` (its row groups' column chunks)
+/// to `acc`, keyed by the column's name.
+fn add_column_bytes(path: &Path, acc: &mut BTreeMap<String, u64>) -> Result<()> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let f = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
+    let r = SerializedFileReader::new(f).map_err(|e| crate::Error::parquet(path, e))?;
+    for rg in r.metadata().row_groups() {
+        for c in rg.columns() {
+            let name = c.column_path().parts().first().cloned().unwrap_or_default();
+            *acc.entry(name).or_default() += c.compressed_size().max(0) as u64;
+        }
+    }
+    Ok(())
 }

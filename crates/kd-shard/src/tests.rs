@@ -262,6 +262,13 @@ fn verify_accepts_good_dir_and_stats_add_up() {
     assert_eq!(s.positions, m.totals.positions);
     assert_eq!(s.response_tokens, m.totals.response_tokens);
     assert_eq!(s.bytes, m.totals.bytes);
+    // Where the bytes go: every column of the format, and the rest of the files, summing to
+    // the files' bytes.
+    assert_eq!(s.bytes_by_column.values().sum::<u64>(), s.bytes);
+    for col in crate::schema::columns_of(m.format_version).iter().take(7) {
+        assert!(s.bytes_by_column[*col] > 0, "{col}");
+    }
+    assert!(s.bytes_by_column[FILE_OVERHEAD] > 0);
     assert_eq!(s.k, K);
     assert!(
         (s.bytes_per_position - m.totals.bytes as f64 / m.totals.positions as f64).abs() < 1e-9
