@@ -51,13 +51,11 @@ impl Capture {
         self.record_top(lse, top, logits[next as usize]);
         if draws.n > 0 {
             let seed = kd_loss::sampled::stream_seed(draws.seed, row_id, position as u64);
-            for (id, c) in kd_loss::sampled::draw(logits, lse, draws.n, seed) {
-                let lp = (logits[id as usize] as f64 - lse) as f32;
-                for _ in 0..c {
-                    self.sample_ids.push(id);
-                    self.sample_logprobs.push(lp);
-                }
-            }
+            let drawn: Vec<(u32, u32, f32)> = kd_loss::sampled::draw(logits, lse, draws.n, seed)
+                .into_iter()
+                .map(|(id, c)| (id, c, logits[id as usize]))
+                .collect();
+            self.record_draws(lse, &drawn);
         }
     }
 
@@ -71,7 +69,8 @@ impl Capture {
         self.token_logprob.push((next_logit as f64 - lse) as f32);
     }
 
-    /// Appends one position's draws made on the device (`(id, count, logit)`, ids ascending).
+    /// Appends one position's draws (`(id, count, logit)`, ids ascending), each id `count`
+    /// times.
     fn record_draws(&mut self, lse: f64, draws: &[(u32, u32, f32)]) {
         for &(id, c, z) in draws {
             let lp = (z as f64 - lse) as f32;
@@ -248,8 +247,8 @@ impl Engine<'_> {
                     .enumerate()
                     .map(|(i, p)| (i, p.len() - 1))
                     .collect();
-                let seeds = self.next_seeds(&new, rows, &out);
-                let lg = self.position_logits(&hidden, Some(&sel), reduce, None, &seeds)?;
+                let seeds = || self.next_seeds(&new, rows, &out);
+                let lg = self.position_logits(&hidden, Some(&sel), reduce, None, seeds)?;
                 work.prefill_seconds += t0.elapsed().as_secs_f64();
                 logits.extend(lg);
                 active.extend(new);
@@ -338,8 +337,8 @@ impl Engine<'_> {
             let c = cache.as_mut().expect("active rows have a cache");
             c.retain_rows(&keep)?;
             let h = model.step(c, &next_tokens)?;
-            let seeds = self.next_seeds(&active, rows, &out);
-            logits = self.position_logits(&h, None, reduce, None, &seeds)?;
+            let seeds = || self.next_seeds(&active, rows, &out);
+            logits = self.position_logits(&h, None, reduce, None, seeds)?;
         }
         Ok(out)
     }
@@ -371,15 +370,15 @@ impl Engine<'_> {
     /// `[n, vocab]` logits as the capture reads them: reduced where they are, or copied
     /// whole to the host.
     /// `sel` picks `(row, position)`s of a `[batch, len, hidden]` prefill output; without
-    /// it `hidden` is `[n, hidden]`. `seeds` are the positions' draw streams (used with
-    /// sampled targets).
+    /// it `hidden` is `[n, hidden]`. `seeds` gives the positions' draw streams; it is only
+    /// called for sampled targets reduced on the device.
     fn position_logits(
         &self,
         hidden: &candle_core::Tensor,
         sel: Option<&[(usize, usize)]>,
         reduce: bool,
         picks: Option<&[u32]>,
-        seeds: &[u64],
+        seeds: impl FnOnce() -> Vec<u64>,
     ) -> Result<Logits> {
         let m = self.model;
         Ok(if reduce {
@@ -387,11 +386,17 @@ impl Engine<'_> {
                 Some(sel) => m.logits_at(hidden, sel)?,
                 None => m.logits(hidden)?,
             };
-            let mut red = crate::reduce::reduce(&logits, self.top_k.max(1), picks)?;
-            if self.draws.n > 0 {
-                red.draws = crate::reduce::draw(&logits, &red.lse, seeds, self.draws.n)?;
-            }
-            Logits::Reduced(red)
+            let seeds = (self.draws.n > 0).then(seeds);
+            let draws = seeds.as_deref().map(|seeds| crate::reduce::DrawRequest {
+                seeds,
+                n: self.draws.n,
+            });
+            Logits::Reduced(crate::reduce::reduce(
+                &logits,
+                self.top_k.max(1),
+                picks,
+                draws,
+            )?)
         } else {
             Logits::Rows(match sel {
                 Some(sel) => m.logits_at_vec(hidden, sel)?,
@@ -434,11 +439,13 @@ impl Engine<'_> {
         let reduce = self.reduce_on_device && self.top_k.max(1) <= crate::reduce::MAX_K.min(v);
         for chunk in sel.chunks(self.logits_chunk.max(1)) {
             let next: Vec<u32> = chunk.iter().map(|&(i, t)| seqs[i][t + 1]).collect();
-            let seeds: Vec<u64> = chunk
-                .iter()
-                .map(|&(i, t)| self.seed(rows[i].0, t + 1 - rows[i].1.len()))
-                .collect();
-            let lg = self.position_logits(&hidden, Some(chunk), reduce, Some(&next), &seeds)?;
+            let seeds = || {
+                chunk
+                    .iter()
+                    .map(|&(i, t)| self.seed(rows[i].0, t + 1 - rows[i].1.len()))
+                    .collect()
+            };
+            let lg = self.position_logits(&hidden, Some(chunk), reduce, Some(&next), seeds)?;
             let per: Vec<(usize, Capture)> = match lg {
                 Logits::Reduced(red) => chunk
                     .iter()

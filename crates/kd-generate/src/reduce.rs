@@ -40,28 +40,42 @@ impl Reduced {
     }
 }
 
+/// Sampled targets to draw in [`reduce`]: `n` per row, row `i` from the stream `seeds[i]`.
+#[derive(Clone, Copy, Debug)]
+pub struct DrawRequest<'a> {
+    pub seeds: &'a [u64],
+    pub n: u32,
+}
+
 /// Reduces `logits` `[n, vocab]` (f32, on any device) to each row's top `k` (`1 ≤ k ≤`
-/// [`MAX_K`], at most the vocabulary), its log-sum-exp, and with `picks` (one id per row)
-/// the logit of that id.
-pub fn reduce(logits: &Tensor, k: usize, picks: Option<&[u32]>) -> Result<Reduced> {
+/// [`MAX_K`], at most the vocabulary), its log-sum-exp, with `picks` (one id per row) the
+/// logit of that id, and with `draws` the row's sampled targets ([`Reduced::draws`]).
+pub fn reduce(
+    logits: &Tensor,
+    k: usize,
+    picks: Option<&[u32]>,
+    draws: Option<DrawRequest<'_>>,
+) -> Result<Reduced> {
     let (n, v) = logits.dims2()?;
     assert!((1..=MAX_K.min(v)).contains(&k), "k = {k} out of range");
     let logits = logits.to_dtype(DType::F32)?.contiguous()?;
     let (vals, ids) = top_k(&logits, k)?;
     let x = logits.to_dtype(DType::F64)?;
     let max = x.max_keepdim(D::Minus1)?;
-    let lse = (x
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        + max)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let lse = (sum.log()? + max)?;
     let picked = match picks {
         Some(p) => {
             assert_eq!(p.len(), n, "one pick per row");
             let idx = Tensor::from_slice(p, (n, 1), logits.device())?;
             logits.gather(&idx, 1)?.flatten_all()?.to_vec1()?
         }
+        None => Vec::new(),
+    };
+    let draws = match draws {
+        // The probabilities from the same exponentials as the log-sum-exp.
+        Some(d) => draw(&e.broadcast_div(&sum)?, &logits, d)?,
         None => Vec::new(),
     };
     let vals: Vec<f32> = vals.flatten_all()?.to_vec1()?;
@@ -71,40 +85,34 @@ pub fn reduce(logits: &Tensor, k: usize, picks: Option<&[u32]>) -> Result<Reduce
         top: ids.into_iter().zip(vals).collect(),
         lse: lse.flatten_all()?.to_vec1()?,
         picked,
-        draws: Vec::new(),
+        draws,
     })
 }
 
-/// Block of the two-level prefix sum in [`draw`]: the CDF of a row is a product with a
+/// Block of the two-level prefix sum of the draws: the CDF of a row is a product with a
 /// `CDF_BLOCK`-square triangular matrix per block plus the blocks' offsets.
 const CDF_BLOCK: usize = 256;
 
 /// One row's draws: `(id, count, logit)`, ids ascending, counts summing to `n`.
 pub type RowDraws = Vec<(u32, u32, f32)>;
 
-/// `n` draws per row from softmax(`logits`), each row with its log-sum-exp `lse` and its
-/// stream `seeds[i]`, by [`kd_loss::sampled::draw`]'s inverse CDF: draw k takes the first id
-/// whose cumulative probability exceeds the stream's k-th uniform, the last id whatever
-/// rounding leaves over. The CDF is summed in f64 on the device in blocks, so it can differ
-/// from the host's sequential sum in its last bits, which moves a draw only when a uniform
-/// falls between the two (about 1e-16 of the time). Only the `n` ids and their logits per
-/// row are copied back.
-pub fn draw(logits: &Tensor, lse: &[f64], seeds: &[u64], n: u32) -> Result<Vec<RowDraws>> {
-    let (m, v) = logits.dims2()?;
-    assert!(
-        lse.len() == m && seeds.len() == m,
-        "one log-sum-exp and one seed per row"
-    );
-    let dev = logits.device();
-    let x = logits.to_dtype(DType::F64)?;
-    let lse_t = Tensor::from_slice(lse, (m, 1), dev)?;
-    let p = x.broadcast_sub(&lse_t)?.exp()?;
-    let cdf = prefix_sum(&p)?;
-    let us: Vec<f64> = seeds
+/// `req.n` draws per row of the probabilities `p` `[m, vocab]` (f64), row `i` from the
+/// stream `req.seeds[i]`, by [`kd_loss::sampled::draw`]'s inverse CDF: draw k takes the first
+/// id whose cumulative probability exceeds the stream's k-th uniform, the last id whatever
+/// rounding leaves over. The CDF is summed on the device in blocks, so it can differ from the
+/// host's sequential sum in its last bits, which moves a draw only when a uniform falls
+/// between the two (about 1e-16 of the time). Only the ids and their `logits` come back.
+fn draw(p: &Tensor, logits: &Tensor, req: DrawRequest<'_>) -> Result<Vec<RowDraws>> {
+    let (m, v) = p.dims2()?;
+    assert_eq!(req.seeds.len(), m, "one seed per row");
+    let n = req.n;
+    let cdf = prefix_sum(p)?;
+    let us: Vec<f64> = req
+        .seeds
         .iter()
         .flat_map(|&s| kd_loss::sampled::uniforms(n, s))
         .collect();
-    let us = Tensor::from_vec(us, (m, n as usize, 1), dev)?;
+    let us = Tensor::from_vec(us, (m, n as usize, 1), p.device())?;
     // For each uniform, the ids whose cumulative probability does not exceed it.
     let below = cdf
         .unsqueeze(1)?
@@ -112,10 +120,7 @@ pub fn draw(logits: &Tensor, lse: &[f64], seeds: &[u64], n: u32) -> Result<Vec<R
         .to_dtype(DType::U32)?
         .sum(2)?
         .clamp(0u32, (v - 1) as u32)?;
-    let picked = logits
-        .to_dtype(DType::F32)?
-        .contiguous()?
-        .gather(&below, 1)?;
+    let picked = logits.gather(&below, 1)?;
     let ids: Vec<Vec<u32>> = below.to_vec2()?;
     let zs: Vec<Vec<f32>> = picked.to_vec2()?;
     Ok(ids
@@ -244,7 +249,8 @@ mod tests {
             let t = Tensor::from_slice(&x, (m, v), &Device::Cpu).unwrap();
             let lse: Vec<f64> = x.chunks(v).map(log_sum_exp).collect();
             let seeds: Vec<u64> = (0..m as u64).map(|i| 977 * i + 3).collect();
-            let got = draw(&t, &lse, &seeds, n).unwrap();
+            let req = DrawRequest { seeds: &seeds, n };
+            let got = reduce(&t, 1, None, Some(req)).unwrap().draws;
             for i in 0..m {
                 let row = &x[i * v..(i + 1) * v];
                 let want = kd_loss::sampled::draw(row, lse[i], n, seeds[i]);
@@ -271,7 +277,7 @@ mod tests {
             let x = logits(n, v, v as u64);
             let t = Tensor::from_slice(&x, (n, v), &Device::Cpu).unwrap();
             let picks: Vec<u32> = (0..n as u32).map(|i| i * 5 % v as u32).collect();
-            let r = reduce(&t, k, Some(&picks)).unwrap();
+            let r = reduce(&t, k, Some(&picks), None).unwrap();
             for i in 0..n {
                 let row = &x[i * v..(i + 1) * v];
                 assert_eq!(

@@ -98,11 +98,10 @@ pub fn derive(src: &Path, dest: &Path, opts: &DeriveOptions) -> Result<Manifest>
         m.input["selected_rows"] = json!(kept_ids.len());
         m.input["selected_ids_sha256"] = json!(hash_bytes(kept_ids.join("\n").as_bytes()));
     }
-    for extra in ["tokenizer.json", "tokenizer_config.json"] {
-        let (from, to) = (src.join(extra), dest.join(extra));
+    for extra in crate::merge::EXTRA_FILES {
+        let from = src.join(extra);
         if from.exists() {
-            let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
-            kd_fs::write_bytes_atomic(&to, &bytes)?;
+            crate::merge::copy_atomic(&from, &dest.join(extra))?;
         }
     }
     m.totals = Totals::of(&m.shards);
@@ -140,20 +139,15 @@ fn derived_manifest(
 impl Row {
     /// The row with each position's first `k_new` of its `k` top-k entries.
     fn with_top_k(mut self, k: usize, k_new: usize) -> Row {
-        if k_new == k {
-            return self;
-        }
-        let keep = |v: &[u32]| -> Vec<u32> {
+        fn first<T: Copy>(v: &[T], k: usize, k_new: usize) -> Vec<T> {
             v.chunks(k)
                 .flat_map(|p| p[..k_new].iter().copied())
                 .collect()
-        };
-        self.topk_ids = keep(&self.topk_ids);
-        self.topk_logprobs = self
-            .topk_logprobs
-            .chunks(k)
-            .flat_map(|p| p[..k_new].iter().copied())
-            .collect();
+        }
+        if k_new < k {
+            self.topk_ids = first(&self.topk_ids, k, k_new);
+            self.topk_logprobs = first(&self.topk_logprobs, k, k_new);
+        }
         self
     }
 }

@@ -14,7 +14,7 @@ use crate::manifest::{
 pub const MERGE_LOCK_FILE: &str = ".shard-cat-merge.lock";
 
 /// The files a part folder may hold beside its shards, carried into the merged folder.
-const EXTRA_FILES: [&str; 2] = ["tokenizer.json", "tokenizer_config.json"];
+pub(crate) const EXTRA_FILES: [&str; 2] = ["tokenizer.json", "tokenizer_config.json"];
 
 /// Combines complete part folders into `dest`: links (or, across file systems, copies
 /// atomically) each part's shards and tokenizer files, then writes one manifest, last and
@@ -72,7 +72,7 @@ pub fn merge_parts(parts: &[PathBuf], dest: &Path) -> Result<Manifest> {
 }
 
 /// Copies `src` to `dst` so that `dst` is complete or absent.
-fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
     let bytes = std::fs::read(src).map_err(|e| Error::io(src, e))?;
     Ok(write_bytes_atomic(dst, &bytes)?)
 }

@@ -193,9 +193,8 @@ pub fn loss_and_grads(
     let dh = Tensor::cat(&dh_parts, 0)?;
     let surrogate = (&sel * &dh)?.sum_all()?;
     let mut grads = surrogate.backward()?;
-    if !dev.is_cpu() {
-        crate::plan::sample_device_memory(&dev);
-    }
+    // A GPU's memory is at its peak now (the CPU has none to sample).
+    crate::plan::sample_device_memory(&dev);
     let dw = dw.expect("at least one chunk");
     let total_w = match grads.get(head.as_tensor()) {
         Some(g) => (g + dw)?,
