@@ -87,17 +87,24 @@ unsafe fn expand<const F: u8>(panel: *const u8, j: usize, i: usize) -> (Col, Col
         let blk = panel.add(j * format_of(F).block_bytes());
         let f = blk as *const f32;
         match format_of(F) {
-            PanelFormat::F16 | PanelFormat::BF16 => {
-                let half = |p: *const u8| {
-                    let v = _mm_loadu_si128(p as *const __m128i);
-                    if format_of(F) == PanelFormat::F16 {
-                        _mm256_cvtph_ps(v)
-                    } else {
-                        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
-                    }
-                };
+            PanelFormat::F16 => {
+                let half = |p: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
                 let (p, q) = (blk.add(2 * i * PANEL), blk.add(2 * (i + QK / 2) * PANEL));
                 ([half(p), half(p.add(16))], [half(q), half(q.add(16))])
+            }
+            // Column c is the even or odd half of rows' pairs (c & !1, c | 1); see the
+            // AVX-512 kernel.
+            PanelFormat::BF16 => {
+                let col = |c: usize, h: usize| {
+                    let v = _mm256_loadu_si256(blk.add(4 * (c / 2) * PANEL + 32 * h) as *const _);
+                    _mm256_castsi256_ps(if c % 2 == 0 {
+                        _mm256_slli_epi32(v, 16)
+                    } else {
+                        _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF_0000u32 as i32))
+                    })
+                };
+                let (p, q) = (i, i + QK / 2);
+                ([col(p, 0), col(p, 1)], [col(q, 0), col(q, 1)])
             }
             PanelFormat::Q4K | PanelFormat::Q5K => {
                 let fm = format_of(F);

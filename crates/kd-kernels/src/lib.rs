@@ -18,12 +18,22 @@
 //! Every output element is accumulated over the columns in one fixed order, whatever the
 //! number of input rows and however they are grouped, so a row's result does not depend on
 //! which other rows share its batch: batch 1 and batch 8 give bit-identical values.
+//!
+//! On a CPU with AMX-BF16 (and an OS that grants the tiles), BF16 panels are multiplied on the
+//! tiles instead: each f32 activation is split into three bf16 parts whose sum is exactly the
+//! activation, and `tdpbf16ps` multiplies them by the stored weights with f32 sums, so the
+//! product is still exact in f32 and still independent of the batch; it agrees with the
+//! vector kernels within f32 rounding, not bit for bit (the sums run in another order).
+//! `KD_NO_AMX=1`, or [`allow_amx`]`(false)`, keeps the vector kernels.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
 mod rng;
 pub use rng::Rng;
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
 
 /// Output rows per panel (one AVX-512 vector of f32, two AVX2 ones).
 const PANEL: usize = 16;
@@ -84,6 +94,33 @@ pub fn level() -> Option<Level> {
 /// two). Takes effect for products started afterwards.
 pub fn prefer_avx2(on: bool) {
     PREFER_AVX2.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+static NO_AMX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether BF16 panels are multiplied on AMX tiles (AVX-512 with AMX-BF16, and the OS grants
+/// the tile state; see the `amx` module). Their products then agree with the vector
+/// kernels' within f32 rounding, not bit for bit. `KD_NO_AMX=1` in the environment, or
+/// [`allow_amx`]`(false)`, keeps every product on the vector kernels.
+pub fn amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ENV_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let env_off =
+            *ENV_OFF.get_or_init(|| std::env::var_os("KD_NO_AMX").is_some_and(|v| v == "1"));
+        level() == Some(Level::Avx512)
+            && !env_off
+            && !NO_AMX.load(std::sync::atomic::Ordering::Relaxed)
+            && amx::detected()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Allows (the default) or forbids AMX products for the whole process; takes effect for
+/// products started afterwards.
+pub fn allow_amx(on: bool) {
+    NO_AMX.store(!on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Whether this CPU runs these kernels (AVX-512F, or AVX2 with FMA and F16C).
@@ -278,12 +315,20 @@ fn pack_row(format: PanelFormat, cols: usize, blocks: usize, src: &[u8], r: usiz
     let put_f32 =
         |dst: &mut [u8], at: usize, v: f32| dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
     match format {
-        PanelFormat::F32 | PanelFormat::F16 | PanelFormat::BF16 => {
+        PanelFormat::F32 | PanelFormat::F16 => {
             let w = if format == PanelFormat::F32 { 4 } else { 2 };
             for c in 0..cols {
                 let (j, i) = (c / QK, c % QK);
                 let at = j * bb + w * (i * PANEL + r);
                 dst[at..at + w].copy_from_slice(&src[c * w..(c + 1) * w]);
+            }
+        }
+        // Column pairs (2i, 2i + 1) side by side per row, as AMX tiles read them.
+        PanelFormat::BF16 => {
+            for c in 0..cols {
+                let (j, i) = (c / QK, c % QK);
+                let at = j * bb + 2 * ((i / 2) * 2 * PANEL + 2 * r + i % 2);
+                dst[at..at + 2].copy_from_slice(&src[2 * c..2 * c + 2]);
             }
         }
         PanelFormat::Q40 | PanelFormat::Q41 | PanelFormat::Q80 => {
@@ -840,6 +885,17 @@ impl<'a> PanelView<'a> {
         if n == 0 {
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.format == PanelFormat::BF16 && amx() {
+            // SAFETY: `check` passed and `amx()` found the tiles.
+            unsafe { amx::matmul(self, x, n, SendPtr(y.as_mut_ptr()), acc, true) };
+            return;
+        }
+        self.par_matmul_vector(x, n, y, acc);
+    }
+
+    /// [`PanelView::par_matmul`] on the vector kernels only (after `check`, for `n` > 0).
+    fn par_matmul_vector(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool) {
         let groups = self.rows.div_ceil(PANEL);
         let pairs = groups.div_ceil(2);
         let threads = rayon::current_num_threads().max(1);
@@ -885,6 +941,12 @@ impl<'a> PanelView<'a> {
     /// `y = x · Wᵀ` (or `y += x · Wᵀ` with `acc`) on the calling thread.
     pub fn matmul_serial(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool) {
         self.check(x, n, y);
+        #[cfg(target_arch = "x86_64")]
+        if self.format == PanelFormat::BF16 && amx() && n > 0 {
+            // SAFETY: `check` passed and `amx()` found the tiles.
+            unsafe { amx::matmul(self, x, n, SendPtr(y.as_mut_ptr()), acc, false) };
+            return;
+        }
         // SAFETY: `check` bounds every panel, input row and output row; this thread alone
         // holds `y`.
         unsafe {
@@ -1096,14 +1158,16 @@ mod simd {
                     )
                 }
                 PanelFormat::BF16 => {
-                    let wide = |p: *const u8| {
-                        let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
-                        _mm512_castsi512_ps(_mm512_slli_epi32(h, 16))
+                    // Column c is the even or odd half of the 16 rows' pair (c & !1, c | 1).
+                    let wide = |c: usize| {
+                        let v = _mm512_loadu_si512(blk.add(4 * (c / 2) * PANEL) as *const _);
+                        _mm512_castsi512_ps(if c % 2 == 0 {
+                            _mm512_slli_epi32(v, 16)
+                        } else {
+                            _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF_0000u32 as i32))
+                        })
                     };
-                    (
-                        wide(blk.add(2 * i * PANEL)),
-                        wide(blk.add(2 * (i + QK / 2) * PANEL)),
-                    )
+                    (wide(i), wide(i + QK / 2))
                 }
                 PanelFormat::Q4K | PanelFormat::Q5K => {
                     let f = format_of(F);
@@ -1709,6 +1773,104 @@ mod tests {
                             "{dt:?} {rows}x{cols} n={n}: {a} vs {b}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// AMX products of BF16 panels: as close to the exact product as the vector kernels',
+    /// within f32 rounding of theirs, one fixed order per element (batch and thread split
+    /// do not change a bit), for ragged rows and columns, stacked segments and `acc`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn amx_products_are_exact_in_f32_and_independent_of_the_batch() {
+        if !(supported() && level() == Some(Level::Avx512) && amx::detected()) {
+            eprintln!("skipped: this CPU has no AMX-BF16 tiles");
+            return;
+        }
+        let mut rng = Rng::new(41);
+        for (rows, cols) in [(70, 96), (16, 32), (5, 100), (33, 2048), (300, 64)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+            let head = w[..rows.min(16) * cols].to_vec();
+            let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&wt, GgmlDType::BF16).unwrap();
+            let dense = dequantized(&q);
+            // Stacked behind an F16 part, the BF16 segment writes columns 16.. of y.
+            let ht = Tensor::from_vec(head, (rows.min(16), cols), &Device::Cpu).unwrap();
+            let h = QTensor::quantize(&ht, GgmlDType::F16).unwrap();
+            for p in [
+                PanelMatrix::from_qtensor(&q).unwrap(),
+                PanelMatrix::stack(&[&h, &q]).unwrap(),
+            ] {
+                let seg = p.segments.last().unwrap();
+                let view = p.view(seg);
+                let total = p.rows();
+                for n in [1, 8, 17, 40, 300] {
+                    let x: Vec<f32> = (0..n * cols).map(|_| rng.normal()).collect();
+                    let want = dense_product(&dense, rows, cols, &x, n);
+                    let run = |tiles: bool, parallel: bool, acc: bool| {
+                        let mut y = vec![0.5f32; n * total];
+                        view.check(&x, n, &y);
+                        if tiles {
+                            let out = SendPtr(y.as_mut_ptr());
+                            unsafe { amx::matmul(&view, &x, n, out, acc, parallel) };
+                        } else {
+                            view.par_matmul_vector(&x, n, &mut y, acc);
+                        }
+                        y
+                    };
+                    let (tiles, vector) = (run(true, true, false), run(false, true, false));
+                    let col0 = total - rows;
+                    for b in 0..n {
+                        for r in 0..rows {
+                            let (t, v) =
+                                (tiles[b * total + col0 + r], vector[b * total + col0 + r]);
+                            let e = want[b * rows + r];
+                            // f32 summation error: about ε·√cols times the terms' norm.
+                            let norm = (0..cols)
+                                .map(|c| {
+                                    (dense[r * cols + c] as f64 * x[b * cols + c] as f64).powi(2)
+                                })
+                                .sum::<f64>()
+                                .sqrt();
+                            let tol = 2.0 * f32::EPSILON as f64 * (cols as f64).sqrt() * norm;
+                            for (got, path) in [(t, "tiles"), (v, "vector")] {
+                                assert!(
+                                    (got as f64 - e).abs() <= tol,
+                                    "{path} {rows}x{cols} n={n}: {got} vs {e} (tolerance {tol})"
+                                );
+                            }
+                        }
+                        // Columns of other segments are left alone.
+                        assert!(tiles[b * total..b * total + col0].iter().all(|&v| v == 0.5));
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&tiles), bits(&run(true, false, false)), "serial");
+                    let added = run(true, true, true);
+                    for (a, t) in added.iter().zip(&tiles) {
+                        assert_eq!(
+                            a.to_bits(),
+                            if *t == 0.5 { 0.5f32 } else { t + 0.5 }.to_bits()
+                        );
+                    }
+                    // Row 0 alone gives its bits in the batch.
+                    let mut alone = vec![0f32; total];
+                    view.check(&x[..cols], 1, &alone);
+                    unsafe {
+                        amx::matmul(
+                            &view,
+                            &x[..cols],
+                            1,
+                            SendPtr(alone.as_mut_ptr()),
+                            false,
+                            true,
+                        )
+                    };
+                    assert_eq!(
+                        bits(&alone[col0..]),
+                        bits(&tiles[col0..total]),
+                        "batch of {n}"
+                    );
                 }
             }
         }

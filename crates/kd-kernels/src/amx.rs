@@ -1,0 +1,416 @@
+//! Products over BF16 panels on AMX tiles (`tdpbf16ps`), exact in f32.
+//!
+//! Each f32 activation `x` is split into three bf16 values `hi + mid + lo = x`, exactly:
+//! `hi` keeps the top 8 significant bits, `mid` the next 8 of the remainder and `lo` what is
+//! left, at most 8 bits. A bf16 weight times a bf16 part is a product of two 8-bit
+//! significands, exact in f32, and the tile unit accumulates the three products of every
+//! column into one f32 sum. The result is the f32 product with the dequantized weights up to
+//! summation order, as the vector kernels' is, but the order differs from theirs: AMX and
+//! AVX-512 products of one matrix agree within f32 rounding, not bit for bit. Within the AMX
+//! path every output element is summed in one fixed order (per 32-column block, the three
+//! parts in turn), whatever rows share its batch and however panels are split over threads.
+//!
+//! BF16 panels are stored in the tiles' pair-interleaved order: per 32-column block, 16
+//! pairs of columns `(2i, 2i + 1)`, each holding the 16 rows' two values side by side.
+
+use super::{PANEL, PanelFormat, PanelView, QK, SendPtr};
+use rayon::prelude::*;
+use std::arch::asm;
+use std::arch::x86_64::__cpuid_count;
+
+/// Input rows split and multiplied together: a multiple of two 16-row tiles.
+const ROW_BLOCK: usize = 256;
+/// Tile rows (input rows of an activation tile, output rows of a weight tile).
+const TILE: usize = 16;
+/// Blocks ahead that a decoding step's weight loads are prefetched.
+const AHEAD: usize = 4;
+
+/// Whether the CPU and the OS give this process AMX-BF16 tiles. The first call asks Linux for
+/// the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`).
+pub(super) fn detected() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        // CPUID leaf 7 exists on every x86_64 CPU that reaches this code: the caller checked
+        // AVX-512F, which is reported in the same leaf.
+        let leaf7 = __cpuid_count(7, 0);
+        let (amx_bf16, amx_tile) = (leaf7.edx >> 22 & 1 == 1, leaf7.edx >> 24 & 1 == 1);
+        amx_bf16 && amx_tile && request_tile_data()
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn request_tile_data() -> bool {
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    const SYS_ARCH_PRCTL: i64 = 158;
+    let ret: i64;
+    // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM only changes which register states this
+    // process may use; it reads and writes no memory. The syscall clobbers rcx and r11.
+    unsafe {
+        asm!("syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack));
+    }
+    ret == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_data() -> bool {
+    false
+}
+
+/// The three bf16 parts of `x`, exactly `x = hi + mid + lo` (for |x| above 2⁻¹¹⁰, where no
+/// part is subnormal).
+#[inline(always)]
+pub(super) fn split(x: f32) -> [u16; 3] {
+    let hi = x.to_bits() & 0xFFFF_0000;
+    let r = x - f32::from_bits(hi);
+    let mid = r.to_bits() & 0xFFFF_0000;
+    let lo = (r - f32::from_bits(mid)).to_bits();
+    [(hi >> 16) as u16, (mid >> 16) as u16, (lo >> 16) as u16]
+}
+
+/// Elements of one split tile: 16 rows × 32 columns of one part.
+const TILE_ELEMS: usize = TILE * QK;
+
+/// Rows `r0..r1` of `x` (`cols` wide, in `blocks` 32-column blocks) split into `out`, tile by
+/// tile: for row tile `t`, block `j` and part `p`, the 16 × 32 bf16 values at
+/// `((t·blocks + j)·3 + p)·512`, rows 64 bytes apart, zeros past `cols` and past `r1`.
+fn split_rows(x: &[f32], cols: usize, blocks: usize, r0: usize, r1: usize, out: &mut [u16]) {
+    let per_tile = blocks * 3 * TILE_ELEMS;
+    let tiles = (r1 - r0).div_ceil(TILE);
+    let one = |(t, dst): (usize, &mut [u16])| {
+        for r in 0..TILE {
+            let m = r0 + t * TILE + r;
+            let row = if m < r1 {
+                &x[m * cols..(m + 1) * cols]
+            } else {
+                &[][..]
+            };
+            for j in 0..blocks {
+                let base = j * 3 * TILE_ELEMS + r * QK;
+                for i in 0..QK {
+                    let c = j * QK + i;
+                    let [a, b, l] = if c < row.len() { split(row[c]) } else { [0; 3] };
+                    dst[base + i] = a;
+                    dst[base + TILE_ELEMS + i] = b;
+                    dst[base + 2 * TILE_ELEMS + i] = l;
+                }
+            }
+        }
+    };
+    let out = &mut out[..tiles * per_tile];
+    if tiles >= 4 {
+        out.par_chunks_mut(per_tile).enumerate().for_each(one);
+    } else {
+        out.chunks_mut(per_tile).enumerate().for_each(one);
+    }
+}
+
+thread_local! {
+    /// The split activations, kept from one product to the next on the calling thread.
+    static PARTS: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// `y = x · Wᵀ` (or `y += x · Wᵀ` with `acc`) for a BF16 panel view, on the rayon pool split
+/// over output panels (`parallel`) or on the calling thread.
+///
+/// # Safety
+/// [`PanelView::check`] passed for `x`, `n` and `y`; [`detected`] returned true.
+pub(super) unsafe fn matmul(
+    v: &PanelView<'_>,
+    x: &[f32],
+    n: usize,
+    y: SendPtr,
+    acc: bool,
+    parallel: bool,
+) {
+    debug_assert_eq!(v.format, PanelFormat::BF16);
+    let groups = v.rows.div_ceil(PANEL);
+    let pairs = groups.div_ceil(2);
+    let mut parts = PARTS.with(|c| c.take());
+    let need = n.min(ROW_BLOCK).div_ceil(TILE) * v.blocks * 3 * TILE_ELEMS;
+    if parts.len() < need {
+        parts.resize(need, 0);
+    }
+    let mut r0 = 0;
+    while r0 < n {
+        let r1 = (r0 + ROW_BLOCK).min(n);
+        split_rows(x, v.cols, v.blocks, r0, r1, &mut parts);
+        let job = Job {
+            v,
+            a: &parts[..],
+            r0,
+            r1,
+            y,
+            acc,
+        };
+        // SAFETY (both arms): each call writes only the output columns of its panels, and
+        // rows r0..r1; the caller's `check` bounds every panel and row.
+        if parallel {
+            let threads = rayon::current_num_threads().max(1);
+            let per = pairs.div_ceil((threads * 4).min(pairs).max(1));
+            (0..pairs.div_ceil(per)).into_par_iter().for_each(|t| {
+                let (g0, g1) = (t * per * 2, ((t + 1) * per * 2).min(groups));
+                unsafe { tiles(&job, g0, g1) };
+            });
+        } else {
+            unsafe { tiles(&job, 0, groups) };
+        }
+        r0 = r1;
+    }
+    PARTS.with(|c| c.set(parts));
+}
+
+/// Tile configuration (palette 1): eight tiles of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct Config([u8; 64]);
+
+impl Config {
+    fn new() -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        for t in 0..8 {
+            c[16 + 2 * t] = 64; // bytes per row, little-endian u16
+            c[48 + t] = TILE as u8;
+        }
+        Config(c)
+    }
+}
+
+/// 16 × 16 f32 results of one tile.
+#[repr(C, align(64))]
+struct Out([f32; TILE * TILE]);
+
+/// One row block of a product: the panels, input rows `r0..r1` split in `a` by
+/// [`split_rows`], the output and whether to add to it.
+struct Job<'a, 'v> {
+    v: &'a PanelView<'v>,
+    a: &'a [u16],
+    r0: usize,
+    r1: usize,
+    y: SendPtr,
+    acc: bool,
+}
+
+/// Panels `g0..g1` of a job.
+/// Tiles: tmm0–3 sums (two row tiles × two panels), tmm4–5 activations, tmm6–7 weights.
+///
+/// # Safety
+/// As [`matmul`]; no other thread writes these panels' columns.
+unsafe fn tiles(job: &Job<'_, '_>, g0: usize, g1: usize) {
+    let Job {
+        v,
+        a,
+        r0,
+        r1,
+        y,
+        acc,
+    } = *job;
+    let cfg = Config::new();
+    let per_tile = v.blocks * 3 * TILE_ELEMS;
+    let bb = PanelFormat::BF16.block_bytes();
+    let row_tiles = (r1 - r0).div_ceil(TILE);
+    if row_tiles == 1 {
+        // SAFETY: as this function's.
+        return unsafe { one_row_tile(job, g0, g1) };
+    }
+    let mut out = [Out([0.0; TILE * TILE]), Out([0.0; TILE * TILE])];
+    let mut out2 = [Out([0.0; TILE * TILE]), Out([0.0; TILE * TILE])];
+    // SAFETY: the configuration is valid for palette 1; every tile load reads 16 rows of 64
+    // bytes inside `a` (whole split tiles) or inside panel g's blocks,
+    // which `check` bounded; stores go to `out`.
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        let mut g = g0;
+        while g < g1 {
+            let two = g + 1 < g1;
+            let w0 = v.data.as_ptr().add(g * v.group_bytes);
+            let w1 = if two {
+                v.data.as_ptr().add((g + 1) * v.group_bytes)
+            } else {
+                w0
+            };
+            let mut t = 0;
+            while t < row_tiles {
+                let pair = t + 1 < row_tiles;
+                zero_sums();
+                let a0 = a.as_ptr().add(t * per_tile);
+                for j in 0..v.blocks {
+                    asm!("tileloadd tmm6, [{w0} + {s}*1]", "tileloadd tmm7, [{w1} + {s}*1]",
+                        w0 = in(reg) w0.add(j * bb), w1 = in(reg) w1.add(j * bb),
+                        s = in(reg) 64usize, options(nostack, readonly));
+                    for p in 0..3 {
+                        let at = a0.add((3 * j + p) * TILE_ELEMS);
+                        if pair {
+                            asm!("tileloadd tmm4, [{a} + {s}*1]",
+                                "tileloadd tmm5, [{b} + {s}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6", "tdpbf16ps tmm3, tmm5, tmm7",
+                                a = in(reg) at, b = in(reg) at.add(per_tile),
+                                s = in(reg) 64usize, options(nostack, readonly));
+                        } else {
+                            asm!("tileloadd tmm4, [{a} + {s}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7",
+                                a = in(reg) at, s = in(reg) 64usize,
+                                options(nostack, readonly));
+                        }
+                    }
+                }
+                asm!("tilestored [{a} + {s}*1], tmm0", "tilestored [{b} + {s}*1], tmm1",
+                    "tilestored [{c} + {s}*1], tmm2", "tilestored [{d} + {s}*1], tmm3",
+                    a = in(reg) out[0].0.as_mut_ptr(), b = in(reg) out[1].0.as_mut_ptr(),
+                    c = in(reg) out2[0].0.as_mut_ptr(), d = in(reg) out2[1].0.as_mut_ptr(),
+                    s = in(reg) 64usize, options(nostack));
+                for (k, o) in out.iter().chain(out2.iter()).enumerate() {
+                    let (rt, pb) = (t + k / 2, k % 2);
+                    if (pb == 1 && !two) || (rt > t && !pair) {
+                        continue;
+                    }
+                    write(v, o, r0 + rt * TILE, r1, g + pb, y, acc);
+                }
+                t += if pair { 2 } else { 1 };
+            }
+            g += if two { 2 } else { 1 };
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+/// [`tiles`] for at most 16 input rows (a decoding step): four panels at a time, so that four
+/// sums are in flight. Each sum runs in the order [`tiles`] uses (per block, the three parts
+/// in turn), so a row gets the same bits alone or in a larger batch.
+/// Tiles: tmm0–3 sums, tmm4 activations, tmm5–7 weights.
+///
+/// # Safety
+/// As [`tiles`].
+unsafe fn one_row_tile(job: &Job<'_, '_>, g0: usize, g1: usize) {
+    let (v, a, y) = (job.v, job.a, job.y);
+    let (r0, r1, acc) = (job.r0, job.r1, job.acc);
+    let cfg = Config::new();
+    let bb = PanelFormat::BF16.block_bytes();
+    let mut out = [
+        Out([0.0; TILE * TILE]),
+        Out([0.0; TILE * TILE]),
+        Out([0.0; TILE * TILE]),
+        Out([0.0; TILE * TILE]),
+    ];
+    // SAFETY: as in `tiles`; panels past g1 are never loaded (the first panel stands in).
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        let mut g = g0;
+        while g < g1 {
+            let q = (g1 - g).min(4);
+            let w: [*const u8; 4] =
+                std::array::from_fn(|k| v.data.as_ptr().add((g + k.min(q - 1)) * v.group_bytes));
+            zero_sums();
+            for j in 0..v.blocks {
+                // The weights stream from memory: ask for blocks a few ahead.
+                if j + AHEAD < v.blocks {
+                    for p in &w {
+                        let b = p.add((j + AHEAD) * bb);
+                        for l in (0..bb).step_by(64) {
+                            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                                b.add(l) as *const i8,
+                            );
+                        }
+                    }
+                }
+                let at = a.as_ptr().add(3 * j * TILE_ELEMS);
+                let (a0, a1, a2) = (at, at.add(TILE_ELEMS), at.add(2 * TILE_ELEMS));
+                asm!("tileloadd tmm5, [{w0} + {s}*1]", "tileloadd tmm6, [{w1} + {s}*1]",
+                    "tileloadd tmm7, [{w2} + {s}*1]",
+                    "tileloadd tmm4, [{a0} + {s}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm5", "tdpbf16ps tmm1, tmm4, tmm6",
+                    "tdpbf16ps tmm2, tmm4, tmm7",
+                    "tileloadd tmm4, [{a1} + {s}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm5", "tdpbf16ps tmm1, tmm4, tmm6",
+                    "tdpbf16ps tmm2, tmm4, tmm7",
+                    "tileloadd tmm4, [{a2} + {s}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm5", "tdpbf16ps tmm1, tmm4, tmm6",
+                    "tdpbf16ps tmm2, tmm4, tmm7",
+                    "tileloadd tmm5, [{w3} + {s}*1]",
+                    "tileloadd tmm4, [{a0} + {s}*1]", "tdpbf16ps tmm3, tmm4, tmm5",
+                    "tileloadd tmm4, [{a1} + {s}*1]", "tdpbf16ps tmm3, tmm4, tmm5",
+                    "tileloadd tmm4, [{a2} + {s}*1]", "tdpbf16ps tmm3, tmm4, tmm5",
+                    w0 = in(reg) w[0].add(j * bb), w1 = in(reg) w[1].add(j * bb),
+                    w2 = in(reg) w[2].add(j * bb), w3 = in(reg) w[3].add(j * bb),
+                    a0 = in(reg) a0, a1 = in(reg) a1, a2 = in(reg) a2,
+                    s = in(reg) 64usize, options(nostack, readonly));
+            }
+            asm!("tilestored [{a} + {s}*1], tmm0", "tilestored [{b} + {s}*1], tmm1",
+                "tilestored [{c} + {s}*1], tmm2", "tilestored [{d} + {s}*1], tmm3",
+                a = in(reg) out[0].0.as_mut_ptr(), b = in(reg) out[1].0.as_mut_ptr(),
+                c = in(reg) out[2].0.as_mut_ptr(), d = in(reg) out[3].0.as_mut_ptr(),
+                s = in(reg) 64usize, options(nostack));
+            for (k, o) in out.iter().take(q).enumerate() {
+                write(v, o, r0, r1, g + k, y, acc);
+            }
+            g += q;
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+/// Zeroes the four sum tiles tmm0–3.
+///
+/// # Safety
+/// A tile configuration is loaded.
+#[inline(always)]
+unsafe fn zero_sums() {
+    // SAFETY: as this function's; tilezero touches no memory.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        )
+    };
+}
+
+/// Writes (or adds) one tile's valid rows (`m0..r1`) and valid columns of panel `g` into `y`.
+///
+/// # Safety
+/// As [`tiles`].
+unsafe fn write(v: &PanelView<'_>, o: &Out, m0: usize, r1: usize, g: usize, y: SendPtr, acc: bool) {
+    let cols = PANEL.min(v.rows - g * PANEL);
+    for m in 0..TILE.min(r1 - m0) {
+        let src = &o.0[m * TILE..m * TILE + cols];
+        // SAFETY: row m0 + m < n and columns y_col0 + g·16 + (0..cols) lie inside y.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(
+                y.0.add((m0 + m) * v.y_stride + v.y_col0 + g * PANEL),
+                cols,
+            )
+        };
+        if acc {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d += s;
+            }
+        } else {
+            dst.copy_from_slice(src);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    #[test]
+    fn the_three_parts_sum_to_the_value_exactly() {
+        let mut rng = crate::Rng::new(3);
+        for k in 0..100_000 {
+            let x = rng.normal() * 10f32.powi(k % 13 - 6);
+            let [a, b, c] = split(x);
+            let f = |h: u16| f32::from_bits((h as u32) << 16) as f64;
+            assert_eq!(f(a) + f(b) + f(c), x as f64, "{x}");
+            assert_eq!((f(a) + (f(b) + f(c))) as f32, x);
+        }
+    }
+}
