@@ -9,12 +9,13 @@
 # --sweep-samples N (responses per prompt in the cache sweep's dumps, default --samples: fewer
 # makes the sweep's five dumps cheaper; its top-32 format-2 baseline is then a dump and a run
 # of its own),
-# --max-new-tokens N (teacher and student responses, default 128), --heldout FILE (held-out
+# --max-new-tokens N (teacher and student responses, default 256, so that the teacher's own
+# answers end), --heldout FILE (held-out
 # prompts from a JSONL file of your own; the training prompts are then every seed task whose
 # id is not in it; implies --no-publish), --quick, --no-publish, --device D (cpu, cuda, cuda:N:
 # where the dumps, training runs and evaluations run; a cuda device builds the binaries with
 # `--features cuda` into target/cuda, see docs/gpu.md; the teacher then computes in the
-# dumps' default dtype there, bf16, and --max-new-tokens defaults to 256).
+# dumps' default dtype there, bf16).
 #
 # A full run with the default --out also publishes: it replaces the files of docs/study/ with
 # OUT/results/ and OUT/times.tsv (docs/study/README.md stays), and rewrites the study block of
@@ -27,8 +28,10 @@
 # 2. Dumps SmolLM2-135M-Instruct's responses to the training prompts: --samples responses per
 #    prompt at temperature 1 (rows ID#i) at top-32 in format 2, and the teacher's greedy
 #    responses to the held-out prompts at top-64.
-# 3. Trains two students cut from the teacher, half depth (15 of its 30 layers, every other
-#    one) and 6 layers (0,6,12,18,24,29), each run on the same number of distilled positions
+# 3. Chooses the layers of two students cut from the teacher, half depth (15 of its 30
+#    layers) and 6 layers, with `student-fit --keep-layers auto:N` on the training cache
+#    (greedy removal of the layer whose removal raises the forward KL least; OUT/layers/),
+#    then trains them, each run on the same number of distilled positions
 #    with the same batches and learning-rate schedule, under: SFT on the teacher's responses
 #    (α = 0), forward KL, reverse KL, JSD(0.5), the seed recipe (forward KL, τ = 2, α = 0.7),
 #    and reverse KL started from that student's SFT result (MiniLLM's practice; its budget
@@ -54,7 +57,7 @@ OUT=out/study
 POSITIONS=200000
 SAMPLES=16
 SWEEP_SAMPLES=""
-MAX_NEW=128
+MAX_NEW=256
 LIMIT_TRAIN=""
 LIMIT_HELD=""
 PUBLISH=1
@@ -81,23 +84,23 @@ done
 TEACHER=data/models/SmolLM2-135M-Instruct.Q4_1.gguf
 PROMPTS=data/prompts/self-instruct-seed-tasks.jsonl
 BIN=target/release
-# The two students: a short name, the teacher layers kept, and the words the report uses.
+# The two students: a short name and the number of teacher layers kept (chosen on the
+# training cache below, with the words the report uses).
 STUDENTS=("15l" "6l")
-declare -A LAYERS=(["6l"]="[0, 6, 12, 18, 24, 29]" ["15l"]="[0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28]")
-declare -A STUDENT_WORDS=(["6l"]="6 of 30 layers (0, 6, 12, 18, 24, 29)" ["15l"]="15 of 30 layers (every other one)")
+declare -A KEEP=(["6l"]=6 ["15l"]=15)
+declare -A LAYERS=()
+declare -A STUDENT_WORDS=()
 
 [ -f "$TEACHER" ] || ./scripts/setup.sh
 DEV=()
 if [ -n "$DEVICE" ]; then DEV=(--device "$DEVICE"); fi
-# On a GPU the responses may run to 256 tokens, so that the teacher's answers end.
-case "$DEVICE" in cuda*) [ "$MAX_NEW_GIVEN" = 1 ] || MAX_NEW=256 ;; esac
 case "$DEVICE" in
     cuda*)
         BIN=target/cuda/release
         CARGO_TARGET_DIR=target/cuda cargo build --release --workspace --features cuda --bins ;;
     *) cargo build --release --workspace --bins --tests --examples ;;   # as scripts/quickstart.sh: one build
 esac
-mkdir -p "$OUT/prompts" "$OUT/dumps" "$OUT/runs" "$OUT/evals" "$OUT/pipelines"
+mkdir -p "$OUT/prompts" "$OUT/dumps" "$OUT/runs" "$OUT/evals" "$OUT/pipelines" "$OUT/layers"
 
 # An estimate before the work, from the published study's step times (docs/study/times.tsv,
 # its machine and --positions in docs/study/results.json): training scaled by positions, dumps
@@ -217,6 +220,21 @@ print(max(1, math.ceil(int(sys.argv[2]) / per_step / 8)))
 EOF
 )
 BUDGET="positions = $POSITIONS"
+
+# The students' layers, chosen once per shape on the training cache (no training: --steps 0;
+# skipped when chosen already). The choice, with every candidate's score, is in
+# OUT/layers/NAME/summary.json.
+for s in "${STUDENTS[@]}"; do
+    dir="$OUT/layers/$s"
+    if [ ! -f "$dir/summary.json" ]; then
+        timed "layers $s" "$BIN/student-fit" --shards "$OUT/dumps/train-k32" \
+            --init-from-teacher "$TEACHER" --keep-layers "auto:${KEEP[$s]}" --steps 0 \
+            --max-len 512 --out "$dir" "${DEV[@]}" > /dev/null
+    fi
+    LAYERS[$s]=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['teacher_layers'])" "$dir/summary.json")
+    STUDENT_WORDS[$s]="${KEEP[$s]} of 30 layers, chosen on the cache (${LAYERS[$s]:1:-1})"
+    echo "study: student $s keeps teacher layers ${LAYERS[$s]}" >&2
+done
 
 # 3. Training runs (skipped when finished, resumed when a checkpoint exists).
 fit() { # NAME STUDENT SHARDS LOSS BUDGET [INIT] [EXTRA TOML LINE]

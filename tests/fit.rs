@@ -1655,3 +1655,124 @@ print(json.dumps({
     assert_eq!(v["tensors"]["blk.0.attn_q.weight"][0], "Q8_0");
     assert_eq!(v["tensors"]["blk.0.attn_norm.weight"][0], "F32");
 }
+
+/// `--keep-layers auto:N` scores every cut exactly: each candidate's forward KL, at the first
+/// step and after a removal, is the evaluation of a student built without those layers on the
+/// same rows; the lowest goes. The choice is recorded in summary.json and the export's
+/// config.json, a second run with the same request reuses it, and `--drop-layers auto:M`
+/// chooses the same layers.
+#[test]
+fn auto_layers_are_chosen_by_the_forward_kl_of_each_cut() {
+    use kd_student::fit::{EvalModel, evaluate};
+    let dir = util::tempdir();
+    let teacher = dir.path().join("teacher");
+    let tok = kd_tokenizer::Tokenizer::tiny_for_tests();
+    let mut cfg = kd_model::testing::tiny_config(tok.vocab_size());
+    cfg.num_hidden_layers = 4;
+    let w = kd_model::testing::random_weights(&cfg, 5).unwrap();
+    kd_model::testing::write_hf_dir(&teacher, &cfg, &w, &tok).unwrap();
+    let rows: Vec<serde_json::Value> = (0..30)
+        .map(|i| serde_json::json!({"id": format!("r{i:02}"), "prompt": format!("say {} and {}", i % 7, i * 5 % 13)}))
+        .collect();
+    let input = dir.path().join("in.jsonl");
+    util::write_jsonl(&input, &rows);
+    let shards = dir.path().join("shards");
+    dump(&teacher, &input, &shards, &[]);
+
+    let fit = |out: &str, flag: &str, value: &str| -> (serde_json::Value, String) {
+        let o = util::run(
+            "student-fit",
+            &[
+                "--shards",
+                shards.to_str().unwrap(),
+                "--init-from-teacher",
+                teacher.to_str().unwrap(),
+                flag,
+                value,
+                "--steps",
+                "1",
+                "--out",
+                dir.path().join(out).to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let summary = std::fs::read(dir.path().join(out).join("summary.json")).unwrap();
+        (
+            serde_json::from_slice(&summary).unwrap(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (s, _) = fit("a", "--keep-layers", "auto:2");
+    let choice = &s["layer_choice"];
+    let kept: Vec<usize> = serde_json::from_value(choice["kept"].clone()).unwrap();
+    assert_eq!(kept.len(), 2);
+    assert_eq!(s["teacher_layers"], choice["kept"]);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("a/student/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["kd_teacher_layers"], choice["kept"]);
+    assert_eq!(config["num_hidden_layers"], 2);
+
+    // The rows the choice scored on, and each cut evaluated on them by a student built from
+    // the teacher's layers.
+    let set = kd_student::data::ShardSet::open(&shards).unwrap();
+    let split =
+        kd_student::data::Split::by_id_hash(&set, kd_student::fit::DEFAULT_HOLDOUT_FRACTION)
+            .unwrap();
+    let max_len = kd_student::fit::DEFAULT_MAX_LEN;
+    let (sample, positions) = kd_student::layers::sample(
+        &set,
+        &split.train,
+        kd_student::layers::DEFAULT_AUTO_POSITIONS,
+        max_len,
+    );
+    assert_eq!(choice["positions"], positions);
+    let cut_kl = |without: &[usize]| -> f64 {
+        let keep: Vec<usize> = (0..4).filter(|l| !without.contains(l)).collect();
+        let student = kd_model::Student::from_teacher(
+            &teacher,
+            &keep,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        evaluate(&mut EvalModel::Candle(&student), &set, &sample, max_len, 64)
+            .unwrap()
+            .forward_kl
+    };
+    let removals = choice["removals"].as_array().unwrap();
+    assert_eq!(removals.len(), 2);
+    let mut removed = Vec::new();
+    for (step, r) in removals.iter().enumerate() {
+        let cands = r["candidates"].as_array().unwrap();
+        assert_eq!(cands.len(), 4 - step);
+        let mut best = (usize::MAX, f64::INFINITY);
+        for c in cands {
+            let layer = c["layer"].as_u64().unwrap() as usize;
+            let kl = c["forward_kl"].as_f64().unwrap();
+            let mut without = removed.clone();
+            without.push(layer);
+            let exact = cut_kl(&without);
+            assert!(
+                (kl - exact).abs() <= 1e-4 * exact.abs().max(1.0),
+                "step {step}, without layer {layer}: {kl} against {exact}"
+            );
+            if kl < best.1 {
+                best = (layer, kl);
+            }
+        }
+        assert_eq!(r["layer"].as_u64().unwrap() as usize, best.0);
+        removed.push(best.0);
+    }
+    let expect: Vec<usize> = (0..4).filter(|l| !removed.contains(l)).collect();
+    assert_eq!(kept, expect);
+
+    // The same request again (auto:2 of 4 layers, said as layers to drop) reuses the choice.
+    let (again, log) = fit("a", "--drop-layers", "auto:2");
+    assert!(log.contains("chosen earlier"), "{log}");
+    assert_eq!(again["teacher_layers"], choice["kept"]);
+    // A fresh folder chooses anew, and the same.
+    let (fresh, log) = fit("b", "--drop-layers", "auto:2");
+    assert!(!log.contains("chosen earlier"), "{log}");
+    assert_eq!(fresh["layer_choice"]["kept"], choice["kept"]);
+}

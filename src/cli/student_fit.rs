@@ -12,6 +12,7 @@ use kd_loss::{Divergence, TailPolicy};
 use kd_student::data::TargetKind;
 use kd_student::eval::{EvalOptions, run_eval};
 use kd_student::fit::{FitConfig, FitSummary, Init, fit};
+use kd_student::layers::LayerPick;
 use kd_student::resolve::{FitSection, Overrides, Sections, StageChoice, resolve};
 
 /// Train a student from teacher-logit shards: the losses of docs/design.md, AdamW, checkpoints
@@ -128,13 +129,28 @@ struct TrainArgs {
     /// student/); the second stage's default follows it.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Override the first stage's initialisation: keep the layers `--keep-layers` of this
-    /// teacher (.gguf or Hugging Face directory), dequantized to f32.
-    #[arg(long, requires = "keep_layers", conflicts_with = "init_from_student")]
+    /// Override the first stage's initialisation: keep the layers `--keep-layers` (or all
+    /// but `--drop-layers`) of this teacher (.gguf or Hugging Face directory), dequantized to
+    /// f32.
+    #[arg(
+        long,
+        requires = "teacher_layers",
+        conflicts_with = "init_from_student"
+    )]
     init_from_teacher: Option<PathBuf>,
-    /// Teacher layers the student keeps, in order (with --init-from-teacher), e.g. 0,6,12,18,24,29.
-    #[arg(long, value_delimiter = ',', requires = "init_from_teacher")]
-    keep_layers: Option<Vec<usize>>,
+    /// Teacher layers the student keeps, in order (with --init-from-teacher), e.g.
+    /// 0,6,12,18,24,29; or `auto:N`: N layers chosen on the cache, by greedy removal of the
+    /// layer whose removal raises the forward KL least (scores in summary.json).
+    #[arg(long, group = "teacher_layers", requires = "init_from_teacher")]
+    keep_layers: Option<LayerPick>,
+    /// Teacher layers the student leaves out (with --init-from-teacher), e.g. 10,11,12; or
+    /// `auto:M`: keep all but M, chosen as `--keep-layers auto:N` chooses.
+    #[arg(long, group = "teacher_layers", requires = "init_from_teacher")]
+    drop_layers: Option<LayerPick>,
+    /// Distilled positions each candidate is scored on when layers are chosen (`auto:N`)
+    /// [default: 1024].
+    #[arg(long)]
+    auto_layer_positions: Option<usize>,
     /// Override the first stage's initialisation: a Hugging Face directory (an export or a
     /// checkpoint).
     #[arg(long)]
@@ -310,12 +326,13 @@ pub fn main() -> ! {
 
 /// The settings the flags give, typed.
 fn overrides(a: &TrainArgs) -> Overrides {
-    let init = match (&a.init_from_teacher, &a.keep_layers, &a.init_from_student) {
-        (Some(p), Some(keep), _) => Some(Init::FromTeacher {
+    let init = match (&a.init_from_teacher, &a.init_from_student) {
+        (Some(p), _) => Some(Init::FromTeacher {
             path: p.clone(),
-            keep_layers: keep.clone(),
+            keep_layers: a.keep_layers.clone(),
+            drop_layers: a.drop_layers.clone(),
         }),
-        (_, _, Some(p)) => Some(Init::FromStudent { path: p.clone() }),
+        (_, Some(p)) => Some(Init::FromStudent { path: p.clone() }),
         _ => None,
     };
     let divergence = a.loss.map(|kind| match kind {
@@ -366,6 +383,7 @@ fn overrides(a: &TrainArgs) -> Overrides {
             EstimatorArg::PlugIn => Estimator::PlugIn,
         }),
         precision: a.precision,
+        auto_layer_positions: a.auto_layer_positions,
         steps: a.steps,
         positions: a.positions,
     }

@@ -210,21 +210,19 @@ impl CpuLlama {
     /// layer's are held.
     pub fn forward(&self, seqs: &mut [&mut SeqCache], tokens: &[&[u32]], keep: bool) -> Vec<f32> {
         assert_eq!(seqs.len(), tokens.len(), "one token list per sequence");
-        let cfg = &self.cfg;
-        let d = cfg.hidden_size;
-        let hd = cfg.head_dim();
-        let nkv = cfg.num_key_value_heads;
-        let kvd = nkv * hd;
-        let ff = cfg.intermediate_size;
-        let eps = cfg.rms_norm_eps as f32;
-        let n: usize = tokens.iter().map(|t| t.len()).sum();
-        // Sequence s's new tokens are rows offs[s]..offs[s+1]; positions start at its length.
-        let mut offs = vec![0usize];
-        let mut pos = Vec::with_capacity(n);
-        for (s, t) in seqs.iter().zip(tokens) {
-            pos.extend((0..t.len()).map(|i| s.len + i));
-            offs.push(offs.last().unwrap() + t.len());
+        let mut x = self.embed(tokens);
+        let lens: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
+        self.layers_inner(seqs, &lens, &mut x, 0..self.layers.len(), keep, |_, _| {});
+        for (s, t) in seqs.iter_mut().zip(tokens) {
+            s.len += t.len();
         }
+        self.final_norm(&x)
+    }
+
+    /// The embeddings of `tokens`, sequence after sequence: `[Σ len, hidden]`.
+    pub fn embed(&self, tokens: &[&[u32]]) -> Vec<f32> {
+        let d = self.cfg.hidden_size;
+        let n: usize = tokens.iter().map(|t| t.len()).sum();
         let mut x = vec![0f32; n * d];
         for (row, &id) in x
             .chunks_exact_mut(d)
@@ -235,6 +233,60 @@ impl CpuLlama {
                 .unwrap_or(&self.lm_head)
                 .row_into(id as usize, row);
         }
+        x
+    }
+
+    /// Runs whole sequences of `lens[s]` tokens each (their residual streams `x`,
+    /// `[Σ len, hidden]`, sequence after sequence, from position 0) through the layers
+    /// `layers`, in that order, with no cache kept: the stream of a model cut to those layers.
+    /// `each(i, x)` sees the stream after `layers[i]`.
+    pub fn run_layers(
+        &self,
+        lens: &[usize],
+        x: &mut [f32],
+        layers: &[usize],
+        each: impl FnMut(usize, &[f32]),
+    ) {
+        let mut caches: Vec<SeqCache> = lens.iter().map(|_| self.new_cache()).collect();
+        let mut seqs: Vec<&mut SeqCache> = caches.iter_mut().collect();
+        self.layers_inner(&mut seqs, lens, x, layers.iter().copied(), false, each);
+    }
+
+    /// The final RMS norm of residual streams `[n, hidden]`.
+    pub fn final_norm(&self, x: &[f32]) -> Vec<f32> {
+        let mut h = vec![0f32; x.len()];
+        rms_norm(x, &self.norm, self.cfg.rms_norm_eps as f32, &mut h);
+        h
+    }
+
+    /// The body of [`CpuLlama::forward`]: `lens[s]` new tokens of sequence `s` (their rows in
+    /// `x`), through `layers`, appending to the sequences' caches (their lengths are left to
+    /// the caller).
+    fn layers_inner(
+        &self,
+        seqs: &mut [&mut SeqCache],
+        lens: &[usize],
+        x: &mut [f32],
+        layers: impl Iterator<Item = usize>,
+        keep: bool,
+        mut each: impl FnMut(usize, &[f32]),
+    ) {
+        let cfg = &self.cfg;
+        let d = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let nkv = cfg.num_key_value_heads;
+        let kvd = nkv * hd;
+        let ff = cfg.intermediate_size;
+        let eps = cfg.rms_norm_eps as f32;
+        let n: usize = lens.iter().sum();
+        assert_eq!(x.len(), n * d, "one residual row per token");
+        // Sequence s's new tokens are rows offs[s]..offs[s+1]; positions start at its length.
+        let mut offs = vec![0usize];
+        let mut pos = Vec::with_capacity(n);
+        for (s, &len) in seqs.iter().zip(lens) {
+            pos.extend((0..len).map(|i| s.len + i));
+            offs.push(offs.last().unwrap() + len);
+        }
         let qd = cfg.q_dim();
         let qkv_w = qd + 2 * kvd;
         let mut h = vec![0f32; n * d];
@@ -243,8 +295,9 @@ impl CpuLlama {
         let mut proj = vec![0f32; n * d];
         let mut gu = vec![0f32; n * 2 * ff];
         let mut m = vec![0f32; n * ff];
-        for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.attn_norm, eps, &mut h);
+        for (i, li) in layers.enumerate() {
+            let layer = &self.layers[li];
+            rms_norm(x, &layer.attn_norm, eps, &mut h);
             layer.qkv.matmul_into(&h, n, &mut qkv);
             qkv.par_chunks_mut(qkv_w * ROWS_PER_TASK)
                 .zip(pos.par_chunks(ROWS_PER_TASK))
@@ -286,8 +339,8 @@ impl CpuLlama {
                 }
             }
             layer.o.matmul_into(&att, n, &mut proj);
-            add_in_place(&mut x, &proj);
-            rms_norm(&x, &layer.ffn_norm, eps, &mut h);
+            add_in_place(x, &proj);
+            rms_norm(x, &layer.ffn_norm, eps, &mut h);
             layer.gate_up.matmul_into(&h, n, &mut gu);
             m.par_chunks_mut(ff * ROWS_PER_TASK)
                 .zip(gu.par_chunks(2 * ff * ROWS_PER_TASK))
@@ -297,13 +350,9 @@ impl CpuLlama {
                     }
                 });
             layer.down.matmul_into(&m, n, &mut proj);
-            add_in_place(&mut x, &proj);
+            add_in_place(x, &proj);
+            each(i, x);
         }
-        for (s, t) in seqs.iter_mut().zip(tokens) {
-            s.len += t.len();
-        }
-        rms_norm(&x, &self.norm, eps, &mut h);
-        h
     }
 
     /// Logits `[n, vocab]` for final-norm hidden states `[n, hidden]`.

@@ -247,6 +247,14 @@ impl Llama {
         }
     }
 
+    /// The CPU kernels' model, when they compute this one.
+    pub fn cpu(&self) -> Option<&CpuLlama> {
+        match &self.backend {
+            Backend::Cpu(m) => Some(m),
+            Backend::Candle(_) => None,
+        }
+    }
+
     /// The device the model computes on.
     pub fn device(&self) -> candle_core::Device {
         match &self.backend {

@@ -92,7 +92,20 @@ pub struct Student {
     /// softmax and everything else stay in `dtype`. Equal to `dtype` unless set.
     products: DType,
     device: Device,
+    /// The teacher layers this student was cut from, in order (`kd_teacher_layers` in its
+    /// `config.json`); none for a student not cut from a teacher.
+    pub teacher_layers: Option<Vec<usize>>,
 }
+
+/// `kd_teacher_layers` of `dir/config.json`, where the file has a list of layer numbers.
+fn read_teacher_layers(dir: &Path) -> Option<Vec<usize>> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    serde_json::from_value(v.get(TEACHER_LAYERS_KEY)?.clone()).ok()
+}
+
+/// The `config.json` key naming the teacher layers a student was cut from.
+pub const TEACHER_LAYERS_KEY: &str = "kd_teacher_layers";
 
 /// Root-mean-square norm over the last axis, `x / sqrt(mean(x²) + eps) * w`, built from ops that
 /// all have a backward pass (candle-nn's `ops::rms_norm` has none).
@@ -254,6 +267,7 @@ impl Student {
             dtype,
             products: dtype,
             device: device.clone(),
+            teacher_layers: None,
         })
     }
 
@@ -295,7 +309,9 @@ impl Student {
     pub fn from_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let cfg = read_hf_config(dir)?;
         let mut ts = load_hf_tensors(dir, &Device::Cpu)?;
-        Self::from_tensors(cfg, &mut ts, dir, dtype, device)
+        let mut s = Self::from_tensors(cfg, &mut ts, dir, dtype, device)?;
+        s.teacher_layers = read_teacher_layers(dir);
+        Ok(s)
     }
 
     /// A student made of the teacher's layers `keep_layers` (in that order, renumbered from 0),
@@ -343,7 +359,9 @@ impl Student {
             ts.extend(renamed);
         }
         cfg.num_hidden_layers = keep_layers.len();
-        Self::from_tensors(cfg, &mut ts, path, dtype, device)
+        let mut s = Self::from_tensors(cfg, &mut ts, path, dtype, device)?;
+        s.teacher_layers = Some(keep_layers.to_vec());
+        Ok(s)
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -16,6 +16,7 @@ use crate::data::{
 };
 use crate::engine::{EngineKind, KernelStudent};
 use crate::error::{Error, Result, error, refuse};
+use crate::layers::{LayerChoice, LayerPick};
 use crate::optim::{AdamW, AdamWConfig, Decay, Schedule};
 use crate::train::{PositionTargets, loss_and_grads};
 
@@ -23,10 +24,15 @@ use crate::train::{PositionTargets, loss_and_grads};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum Init {
-    /// Keep these layers of the teacher (GGUF or Hugging Face dir), dequantized to f32.
+    /// Keep these layers of the teacher (GGUF or Hugging Face dir), dequantized to f32:
+    /// `keep_layers` (a list in order, or `"auto:N"`: chosen on the cache, see
+    /// [`crate::layers`]), or every layer but `drop_layers` (a list, or `"auto:M"`).
     FromTeacher {
         path: PathBuf,
-        keep_layers: Vec<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keep_layers: Option<LayerPick>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drop_layers: Option<LayerPick>,
     },
     /// A Hugging Face directory (e.g. an exported student, for a second stage).
     FromStudent { path: PathBuf },
@@ -58,9 +64,16 @@ impl Init {
 
     fn build_unchecked(&self, dev: &Device) -> Result<Student> {
         Ok(match self {
-            Init::FromTeacher { path, keep_layers } => {
-                Student::from_teacher(path, keep_layers, DType::F32, dev)?
-            }
+            Init::FromTeacher {
+                path,
+                keep_layers: Some(LayerPick::List(keep)),
+                drop_layers: None,
+            } => Student::from_teacher(path, keep, DType::F32, dev)?,
+            Init::FromTeacher { path, .. } => refuse!(
+                Setting,
+                "{}: init.from_teacher needs its layers resolved to a list first ([`resolve_layers`])",
+                path.display()
+            ),
             Init::FromStudent { path } => Student::from_hf_dir(path, DType::F32, dev)?,
             Init::Random { config, seed } => {
                 let dir = if config.is_file() {
@@ -146,6 +159,14 @@ pub struct FitConfig {
     /// [`DEFAULT_LOGITS_CHUNK`].
     #[serde(default = "default_logits_chunk")]
     pub logits_chunk: usize,
+    /// Distilled positions (training rows, in row order) each candidate cut is scored on
+    /// when the teacher's layers are chosen (`keep_layers = "auto:N"`); default
+    /// [`crate::layers::DEFAULT_AUTO_POSITIONS`].
+    #[serde(
+        default = "default_auto_layer_positions",
+        skip_serializing_if = "is_default_auto_layer_positions"
+    )]
+    pub auto_layer_positions: usize,
     /// Micro-batches per optimizer step; their gradients are averaged weighted by their
     /// distilled positions, so the step sees the token mean of all of them.
     #[serde(default = "one")]
@@ -367,6 +388,12 @@ pub(crate) fn default_checkpoint_every() -> u64 {
 pub(crate) fn default_logits_chunk() -> usize {
     DEFAULT_LOGITS_CHUNK
 }
+pub(crate) fn default_auto_layer_positions() -> usize {
+    crate::layers::DEFAULT_AUTO_POSITIONS
+}
+fn is_default_auto_layer_positions(n: &usize) -> bool {
+    *n == crate::layers::DEFAULT_AUTO_POSITIONS
+}
 
 /// Opens the training teachers of `cfg`: `shards` alone, or joined with `extra_teachers` by
 /// row id (refused when ids, tokens or tokenizers differ).
@@ -483,7 +510,7 @@ impl EvalModel<'_> {
 
 /// Rows in order, grouped so that a group's padded tokens stay within [`EVAL_TOKENS`]: a
 /// forward pass keeps every intermediate of a group alive, so this bounds its memory.
-fn eval_groups<'r, S: RowSource + ?Sized>(
+pub(crate) fn eval_groups<'r, S: RowSource + ?Sized>(
     src: &S,
     rows: &'r [usize],
     max_len: usize,
@@ -523,6 +550,14 @@ pub struct EvalReport {
 /// Most padded tokens per evaluation forward pass.
 pub const EVAL_TOKENS: usize = 1024;
 
+/// The forward KL evaluations report: bucket tail, τ = 1, no hard-label term.
+pub const EVAL_FORWARD_KL: LossConfig = LossConfig {
+    divergence: Divergence::ForwardKl,
+    temperature: 1.0,
+    alpha: 1.0,
+    tail: TailPolicy::Bucket,
+};
+
 /// Evaluates `student` on `rows` of `src`, against each position's [`PositionTargets`]
 /// (the teachers' mixture when there are several). One forward pass per batch of rows; the
 /// logits of `chunk` positions at a time give every metric.
@@ -533,12 +568,7 @@ pub fn evaluate<S: RowSource + ?Sized>(
     max_len: usize,
     chunk: usize,
 ) -> Result<EvalReport> {
-    let fwd = LossConfig {
-        divergence: Divergence::ForwardKl,
-        temperature: 1.0,
-        alpha: 1.0,
-        tail: TailPolicy::Bucket,
-    };
+    let fwd = EVAL_FORWARD_KL;
     let rev = LossConfig {
         divergence: Divergence::ReverseKl,
         ..fwd
@@ -560,17 +590,7 @@ pub fn evaluate<S: RowSource + ?Sized>(
         for s in (0..n).step_by(chunk) {
             let len = chunk.min(n - s);
             model.logits(&hidden[s * d..(s + len) * d], len, &mut z)?;
-            let positions: Vec<kd_loss::Position<'_, f64, f32>> = (0..len)
-                .map(|i| {
-                    let (topk_ids, topk_logprobs) = targets.get(s + i);
-                    kd_loss::Position {
-                        topk_ids,
-                        topk_logprobs,
-                        student_logits: &z[i * v..(i + 1) * v],
-                        next_token: batch.next_token[s + i],
-                    }
-                })
-                .collect();
+            let positions = targets.positions(&batch, s, &z[..len * v], v);
             let (mf, _) = kd_loss::batch_loss(&fwd, &positions, None);
             let (mr, _) = kd_loss::batch_loss(&rev, &positions, None);
             f += mf.divergence * len as f64;
@@ -616,6 +636,12 @@ pub struct FitSummary {
     /// candle engine).
     pub engine_seconds: Option<std::collections::BTreeMap<String, f64>>,
     pub resumed_from: Option<u64>,
+    /// The teacher layers the student was cut from, in order (none when it was not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_layers: Option<Vec<usize>>,
+    /// How `keep_layers = "auto:N"` chose them: every candidate's score at every step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_choice: Option<LayerChoice>,
     pub initial: EvalReport,
     pub last_train_loss: f64,
     pub final_eval: EvalReport,
@@ -830,6 +856,13 @@ pub fn export(student: &Student, shards: &Path, dest: &Path) -> Result<()> {
             dest.display()
         )
     })?;
+    let mut cfg = cfg;
+    if let (Some(kept), Some(m)) = (&student.teacher_layers, cfg.as_object_mut()) {
+        m.insert(
+            kd_model::trainable::TEACHER_LAYERS_KEY.into(),
+            serde_json::json!(kept),
+        );
+    }
     let config = dest.join("config.json");
     std::fs::write(&config, serde_json::to_vec_pretty(&cfg)?).map_err(io(&config))?;
     student.save_safetensors(&dest.join("model.safetensors"))?;
@@ -891,12 +924,13 @@ pub fn fit(
     let _lock = kd_fs::FolderLock::take(&cfg.out, LOCK_FILE)?;
     let teachers = open_teachers(cfg)?;
     let dev = device.clone();
-    let mut student = cfg.init.build(&dev)?;
+    let split = training_split(cfg, &teachers)?;
+    let (init, layer_choice) = resolve_layers(&cfg.init, cfg, &teachers, &split.train, progress)?;
+    let mut student = init.build(&dev)?;
     check_vocab(&student, &teachers.sets()[0])?;
     if progress {
         print_student(&student, &teachers);
     }
-    let split = training_split(cfg, &teachers)?;
     let eval_rows = eval_rows(cfg, &teachers, &split)?;
     let mut batcher = Batcher::new(
         &teachers,
@@ -1002,6 +1036,8 @@ pub fn fit(
                 .collect()
         }),
         resumed_from: resumed.map(|(step, _)| step),
+        teacher_layers: student.teacher_layers.clone(),
+        layer_choice,
         initial,
         last_train_loss: last_loss,
         final_eval,
@@ -1016,6 +1052,110 @@ pub fn fit(
         &serde_json::to_vec_pretty(&summary)?,
     )?;
     Ok(summary)
+}
+
+/// Where a run keeps the layers it chose (`auto:N`), for a later run with the same request.
+pub const LAYER_CHOICE_FILE: &str = "layer_choice.json";
+
+/// `init` with its teacher layers as a list: `drop_layers` turned into the layers kept, and
+/// `auto:N` chosen on `rows` of the cache (the measurement returned beside it).
+pub fn resolve_layers(
+    init: &Init,
+    cfg: &FitConfig,
+    src: &Teachers,
+    rows: &[usize],
+    progress: bool,
+) -> Result<(Init, Option<LayerChoice>)> {
+    let Init::FromTeacher {
+        path,
+        keep_layers,
+        drop_layers,
+    } = init
+    else {
+        return Ok((init.clone(), None));
+    };
+    let (pick, drop) = match (keep_layers, drop_layers) {
+        (Some(p), None) => (p, false),
+        (None, Some(p)) => (p, true),
+        _ => refuse!(
+            Setting,
+            "{}: init.from_teacher takes exactly one of keep_layers and drop_layers",
+            path.display()
+        ),
+    };
+    let list = |kept: Vec<usize>| Init::FromTeacher {
+        path: path.clone(),
+        keep_layers: Some(LayerPick::List(kept)),
+        drop_layers: None,
+    };
+    if let (LayerPick::List(kept), false) = (pick, drop) {
+        return Ok((list(kept.clone()), None));
+    }
+    let total = match path.is_dir() {
+        true => kd_model::loader::read_hf_config(path)?.num_hidden_layers,
+        false => {
+            let header = kd_model::loader::read_gguf_header(path)?;
+            let mut f = std::fs::File::open(path).map_err(io(path))?;
+            kd_model::loader::gguf_config(&header, &mut f, path)?.num_hidden_layers
+        }
+    };
+    let n = match crate::layers::keep_count(pick, drop, total, path)? {
+        LayerPick::List(kept) => return Ok((list(kept), None)),
+        LayerPick::Auto(n) => n,
+    };
+    let (sample, _) = crate::layers::sample(src, rows, cfg.auto_layer_positions, cfg.max_len);
+    let request = crate::layers::ChoiceRequest {
+        teacher: path.display().to_string(),
+        keep: n,
+        shards_fingerprint: teachers_fingerprint(src),
+        positions: cfg.auto_layer_positions,
+        max_len: cfg.max_len,
+        rows_sha256: crate::layers::rows_sha256(&sample),
+    };
+    let saved_at = cfg.out.join(LAYER_CHOICE_FILE);
+    if let Some(choice) = crate::layers::saved(&saved_at, &request) {
+        if progress {
+            eprintln!(
+                "layers {:?}: chosen earlier for the same teacher, cache and sample ({})",
+                choice.kept,
+                saved_at.display()
+            );
+        }
+        return Ok((list(choice.kept.clone()), Some(choice)));
+    }
+    let teacher = kd_model::load(path, kd_model::Precision::Exact, &Device::Cpu)?;
+    let Some(model) = teacher.model.cpu() else {
+        refuse!(
+            Setting,
+            "{}: keep_layers = \"auto:{n}\" runs the teacher on the CPU kernels, which need AVX-512 or AVX2 with FMA",
+            path.display()
+        );
+    };
+    let vocab = src.sets()[0].vocab_size() as usize;
+    if model.cfg.vocab_size != vocab {
+        refuse!(
+            Setting,
+            "{}: the teacher's vocabulary ({}) is not the cache's ({vocab})",
+            path.display(),
+            model.cfg.vocab_size
+        );
+    }
+    let choice = crate::layers::choose(model, src, &sample, request, cfg.logits_chunk, progress)?;
+    std::fs::create_dir_all(&cfg.out).map_err(io(&cfg.out))?;
+    kd_fs::write_bytes_atomic(&saved_at, &serde_json::to_vec_pretty(&choice)?)?;
+    if progress {
+        eprintln!(
+            "chose layers {:?} in {:.0} s: forward KL {:.4} on the sample (the whole teacher: {:.4})",
+            choice.kept,
+            choice.seconds,
+            choice
+                .removals
+                .last()
+                .map_or(choice.teacher_forward_kl, |r| r.forward_kl),
+            choice.teacher_forward_kl
+        );
+    }
+    Ok((list(choice.kept.clone()), Some(choice)))
 }
 
 /// Prints the student's shape and the rows it trains on.

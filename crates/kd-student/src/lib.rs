@@ -12,6 +12,8 @@
 //! - [`train`]: the candle engine's step: the output head in chunks outside autograd with
 //!   `kd_loss`'s exact gradients, one backward pass through the transformer.
 //! - [`optim`]: AdamW with its state on disk, schedules, clipping.
+//! - [`layers`]: which teacher layers a student cut from the teacher keeps (`auto:N`: chosen
+//!   greedily by forward KL against the cache).
 //! - [`fit`]: a whole run: checkpoints published atomically, exact resume, held-out
 //!   evaluation, export to a Hugging Face directory (what `student-fit` calls).
 //!
@@ -54,6 +56,7 @@ pub mod engine;
 mod error;
 pub mod eval;
 pub mod fit;
+pub mod layers;
 pub mod optim;
 pub mod plan;
 pub mod resolve;

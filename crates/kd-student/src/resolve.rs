@@ -53,6 +53,7 @@ pub struct FitSection {
     pub targets: Option<TargetKind>,
     pub estimator: Option<Estimator>,
     pub precision: Option<TrainPrecision>,
+    pub auto_layer_positions: Option<usize>,
 }
 
 /// A section's `loss` table: each key optional; `divergence` is required once the table is
@@ -89,6 +90,7 @@ pub struct Overrides {
     pub targets: Option<TargetKind>,
     pub estimator: Option<Estimator>,
     pub precision: Option<TrainPrecision>,
+    pub auto_layer_positions: Option<usize>,
     /// Steps of every stage run (clears `positions`).
     pub steps: Option<u64>,
     /// Distilled positions of every stage run.
@@ -228,7 +230,7 @@ impl FitSection {
     fn apply(&mut self, o: &Overrides) {
         replace_given!(self, o; shards, eval_shards, out, init, lr, min_lr, warmup_steps,
             token_budget, max_len, holdout_fraction, seed, checkpoint_every, targets, estimator,
-            precision);
+            precision, auto_layer_positions);
         if o.divergence.is_some()
             || o.temperature.is_some()
             || o.alpha.is_some()
@@ -256,7 +258,7 @@ impl FitSection {
             max_len, lr, min_lr, warmup_steps, decay, adamw, max_grad_norm, holdout_fraction,
             seed, log_every, checkpoint_every, logits_chunk, grad_accum, mix, extra_teachers,
             eval_shards, eval_every, eval_max_rows, train_on, keep_checkpoints, targets,
-            estimator, precision);
+            estimator, precision, auto_layer_positions);
         self
     }
 
@@ -266,7 +268,7 @@ impl FitSection {
         let shards = self.shards.ok_or(missing("--shards", "shards"))?;
         let out = self.out.ok_or(missing("--out", "out"))?;
         let init = self.init.ok_or(missing(
-            "--init-from-teacher with --keep-layers, or --init-from-student",
+            "--init-from-teacher with --keep-layers or --drop-layers, or --init-from-student",
             "init",
         ))?;
         // The defaults are FitConfig's own (its serde defaults), so a key left out of a
@@ -322,6 +324,9 @@ impl FitSection {
             targets: self.targets,
             estimator: self.estimator.unwrap_or_default(),
             precision: self.precision.unwrap_or_default(),
+            auto_layer_positions: self
+                .auto_layer_positions
+                .unwrap_or_else(fit::default_auto_layer_positions),
         })
     }
 }

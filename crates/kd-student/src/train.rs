@@ -90,6 +90,28 @@ impl PositionTargets {
         (&self.ids[r.clone()], &self.logprobs[r])
     }
 
+    /// Positions `s..s + n` of `batch` as the loss takes them, with the student's logits
+    /// `z` (`[n, vocab]`, one row per position).
+    pub fn positions<'a>(
+        &'a self,
+        batch: &Batch,
+        s: usize,
+        z: &'a [f32],
+        vocab: usize,
+    ) -> Vec<kd_loss::Position<'a, f64, f32>> {
+        (0..z.len() / vocab.max(1))
+            .map(|i| {
+                let (topk_ids, topk_logprobs) = self.get(s + i);
+                kd_loss::Position {
+                    topk_ids,
+                    topk_logprobs,
+                    student_logits: &z[i * vocab..(i + 1) * vocab],
+                    next_token: batch.next_token[s + i],
+                }
+            })
+            .collect()
+    }
+
     /// The teacher's most probable token at position `p`.
     pub fn argmax(&self, p: usize) -> u32 {
         let (ids, lps) = self.get(p);
