@@ -2,7 +2,7 @@
 # The distillation study: what each method buys, on two students, and what the cache costs.
 #
 #   ./pipelines/study.sh            # the full study: about 13 hours on 2 cores (times.tsv has each step's)
-#   ./pipelines/study.sh --quick    # about 10 minutes: 8 train / 6 held-out prompts, 2 samples, 600 positions
+#   ./pipelines/study.sh --quick    # about 15 minutes: 8 train / 6 held-out prompts, 2 samples, 600 positions
 #
 # Flags: --out DIR (default out/study), --positions N (distilled positions each run trains on,
 # default 200000), --samples N (responses per training prompt at temperature 1, default 16),

@@ -12,6 +12,11 @@ Every format the project writes is read with the formulas its schema documents
 >>> cache = Cache("out/quickstart")            # checks the manifest and each shard's sha256
 >>> for row in cache.rows():
 ...     row["topk_ids"].shape, row["topk_logprobs"].shape   # (n_pos, k) each
+
+With torch installed: :mod:`kd_cache.torch_data` (a dataset that batches rows as
+``student-fit`` does, sharded by rank and worker) and :mod:`kd_cache.losses` (the losses as
+torch functions); ``examples/ddp_train.py`` trains a transformers model with them under
+``torchrun``.
 """
 
 from __future__ import annotations
