@@ -11,17 +11,7 @@ use std::path::Path;
 use std::process::Command;
 
 fn has_torch() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import torch, transformers"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("KD_REQUIRE_TORCH").is_ok_and(|v| v == "1") {
-            panic!("KD_REQUIRE_TORCH=1 but `python3 -c 'import torch, transformers'` fails");
-        }
-        eprintln!("skipped: python3 cannot import torch and transformers");
-    }
-    ok
+    util::python_imports_torch("torch, transformers")
 }
 
 fn python(args: &[&str]) -> std::process::Output {

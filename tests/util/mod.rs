@@ -124,3 +124,20 @@ pub fn limit_file_size(cmd: &mut Command, cap: u64) {
         });
     }
 }
+
+/// Whether `python3` imports `modules` (e.g. `"torch, transformers"`); when it cannot, the
+/// test is skipped, unless `KD_REQUIRE_TORCH=1` (CI), which makes it a failure.
+pub fn python_imports_torch(modules: &str) -> bool {
+    let import = format!("import {modules}");
+    let ok = Command::new("python3")
+        .args(["-c", &import])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        if std::env::var("KD_REQUIRE_TORCH").is_ok_and(|v| v == "1") {
+            panic!("KD_REQUIRE_TORCH=1 but `python3 -c '{import}'` fails");
+        }
+        eprintln!("skipped: python3 cannot {import}");
+    }
+    ok
+}
