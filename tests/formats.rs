@@ -24,6 +24,7 @@ fn has_reference_stack() -> bool {
 /// The reference's verdict on `cache`, dumped from `weights` (config in `config_dir`).
 fn reference(config_dir: &Path, weights: &Path, cache: &Path) -> serde_json::Value {
     let o = Command::new("python3")
+        .env_remove("LD_LIBRARY_PATH")
         .env("PYTHONPATH", util::root().join("python"))
         .arg(util::root().join("python/tests/transformers_logprobs.py"))
         .args([config_dir, weights, cache])

@@ -16,6 +16,7 @@ fn has_torch() -> bool {
 
 fn python(args: &[&str]) -> std::process::Output {
     Command::new("python3")
+        .env_remove("LD_LIBRARY_PATH")
         .env("PYTHONPATH", util::root().join("python"))
         .args(args)
         .output()
