@@ -1101,6 +1101,11 @@ pub fn resolve_layers(
     };
     let n = match crate::layers::keep_count(pick, drop, total, path)? {
         LayerPick::List(kept) => return Ok((list(kept), None)),
+        LayerPick::Auto(n) if n > total => refuse!(
+            Setting,
+            "{}: keep_layers = \"auto:{n}\": the teacher has {total} layers; choose 1 to {total}",
+            path.display()
+        ),
         LayerPick::Auto(n) => n,
     };
     let (sample, _) = crate::layers::sample(src, rows, cfg.auto_layer_positions, cfg.max_len);
