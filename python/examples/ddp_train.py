@@ -69,13 +69,14 @@ def main():
     log, t0, positions = [], time.time(), 0
     batches = iter(data)
     for step in range(1, a.steps + 1):
-        b = next(batches)
-        if len(b["pos_row"]) == 0:
-            continue
-        b = {k: v.to(device) for k, v in b.items()}
+        b = {k: v.to(device) for k, v in next(batches).items()}
         out = ddp(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         z = out.logits[b["pos_row"], b["pos_t"]].double()
-        if a.targets == "sampled":
+        if len(b["pos_row"]) == 0:
+            # Nothing to distil (every row's prompt fills max_len): a zero loss, so that this
+            # rank still joins the gradient all-reduce of the step.
+            loss, parts = out.logits.sum() * 0.0, {"divergence": torch.zeros(())}
+        elif a.targets == "sampled":
             loss, parts = sampled_forward_kl(z, b["sample_ids"], b["sample_logprobs"], b["next_token"], a.alpha)
         else:
             loss, parts = kd_loss(z, b["topk_ids"], b["topk_logprobs"], b["next_token"], a.divergence,
