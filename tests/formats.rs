@@ -12,7 +12,6 @@
 mod util;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::quantized::GgmlDType;
 use kd_model::testing::{random_weights, tiny_config, write_gguf_with, write_hf_dir};
@@ -23,9 +22,7 @@ fn has_reference_stack() -> bool {
 
 /// The reference's verdict on `cache`, dumped from `weights` (config in `config_dir`).
 fn reference(config_dir: &Path, weights: &Path, cache: &Path) -> serde_json::Value {
-    let o = Command::new("python3")
-        .env_remove("LD_LIBRARY_PATH")
-        .env("PYTHONPATH", util::root().join("python"))
+    let o = util::python_torch()
         .arg(util::root().join("python/tests/transformers_logprobs.py"))
         .args([config_dir, weights, cache])
         .output()

@@ -8,19 +8,13 @@
 mod util;
 
 use std::path::Path;
-use std::process::Command;
 
 fn has_torch() -> bool {
     util::python_imports_torch("torch, transformers")
 }
 
 fn python(args: &[&str]) -> std::process::Output {
-    Command::new("python3")
-        .env_remove("LD_LIBRARY_PATH")
-        .env("PYTHONPATH", util::root().join("python"))
-        .args(args)
-        .output()
-        .unwrap()
+    util::python_torch().args(args).output().unwrap()
 }
 
 #[test]

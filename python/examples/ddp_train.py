@@ -16,6 +16,7 @@ writes ``OUT/rank-R.json`` with its losses and the rows it saw.
 """
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -97,8 +98,8 @@ def main():
                   flush=True)
 
     # One epoch's assignment, for checking that the ranks' rows are disjoint and cover it.
-    epoch = KDDataset(a.cache, token_budget=a.token_budget, max_len=a.max_len, seed=a.seed,
-                      holdout_fraction=a.holdout_fraction, epochs=1)
+    epoch = copy.copy(data)  # the same rows, read once
+    epoch.epochs = 1
     epoch_rows = sorted(r for b in epoch for r in b["rows"].tolist())
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"rank-{rank}.json").write_text(json.dumps(

@@ -125,13 +125,20 @@ pub fn limit_file_size(cmd: &mut Command, cap: u64) {
     }
 }
 
+/// `python3` with the repository's `python/` on its path and without `LD_LIBRARY_PATH`:
+/// torch loads its own CUDA libraries, never a test's stand-ins.
+pub fn python_torch() -> Command {
+    let mut c = Command::new("python3");
+    c.env_remove("LD_LIBRARY_PATH")
+        .env("PYTHONPATH", root().join("python"));
+    c
+}
+
 /// Whether `python3` imports `modules` (e.g. `"torch, transformers"`); when it cannot, the
-/// test is skipped, unless `KD_REQUIRE_TORCH=1` (CI), which makes it a failure. Python runs
-/// without `LD_LIBRARY_PATH`: torch loads its own CUDA libraries, never a test's stand-ins.
+/// test is skipped, unless `KD_REQUIRE_TORCH=1` (CI), which makes it a failure.
 pub fn python_imports_torch(modules: &str) -> bool {
     let import = format!("import {modules}");
-    let ok = Command::new("python3")
-        .env_remove("LD_LIBRARY_PATH")
+    let ok = python_torch()
         .args(["-c", &import])
         .output()
         .is_ok_and(|o| o.status.success());

@@ -885,13 +885,22 @@ impl<'a> PanelView<'a> {
         if n == 0 {
             return;
         }
+        if !self.on_tiles(x, n, y, acc, true) {
+            self.par_matmul_vector(x, n, y, acc);
+        }
+    }
+
+    /// The product on AMX tiles where this view's panels are BF16 and [`amx`] allows it (after
+    /// `check`, for `n` > 0); false, with nothing written, where the vector kernels compute it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn on_tiles(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool, parallel: bool) -> bool {
         #[cfg(target_arch = "x86_64")]
         if self.format == PanelFormat::BF16 && amx() {
-            // SAFETY: `check` passed and `amx()` found the tiles.
-            unsafe { amx::matmul(self, x, n, SendPtr(y.as_mut_ptr()), acc, true) };
-            return;
+            // SAFETY: the caller's `check` passed and `amx()` found the tiles.
+            unsafe { amx::matmul(self, x, n, SendPtr(y.as_mut_ptr()), acc, parallel) };
+            return true;
         }
-        self.par_matmul_vector(x, n, y, acc);
+        false
     }
 
     /// [`PanelView::par_matmul`] on the vector kernels only (after `check`, for `n` > 0).
@@ -941,10 +950,7 @@ impl<'a> PanelView<'a> {
     /// `y = x · Wᵀ` (or `y += x · Wᵀ` with `acc`) on the calling thread.
     pub fn matmul_serial(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool) {
         self.check(x, n, y);
-        #[cfg(target_arch = "x86_64")]
-        if self.format == PanelFormat::BF16 && amx() && n > 0 {
-            // SAFETY: `check` passed and `amx()` found the tiles.
-            unsafe { amx::matmul(self, x, n, SendPtr(y.as_mut_ptr()), acc, false) };
+        if n > 0 && self.on_tiles(x, n, y, acc, false) {
             return;
         }
         // SAFETY: `check` bounds every panel, input row and output row; this thread alone

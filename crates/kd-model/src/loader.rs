@@ -467,8 +467,27 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The model's hyperparameters, from a `.gguf` file's header or a Hugging Face directory's
+/// `config.json`, without reading any weights.
+pub fn read_config(path: &Path) -> Result<LlamaConfig> {
+    if path.is_dir() {
+        return read_hf_config(path);
+    }
+    let header = read_gguf_header(path)?;
+    let mut f = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    gguf_config(&header, &mut f, path)
+}
+
 /// Reads `config.json` of a Hugging Face directory.
 pub fn read_hf_config(dir: &Path) -> Result<LlamaConfig> {
+    Ok(read_hf_config_json(dir)?.0)
+}
+
+/// [`read_hf_config`], with the file's JSON (for keys of its own beside the model's).
+pub fn read_hf_config_json(dir: &Path) -> Result<(LlamaConfig, serde_json::Value)> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
         path: path.clone(),
@@ -478,7 +497,7 @@ pub fn read_hf_config(dir: &Path) -> Result<LlamaConfig> {
         path: path.clone(),
         source,
     })?;
-    parse_hf_config(&v, &path)
+    Ok((parse_hf_config(&v, &path)?, v))
 }
 
 /// Keys of a llama `config.json` that change the function and have one implemented value

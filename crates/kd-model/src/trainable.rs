@@ -97,13 +97,6 @@ pub struct Student {
     pub teacher_layers: Option<Vec<usize>>,
 }
 
-/// `kd_teacher_layers` of `dir/config.json`, where the file has a list of layer numbers.
-fn read_teacher_layers(dir: &Path) -> Option<Vec<usize>> {
-    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    serde_json::from_value(v.get(TEACHER_LAYERS_KEY)?.clone()).ok()
-}
-
 /// The `config.json` key naming the teacher layers a student was cut from.
 pub const TEACHER_LAYERS_KEY: &str = "kd_teacher_layers";
 
@@ -307,10 +300,12 @@ impl Student {
 
     /// Loads a Hugging Face directory (`config.json` and `*.safetensors`) as a student.
     pub fn from_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let cfg = read_hf_config(dir)?;
+        let (cfg, json) = crate::loader::read_hf_config_json(dir)?;
         let mut ts = load_hf_tensors(dir, &Device::Cpu)?;
         let mut s = Self::from_tensors(cfg, &mut ts, dir, dtype, device)?;
-        s.teacher_layers = read_teacher_layers(dir);
+        s.teacher_layers = json
+            .get(TEACHER_LAYERS_KEY)
+            .and_then(|v| serde_json::from_value(v.clone()).ok());
         Ok(s)
     }
 

@@ -1091,21 +1091,9 @@ pub fn resolve_layers(
     if let (LayerPick::List(kept), false) = (pick, drop) {
         return Ok((list(kept.clone()), None));
     }
-    let total = match path.is_dir() {
-        true => kd_model::loader::read_hf_config(path)?.num_hidden_layers,
-        false => {
-            let header = kd_model::loader::read_gguf_header(path)?;
-            let mut f = std::fs::File::open(path).map_err(io(path))?;
-            kd_model::loader::gguf_config(&header, &mut f, path)?.num_hidden_layers
-        }
-    };
+    let total = kd_model::loader::read_config(path)?.num_hidden_layers;
     let n = match crate::layers::keep_count(pick, drop, total, path)? {
         LayerPick::List(kept) => return Ok((list(kept), None)),
-        LayerPick::Auto(n) if n > total => refuse!(
-            Setting,
-            "{}: keep_layers = \"auto:{n}\": the teacher has {total} layers; choose 1 to {total}",
-            path.display()
-        ),
         LayerPick::Auto(n) => n,
     };
     let (sample, _) = crate::layers::sample(src, rows, cfg.auto_layer_positions, cfg.max_len);

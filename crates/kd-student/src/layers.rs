@@ -168,9 +168,13 @@ pub fn sample<S: RowSource + ?Sized>(
         if n_pos >= positions {
             break;
         }
-        let b = Batch::collect(src, &[r], max_len, 0);
-        if b.n_pos() > 0 {
-            n_pos += b.n_pos();
+        // A row's distilled positions, as `Batch::collect` cuts it to `max_len`.
+        let n = src
+            .row_len(r)
+            .min(max_len)
+            .saturating_sub(src.view(0, r).prompt_len as usize);
+        if n > 0 {
+            n_pos += n;
             sample.push(r);
         }
     }
@@ -392,9 +396,14 @@ fn mean_kl(
 }
 
 /// Resolves `pick` against a teacher of `total` layers: `drop` removes the listed layers, or
-/// `auto:M` keeps `total − M`.
+/// `auto:M` keeps `total − M`; `auto:N` must keep 1 to `total` layers.
 pub fn keep_count(pick: &LayerPick, drop: bool, total: usize, path: &Path) -> Result<LayerPick> {
     Ok(match (pick, drop) {
+        (LayerPick::Auto(n), false) if *n > total => refuse!(
+            Setting,
+            "{}: keep_layers = \"auto:{n}\": the teacher has {total} layers; choose 1 to {total}",
+            path.display()
+        ),
         (p, false) => p.clone(),
         (LayerPick::Auto(m), true) => {
             if *m >= total {
