@@ -3,6 +3,10 @@
 //! the same invocation; on an AVX-512 CPU the AVX2 kernel too. Reports GFLOP/s per shape for a decode-sized batch (8 rows) and a
 //! prefill-sized one (256 rows).
 //!
+//! On a CPU with AMX, BF16 matrices of TinyLlama-1.1B's shapes are also multiplied both ways
+//! the kernels hold them: packed into panels, and read in place as the file stores their rows
+//! (the same bits; the bench asserts it).
+//!
 //! Run: `cargo bench --bench kernels`. Writes `target/bench/kernels.json`.
 
 use std::path::PathBuf;
@@ -10,7 +14,9 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use kd_model::kernels::{Level, PanelMatrix, level, prefer_avx2, supported};
+use kd_model::kernels::{
+    Level, PanelMatrix, RawMatrix, SharedBytes, amx, level, prefer_avx2, supported,
+};
 
 /// Seconds per call: the median of `reps` timed calls after one warm-up.
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -24,6 +30,16 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
         .collect();
     v.sort_by(f64::total_cmp);
     v[reps / 2]
+}
+
+/// Uniform values in [-0.5, 0.5) from a xorshift generator seeded with `seed`.
+fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    }
 }
 
 fn main() {
@@ -50,13 +66,7 @@ fn main() {
         "matrix", "rows", "ours GFLOP/s", "ours AVX2", "candle f32", "ratio"
     );
     let mut json = Vec::new();
-    let mut seed = 1u64;
-    let mut rnd = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    };
+    let mut rnd = uniform(1);
     for (name, rows, cols, dt) in shapes {
         let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
         let q = QTensor::quantize(&Tensor::from_vec(w, (rows, cols), &dev).unwrap(), dt).unwrap();
@@ -91,6 +101,9 @@ fn main() {
             }));
         }
     }
+    if amx() {
+        in_place_rows(&mut json);
+    }
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(
@@ -98,4 +111,78 @@ fn main() {
         serde_json::to_string_pretty(&json).unwrap(),
     )
     .unwrap();
+}
+
+/// BF16 products on AMX tiles at TinyLlama-1.1B's shapes, from a weight file as a teacher's
+/// are: each shape copied until the copies outgrow the CPU's caches (1.2 GB), written to a
+/// temporary file and mapped; one pass multiplies every copy. Rows read in place from the map
+/// against the same rows packed into panels (the baseline), in GB/s of weights read.
+fn in_place_rows(json: &mut Vec<serde_json::Value>) {
+    println!(
+        "\nBF16 on AMX tiles {:<8} {:>5} {:>12} {:>14} {:>8}",
+        "matrix", "rows", "panels GB/s", "in place GB/s", "ratio"
+    );
+    let mut rnd = uniform(7);
+    for (name, rows, cols) in [
+        ("qkv", 2560, 2048),
+        ("gate+up", 11264, 2048),
+        ("down", 2048, 5632),
+        ("head", 32000, 2048),
+    ] {
+        let one = rows * cols * 2;
+        let copies = (1_200_000_000usize).div_ceil(one);
+        let mut file = tempfile::tempfile().unwrap();
+        for _ in 0..copies {
+            let bytes: Vec<u8> = (0..rows * cols)
+                .flat_map(|_| ((rnd().to_bits() >> 16) as u16).to_le_bytes())
+                .collect();
+            std::io::Write::write_all(&mut file, &bytes).unwrap();
+        }
+        // SAFETY: the temporary file is private to this process and not written again.
+        let map: SharedBytes = std::sync::Arc::new(unsafe { memmap2::Mmap::map(&file) }.unwrap());
+        let data: &[u8] = map.as_ref().as_ref();
+        let build = |place: bool| -> Vec<PanelMatrix> {
+            (0..copies)
+                .map(|c| {
+                    let raw = RawMatrix {
+                        dtype: GgmlDType::BF16,
+                        rows,
+                        cols,
+                        bytes: &data[c * one..(c + 1) * one],
+                        map: place.then_some(&map),
+                    };
+                    PanelMatrix::stack_raw(&[raw]).unwrap()
+                })
+                .collect()
+        };
+        let (packed, in_place) = (build(false), build(true));
+        assert!(in_place.iter().all(|m| m.bytes_in_place() == one));
+        for n in [8usize, 256] {
+            let x: Vec<f32> = (0..n * cols).map(|_| rnd()).collect();
+            let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+            let reps = if n > 8 { 3 } else { 7 };
+            let pass = |ms: &[PanelMatrix], y: &mut [f32]| {
+                for m in ms {
+                    m.matmul_into(&x, n, y);
+                }
+            };
+            let t_packed = time(reps, || pass(&packed, &mut a));
+            let t_place = time(reps, || pass(&in_place, &mut b));
+            assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+            let gb = (copies * one) as f64 / 1e9;
+            println!(
+                "{:<26} {n:>5} {:>12.1} {:>14.1} {:>7.2}x",
+                name,
+                gb / t_packed,
+                gb / t_place,
+                t_packed / t_place
+            );
+            let flop = 2.0 * (copies * rows * cols * n) as f64;
+            json.push(serde_json::json!({
+                "matrix": format!("bf16 {name}"), "rows_in": n, "shape": [rows, cols],
+                "copies": copies, "panels_gflops": flop / t_packed / 1e9,
+                "in_place_gflops": flop / t_place / 1e9,
+            }));
+        }
+    }
 }

@@ -164,6 +164,7 @@ fn the_teacher_on_the_gpu_against_the_cpu_kernels() {
             precision: Precision::Exact,
             dtype,
             kernels: Kernels::Auto,
+            ..Default::default()
         };
         let t0 = Instant::now();
         let m = kd_model::load_opts(&path, &opts, &dev).unwrap();

@@ -6,15 +6,22 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use kd_distill::cli::{human_bytes, run_main, set_threads, teacher_dump::Args};
 
-/// What the dump holds in memory: the weights as packed, and the KV cache of one batch at the
+/// What the dump holds in memory: the weights as packed (or mapped), and the KV cache of one batch at the
 /// response limit (plus its prompts, counted at 512 tokens each here).
 fn memory_plan(m: &kd_model::Llama, r: &kd_distill::cli::teacher_dump::Resolved) -> String {
     let weights = match m.weight_memory() {
         Some((total, formats)) => {
-            let parts: Vec<String> = formats
+            let mut parts: Vec<String> = formats
                 .iter()
                 .map(|(f, b)| format!("{f:?} {}", human_bytes(*b as u64)))
                 .collect();
+            let mapped = m.weight_bytes_in_place();
+            if mapped > 0 {
+                parts.push(format!(
+                    "{} of them read in place from the file",
+                    human_bytes(mapped as u64)
+                ));
+            }
             format!(
                 "weights {} ({})",
                 human_bytes(total as u64),
@@ -70,6 +77,7 @@ fn main() {
             precision: r.settings.precision,
             dtype: r.settings.dtype,
             kernels: kd_model::Kernels::Auto,
+            ..Default::default()
         };
         let model = kd_model::load_opts(&r.teacher, &opts, &device)
             .with_context(|| format!("loading the teacher {}", r.teacher.display()))?;

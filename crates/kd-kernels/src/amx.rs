@@ -12,6 +12,13 @@
 //!
 //! BF16 panels are stored in the tiles' pair-interleaved order: per 32-column block, 16
 //! pairs of columns `(2i, 2i + 1)`, each holding the 16 rows' two values side by side.
+//!
+//! BF16 rows read in place (as a file stores them) swap the operands: 16 weight rows × 32
+//! columns are the first tile, loaded with the row length as stride, and the activations'
+//! parts the second, pair-interleaved as the panels are; the sums are then `W·xᵀ`, 16 output
+//! rows × 16 input rows, written transposed. `tdpbf16ps` forms every element from the same
+//! products in the same order whichever operand holds the weights, so the two give the same
+//! bits.
 
 use super::{PANEL, PanelFormat, PanelView, QK, SendPtr};
 use rayon::prelude::*;
@@ -79,8 +86,25 @@ const TILE_ELEMS: usize = TILE * QK;
 /// Rows `r0..r1` of `x` (`cols` wide, in `blocks` 32-column blocks) split into `out`, tile by
 /// tile: for row tile `t`, block `j` and part `p`, the 16 × 32 bf16 values at
 /// `((t·blocks + j)·3 + p)·512`, rows 64 bytes apart, zeros past `cols` and past `r1`.
-fn split_rows(x: &[f32], cols: usize, blocks: usize, r0: usize, r1: usize, out: &mut [u16]) {
+///
+/// With `paired`, each tile holds its 16 rows as the second operand: column pair `i / 2` is
+/// tile row `i / 2`, and row `r`'s two values sit at `2r`, `2r + 1` (64 bytes per tile row).
+fn split_rows(
+    x: &[f32],
+    cols: usize,
+    blocks: usize,
+    (r0, r1): (usize, usize),
+    paired: bool,
+    out: &mut [u16],
+) {
     let per_tile = blocks * 3 * TILE_ELEMS;
+    let at = |r: usize, i: usize| {
+        if paired {
+            (i / 2) * QK + 2 * r + i % 2
+        } else {
+            r * QK + i
+        }
+    };
     let tiles = (r1 - r0).div_ceil(TILE);
     let one = |(t, dst): (usize, &mut [u16])| {
         for r in 0..TILE {
@@ -91,13 +115,14 @@ fn split_rows(x: &[f32], cols: usize, blocks: usize, r0: usize, r1: usize, out: 
                 &[][..]
             };
             for j in 0..blocks {
-                let base = j * 3 * TILE_ELEMS + r * QK;
+                let base = j * 3 * TILE_ELEMS;
                 for i in 0..QK {
                     let c = j * QK + i;
                     let [a, b, l] = if c < row.len() { split(row[c]) } else { [0; 3] };
-                    dst[base + i] = a;
-                    dst[base + TILE_ELEMS + i] = b;
-                    dst[base + 2 * TILE_ELEMS + i] = l;
+                    let e = base + at(r, i);
+                    dst[e] = a;
+                    dst[e + TILE_ELEMS] = b;
+                    dst[e + 2 * TILE_ELEMS] = l;
                 }
             }
         }
@@ -115,8 +140,8 @@ thread_local! {
     static PARTS: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// `y = x · Wᵀ` (or `y += x · Wᵀ` with `acc`) for a BF16 panel view, on the rayon pool split
-/// over output panels (`parallel`) or on the calling thread.
+/// `y = x · Wᵀ` (or `y += x · Wᵀ` with `acc`) for a BF16 view, on the rayon pool split over
+/// output panels (`parallel`) or on the calling thread, by [`tiles`].
 ///
 /// # Safety
 /// [`PanelView::check`] passed for `x`, `n` and `y`; [`detected`] returned true.
@@ -130,7 +155,9 @@ pub(super) unsafe fn matmul(
 ) {
     debug_assert_eq!(v.format, PanelFormat::BF16);
     let groups = v.rows.div_ceil(PANEL);
-    let pairs = groups.div_ceil(2);
+    // Tasks take whole units of groups: pairs of panels, or a decoding step's four groups of
+    // rows.
+    let unit = if v.in_rows { 4 } else { 2 };
     let mut parts = PARTS.with(|c| c.take());
     let need = n.min(ROW_BLOCK).div_ceil(TILE) * v.blocks * 3 * TILE_ELEMS;
     if parts.len() < need {
@@ -139,7 +166,7 @@ pub(super) unsafe fn matmul(
     let mut r0 = 0;
     while r0 < n {
         let r1 = (r0 + ROW_BLOCK).min(n);
-        split_rows(x, v.cols, v.blocks, r0, r1, &mut parts);
+        split_rows(x, v.cols, v.blocks, (r0, r1), v.in_rows, &mut parts);
         let job = Job {
             v,
             a: &parts[..],
@@ -148,13 +175,14 @@ pub(super) unsafe fn matmul(
             y,
             acc,
         };
-        // SAFETY (both arms): each call writes only the output columns of its panels, and
-        // rows r0..r1; the caller's `check` bounds every panel and row.
+        // SAFETY (both arms): each call writes only the output columns of its groups, and
+        // rows r0..r1; the caller's `check` bounds every group and row.
         if parallel {
             let threads = rayon::current_num_threads().max(1);
-            let per = pairs.div_ceil((threads * 4).min(pairs).max(1));
-            (0..pairs.div_ceil(per)).into_par_iter().for_each(|t| {
-                let (g0, g1) = (t * per * 2, ((t + 1) * per * 2).min(groups));
+            let units = groups.div_ceil(unit);
+            let per = units.div_ceil((threads * 4).min(units).max(1)) * unit;
+            (0..groups.div_ceil(per)).into_par_iter().for_each(|t| {
+                let (g0, g1) = (t * per, ((t + 1) * per).min(groups));
                 unsafe { tiles(&job, g0, g1) };
             });
         } else {
@@ -163,6 +191,120 @@ pub(super) unsafe fn matmul(
         r0 = r1;
     }
     PARTS.with(|c| c.set(parts));
+}
+
+/// One 32-column block of one group on BF16 rows, for a single input row tile: its three
+/// activation parts (tmm4–6) against the group's weight tile (tmm7, rows `stride` bytes
+/// apart), summed in turn into sum tile `$t`.
+macro_rules! group_block {
+    ($t:literal, $at:expr, $w:expr, $stride:expr) => {
+        asm!("tileloadd tmm4, [{a0} + {s}*1]", "tileloadd tmm5, [{a1} + {s}*1]",
+            "tileloadd tmm6, [{a2} + {s}*1]", "tileloadd tmm7, [{w} + {ws}*1]",
+            concat!("tdpbf16ps tmm", $t, ", tmm7, tmm4"),
+            concat!("tdpbf16ps tmm", $t, ", tmm7, tmm5"),
+            concat!("tdpbf16ps tmm", $t, ", tmm7, tmm6"),
+            a0 = in(reg) $at, a1 = in(reg) $at.add(TILE_ELEMS), a2 = in(reg) $at.add(2 * TILE_ELEMS),
+            w = in(reg) $w, s = in(reg) 64usize, ws = in(reg) $stride,
+            options(nostack, readonly))
+    };
+}
+
+/// [`one_row_tile`] for BF16 rows read in place: groups `g0..g1` (16 weight rows each)
+/// against one input row tile, whose three parts stay in tmm4–6 while tmm7 holds the
+/// weights (see [`group_block`]); tmm0–3 sum four groups.
+///
+/// # Safety
+/// As [`tiles`].
+unsafe fn one_row_tile_rows(job: &Job<'_, '_>, g0: usize, g1: usize) {
+    let (v, a, y) = (job.v, job.a, job.y);
+    let (r0, r1, acc) = (job.r0, job.r1, job.acc);
+    let cfg = Config::new();
+    let stride = v.cols * 2;
+    let mut out: [Out; 4] = std::array::from_fn(|_| Out([0.0; TILE * TILE]));
+    // SAFETY: the configuration is valid for palette 1; weight loads read 16 rows of 64 bytes
+    // of groups below g1 (whole groups: `check` bounded the rows), activation loads whole
+    // split tiles inside `a`; stores go to `out`.
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        let base = v.data.as_ptr();
+        let mut g = g0;
+        while g < g1 {
+            let q = (g1 - g).min(4);
+            zero_sums();
+            // One group after the other, each over all its columns: 16 rows, each read
+            // straight through, are the only weights in flight. Interleaving the four
+            // groups block by block keeps 64 rows in flight, which streams more slowly
+            // from a weight file's pages (measured on a 1.1B dump, 2-core Xeon).
+            for k in 0..q {
+                let wk = base.add((g + k) * v.group_bytes);
+                for j in 0..v.blocks {
+                    let at = a.as_ptr().add(3 * j * TILE_ELEMS);
+                    let wj = wk.add(j * 2 * QK);
+                    match k {
+                        0 => group_block!("0", at, wj, stride),
+                        1 => group_block!("1", at, wj, stride),
+                        2 => group_block!("2", at, wj, stride),
+                        _ => group_block!("3", at, wj, stride),
+                    }
+                }
+            }
+            store_sums(&mut out);
+            for (k, o) in out.iter().take(q).enumerate() {
+                write_transposed(v, o, r0, r1, g + k, y, acc);
+            }
+            g += q;
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+/// Stores the four sum tiles tmm0–3 into `out`.
+///
+/// # Safety
+/// A tile configuration is loaded.
+#[inline(always)]
+unsafe fn store_sums(out: &mut [Out; 4]) {
+    // SAFETY: each store writes 16 rows of 64 bytes into one `Out`.
+    unsafe {
+        asm!("tilestored [{a} + {s}*1], tmm0", "tilestored [{b} + {s}*1], tmm1",
+            "tilestored [{c} + {s}*1], tmm2", "tilestored [{d} + {s}*1], tmm3",
+            a = in(reg) out[0].0.as_mut_ptr(), b = in(reg) out[1].0.as_mut_ptr(),
+            c = in(reg) out[2].0.as_mut_ptr(), d = in(reg) out[3].0.as_mut_ptr(),
+            s = in(reg) 64usize, options(nostack));
+    }
+}
+
+/// Writes (or adds) one transposed sum tile, `o[c·16 + m]` for weight row `c` of group `g`
+/// and input row `m0 + m`, into `y` (input rows `m0..r1`).
+///
+/// # Safety
+/// As [`tiles`].
+unsafe fn write_transposed(
+    v: &PanelView<'_>,
+    o: &Out,
+    m0: usize,
+    r1: usize,
+    g: usize,
+    y: SendPtr,
+    acc: bool,
+) {
+    for m in 0..TILE.min(r1 - m0) {
+        // SAFETY: row m0 + m < n and columns y_col0 + g·16 + (0..16) lie inside y.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(
+                y.0.add((m0 + m) * v.y_stride + v.y_col0 + g * PANEL),
+                PANEL,
+            )
+        };
+        for (c, d) in dst.iter_mut().enumerate() {
+            let s = o.0[c * TILE + m];
+            if acc {
+                *d += s;
+            } else {
+                *d = s;
+            }
+        }
+    }
 }
 
 /// Tile configuration (palette 1): eight tiles of 16 rows × 64 bytes.
@@ -212,28 +354,35 @@ unsafe fn tiles(job: &Job<'_, '_>, g0: usize, g1: usize) {
     } = *job;
     let cfg = Config::new();
     let per_tile = v.blocks * 3 * TILE_ELEMS;
-    let bb = PanelFormat::BF16.block_bytes();
     let row_tiles = (r1 - r0).div_ceil(TILE);
     if row_tiles == 1 {
         // SAFETY: as this function's.
-        return unsafe { one_row_tile(job, g0, g1) };
+        return unsafe {
+            if v.in_rows {
+                one_row_tile_rows(job, g0, g1)
+            } else {
+                one_row_tile(job, g0, g1)
+            }
+        };
     }
-    let mut out = [Out([0.0; TILE * TILE]), Out([0.0; TILE * TILE])];
-    let mut out2 = [Out([0.0; TILE * TILE]), Out([0.0; TILE * TILE])];
+    // A weight tile of block j: 16 pair-interleaved rows of 64 bytes in a panel's block, or
+    // 64 bytes of each of 16 rows read in place (the row length apart).
+    let (block, stride) = if v.in_rows {
+        (2 * QK, v.cols * 2)
+    } else {
+        (PanelFormat::BF16.block_bytes(), 64)
+    };
+    let mut out: [Out; 4] = std::array::from_fn(|_| Out([0.0; TILE * TILE]));
     // SAFETY: the configuration is valid for palette 1; every tile load reads 16 rows of 64
-    // bytes inside `a` (whole split tiles) or inside panel g's blocks,
-    // which `check` bounded; stores go to `out`.
+    // bytes inside `a` (whole split tiles) or inside group g's weights, which `check`
+    // bounded; stores go to `out`.
     unsafe {
         asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
         let mut g = g0;
         while g < g1 {
             let two = g + 1 < g1;
             let w0 = v.data.as_ptr().add(g * v.group_bytes);
-            let w1 = if two {
-                v.data.as_ptr().add((g + 1) * v.group_bytes)
-            } else {
-                w0
-            };
+            let w1 = if two { w0.add(v.group_bytes) } else { w0 };
             let mut t = 0;
             while t < row_tiles {
                 let pair = t + 1 < row_tiles;
@@ -241,36 +390,47 @@ unsafe fn tiles(job: &Job<'_, '_>, g0: usize, g1: usize) {
                 let a0 = a.as_ptr().add(t * per_tile);
                 for j in 0..v.blocks {
                     asm!("tileloadd tmm6, [{w0} + {s}*1]", "tileloadd tmm7, [{w1} + {s}*1]",
-                        w0 = in(reg) w0.add(j * bb), w1 = in(reg) w1.add(j * bb),
-                        s = in(reg) 64usize, options(nostack, readonly));
+                        w0 = in(reg) w0.add(j * block), w1 = in(reg) w1.add(j * block),
+                        s = in(reg) stride, options(nostack, readonly));
                     for p in 0..3 {
                         let at = a0.add((3 * j + p) * TILE_ELEMS);
-                        if pair {
-                            asm!("tileloadd tmm4, [{a} + {s}*1]",
+                        // Sum k of tmm0–3 is input row tile t + k / 2 against group g + k % 2;
+                        // the operands' order follows the weights' layout.
+                        match (pair, v.in_rows) {
+                            (true, false) => asm!("tileloadd tmm4, [{a} + {s}*1]",
                                 "tileloadd tmm5, [{b} + {s}*1]",
                                 "tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7",
                                 "tdpbf16ps tmm2, tmm5, tmm6", "tdpbf16ps tmm3, tmm5, tmm7",
                                 a = in(reg) at, b = in(reg) at.add(per_tile),
-                                s = in(reg) 64usize, options(nostack, readonly));
-                        } else {
-                            asm!("tileloadd tmm4, [{a} + {s}*1]",
+                                s = in(reg) 64usize, options(nostack, readonly)),
+                            (true, true) => asm!("tileloadd tmm4, [{a} + {s}*1]",
+                                "tileloadd tmm5, [{b} + {s}*1]",
+                                "tdpbf16ps tmm0, tmm6, tmm4", "tdpbf16ps tmm1, tmm7, tmm4",
+                                "tdpbf16ps tmm2, tmm6, tmm5", "tdpbf16ps tmm3, tmm7, tmm5",
+                                a = in(reg) at, b = in(reg) at.add(per_tile),
+                                s = in(reg) 64usize, options(nostack, readonly)),
+                            (false, false) => asm!("tileloadd tmm4, [{a} + {s}*1]",
                                 "tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7",
                                 a = in(reg) at, s = in(reg) 64usize,
-                                options(nostack, readonly));
+                                options(nostack, readonly)),
+                            (false, true) => asm!("tileloadd tmm4, [{a} + {s}*1]",
+                                "tdpbf16ps tmm0, tmm6, tmm4", "tdpbf16ps tmm1, tmm7, tmm4",
+                                a = in(reg) at, s = in(reg) 64usize,
+                                options(nostack, readonly)),
                         }
                     }
                 }
-                asm!("tilestored [{a} + {s}*1], tmm0", "tilestored [{b} + {s}*1], tmm1",
-                    "tilestored [{c} + {s}*1], tmm2", "tilestored [{d} + {s}*1], tmm3",
-                    a = in(reg) out[0].0.as_mut_ptr(), b = in(reg) out[1].0.as_mut_ptr(),
-                    c = in(reg) out2[0].0.as_mut_ptr(), d = in(reg) out2[1].0.as_mut_ptr(),
-                    s = in(reg) 64usize, options(nostack));
-                for (k, o) in out.iter().chain(out2.iter()).enumerate() {
+                store_sums(&mut out);
+                for (k, o) in out.iter().enumerate() {
                     let (rt, pb) = (t + k / 2, k % 2);
                     if (pb == 1 && !two) || (rt > t && !pair) {
                         continue;
                     }
-                    write(v, o, r0 + rt * TILE, r1, g + pb, y, acc);
+                    if v.in_rows {
+                        write_transposed(v, o, r0 + rt * TILE, r1, g + pb, y, acc);
+                    } else {
+                        write(v, o, r0 + rt * TILE, r1, g + pb, y, acc);
+                    }
                 }
                 t += if pair { 2 } else { 1 };
             }
@@ -292,12 +452,7 @@ unsafe fn one_row_tile(job: &Job<'_, '_>, g0: usize, g1: usize) {
     let (r0, r1, acc) = (job.r0, job.r1, job.acc);
     let cfg = Config::new();
     let bb = PanelFormat::BF16.block_bytes();
-    let mut out = [
-        Out([0.0; TILE * TILE]),
-        Out([0.0; TILE * TILE]),
-        Out([0.0; TILE * TILE]),
-        Out([0.0; TILE * TILE]),
-    ];
+    let mut out: [Out; 4] = std::array::from_fn(|_| Out([0.0; TILE * TILE]));
     // SAFETY: as in `tiles`; panels past g1 are never loaded (the first panel stands in).
     unsafe {
         asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
@@ -341,11 +496,7 @@ unsafe fn one_row_tile(job: &Job<'_, '_>, g0: usize, g1: usize) {
                     a0 = in(reg) a0, a1 = in(reg) a1, a2 = in(reg) a2,
                     s = in(reg) 64usize, options(nostack, readonly));
             }
-            asm!("tilestored [{a} + {s}*1], tmm0", "tilestored [{b} + {s}*1], tmm1",
-                "tilestored [{c} + {s}*1], tmm2", "tilestored [{d} + {s}*1], tmm3",
-                a = in(reg) out[0].0.as_mut_ptr(), b = in(reg) out[1].0.as_mut_ptr(),
-                c = in(reg) out[2].0.as_mut_ptr(), d = in(reg) out[3].0.as_mut_ptr(),
-                s = in(reg) 64usize, options(nostack));
+            store_sums(&mut out);
             for (k, o) in out.iter().take(q).enumerate() {
                 write(v, o, r0, r1, g + k, y, acc);
             }

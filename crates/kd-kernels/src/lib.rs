@@ -25,6 +25,13 @@
 //! product is still exact in f32 and still independent of the batch; it agrees with the
 //! vector kernels within f32 rounding, not bit for bit (the sums run in another order).
 //! `KD_NO_AMX=1`, or [`allow_amx`]`(false)`, keeps the vector kernels.
+//!
+//! With AMX, BF16 matrices are not repacked at all: a segment reads 16 rows at a time straight
+//! from the weight file's map ([`RawMatrix::map`]), as the tiles' first operand, with the
+//! activations' parts as the second. Each element is the same sequence of `tdpbf16ps`
+//! products as from BF16 panels, so both give the same bits; without the tiles (AMX refused
+//! after loading), such a segment expands its rows to f32 panels per product and gives the
+//! vector kernels' bits.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
@@ -256,6 +263,9 @@ impl PanelFormat {
     }
 }
 
+/// Bytes that outlive any matrix reading them in place: a weight file's map.
+pub type SharedBytes = std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>;
+
 /// A weight matrix as a file stores it: `rows` rows of `cols` values in a GGML type's bytes
 /// (GGUF blocks, or little-endian F32/F16/BF16 as safetensors also stores them).
 #[derive(Clone, Copy)]
@@ -264,12 +274,31 @@ pub struct RawMatrix<'a> {
     pub rows: usize,
     pub cols: usize,
     pub bytes: &'a [u8],
+    /// The map that `bytes` lie in, when the matrix may keep reading them there instead of
+    /// holding a packed copy (see [`RawMatrix::reads_in_place`]).
+    pub map: Option<&'a SharedBytes>,
 }
 
 impl RawMatrix<'_> {
     /// Bytes of one row in the file.
     fn row_bytes(&self) -> usize {
         self.cols / self.dtype.block_size() * self.dtype.type_size()
+    }
+
+    /// Whether [`PanelMatrix::stack_raw`] reads this matrix from its map rather than packing
+    /// it: BF16 rows in whole 16-row tiles and 32-column blocks, a map given, and AMX tiles
+    /// to multiply them on. The caller must keep such bytes mapped (not release their pages).
+    pub fn reads_in_place(&self) -> bool {
+        self.dtype == GgmlDType::BF16
+            && self.rows % PANEL == 0
+            && self.cols % QK == 0
+            && self.rows * self.cols * 2 == self.bytes.len()
+            && self.map.is_some_and(|m| {
+                let base = m.as_ref().as_ref().as_ptr() as usize;
+                let at = self.bytes.as_ptr() as usize;
+                at >= base && at + self.bytes.len() <= base + m.as_ref().as_ref().len()
+            })
+            && amx()
     }
 }
 
@@ -289,7 +318,30 @@ struct Segment {
     rows: usize,
     /// Blocks per row: `cols / 32`, rounded up for float formats (zero weights pad the tail).
     blocks: usize,
-    data: Vec<u8>,
+    data: Storage,
+}
+
+/// Where a segment's weights are: its own panels, or BF16 rows read in place from a map.
+enum Storage {
+    Panels(Vec<u8>),
+    Rows {
+        map: SharedBytes,
+        start: usize,
+        len: usize,
+    },
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Panels(v) => v,
+            Storage::Rows { map, start, len } => &map.as_ref().as_ref()[*start..*start + *len],
+        }
+    }
+
+    fn is_rows(&self) -> bool {
+        matches!(self, Storage::Rows { .. })
+    }
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -476,7 +528,24 @@ impl Segment {
             row0,
             rows,
             blocks,
-            data,
+            data: Storage::Panels(data),
+        }
+    }
+
+    /// A BF16 matrix read in place; `m.reads_in_place()` held.
+    fn in_place(m: &RawMatrix<'_>, row0: usize) -> Self {
+        let map = m.map.expect("a map");
+        let start = m.bytes.as_ptr() as usize - map.as_ref().as_ref().as_ptr() as usize;
+        Self {
+            format: PanelFormat::BF16,
+            row0,
+            rows: m.rows,
+            blocks: m.cols / QK,
+            data: Storage::Rows {
+                map: map.clone(),
+                start,
+                len: m.bytes.len(),
+            },
         }
     }
 }
@@ -520,6 +589,7 @@ impl PanelMatrix {
                 rows: *rows,
                 cols: *cols,
                 bytes,
+                map: None,
             })
             .collect();
         Self::stack_raw(&raw)
@@ -528,7 +598,8 @@ impl PanelMatrix {
     /// Stacks matrices in their files' bytes along the rows. Each part keeps its blocks when
     /// its type has a panel format (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) and
     /// its rows fill whole blocks; any other part is dequantized by candle and kept in f32
-    /// (noted once per type). Neighbouring parts of one format share a segment.
+    /// (noted once per type). Neighbouring parts of one format share a segment, except parts
+    /// read in place ([`RawMatrix::reads_in_place`]), which are a segment each.
     pub fn stack_raw(parts: &[RawMatrix<'_>]) -> candle_core::Result<Self> {
         let cols = parts.first().map_or(0, |p| p.cols);
         let mut rows = 0;
@@ -548,6 +619,12 @@ impl PanelMatrix {
                     cols,
                     p.dtype
                 );
+            }
+            if p.reads_in_place() {
+                segments.push(Segment::in_place(p, rows));
+                rows += p.rows;
+                i += 1;
+                continue;
             }
             let format = PanelFormat::of_ggml(p.dtype).filter(|f| f.fits(cols));
             let Some(format) = format else {
@@ -572,7 +649,10 @@ impl PanelMatrix {
             // This part and the following parts of the same format, as one run of rows.
             let mut run = vec![p];
             while let Some(q) = parts.get(i + run.len()) {
-                if q.cols != cols || PanelFormat::of_ggml(q.dtype) != Some(format) {
+                if q.cols != cols
+                    || PanelFormat::of_ggml(q.dtype) != Some(format)
+                    || q.reads_in_place()
+                {
                     break;
                 }
                 if q.bytes.len() != q.rows * q.row_bytes() {
@@ -629,25 +709,40 @@ impl PanelMatrix {
     pub fn format_bytes(&self) -> Vec<(PanelFormat, usize)> {
         self.segments
             .iter()
-            .map(|s| (s.format, s.data.len()))
+            .map(|s| (s.format, s.data.bytes().len()))
             .collect()
     }
 
-    /// Bytes held by the panels.
+    /// Bytes of the weights: the panels', and those read in place from a map.
     pub fn bytes(&self) -> usize {
-        self.segments.iter().map(|s| s.data.len()).sum()
+        self.segments.iter().map(|s| s.data.bytes().len()).sum()
+    }
+
+    /// Bytes read in place from a map (part of [`PanelMatrix::bytes`]).
+    pub fn bytes_in_place(&self) -> usize {
+        self.segments
+            .iter()
+            .filter(|s| s.data.is_rows())
+            .map(|s| s.data.bytes().len())
+            .sum()
     }
 
     fn view<'a>(&'a self, s: &'a Segment) -> PanelView<'a> {
+        let in_rows = s.data.is_rows();
         PanelView {
             format: s.format,
             rows: s.rows,
             cols: self.cols,
             blocks: s.blocks,
-            group_bytes: s.blocks * s.format.block_bytes(),
-            data: &s.data,
+            group_bytes: if in_rows {
+                PANEL * self.cols * 2
+            } else {
+                s.blocks * s.format.block_bytes()
+            },
+            data: s.data.bytes(),
             y_stride: self.rows,
             y_col0: s.row0,
+            in_rows,
         }
     }
 
@@ -679,9 +774,16 @@ impl PanelMatrix {
             .find(|s| (s.row0..s.row0 + s.rows).contains(&r))
             .expect("every row lies in a segment");
         let local = r - s.row0;
+        if s.data.is_rows() {
+            let row = &s.data.bytes()[local * self.cols * 2..(local + 1) * self.cols * 2];
+            for (o, b) in out.iter_mut().zip(row.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+            return;
+        }
         let (g, i) = (local / PANEL, local % PANEL);
         let gb = s.blocks * s.format.block_bytes();
-        let panel = &s.data[g * gb..(g + 1) * gb];
+        let panel = &s.data.bytes()[g * gb..(g + 1) * gb];
         if s.format == PanelFormat::F32 {
             for (c, o) in out.iter_mut().enumerate() {
                 let at = (c / QK) * s.format.block_bytes() + 4 * ((c % QK) * PANEL + i);
@@ -710,6 +812,17 @@ fn expand_panel(format: PanelFormat, src: &[u8], blocks: usize, dst: &mut [f32])
             avx2::expand_panel(format, src.as_ptr(), blocks, dst)
         } else {
             simd::expand_panel(format, src.as_ptr(), blocks, dst)
+        }
+    }
+}
+
+/// Expands 16 BF16 rows as a file stores them (`cols` values each, a multiple of 32) into
+/// one f32 panel in `dst`: the values [`expand_panel`] gives for the same rows' BF16 panel.
+fn expand_bf16_rows(src: &[u8], cols: usize, dst: &mut [f32]) {
+    for (r, row) in src.chunks_exact(2 * cols).enumerate() {
+        for (c, b) in row.chunks_exact(2).enumerate() {
+            dst[(c / QK) * QK * PANEL + (c % QK) * PANEL + r] =
+                f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
         }
     }
 }
@@ -842,6 +955,9 @@ pub struct PanelView<'a> {
     /// a stacked matrix writes its own columns of the whole product).
     y_stride: usize,
     y_col0: usize,
+    /// BF16 rows as the file stores them, 16-row groups `group_bytes` apart, rather than
+    /// panels.
+    in_rows: bool,
 }
 
 impl<'a> PanelView<'a> {
@@ -859,6 +975,7 @@ impl<'a> PanelView<'a> {
             data: bytes,
             y_stride: rows,
             y_col0: 0,
+            in_rows: false,
         }
     }
 
@@ -868,7 +985,16 @@ impl<'a> PanelView<'a> {
         assert!(self.y_col0 + self.rows <= self.y_stride, "output columns");
         assert_eq!(y.len(), n * self.y_stride, "output shape");
         let groups = self.rows.div_ceil(PANEL);
-        if groups > 0 {
+        if self.in_rows {
+            assert!(
+                self.format == PanelFormat::BF16
+                    && self.rows % PANEL == 0
+                    && self.cols == self.blocks * QK
+                    && self.group_bytes == PANEL * self.cols * 2
+                    && self.data.len() >= self.rows * self.cols * 2,
+                "BF16 rows storage"
+            );
+        } else if groups > 0 {
             assert!(
                 self.blocks * self.format.block_bytes() <= self.group_bytes
                     && (groups - 1) * self.group_bytes + self.blocks * self.format.block_bytes()
@@ -896,8 +1022,9 @@ impl<'a> PanelView<'a> {
     fn on_tiles(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool, parallel: bool) -> bool {
         #[cfg(target_arch = "x86_64")]
         if self.format == PanelFormat::BF16 && amx() {
+            let y = SendPtr(y.as_mut_ptr());
             // SAFETY: the caller's `check` passed and `amx()` found the tiles.
-            unsafe { amx::matmul(self, x, n, SendPtr(y.as_mut_ptr()), acc, parallel) };
+            unsafe { amx::matmul(self, x, n, y, acc, parallel) };
             return true;
         }
         false
@@ -979,7 +1106,8 @@ impl<'a> PanelView<'a> {
         // rows instead of once per 8 rows. The expanded values are the very ones the
         // quantized kernel makes in registers, and the f32 kernel runs the same sequence of
         // multiply-adds, so the results are bit-identical.
-        let expand = self.format != PanelFormat::F32 && n >= EXPAND_MIN_ROWS;
+        // BF16 rows read in place are always expanded: the vector kernels read panels.
+        let expand = self.format != PanelFormat::F32 && (n >= EXPAND_MIN_ROWS || self.in_rows);
         let f32_gb = self.blocks * PanelFormat::F32.block_bytes();
         let mut buf: Vec<f32> = if expand {
             vec![0f32; 2 * f32_gb / 4]
@@ -1004,6 +1132,10 @@ impl<'a> PanelView<'a> {
                         .enumerate()
                     {
                         let src = &self.data[(g + k) * self.group_bytes..];
+                        if self.in_rows {
+                            expand_bf16_rows(&src[..self.group_bytes], self.cols, dst);
+                            continue;
+                        }
                         // SAFETY: `check` bounds panel g+k's blocks; `dst` holds one f32 panel;
                         // `supported()` held in `check`.
                         unsafe {
@@ -1877,6 +2009,94 @@ mod tests {
                         bits(&tiles[col0..total]),
                         "batch of {n}"
                     );
+                }
+            }
+        }
+    }
+
+    /// BF16 rows read in place from a map give the bits of the same rows' BF16 panels: on the
+    /// tiles (where AMX runs, serial or parallel, with `acc`, stacked behind another part)
+    /// and on the vector kernels (AMX refused after loading); rows look up the same values.
+    #[test]
+    fn bf16_rows_read_in_place_give_the_panels_bits() {
+        if !supported() {
+            eprintln!("skipped: this CPU has neither AVX-512F nor AVX2+FMA");
+            return;
+        }
+        let mut rng = Rng::new(43);
+        for (rows, cols) in [(16, 32), (48, 96), (64, 2048), (320, 64)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+            let bytes: Vec<u8> = w
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect();
+            // The matrix sits 64 bytes into its map, as a tensor sits inside a file.
+            let map: SharedBytes = std::sync::Arc::new([vec![7u8; 64], bytes].concat());
+            let data = &map.as_ref().as_ref()[64..];
+            let head: Vec<u8> = (0..16 * cols)
+                .flat_map(|_| half::f16::from_f32(rng.normal()).to_le_bytes())
+                .collect();
+            let raw = |map| RawMatrix {
+                dtype: GgmlDType::BF16,
+                rows,
+                cols,
+                bytes: data,
+                map,
+            };
+            let none: Option<&SharedBytes> = None;
+            let f16 = RawMatrix {
+                dtype: GgmlDType::F16,
+                rows: 16,
+                cols,
+                bytes: &head,
+                map: None,
+            };
+            for parts in [vec![], vec![f16]] {
+                let stacked = |m| {
+                    let mut p = parts.clone();
+                    p.push(raw(m));
+                    PanelMatrix::stack_raw(&p).unwrap()
+                };
+                let (packed, in_place) = (stacked(none), stacked(Some(&map)));
+                assert_eq!(packed.bytes_in_place(), 0);
+                let amx_on = raw(Some(&map)).reads_in_place();
+                assert_eq!(
+                    in_place.bytes_in_place(),
+                    if amx_on { rows * cols * 2 } else { 0 }
+                );
+                assert_eq!(in_place.rows(), rows + parts.len() * 16);
+                let mut a = vec![0f32; cols];
+                let mut b = vec![0f32; cols];
+                for r in [0, in_place.rows() - 1] {
+                    packed.row_into(r, &mut a);
+                    in_place.row_into(r, &mut b);
+                    assert_eq!(a, b, "row {r}");
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                for n in [1, 8, 17, 40, 300] {
+                    let x: Vec<f32> = (0..n * cols).map(|_| rng.normal()).collect();
+                    let total = in_place.rows();
+                    let run = |m: &PanelMatrix, how: u8| {
+                        let mut y = vec![0.5f32; n * total];
+                        for s in &m.segments {
+                            let v = m.view(s);
+                            v.check(&x, n, &y);
+                            match how {
+                                0 => v.par_matmul(&x, n, &mut y, false),
+                                1 => v.matmul_serial(&x, n, &mut y, false),
+                                2 => v.par_matmul(&x, n, &mut y, true),
+                                _ => v.par_matmul_vector(&x, n, &mut y, false),
+                            }
+                        }
+                        bits(&y)
+                    };
+                    for how in 0..4 {
+                        assert_eq!(
+                            run(&packed, how),
+                            run(&in_place, how),
+                            "{rows}x{cols} n={n} {how}"
+                        );
+                    }
                 }
             }
         }

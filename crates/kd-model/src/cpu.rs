@@ -179,6 +179,18 @@ impl CpuLlama {
             + floats(&self.norm)
     }
 
+    /// Bytes of the weights read in place from their files' maps (part of
+    /// [`CpuLlama::weight_bytes`]).
+    pub fn weight_bytes_in_place(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .chain(std::iter::once(&self.lm_head))
+            .chain(self.embed.as_ref())
+            .map(|m| m.bytes_in_place())
+            .sum()
+    }
+
     /// The panel formats the weights are held in, with their bytes.
     pub fn weight_formats(&self) -> Vec<(crate::kernels::PanelFormat, usize)> {
         let mut out: Vec<(crate::kernels::PanelFormat, usize)> = Vec::new();

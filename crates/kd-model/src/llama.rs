@@ -284,6 +284,14 @@ impl Llama {
         }
     }
 
+    /// Bytes of the CPU kernels' weights read in place from the files' maps, not packed.
+    pub fn weight_bytes_in_place(&self) -> usize {
+        match &self.backend {
+            Backend::Cpu(m) => m.weight_bytes_in_place(),
+            Backend::Candle(_) => 0,
+        }
+    }
+
     /// Bytes of keys and values one token of one sequence adds to a KV cache (in the
     /// model's dtype).
     pub fn kv_bytes_per_token(&self) -> usize {

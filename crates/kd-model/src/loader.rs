@@ -76,8 +76,8 @@ pub fn load_with(
 ) -> Result<LoadedModel> {
     let opts = LoadOptions {
         precision,
-        dtype: Dtype::F32,
         kernels,
+        ..LoadOptions::default()
     };
     load_opts(path, &opts, device)
 }
@@ -90,7 +90,17 @@ pub struct LoadOptions {
     /// (on the CPU too, where it is slow and serves to measure a GPU dtype's error).
     pub dtype: Dtype,
     pub kernels: Kernels,
+    /// On the CPU kernels with AMX tiles, BF16 matrices are read in place from the weight
+    /// files' maps, not packed, when the model's BF16 matrices hold at least this many bytes
+    /// ([`IN_PLACE_MIN_BYTES`] by default; `usize::MAX` packs always).
+    pub in_place_min_bytes: usize,
 }
+
+/// The BF16 bytes from which a model's matrices are read in place rather than packed. At
+/// that size packing costs seconds (mostly the kernel zeroing the new pages) and the weights
+/// stream from memory at every decoding step either way; a smaller model's panels may stay
+/// in the CPU's caches, where the panel kernel is faster than reading the file's rows.
+pub const IN_PLACE_MIN_BYTES: usize = 1 << 30;
 
 impl Default for LoadOptions {
     fn default() -> Self {
@@ -98,6 +108,7 @@ impl Default for LoadOptions {
             precision: Precision::Exact,
             dtype: Dtype::F32,
             kernels: Kernels::Auto,
+            in_place_min_bytes: IN_PLACE_MIN_BYTES,
         }
     }
 }
@@ -814,12 +825,14 @@ impl RawTensor<'_> {
 }
 
 /// Matrices with the same number of columns stacked along the rows, in panel layout, packed
-/// from the files' bytes; their pages are released once packed.
+/// from the files' bytes (their pages are released once packed) or read in place.
 fn panels(files: &WeightFiles, parts: &[&RawTensor<'_>]) -> Result<PanelMatrix> {
-    let raw: Vec<_> = parts.iter().map(|t| t.matrix()).collect();
+    let raw: Vec<_> = parts.iter().map(|t| files.matrix(t)).collect();
     let p = PanelMatrix::stack_raw(&raw).map_err(|e| named(files, parts[0], e))?;
-    for t in parts {
-        files.release(t.bytes);
+    for (t, m) in parts.iter().zip(&raw) {
+        if !m.reads_in_place() {
+            files.release(t.bytes);
+        }
     }
     Ok(p)
 }
@@ -859,17 +872,46 @@ struct RawModel<'a> {
     rope_interleaved: bool,
 }
 
+impl<'a> RawModel<'a> {
+    /// Every weight matrix (the products' and the embeddings).
+    fn matrices(&self) -> impl Iterator<Item = &RawTensor<'a>> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .chain(self.lm_head.as_ref())
+            .chain(std::iter::once(&self.embed))
+    }
+}
+
+/// Whether a model loaded with `opts` onto `device` runs on the CPU kernels.
+fn on_cpu_kernels(opts: &LoadOptions, device: &Device) -> bool {
+    opts.kernels == Kernels::Auto
+        && opts.precision == Precision::Exact
+        && opts.dtype == Dtype::F32
+        && device.is_cpu()
+        && crate::kernels::supported()
+}
+
 impl RawModel<'_> {
     /// [`RawModel::build`], with each weight file's sha256 computed on another thread over
-    /// the same maps meanwhile.
+    /// the same maps meanwhile. Where the kernels read the weights in place, hashing keeps
+    /// their pages in memory for them.
     fn build_hashing(
         self,
         files: &WeightFiles,
         opts: &LoadOptions,
         device: &Device,
     ) -> Result<(Llama, Vec<String>)> {
+        let bf16: usize = self
+            .matrices()
+            .filter(|t| t.dtype == candle_core::quantized::GgmlDType::BF16)
+            .map(|t| t.bytes.len())
+            .sum();
+        files.allow_in_place(bf16 >= opts.in_place_min_bytes);
+        let in_place = on_cpu_kernels(opts, device)
+            && self.matrices().any(|t| files.matrix(t).reads_in_place());
         std::thread::scope(|s| {
-            let hashing = s.spawn(|| files.sha256_each());
+            let hashing = s.spawn(|| files.sha256_each(in_place));
             let model = self.build(files, opts, device);
             let hashes = hashing.join().expect("hashing thread");
             Ok((model?, hashes))
@@ -878,16 +920,9 @@ impl RawModel<'_> {
 
     fn build(self, files: &WeightFiles, opts: &LoadOptions, device: &Device) -> Result<Llama> {
         let LoadOptions {
-            precision,
-            dtype,
-            kernels,
+            precision, dtype, ..
         } = *opts;
-        let cpu = kernels == Kernels::Auto
-            && precision == Precision::Exact
-            && dtype == Dtype::F32
-            && device.is_cpu()
-            && crate::kernels::supported();
-        if cpu {
+        if on_cpu_kernels(opts, device) {
             return self.build_cpu(files);
         }
         // Norms, biases and the embeddings are held in the products' dtype too, as

@@ -2,9 +2,13 @@
 //! its file's map in the file's own type. The CPU kernels pack their panels straight from
 //! these slices, so no f32 copy of a weight exists unless a type has no panel format; the
 //! pages of a tensor are handed back to the kernel once it is packed, and the files' sha256
-//! is computed over the same maps while they are packed.
+//! is computed over the same maps while they are packed. BF16 matrices multiplied on AMX
+//! tiles are not packed at all: the kernels keep reading them from the map, which they hold
+//! on to, so the file's pages are the only copy of those weights.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -12,11 +16,15 @@ use memmap2::{Mmap, UncheckedAdvice};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::kernels::RawMatrix;
+use crate::kernels::{RawMatrix, SharedBytes};
 
 /// Read-only maps of a model's weight files.
 pub struct WeightFiles {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, Arc<Mmap>)>,
+    /// The same maps, as the kernels hold on to them.
+    shared: Vec<SharedBytes>,
+    /// Whether [`WeightFiles::matrix`] offers the kernels the maps to read in place.
+    in_place: AtomicBool,
 }
 
 /// One tensor: its type, its shape (row-major, outermost first) and its bytes in the file.
@@ -43,9 +51,17 @@ impl WeightFiles {
                 path: p.clone(),
                 source,
             })?;
-            files.push((p.clone(), map));
+            files.push((p.clone(), Arc::new(map)));
         }
-        Ok(Self { files })
+        let shared = files
+            .iter()
+            .map(|(_, m)| m.clone() as SharedBytes)
+            .collect();
+        Ok(Self {
+            files,
+            shared,
+            in_place: AtomicBool::new(true),
+        })
     }
 
     /// The number of files.
@@ -67,16 +83,37 @@ impl WeightFiles {
         &self.files[i].0
     }
 
+    /// The index of the file whose map holds `bytes`.
+    fn index_of(&self, bytes: &[u8]) -> Option<usize> {
+        let at = bytes.as_ptr() as usize;
+        self.files.iter().position(|(_, m)| {
+            let base = m.as_ptr() as usize;
+            at >= base && at + bytes.len() <= base + m.len()
+        })
+    }
+
     /// The file whose map holds `bytes` (for error messages).
     pub fn path_of(&self, bytes: &[u8]) -> &Path {
-        let at = bytes.as_ptr() as usize;
-        self.files
-            .iter()
-            .find(|(_, m)| {
-                let base = m.as_ptr() as usize;
-                at >= base && at <= base + m.len()
-            })
-            .map_or(Path::new("<weights>"), |(p, _)| p)
+        self.index_of(bytes)
+            .map_or(Path::new("<weights>"), |i| &self.files[i].0)
+    }
+
+    /// Offers (the default) or withholds the maps from the kernels in [`WeightFiles::matrix`].
+    pub fn allow_in_place(&self, on: bool) {
+        self.in_place.store(on, Ordering::Relaxed);
+    }
+
+    /// A 2-D tensor as a matrix for the kernels, which may keep reading it from its map
+    /// (unless [`WeightFiles::allow_in_place`] withheld the maps).
+    pub fn matrix<'a>(&'a self, t: &RawTensor<'a>) -> RawMatrix<'a> {
+        let map = self.in_place.load(Ordering::Relaxed);
+        RawMatrix {
+            map: self
+                .index_of(t.bytes)
+                .filter(|_| map)
+                .map(|i| &self.shared[i]),
+            ..t.matrix()
+        }
     }
 
     /// Hands the pages under `bytes` (a slice of one of the maps) back to the kernel, so that
@@ -104,15 +141,18 @@ impl WeightFiles {
     }
 
     /// Each file's sha256 (lowercase hex), read from the maps in 64 MiB steps whose pages
-    /// are released as they are hashed.
-    pub fn sha256_each(&self) -> Vec<String> {
+    /// are released as they are hashed, unless `keep` (the weights are read in place, and
+    /// hashing has just brought their pages in).
+    pub fn sha256_each(&self, keep: bool) -> Vec<String> {
         self.files
             .iter()
             .map(|(_, map)| {
                 let mut h = Sha256::new();
                 for chunk in map.chunks(64 << 20) {
                     h.update(chunk);
-                    self.release(chunk);
+                    if !keep {
+                        self.release(chunk);
+                    }
                 }
                 h.finalize().iter().map(|b| format!("{b:02x}")).collect()
             })
@@ -156,14 +196,17 @@ impl RawTensor<'_> {
     pub fn f32_values(&self) -> candle_core::Result<Vec<f32>> {
         self.dense(&Device::Cpu)?.flatten_all()?.to_vec1()
     }
+}
 
+impl<'a> RawTensor<'a> {
     /// A 2-D tensor as a matrix for the kernels.
-    pub fn matrix(&self) -> RawMatrix<'_> {
+    pub fn matrix(&self) -> RawMatrix<'a> {
         RawMatrix {
             dtype: self.dtype,
             rows: self.dims[0],
             cols: self.dims[1],
             bytes: self.bytes,
+            map: None,
         }
     }
 }

@@ -163,3 +163,78 @@ fn a_sequence_gets_bit_identical_values_alone_in_a_batch_or_decoded() {
         assert_eq!(l[1], together[0][20 + s], "row 0 step {s}");
     }
 }
+
+/// BF16 weights read in place from their files (where AMX runs) give the logits of the same
+/// weights packed into panels, bit for bit, in a prefill and in decoding steps; a safetensors
+/// directory and a GGUF file alike.
+#[test]
+fn bf16_weights_read_in_place_give_the_packed_logits() {
+    if !kd_model::kernels::supported() {
+        eprintln!("skipped: this CPU has neither AVX-512F nor AVX2+FMA");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tok = Tokenizer::tiny_for_tests();
+    let cfg = tiny_config(tok.vocab_size());
+    let w = random_weights(&cfg, 23).unwrap();
+    let half: std::collections::HashMap<String, candle_core::Tensor> = w
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_dtype(candle_core::DType::BF16).unwrap()))
+        .collect();
+    let hf = dir.path().join("hf-bf16");
+    write_hf_dir(&hf, &cfg, &half, &tok).unwrap();
+    let gguf = dir.path().join("tiny-bf16.gguf");
+    write_gguf(&gguf, &tok, &w, GgmlDType::BF16);
+    let rows = rows();
+    let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+    let bits = |v: &[Vec<Vec<f32>>]| -> Vec<u32> {
+        v.iter().flatten().flatten().map(|x| x.to_bits()).collect()
+    };
+    for path in [&hf, &gguf] {
+        let load = |min: usize| {
+            let opts = kd_model::LoadOptions {
+                in_place_min_bytes: min,
+                ..Default::default()
+            };
+            kd_model::load_opts(path, &opts, &Device::Cpu)
+                .unwrap()
+                .model
+        };
+        let (in_place, packed) = (load(0), load(usize::MAX));
+        assert_eq!(packed.weight_bytes_in_place(), 0);
+        let amx = kd_model::kernels::amx();
+        assert_eq!(
+            in_place.weight_bytes_in_place() > 0,
+            amx,
+            "{}",
+            path.display()
+        );
+        if !amx {
+            eprintln!("note: no AMX tiles here, so nothing is read in place");
+        }
+        assert_eq!(
+            bits(&batch_logits(&in_place, &refs)),
+            bits(&batch_logits(&packed, &refs)),
+            "{}",
+            path.display()
+        );
+        let prefixes: Vec<&[u32]> = rows.iter().map(|r| &r[..r.len() - 3]).collect();
+        let mut caches: Vec<_> = [&in_place, &packed]
+            .iter()
+            .map(|m| m.prefill(&prefixes, true).unwrap().1.unwrap())
+            .collect();
+        for s in 0..3 {
+            let toks: Vec<u32> = rows.iter().map(|r| r[r.len() - 3 + s]).collect();
+            let got: Vec<Vec<u32>> = [&in_place, &packed]
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(m, c)| {
+                    let h = m.step(c, &toks).unwrap();
+                    let l = m.logits(&h).unwrap().to_vec2::<f32>().unwrap();
+                    l.iter().flatten().map(|x| x.to_bits()).collect()
+                })
+                .collect();
+            assert_eq!(got[0], got[1], "{} step {s}", path.display());
+        }
+    }
+}
