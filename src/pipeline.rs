@@ -41,6 +41,8 @@ pub struct DumpSection {
     pub approx_quantized: Option<bool>,
     pub skip_bad_lines: Option<bool>,
     pub threads: Option<usize>,
+    /// Read BF16 weights in place from the file (see `teacher-dump --weights-in-place`).
+    pub weights_in_place: Option<bool>,
     /// `cpu`, `cuda`, `cuda:N` or `auto` (see `teacher-dump --device`).
     pub device: Option<String>,
     /// `f32`, `bf16` or `f16` (see `teacher-dump --dtype`).

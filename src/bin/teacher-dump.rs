@@ -77,7 +77,7 @@ fn main() {
             precision: r.settings.precision,
             dtype: r.settings.dtype,
             kernels: kd_model::Kernels::Auto,
-            ..Default::default()
+            weights_in_place: r.weights_in_place,
         };
         let model = kd_model::load_opts(&r.teacher, &opts, &device)
             .with_context(|| format!("loading the teacher {}", r.teacher.display()))?;

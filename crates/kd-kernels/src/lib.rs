@@ -26,9 +26,9 @@
 //! vector kernels within f32 rounding, not bit for bit (the sums run in another order).
 //! `KD_NO_AMX=1`, or [`allow_amx`]`(false)`, keeps the vector kernels.
 //!
-//! With AMX, BF16 matrices are not repacked at all: a segment reads 16 rows at a time straight
-//! from the weight file's map ([`RawMatrix::map`]), as the tiles' first operand, with the
-//! activations' parts as the second. Each element is the same sequence of `tdpbf16ps`
+//! With AMX, BF16 matrices may also be left unpacked (where the caller offers the weight
+//! file's map, [`RawMatrix::map`]): a segment reads 16 rows at a time straight from the map,
+//! as the tiles' first operand, with the activations' parts as the second. Each element is the same sequence of `tdpbf16ps`
 //! products as from BF16 panels, so both give the same bits; without the tiles (AMX refused
 //! after loading), such a segment expands its rows to f32 panels per product and gives the
 //! vector kernels' bits.
@@ -488,6 +488,26 @@ fn pack_row(format: PanelFormat, cols: usize, blocks: usize, src: &[u8], r: usiz
     }
 }
 
+/// Asks Linux to back the whole 2 MiB pages inside `buf` with transparent huge pages, before
+/// they are first written. A teacher's panels are streamed from memory at every decoding
+/// step: on 2 MiB pages the kernel zeroes them faster when they are first written, and the
+/// products miss the TLB less (a 1.1B bf16 dump loaded in 2.1 s instead of 4.3 s and
+/// generated 1.08× faster on a 2-core Xeon; see docs/performance.md).
+fn huge_pages(buf: &mut [u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let at = buf.as_mut_ptr() as usize;
+        let start = at.div_ceil(HUGE) * HUGE;
+        let end = (at + buf.len()) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: the range lies inside `buf`; MADV_HUGEPAGE changes only how its pages
+            // are backed, never their contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+}
+
 /// Notes, once per type and process, that a GGML type without a panel format is expanded.
 fn note_expanded(dt: GgmlDType) {
     static SEEN: std::sync::Mutex<Vec<GgmlDType>> = std::sync::Mutex::new(Vec::new());
@@ -514,6 +534,7 @@ impl Segment {
         let blocks = cols.div_ceil(QK);
         let gbytes = blocks * format.block_bytes();
         let mut data = vec![0u8; rows.div_ceil(PANEL) * gbytes];
+        huge_pages(&mut data);
         if gbytes > 0 {
             data.par_chunks_mut(gbytes)
                 .enumerate()
@@ -2059,7 +2080,8 @@ mod tests {
                 };
                 let (packed, in_place) = (stacked(none), stacked(Some(&map)));
                 assert_eq!(packed.bytes_in_place(), 0);
-                let amx_on = raw(Some(&map)).reads_in_place();
+                let amx_on = amx();
+                assert_eq!(raw(Some(&map)).reads_in_place(), amx_on);
                 assert_eq!(
                     in_place.bytes_in_place(),
                     if amx_on { rows * cols * 2 } else { 0 }

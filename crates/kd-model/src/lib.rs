@@ -48,8 +48,8 @@ pub use dtype::{Dtype, UnknownDtype};
 pub use error::{Error, Result};
 pub use llama::{KvCache, Layer, Linear, Llama, log_softmax_f64};
 pub use loader::{
-    IN_PLACE_MIN_BYTES, Kernels, LoadOptions, LoadedModel, ModelIdentity, Precision, load,
-    load_opts, load_with, sha256_file,
+    Kernels, LoadOptions, LoadedModel, ModelIdentity, Precision, load, load_opts, load_with,
+    sha256_file,
 };
 pub use rope::RopeScaling;
 pub use trainable::Student;

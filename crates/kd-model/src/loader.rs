@@ -91,16 +91,12 @@ pub struct LoadOptions {
     pub dtype: Dtype,
     pub kernels: Kernels,
     /// On the CPU kernels with AMX tiles, BF16 matrices are read in place from the weight
-    /// files' maps, not packed, when the model's BF16 matrices hold at least this many bytes
-    /// ([`IN_PLACE_MIN_BYTES`] by default; `usize::MAX` packs always).
-    pub in_place_min_bytes: usize,
+    /// files' maps instead of being packed into panels: no copy of them is made, the load is
+    /// the hashing of the files, and the products give the same bits. Decoding then streams
+    /// the weights from the page cache, as the files' pages happen to lie in memory, which
+    /// is slower than from packed panels on huge pages (see docs/performance.md).
+    pub weights_in_place: bool,
 }
-
-/// The BF16 bytes from which a model's matrices are read in place rather than packed. At
-/// that size packing costs seconds (mostly the kernel zeroing the new pages) and the weights
-/// stream from memory at every decoding step either way; a smaller model's panels may stay
-/// in the CPU's caches, where the panel kernel is faster than reading the file's rows.
-pub const IN_PLACE_MIN_BYTES: usize = 1 << 30;
 
 impl Default for LoadOptions {
     fn default() -> Self {
@@ -108,7 +104,7 @@ impl Default for LoadOptions {
             precision: Precision::Exact,
             dtype: Dtype::F32,
             kernels: Kernels::Auto,
-            in_place_min_bytes: IN_PLACE_MIN_BYTES,
+            weights_in_place: false,
         }
     }
 }
@@ -902,12 +898,7 @@ impl RawModel<'_> {
         opts: &LoadOptions,
         device: &Device,
     ) -> Result<(Llama, Vec<String>)> {
-        let bf16: usize = self
-            .matrices()
-            .filter(|t| t.dtype == candle_core::quantized::GgmlDType::BF16)
-            .map(|t| t.bytes.len())
-            .sum();
-        files.allow_in_place(bf16 >= opts.in_place_min_bytes);
+        files.allow_in_place(opts.weights_in_place);
         let in_place = on_cpu_kernels(opts, device)
             && self.matrices().any(|t| files.matrix(t).reads_in_place());
         std::thread::scope(|s| {

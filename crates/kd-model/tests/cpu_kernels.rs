@@ -164,8 +164,8 @@ fn a_sequence_gets_bit_identical_values_alone_in_a_batch_or_decoded() {
     }
 }
 
-/// BF16 weights read in place from their files (where AMX runs) give the logits of the same
-/// weights packed into panels, bit for bit, in a prefill and in decoding steps; a safetensors
+/// BF16 weights read in place from their files (`weights_in_place`, where AMX runs) give the
+/// logits of the same weights packed into panels, bit for bit, in a prefill and in decoding steps; a safetensors
 /// directory and a GGUF file alike.
 #[test]
 fn bf16_weights_read_in_place_give_the_packed_logits() {
@@ -191,16 +191,16 @@ fn bf16_weights_read_in_place_give_the_packed_logits() {
         v.iter().flatten().flatten().map(|x| x.to_bits()).collect()
     };
     for path in [&hf, &gguf] {
-        let load = |min: usize| {
+        let load = |in_place: bool| {
             let opts = kd_model::LoadOptions {
-                in_place_min_bytes: min,
+                weights_in_place: in_place,
                 ..Default::default()
             };
             kd_model::load_opts(path, &opts, &Device::Cpu)
                 .unwrap()
                 .model
         };
-        let (in_place, packed) = (load(0), load(usize::MAX));
+        let (in_place, packed) = (load(true), load(false));
         assert_eq!(packed.weight_bytes_in_place(), 0);
         let amx = kd_model::kernels::amx();
         assert_eq!(
