@@ -34,22 +34,23 @@ mem_gb=$(awk '/MemTotal/ {print $2 / 1e6}' /proc/meminfo)
 size_gb() { du -sb "$1" | awk '{printf "%.2f", $1 / 1e9}'; }
 
 # teacher-dump: load s = wall − the dump's own seconds; peak from /usr/bin/time.
-dump() { # shape, teacher path, format label
-  local d=$out/dump-$1-$3
+dump() { # shape, teacher path, format label [tool label, extra teacher-dump arguments...]
+  local d=$out/dump-$1-$3 tool=${4:-teacher-dump}
+  local extra=("${@:5}")
   rm -rf "$d"
   /usr/bin/time -v ./target/release/teacher-dump --teacher "$2" --input "$out/prompts8.jsonl" \
     --out "$d" --top-k 32 --max-new-tokens "$new" --batch-size 8 --threads "$threads" \
-    --no-chat-template --no-progress --json > "$d.json" 2> "$d.time"
-  python3 - "$1" "$3" "$(size_gb "$2")" "$d.json" "$d.time" >> "$results" <<'PY'
+    --no-chat-template --no-progress --json "${extra[@]}" > "$d.json" 2> "$d.time"
+  python3 - "$1" "$3" "$(size_gb "$2")" "$d.json" "$d.time" "$tool" >> "$results" <<'PY'
 import json, re, sys
-shape, fmt, size, js, tm = sys.argv[1:]
+shape, fmt, size, js, tm, tool = sys.argv[1:]
 s = json.load(open(js))
 t = open(tm).read()
 wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", t)
 h, m, sec = wall.groups()
 wall = int(h or 0) * 3600 + int(m) * 60 + float(sec)
 peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1)) / 1e6
-print(f"{shape}\tteacher-dump\t{fmt}\t{size}\t{wall - s['seconds']:.1f}\t{s['tokens_per_s']:.2f}\t{peak:.2f}")
+print(f"{shape}\t{tool}\t{fmt}\t{size}\t{wall - s['seconds']:.1f}\t{s['tokens_per_s']:.2f}\t{peak:.2f}")
 PY
 }
 
@@ -73,6 +74,8 @@ for shape in "${shapes[@]}"; do
   [ -f "$hf/model.safetensors" ] || ./target/release/examples/random_teacher "$shape" "$hf" "$tok"
   if [[ $formats == *" bf16 "* ]]; then
     dump "$shape" "$hf" bf16
+    # The same weights multiplied straight from the mapped file (AMX only; packed elsewhere).
+    dump "$shape" "$hf" bf16-in-place "teacher-dump --weights-in-place" --weights-in-place
     baseline "$shape" scripts/transformers_dump_baseline.py "$hf" bf16 "$hf" --dtype bfloat16 --top-k 32
     # f32 holds 4 bytes per parameter: only where that leaves room.
     if awk -v s="$(size_gb "$hf")" -v m="$mem_gb" 'BEGIN {exit !(2 * s < 0.8 * m)}'; then

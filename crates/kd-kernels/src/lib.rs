@@ -490,9 +490,8 @@ fn pack_row(format: PanelFormat, cols: usize, blocks: usize, src: &[u8], r: usiz
 
 /// Asks Linux to back the whole 2 MiB pages inside `buf` with transparent huge pages, before
 /// they are first written. A teacher's panels are streamed from memory at every decoding
-/// step: on 2 MiB pages the kernel zeroes them faster when they are first written, and the
-/// products miss the TLB less (a 1.1B bf16 dump loaded in 2.1 s instead of 4.3 s and
-/// generated 1.08× faster on a 2-core Xeon; see docs/performance.md).
+/// step, and on 2 MiB pages the products miss the TLB less (a 1.1B bf16 dump's generation ran
+/// 1.04–1.08× faster than on 4 KiB pages, in interleaved runs on a 2-core Xeon).
 fn huge_pages(buf: &mut [u8]) {
     #[cfg(target_os = "linux")]
     {
