@@ -12,8 +12,17 @@
 //! The figures move with the machine (shared CPUs): compare the two engines of one run, and
 //! run it twice.
 //!
-//! Run: `cargo bench --bench training` (`-- --steps N` for more steps). Writes
-//! `target/bench/training.json`.
+//! Where `python3` imports torch and transformers, PyTorch eager runs the same student shape
+//! and batches too (`scripts/torch_fit_baseline.py --synthetic`, same thread count, two
+//! untimed warm-up steps), the baseline the kernel engine is measured against.
+//!
+//! `-- --avx2` restricts both sides to AVX2 on an AVX-512 CPU (the kernels' AVX2 path;
+//! PyTorch through `ATEN_CPU_CAPABILITY=avx2`, `MKL_ENABLE_INSTRUCTIONS=AVX2` and
+//! `ONEDNN_MAX_CPU_ISA=AVX2`), to stand in for an AVX2 machine.
+//!
+//! Run: `cargo bench --bench training` (`-- --steps N` for more steps; `-- --engine NAME` for
+//! one of kernels, candle, pytorch). Writes `target/bench/training.json` (or
+//! `training-avx2.json`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -33,6 +42,9 @@ const TOP_K: usize = 32;
 /// allocator is set up as in the binaries (freed memory kept), as `student-fit` runs.
 fn child(engine: &str, steps: usize, chunk: usize) {
     kd_distill::cli::keep_freed_memory();
+    if std::env::var_os("KD_BENCH_AVX2").is_some() {
+        kd_model::kernels::prefer_avx2(true);
+    }
     let cfg = kd_model::testing::smollm2_student_config();
     let student = Student::random(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
     let loss = LossConfig {
@@ -81,6 +93,41 @@ fn child(engine: &str, steps: usize, chunk: usize) {
     println!("{rate} {}", kd_teacher::dump::peak_rss_bytes().unwrap_or(0));
 }
 
+/// PyTorch eager on the same shape and batches (`--synthetic` baseline), `steps` timed steps
+/// after two warm-up steps; `None`, with a note, where torch is missing.
+fn pytorch(steps: usize, avx2: bool) -> Option<(&'static str, f64, u64)> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = std::process::Command::new("python3");
+    if avx2 {
+        cmd.env("ATEN_CPU_CAPABILITY", "avx2")
+            .env("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+            .env("ONEDNN_MAX_CPU_ISA", "AVX2");
+    }
+    let out = cmd
+        .arg(root.join("scripts/torch_fit_baseline.py"))
+        .args(["--synthetic", "--steps", &(steps + 2).to_string()])
+        .args(["--threads", &rayon::current_num_threads().to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output();
+    let out = match out {
+        Ok(o) if o.status.success() => o,
+        _ => {
+            eprintln!(
+                "note: no PyTorch baseline (python3 with torch and transformers did not run)"
+            );
+            return None;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last()?;
+    let v: serde_json::Value = serde_json::from_str(last).ok()?;
+    Some((
+        "pytorch",
+        v["positions_per_s"].as_f64()?,
+        v["peak_rss_bytes"].as_u64()?,
+    ))
+}
+
 /// The value after `--name` on the command line.
 fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
     let i = args.iter().position(|a| a == name)?;
@@ -94,7 +141,7 @@ fn main() {
         .unwrap_or(4usize);
     let chunk = arg(&args, "--chunk")
         .and_then(|v| v.parse().ok())
-        .unwrap_or(128usize);
+        .unwrap_or(kd_student::fit::DEFAULT_LOGITS_CHUNK);
     if let Ok(engine) = std::env::var("KD_BENCH_ENGINE") {
         child(&engine, steps, chunk);
         return;
@@ -105,19 +152,34 @@ fn main() {
         );
         return;
     }
+    let avx2 = args.iter().any(|a| a == "--avx2");
+    if avx2 {
+        kd_model::kernels::prefer_avx2(true);
+    }
     let level = match kd_model::kernels::level() {
         Some(kd_model::kernels::Level::Avx512) => "AVX-512",
+        _ if avx2 => "AVX2 (an AVX-512 CPU restricted to AVX2)",
         _ => "AVX2",
     };
     let exe = std::env::current_exe().unwrap();
     let mut results = Vec::new();
     // `--engine kernels` (or `candle`) runs one engine only.
     let only = arg(&args, "--engine");
-    for engine in ["kernels", "candle"] {
+    for engine in ["kernels", "candle", "pytorch"] {
         if only.is_some_and(|o| o != engine) {
             continue;
         }
-        let out = std::process::Command::new(&exe)
+        if engine == "pytorch" {
+            if let Some(r) = pytorch(steps, avx2) {
+                results.push(r);
+            }
+            continue;
+        }
+        let mut cmd = std::process::Command::new(&exe);
+        if avx2 {
+            cmd.env("KD_BENCH_AVX2", "1");
+        }
+        let out = cmd
             .args(["--steps", &steps.to_string(), "--chunk", &chunk.to_string()])
             .env("KD_BENCH_ENGINE", engine)
             .stderr(std::process::Stdio::inherit())
@@ -160,12 +222,17 @@ fn main() {
     for (e, r, p) in &results {
         println!("{e:<8} {r:>12.1} {:>12.0}", *p as f64 / 1e6);
     }
-    if let [(_, r0, p0), (_, r1, p1)] = results[..] {
-        println!(
-            "kernels / candle: {:.2}× positions/s, {:.2}× peak memory",
-            r0 / r1,
-            p0 as f64 / p1 as f64
-        );
+    let find = |name: &str| results.iter().find(|r| r.0 == name);
+    if let Some((_, r0, p0)) = find("kernels") {
+        for other in ["candle", "pytorch"] {
+            if let Some((_, r1, p1)) = find(other) {
+                println!(
+                    "kernels / {other}: {:.2}× positions/s, {:.2}× peak memory",
+                    r0 / r1,
+                    *p0 as f64 / *p1 as f64
+                );
+            }
+        }
     }
     println!(
         "ceiling: {:.1} GFLOP/s (packed f32 product, 1024×576 · 576×3072) / {:.0} MFLOP per position = {ceiling:.0} positions/s; kernels at {:.0}% of it",
@@ -182,6 +249,7 @@ fn main() {
         "instruction_set": level,
         "steps": steps,
         "engines": results.iter().map(|(e, r, p)| serde_json::json!({"engine": e, "positions_per_s": r, "peak_rss_bytes": p})).collect::<Vec<_>>(),
+        "pytorch_baseline": "scripts/torch_fit_baseline.py --synthetic (PyTorch eager, the same shape and batches)",
         "gemm_gflops": rate,
         "flops_per_position": flops,
         "ceiling_positions_per_s": ceiling,
@@ -189,7 +257,11 @@ fn main() {
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(
-        out.join("training.json"),
+        out.join(if avx2 {
+            "training-avx2.json"
+        } else {
+            "training.json"
+        }),
         serde_json::to_string_pretty(&json).unwrap(),
     )
     .unwrap();

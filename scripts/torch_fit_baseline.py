@@ -9,6 +9,14 @@ Needs torch, transformers and pyarrow (run by hand; torch is not in CI):
 
     python3 scripts/torch_fit_baseline.py --student out/s/student --shards out/quickstart \
         --steps 20 --token-budget 1024 --max-len 512 --threads 2
+
+`--synthetic` needs neither a student nor shards: the 6-layer SmolLM2 student shape (hidden
+576, 9 heads over 3 key/value heads, MLP 1536, tied 49,152-token head) with random weights,
+and the batches of `cargo bench --bench training`: two 512-token rows per step, 51 prompt
+tokens, every one of the other 461 positions distilled against random top-32 targets, AdamW
+at lr 1e-4; the rate is timed over the steps after `--warmup` (default 2) steps:
+
+    python3 scripts/torch_fit_baseline.py --synthetic --steps 22 --threads 2
 """
 import argparse
 import glob
@@ -87,28 +95,69 @@ def step_loss(model, batch, vocab):
     return kl.mean(), h.shape[0]
 
 
+def synthetic_student():
+    """The 6-layer SmolLM2 student shape with random weights (transformers' initialisation)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=6,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def synthetic_batches(vocab, seed, rows=(512, 512), prompt=51, k=32):
+    """Batches shaped as `kd_student::data::synthetic_batch`'s: random tokens, and at every
+    response position k distinct random ids with the log-probs of a random distribution over
+    them that leaves some mass to the tail."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        batch = []
+        for n in rows:
+            ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+            n_pos = n - prompt
+            top = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n_pos)])
+            lp = torch.log_softmax(torch.randn(n_pos, k + 1, generator=g), -1)[:, :k]
+            batch.append((ids, prompt, n_pos, k, top.flatten().tolist(), lp.flatten().tolist()))
+        yield batch
+
+
 def main():
     a = argparse.ArgumentParser()
-    a.add_argument("--student", required=True)
-    a.add_argument("--shards", required=True)
+    a.add_argument("--student")
+    a.add_argument("--shards")
+    a.add_argument("--synthetic", action="store_true")
     a.add_argument("--steps", type=int, default=20)
+    a.add_argument("--warmup", type=int, default=None,
+                   help="untimed first steps (default: 1 on shards, 2 with --synthetic)")
     a.add_argument("--token-budget", type=int, default=1024)
     a.add_argument("--max-len", type=int, default=512)
-    a.add_argument("--lr", type=float, default=5e-4)
+    a.add_argument("--lr", type=float, default=None,
+                   help="default: 5e-4 on shards, 1e-4 with --synthetic")
     a.add_argument("--threads", type=int, default=2)
     a.add_argument("--seed", type=int, default=0)
     args = a.parse_args()
+    if not args.synthetic and not (args.student and args.shards):
+        a.error("give --student and --shards, or --synthetic")
+    warmup = args.warmup if args.warmup is not None else (2 if args.synthetic else 1)
+    lr = args.lr if args.lr is not None else (1e-4 if args.synthetic else 5e-4)
+    if args.steps <= warmup:
+        a.error(f"--steps must exceed the {warmup} warm-up steps")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+    if args.synthetic:
+        model = synthetic_student()
+        it = synthetic_batches(model.config.vocab_size, args.seed)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+        it = batches(rows(args.shards, args.max_len), args.token_budget, args.seed)
     model.train()
     vocab = model.config.vocab_size
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    data = rows(args.shards, args.max_len)
-    it = batches(data, args.token_budget, args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     positions, t0 = 0, None
     for s in range(args.steps):
-        if s == 1:
+        if s == warmup:
             t0, positions = time.perf_counter(), 0
         loss, n = step_loss(model, next(it), vocab)
         opt.zero_grad(set_to_none=True)
@@ -121,7 +170,8 @@ def main():
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
         "engine": "pytorch-eager", "torch": torch.__version__, "threads": args.threads,
-        "steps_timed": args.steps - 1, "positions": positions, "seconds": secs,
+        "synthetic": args.synthetic, "lr": lr,
+        "steps_timed": args.steps - warmup, "positions": positions, "seconds": secs,
         "positions_per_s": positions / secs, "peak_rss_bytes": peak,
     }))
 

@@ -280,7 +280,7 @@ struct EvalArgs {
     #[arg(long, default_value_t = 2048)]
     max_len: usize,
     /// Positions whose full-vocabulary logits are held at once.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = kd_student::fit::DEFAULT_LOGITS_CHUNK)]
     logits_chunk: usize,
     /// Greedy generations of the student, for the first this many rows.
     #[arg(long, default_value_t = 4)]

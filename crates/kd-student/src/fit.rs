@@ -342,7 +342,7 @@ pub const DEFAULT_LOG_EVERY: u64 = 10;
 /// Default `checkpoint_every`.
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 250;
 /// Default `logits_chunk`.
-pub const DEFAULT_LOGITS_CHUNK: usize = 128;
+pub const DEFAULT_LOGITS_CHUNK: usize = 256;
 
 pub(crate) fn default_loss() -> LossConfig {
     LossConfig {
