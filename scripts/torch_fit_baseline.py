@@ -5,7 +5,8 @@ with the bucket tail of docs/design.md, over distilled positions only, token mea
 global-norm clipping, on the CPU. Prints distilled positions/s (steps after the first) and
 peak resident memory, to set beside `student-fit`'s own figures from the same machine.
 
-Needs torch, transformers and pyarrow (run by hand; torch is not in CI):
+Needs torch, transformers, and for shards the repository's `kd_cache` package (`pip install
+./python`; pyarrow and numpy). Run by hand:
 
     python3 scripts/torch_fit_baseline.py --student out/s/student --shards out/quickstart \
         --steps 20 --token-budget 1024 --max-len 512 --threads 2
@@ -26,28 +27,28 @@ import random
 import resource
 import time
 
-import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM
 
 
 def rows(shards, max_len):
+    """The cache's rows (format 1 or 2, decoded by the repository's `kd_cache` package,
+    `pip install ./python`), cut to `max_len` tokens."""
+    from kd_cache import read_shard
+
     out = []
     for f in sorted(glob.glob(os.path.join(shards, "*.parquet"))):
-        t = pq.read_table(f, columns=["input_ids", "prompt_len", "topk_ids", "topk_logprobs"])
-        for r in t.to_pylist():
-            ids, p = r["input_ids"], r["prompt_len"]
-            n_pos = len(ids) - p
-            k = len(r["topk_ids"]) // max(n_pos, 1)
+        for r in read_shard(f):
+            ids, p = r["input_ids"].tolist(), r["prompt_len"]
+            tid, tlp = r["topk_ids"], r["topk_logprobs"]
+            n_pos, k = tid.shape
             if len(ids) > max_len:
                 # Keep the first max_len tokens and the positions inside them.
-                keep = max(0, max_len - p)
+                n_pos = max(0, max_len - p)
                 ids = ids[:max_len]
-                r["topk_ids"] = r["topk_ids"][: keep * k]
-                r["topk_logprobs"] = r["topk_logprobs"][: keep * k]
-                n_pos = keep
+                tid, tlp = tid[:n_pos], tlp[:n_pos]
             if n_pos > 0:
-                out.append((ids, p, n_pos, k, r["topk_ids"], r["topk_logprobs"]))
+                out.append((ids, p, n_pos, k, tid.flatten().tolist(), tlp.flatten().tolist()))
     return out
 
 
