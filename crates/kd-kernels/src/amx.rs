@@ -250,7 +250,7 @@ unsafe fn one_row_tile_rows(job: &Job<'_, '_>, g0: usize, g1: usize) {
             }
             store_sums(&mut out);
             for (k, o) in out.iter().take(q).enumerate() {
-                write_transposed(v, o, r0, r1, g + k, y, acc);
+                write(v, o, r0, r1, g + k, y, acc);
             }
             g += q;
         }
@@ -271,39 +271,6 @@ unsafe fn store_sums(out: &mut [Out; 4]) {
             a = in(reg) out[0].0.as_mut_ptr(), b = in(reg) out[1].0.as_mut_ptr(),
             c = in(reg) out[2].0.as_mut_ptr(), d = in(reg) out[3].0.as_mut_ptr(),
             s = in(reg) 64usize, options(nostack));
-    }
-}
-
-/// Writes (or adds) one transposed sum tile, `o[c·16 + m]` for weight row `c` of group `g`
-/// and input row `m0 + m`, into `y` (input rows `m0..r1`).
-///
-/// # Safety
-/// As [`tiles`].
-unsafe fn write_transposed(
-    v: &PanelView<'_>,
-    o: &Out,
-    m0: usize,
-    r1: usize,
-    g: usize,
-    y: SendPtr,
-    acc: bool,
-) {
-    for m in 0..TILE.min(r1 - m0) {
-        // SAFETY: row m0 + m < n and columns y_col0 + g·16 + (0..16) lie inside y.
-        let dst = unsafe {
-            std::slice::from_raw_parts_mut(
-                y.0.add((m0 + m) * v.y_stride + v.y_col0 + g * PANEL),
-                PANEL,
-            )
-        };
-        for (c, d) in dst.iter_mut().enumerate() {
-            let s = o.0[c * TILE + m];
-            if acc {
-                *d += s;
-            } else {
-                *d = s;
-            }
-        }
     }
 }
 
@@ -426,11 +393,7 @@ unsafe fn tiles(job: &Job<'_, '_>, g0: usize, g1: usize) {
                     if (pb == 1 && !two) || (rt > t && !pair) {
                         continue;
                     }
-                    if v.in_rows {
-                        write_transposed(v, o, r0 + rt * TILE, r1, g + pb, y, acc);
-                    } else {
-                        write(v, o, r0 + rt * TILE, r1, g + pb, y, acc);
-                    }
+                    write(v, o, r0 + rt * TILE, r1, g + pb, y, acc);
                 }
                 t += if pair { 2 } else { 1 };
             }
@@ -524,14 +487,16 @@ unsafe fn zero_sums() {
     };
 }
 
-/// Writes (or adds) one tile's valid rows (`m0..r1`) and valid columns of panel `g` into `y`.
+/// Writes (or adds) one sum tile's valid input rows (`m0..r1`) and the valid output columns
+/// of group `g` into `y`. The tile holds input row `m` and weight row `c` at `o[m·16 + c]`
+/// from panels, transposed (`o[c·16 + m]`) from BF16 rows read in place.
 ///
 /// # Safety
 /// As [`tiles`].
 unsafe fn write(v: &PanelView<'_>, o: &Out, m0: usize, r1: usize, g: usize, y: SendPtr, acc: bool) {
     let cols = PANEL.min(v.rows - g * PANEL);
+    let (row_step, col_step) = if v.in_rows { (1, TILE) } else { (TILE, 1) };
     for m in 0..TILE.min(r1 - m0) {
-        let src = &o.0[m * TILE..m * TILE + cols];
         // SAFETY: row m0 + m < n and columns y_col0 + g·16 + (0..cols) lie inside y.
         let dst = unsafe {
             std::slice::from_raw_parts_mut(
@@ -539,12 +504,13 @@ unsafe fn write(v: &PanelView<'_>, o: &Out, m0: usize, r1: usize, g: usize, y: S
                 cols,
             )
         };
-        if acc {
-            for (d, s) in dst.iter_mut().zip(src) {
+        for (c, d) in dst.iter_mut().enumerate() {
+            let s = o.0[m * row_step + c * col_step];
+            if acc {
                 *d += s;
+            } else {
+                *d = s;
             }
-        } else {
-            dst.copy_from_slice(src);
         }
     }
 }

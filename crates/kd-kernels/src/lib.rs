@@ -348,6 +348,10 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+fn bf16_at(b: &[u8], at: usize) -> f32 {
+    half::bf16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
 /// The 6-bit scale and minimum of sub-block `j` of a Q4_K/Q5_K super-block (GGML's
 /// `get_scale_min_k4`).
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
@@ -795,9 +799,9 @@ impl PanelMatrix {
             .expect("every row lies in a segment");
         let local = r - s.row0;
         if s.data.is_rows() {
-            let row = &s.data.bytes()[local * self.cols * 2..(local + 1) * self.cols * 2];
-            for (o, b) in out.iter_mut().zip(row.chunks_exact(2)) {
-                *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            let row = &s.data.bytes()[local * self.cols * 2..];
+            for (c, o) in out.iter_mut().enumerate() {
+                *o = bf16_at(row, 2 * c);
             }
             return;
         }
@@ -840,9 +844,8 @@ fn expand_panel(format: PanelFormat, src: &[u8], blocks: usize, dst: &mut [f32])
 /// one f32 panel in `dst`: the values [`expand_panel`] gives for the same rows' BF16 panel.
 fn expand_bf16_rows(src: &[u8], cols: usize, dst: &mut [f32]) {
     for (r, row) in src.chunks_exact(2 * cols).enumerate() {
-        for (c, b) in row.chunks_exact(2).enumerate() {
-            dst[(c / QK) * QK * PANEL + (c % QK) * PANEL + r] =
-                f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+        for c in 0..cols {
+            dst[(c / QK) * QK * PANEL + (c % QK) * PANEL + r] = bf16_at(row, 2 * c);
         }
     }
 }
@@ -1042,9 +1045,8 @@ impl<'a> PanelView<'a> {
     fn on_tiles(&self, x: &[f32], n: usize, y: &mut [f32], acc: bool, parallel: bool) -> bool {
         #[cfg(target_arch = "x86_64")]
         if self.format == PanelFormat::BF16 && amx() {
-            let y = SendPtr(y.as_mut_ptr());
             // SAFETY: the caller's `check` passed and `amx()` found the tiles.
-            unsafe { amx::matmul(self, x, n, y, acc, parallel) };
+            unsafe { amx::matmul(self, x, n, SendPtr(y.as_mut_ptr()), acc, parallel) };
             return true;
         }
         false

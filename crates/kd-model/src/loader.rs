@@ -821,9 +821,10 @@ impl RawTensor<'_> {
 }
 
 /// Matrices with the same number of columns stacked along the rows, in panel layout, packed
-/// from the files' bytes (their pages are released once packed) or read in place.
-fn panels(files: &WeightFiles, parts: &[&RawTensor<'_>]) -> Result<PanelMatrix> {
-    let raw: Vec<_> = parts.iter().map(|t| files.matrix(t)).collect();
+/// from the files' bytes (their pages are released once packed) or, with `in_place`, read in
+/// place where the kernels can.
+fn panels(files: &WeightFiles, parts: &[&RawTensor<'_>], in_place: bool) -> Result<PanelMatrix> {
+    let raw: Vec<_> = parts.iter().map(|t| files.matrix(t, in_place)).collect();
     let p = PanelMatrix::stack_raw(&raw).map_err(|e| named(files, parts[0], e))?;
     for (t, m) in parts.iter().zip(&raw) {
         if !m.reads_in_place() {
@@ -898,9 +899,10 @@ impl RawModel<'_> {
         opts: &LoadOptions,
         device: &Device,
     ) -> Result<(Llama, Vec<String>)> {
-        files.allow_in_place(opts.weights_in_place);
         let in_place = on_cpu_kernels(opts, device)
-            && self.matrices().any(|t| files.matrix(t).reads_in_place());
+            && self
+                .matrices()
+                .any(|t| files.matrix(t, opts.weights_in_place).reads_in_place());
         std::thread::scope(|s| {
             let hashing = s.spawn(|| files.sha256_each(in_place));
             let model = self.build(files, opts, device);
@@ -914,7 +916,7 @@ impl RawModel<'_> {
             precision, dtype, ..
         } = *opts;
         if on_cpu_kernels(opts, device) {
-            return self.build_cpu(files);
+            return self.build_cpu(files, opts.weights_in_place);
         }
         // Norms, biases and the embeddings are held in the products' dtype too, as
         // transformers holds a bf16 model; the logits come back in f32.
@@ -967,7 +969,8 @@ impl RawModel<'_> {
         )
     }
 
-    fn build_cpu(self, files: &WeightFiles) -> Result<Llama> {
+    fn build_cpu(self, files: &WeightFiles, in_place: bool) -> Result<Llama> {
+        let panels = |parts: &[&RawTensor<'_>]| panels(files, parts, in_place);
         let vec =
             |t: &RawTensor| -> Result<Vec<f32>> { t.f32_values().map_err(|e| named(files, t, e)) };
         let mut layers = Vec::new();
@@ -982,17 +985,17 @@ impl RawModel<'_> {
                     None => None,
                 },
                 attn_norm: vec(&l.attn_norm)?,
-                qkv: panels(files, &[&l.q, &l.k, &l.v])?,
-                o: panels(files, &[&l.o])?,
+                qkv: panels(&[&l.q, &l.k, &l.v])?,
+                o: panels(&[&l.o])?,
                 ffn_norm: vec(&l.ffn_norm)?,
-                gate_up: panels(files, &[&l.gate, &l.up])?,
-                down: panels(files, &[&l.down])?,
+                gate_up: panels(&[&l.gate, &l.up])?,
+                down: panels(&[&l.down])?,
             });
         }
         // Tied embeddings are looked up in the output head's panels: one copy.
-        let lm_head = panels(files, &[self.lm_head.as_ref().unwrap_or(&self.embed)])?;
+        let lm_head = panels(&[self.lm_head.as_ref().unwrap_or(&self.embed)])?;
         let embed = match &self.lm_head {
-            Some(_) => Some(panels(files, &[&self.embed])?),
+            Some(_) => Some(panels(&[&self.embed])?),
             None => None,
         };
         let model = CpuLlama::new(

@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -23,8 +22,6 @@ pub struct WeightFiles {
     files: Vec<(PathBuf, Arc<Mmap>)>,
     /// The same maps, as the kernels hold on to them.
     shared: Vec<SharedBytes>,
-    /// Whether [`WeightFiles::matrix`] offers the kernels the maps to read in place.
-    in_place: AtomicBool,
 }
 
 /// One tensor: its type, its shape (row-major, outermost first) and its bytes in the file.
@@ -57,11 +54,7 @@ impl WeightFiles {
             .iter()
             .map(|(_, m)| m.clone() as SharedBytes)
             .collect();
-        Ok(Self {
-            files,
-            shared,
-            in_place: AtomicBool::new(true),
-        })
+        Ok(Self { files, shared })
     }
 
     /// The number of files.
@@ -98,19 +91,13 @@ impl WeightFiles {
             .map_or(Path::new("<weights>"), |i| &self.files[i].0)
     }
 
-    /// Offers (the default) or withholds the maps from the kernels in [`WeightFiles::matrix`].
-    pub fn allow_in_place(&self, on: bool) {
-        self.in_place.store(on, Ordering::Relaxed);
-    }
-
-    /// A 2-D tensor as a matrix for the kernels, which may keep reading it from its map
-    /// (unless [`WeightFiles::allow_in_place`] withheld the maps).
-    pub fn matrix<'a>(&'a self, t: &RawTensor<'a>) -> RawMatrix<'a> {
-        let map = self.in_place.load(Ordering::Relaxed);
+    /// A 2-D tensor as a matrix for the kernels; with `in_place`, offered with its map, so
+    /// that they may keep reading it there ([`RawMatrix::reads_in_place`]).
+    pub fn matrix<'a>(&'a self, t: &RawTensor<'a>, in_place: bool) -> RawMatrix<'a> {
         RawMatrix {
             map: self
                 .index_of(t.bytes)
-                .filter(|_| map)
+                .filter(|_| in_place)
                 .map(|i| &self.shared[i]),
             ..t.matrix()
         }
