@@ -105,6 +105,12 @@ fn main() {
         if !json {
             eprintln!("{}", memory_plan(&model.model, &r));
         }
+        if r.weights_in_place && model.model.weight_bytes_in_place() == 0 {
+            eprintln!(
+                "note: --weights-in-place read nothing in place (it takes BF16 weights on AMX \
+                 tiles); the weights are packed as usual"
+            );
+        }
         let s = kd_teacher::dump::dump(&model, &input, &r.settings, &r.run, &r.out)?;
         // Written with `writeln!` so a closed pipe is an error (ended quietly), not a panic.
         let mut out = std::io::stdout().lock();
