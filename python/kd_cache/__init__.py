@@ -6,8 +6,10 @@ Every format the project writes is read with the formulas its schema documents
 - format 1: exact f32 top-k log-probs;
 - format 2: integer log-probs (``-cumsum(gaps) / S``), shifted per position so that the top-k
   and the stored tail mass add up to 1; the next token's log-prob with the same shift;
-- sampled targets: distinct drawn ids with counts (``sample_counts``), or, in shards written
-  before that column, every draw with its repeats.
+- sampled targets: per position the next token's count (``sample_token_count``) and the other
+  distinct drawn ids with counts (``sample_counts``) and log-prob gaps; in shards written
+  before those columns, distinct ids ascending with ``sample_logprob_q``, or every draw with
+  its repeats.
 
 >>> cache = Cache("out/quickstart")            # checks the manifest and each shard's sha256
 >>> for row in cache.rows():
@@ -89,7 +91,9 @@ def decode_row(rec: dict, meta: Dict[str, str]) -> dict:
     out["topk_logprobs"] = lp + shift[:, None]
     out["tail_mass"] = tail
     out["token_logprob"] = -np.asarray(rec["token_logprob_q"], dtype=np.float64) / S + shift
-    if n > 0:
+    if n > 0 and "sample_token_count" in rec:
+        sid, sq = _token_first_draws(rec, ids, n_pos, n, S)
+    elif n > 0:
         sid = np.asarray(rec["sample_ids"], dtype=np.int64)
         sq = -np.asarray(rec["sample_logprob_q"], dtype=np.float64) / S
         counts = rec.get("sample_counts")
@@ -98,11 +102,42 @@ def decode_row(rec: dict, meta: Dict[str, str]) -> dict:
             if (c < 1).any() or len(c) != len(sid):
                 raise CacheError(f"row {rec['id']}: sample_counts must be at least 1, one per id")
             sid, sq = np.repeat(sid, c), np.repeat(sq, c)
+    if n > 0:
         if len(sid) != n_pos * n:
             raise CacheError(f"row {rec['id']}: {len(sid)} draws for {n_pos} positions of {n}")
         out["sample_ids"] = sid.reshape(n_pos, n)
         out["sample_logprobs"] = sq.reshape(n_pos, n)
     return out
+
+
+def _token_first_draws(rec: dict, ids: np.ndarray, n_pos: int, n: int, S: float):
+    """The draws of a row stored token first: position j has ``sample_token_count[j]`` draws
+    of the next token (log-prob ``-token_logprob_q[j] / S``), then the other distinct ids
+    while their counts make ``n``, their log-probs ``-cumsum(gaps) / S`` within the position.
+    Returns every draw, ``n`` per position, sorted by id within a position."""
+    tc = rec["sample_token_count"]
+    sid, gaps, counts = rec["sample_ids"], rec["sample_logprob_gaps"], rec["sample_counts"]
+    tq = rec["token_logprob_q"]
+    targets = ids[int(rec["prompt_len"]):]
+    if len(tc) != n_pos or len(gaps) != len(sid) or len(counts) != len(sid):
+        raise CacheError(f"row {rec['id']}: sampled columns of unequal lengths")
+    out_ids, out_q, at = [], [], 0
+    for j in range(n_pos):
+        draws = [(int(targets[j]), tq[j], tc[j])] if tc[j] > 0 else []
+        total, acc = tc[j], 0
+        while total < n and at < len(sid):
+            acc += gaps[at]
+            draws.append((sid[at], acc, counts[at]))
+            total += counts[at]
+            at += 1
+        if total != n or any(c < 1 for _, _, c in draws):
+            raise CacheError(f"row {rec['id']}: position {j} holds {total} draws, not {n}")
+        for i, q, c in sorted(draws):
+            out_ids += [i] * c
+            out_q += [q] * c
+    if at != len(sid):
+        raise CacheError(f"row {rec['id']}: {len(sid) - at} sampled ids beyond the positions' counts")
+    return np.asarray(out_ids, dtype=np.int64), -np.asarray(out_q, dtype=np.float64) / S
 
 
 def read_shard(path) -> List[dict]:

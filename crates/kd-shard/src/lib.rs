@@ -33,14 +33,19 @@
 //! | `topk_logprob_gaps` | `list<uint32>` | within a position, `ceil(-lp[r]·S) - ceil(-lp[r-1]·S)` (gap 0: `ceil(-lp[0]·S)`) |
 //! | `token_logprob_q` | `list<uint32>` | `ceil(-lp·S)` of the token that actually follows |
 //! | `tail_logmass_q` | `list<uint32>` | per position `round(-ln(r)·T)`, r = 1 − Σ exp(top-k), [`NO_TAIL`] when r ≤ 0 |
-//! | `sample_ids` | `list<uint32>` | sampled targets: each position's distinct ids among its `n` draws at T=1, ascending, positions in order |
-//! | `sample_logprob_q` | `list<uint32>` | `ceil(-lp·S)` of each distinct id's teacher log-prob |
-//! | `sample_counts` | `list<uint32>` | how many of its position's draws each id is (≥ 1; a position's counts sum to `n`) |
+//! | `sample_ids` | `list<uint32>` | sampled targets: per position, the distinct ids among its `n` draws at T=1 other than the next token, by log-prob descending (ties by id), positions in order |
+//! | `sample_logprob_gaps` | `list<uint32>` | their `ceil(-lp·S)` as gaps within a position (the first from 0) |
+//! | `sample_counts` | `list<uint32>` | how many of its position's draws each id is (≥ 1) |
+//! | `sample_token_count` | `list<uint32>` | per position, how many draws are the next token `input_ids[t+1]`, whose log-prob is `ceil(-lp·S)` = `token_logprob_q` |
 //!
-//! `sample_counts` is written only where there are draws. Shards without it end at
-//! `sample_logprob_q`: caches without draws, and sampled shards written before the column
-//! existed, which store every draw with its repeats; the reader takes both and gives back
-//! every draw, repeats included, either way.
+//! Position j's draws: `sample_token_count[j]` of the next token and the entries after
+//! position j−1's whose counts make `n − sample_token_count[j]`. A next token drawn with a
+//! rounded log-prob other than `token_logprob_q` (never from a teacher) stays among the other
+//! ids. The draws' columns are written only where there are draws: a top-k cache ends at
+//! `sample_ids` and `sample_logprob_q`, with empty lists. The reader also takes the layouts of
+//! earlier shards ([`DRAW_COLUMNS_BY_ID`]: each distinct id ascending with `sample_logprob_q`
+//! and `sample_counts`; [`DRAW_COLUMNS_REPEATS`]: every draw with its repeats) and gives back the
+//! same rows from all three: every draw, sorted by id, repeats included.
 //!
 //! `kd.samples` (= `n`, 0 for a top-k cache) in the metadata says how many draws each
 //! position holds; `kd.top_k` may then be 0 (a cache of draws only). With c draws of an id
@@ -171,9 +176,9 @@ pub use merge::{MERGE_LOCK_FILE, merge_parts};
 pub use reader::{ShardMeta, ShardReader, read_shard, read_shard_meta};
 pub use row::{LOGPROB_SLACK, MASS_SLACK, Row, Source, counts_of};
 pub use schema::{
-    COLUMNS, COLUMNS_V2, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_SAMPLES,
-    META_TAIL_SCALE, META_TOP_K, arrow_schema, arrow_schema_of, arrow_schema_v2, schema_json,
-    schema_json_of,
+    COLUMNS, COLUMNS_V2, DRAW_COLUMNS_BY_ID, DRAW_COLUMNS_REPEATS, LOGPROB_SCALE,
+    META_FORMAT_VERSION, META_LOGPROB_SCALE, META_SAMPLES, META_TAIL_SCALE, META_TOP_K,
+    arrow_schema, arrow_schema_of, arrow_schema_v2, schema_json, schema_json_of,
 };
 pub use stats::{FILE_OVERHEAD, SourceStats, Stats, StatsBuilder, stats_dir};
 pub use v2::{NO_TAIL, TAIL_SCALE};

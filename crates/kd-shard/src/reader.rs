@@ -34,6 +34,8 @@ pub struct ShardMeta {
     pub tail_scale: Option<u32>,
     /// `kd.samples` of a v2 shard: sampled targets per position (0 for none, and for v1).
     pub samples: usize,
+    /// How a v2 shard stores its draws (told by its columns); `None` for v1.
+    pub(crate) layout: Option<crate::schema::DrawLayout>,
 }
 
 /// Rows decoded per Arrow batch; bounds the reader's working memory.
@@ -197,7 +199,7 @@ impl ShardReader {
                 ),
             ));
         }
-        check_arrow_schema(path, builder.schema(), format_version)?;
+        let layout = check_arrow_schema(path, builder.schema(), format_version)?;
         let rows = u64::try_from(fmd.num_rows())
             .map_err(|_| Error::corrupt(path, format!("negative row count {}", fmd.num_rows())))?;
         let meta = ShardMeta {
@@ -209,6 +211,7 @@ impl ShardReader {
             logprob_scale,
             tail_scale,
             samples,
+            layout,
         };
         let batches = guard(path, || {
             builder
@@ -345,10 +348,13 @@ impl<'a, T: ArrowPrimitiveType> ListCol<'a, T> {
 /// Converts one record batch (whose schema was checked at open) into rows: v1's f32
 /// log-probs as stored, v2's integers decoded ([`crate::v2`]).
 fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Row>> {
+    use crate::schema::DrawLayout;
     let scales = meta.logprob_scale.zip(meta.tail_scale);
-    let names = crate::schema::columns_of(meta.format_version);
-    let legacy = meta.format_version >= 2 && b.num_columns() == crate::schema::LEGACY_COLUMNS_V2;
-    if b.num_columns() != names.len() && !legacy {
+    let names = match meta.layout {
+        Some(l) => l.columns(),
+        None => crate::schema::columns_of(meta.format_version).to_vec(),
+    };
+    if b.num_columns() != names.len() {
         return Err(Error::schema(
             path,
             format!(
@@ -381,9 +387,8 @@ fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Ro
             ListCol<'a, UInt32Type>,
             ListCol<'a, UInt32Type>,
             (u32, u32),
-            [ListCol<'a, UInt32Type>; 2],
-            // `sample_counts`; absent in shards that store each draw with its repeats.
-            Option<ListCol<'a, UInt32Type>>,
+            // The draws' columns from `sample_ids` on, as many as the layout has.
+            Vec<ListCol<'a, UInt32Type>>,
         ),
     }
     let lps = match scales {
@@ -396,14 +401,9 @@ fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Ro
             ListCol::new(path, names[6], b.column(6))?,
             ListCol::new(path, names[7], b.column(7))?,
             s,
-            [
-                ListCol::new(path, names[8], b.column(8))?,
-                ListCol::new(path, names[9], b.column(9))?,
-            ],
-            match b.num_columns() > 10 {
-                true => Some(ListCol::new(path, names[10], b.column(10))?),
-                false => None,
-            },
+            (8..names.len())
+                .map(|c| ListCol::new(path, names[c], b.column(c)))
+                .collect::<Result<_>>()?,
         ),
     };
     let mut rows = Vec::with_capacity(b.num_rows());
@@ -412,6 +412,8 @@ fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Ro
         let source = Source::parse(s).ok_or_else(|| {
             Error::corrupt(path, format!("row {i} of batch: unknown source {s:?}"))
         })?;
+        let input = input_ids.get(path, "input_ids", i)?;
+        let prompt = prompt_len.value(i);
         let (topk_logprobs, token_logprob, sample_ids, sample_logprobs) = match &lps {
             LogProbs::F32(a, b) => (
                 a.get(path, names[5], i)?,
@@ -419,48 +421,58 @@ fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Ro
                 Vec::new(),
                 Vec::new(),
             ),
-            LogProbs::Int(a, b, t, (scale, tail_scale), [sid, sq], counts) => {
+            LogProbs::Int(a, b, t, (scale, tail_scale), draws) => {
                 let gaps = a.get(path, names[5], i)?;
                 let q = b.get(path, names[6], i)?;
                 let tail = t.get(path, names[7], i)?;
-                let mut sample_ids = sid.get(path, names[8], i)?;
-                let mut sample_q = sq.get(path, names[9], i)?;
-                if let Some(c) = counts {
-                    let c = c.get(path, names[10], i)?;
-                    (sample_ids, sample_q) = crate::v2::expand_draws(&sample_ids, &sample_q, &c)
-                        .ok_or_else(|| {
-                            Error::corrupt(
-                                path,
-                                format!(
-                                    "row {i} of batch: {} distinct sampled ids, {} log-probs and {} counts (each at least 1)",
-                                    sample_ids.len(),
-                                    sample_q.len(),
-                                    c.len()
-                                ),
-                            )
-                        })?;
-                }
+                let lists = draws
+                    .iter()
+                    .enumerate()
+                    .map(|(c, col)| col.get(path, names[8 + c], i))
+                    .collect::<Result<Vec<_>>>()?;
+                let corrupt =
+                    |what: String| Error::corrupt(path, format!("row {i} of batch: {what}"));
+                let (sample_ids, sample_q) = match (meta.layout, lists.as_slice()) {
+                    (Some(DrawLayout::TokenFirst), [ids, gaps, counts, token_count]) => {
+                        let targets = input.get(prompt as usize..).unwrap_or_default();
+                        let t = crate::v2::TokenFirst {
+                            token_count: token_count.clone(),
+                            ids: ids.clone(),
+                            gaps: gaps.clone(),
+                            counts: counts.clone(),
+                        };
+                        crate::v2::expand_token_first(&t, targets, &q, meta.samples)
+                            .map_err(corrupt)?
+                    }
+                    (Some(DrawLayout::ById), [ids, sq, counts]) => crate::v2::expand_draws(
+                        ids, sq, counts,
+                    )
+                    .ok_or_else(|| {
+                        corrupt(format!(
+                            "{} distinct sampled ids, {} log-probs and {} counts (each at least 1)",
+                            ids.len(),
+                            sq.len(),
+                            counts.len()
+                        ))
+                    })?,
+                    (_, [ids, sq]) => (ids.clone(), sq.clone()),
+                    _ => return Err(corrupt("unexpected draw columns".into())),
+                };
                 if sample_q.len() != sample_ids.len() {
-                    return Err(Error::corrupt(
-                        path,
-                        format!(
-                            "row {i} of batch: {} sampled log-probs for {} sampled ids",
-                            sample_q.len(),
-                            sample_ids.len()
-                        ),
-                    ));
+                    return Err(corrupt(format!(
+                        "{} sampled log-probs for {} sampled ids",
+                        sample_q.len(),
+                        sample_ids.len()
+                    )));
                 }
                 if tail.len() != q.len() || tail.len().checked_mul(meta.k) != Some(gaps.len()) {
-                    return Err(Error::corrupt(
-                        path,
-                        format!(
-                            "row {i} of batch: {} tail entries for {} top-k entries (k = {}) and {} positions",
-                            tail.len(),
-                            gaps.len(),
-                            meta.k,
-                            q.len()
-                        ),
-                    ));
+                    return Err(corrupt(format!(
+                        "{} tail entries for {} top-k entries (k = {}) and {} positions",
+                        tail.len(),
+                        gaps.len(),
+                        meta.k,
+                        q.len()
+                    )));
                 }
                 let (topk, token) =
                     crate::v2::decode(&gaps, &q, &tail, meta.k, *scale, *tail_scale);
@@ -471,8 +483,8 @@ fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Ro
         rows.push(Row {
             id: ids.value(i).to_string(),
             source,
-            input_ids: input_ids.get(path, "input_ids", i)?,
-            prompt_len: prompt_len.value(i),
+            input_ids: input,
+            prompt_len: prompt,
             topk_ids: topk_ids.get(path, "topk_ids", i)?,
             topk_logprobs,
             token_logprob,

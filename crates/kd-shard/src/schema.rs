@@ -34,11 +34,13 @@ pub const META_TAIL_SCALE: &str = "kd.tail_scale";
 /// per position (decimal string; 0 when the shard holds top-k targets only).
 pub const META_SAMPLES: &str = "kd.samples";
 
-/// Column names of a v2 shard in file order. `sample_counts` is written only where there are
-/// draws; shards without it (caches without draws, and sampled shards written before it
-/// existed, which store each draw with its repeats) end at `sample_logprob_q`. Readers take
-/// both.
-pub const COLUMNS_V2: [&str; 11] = [
+/// Column names of a v2 shard with draws, in file order: the draws of a position are the next
+/// token's (`sample_token_count` of them, with the log-prob `token_logprob_q`) and the other
+/// distinct ids (`sample_ids`, `sample_logprob_gaps`, `sample_counts`). Shards without draws
+/// end at `sample_logprob_q` ([`DRAW_COLUMNS_REPEATS`]); shards written before the next token
+/// was taken out of the draws store each distinct id ([`DRAW_COLUMNS_BY_ID`]). Readers take
+/// all three.
+pub const COLUMNS_V2: [&str; 12] = [
     "id",
     "source",
     "input_ids",
@@ -48,12 +50,54 @@ pub const COLUMNS_V2: [&str; 11] = [
     "token_logprob_q",
     "tail_logmass_q",
     "sample_ids",
-    "sample_logprob_q",
+    "sample_logprob_gaps",
     "sample_counts",
+    "sample_token_count",
 ];
 
-/// The columns of a v2 shard written before `sample_counts`.
-pub(crate) const LEGACY_COLUMNS_V2: usize = 10;
+/// The draws' columns of a v2 shard without draws (its two sample lists are empty), and of
+/// sampled shards written before `sample_counts`, which hold every draw with its repeats;
+/// they follow the first eight columns of [`COLUMNS_V2`].
+pub const DRAW_COLUMNS_REPEATS: [&str; 2] = ["sample_ids", "sample_logprob_q"];
+
+/// The draws' columns of a sampled v2 shard written before the next token was taken out of
+/// the draws: each position's distinct drawn ids ascending, with `ceil(-lp·S)` and a count
+/// each.
+pub const DRAW_COLUMNS_BY_ID: [&str; 3] = ["sample_ids", "sample_logprob_q", "sample_counts"];
+
+/// How a v2 shard stores its draws, told by its columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DrawLayout {
+    /// [`DRAW_COLUMNS_REPEATS`]: every draw with its repeats (empty lists without draws).
+    Repeats,
+    /// [`DRAW_COLUMNS_BY_ID`]: each distinct id once, ascending, with a count.
+    ById,
+    /// [`COLUMNS_V2`]: the next token's count, then the other distinct ids by log-prob.
+    TokenFirst,
+}
+
+impl DrawLayout {
+    /// The columns of this layout, in file order.
+    pub(crate) fn columns(self) -> Vec<&'static str> {
+        let draws: &[&'static str] = match self {
+            DrawLayout::Repeats => &DRAW_COLUMNS_REPEATS,
+            DrawLayout::ById => &DRAW_COLUMNS_BY_ID,
+            DrawLayout::TokenFirst => &COLUMNS_V2[8..],
+        };
+        COLUMNS_V2[..8].iter().chain(draws).copied().collect()
+    }
+
+    /// The layout whose columns are `names`, if any.
+    pub(crate) fn of(names: &[&str]) -> Option<DrawLayout> {
+        [
+            DrawLayout::Repeats,
+            DrawLayout::ById,
+            DrawLayout::TokenFirst,
+        ]
+        .into_iter()
+        .find(|l| l.columns() == names)
+    }
+}
 
 /// Column names of a v1 shard in file order.
 pub const COLUMNS: [&str; 7] = [
@@ -75,13 +119,19 @@ pub fn arrow_schema() -> SchemaRef {
     columns_schema(&COLUMNS, DataType::Float32)
 }
 
-/// The canonical schema of a v2 shard: as v1, with the two log-prob columns stored as
-/// integers (`topk_logprob_gaps`, `token_logprob_q`), then `tail_logmass_q`, `sample_ids`,
-/// `sample_logprob_q` and `sample_counts`.
+/// The canonical schema of a v2 shard with draws: as v1, with the two log-prob columns stored
+/// as integers (`topk_logprob_gaps`, `token_logprob_q`), then `tail_logmass_q` and the draws'
+/// four columns ([`COLUMNS_V2`]).
 pub fn arrow_schema_v2() -> SchemaRef {
-    let base = columns_schema(COLUMNS_V2[..7].try_into().expect("seven"), DataType::UInt32);
+    arrow_schema_v2_of(DrawLayout::TokenFirst)
+}
+
+/// The schema of a v2 shard whose draws are stored as `layout` says.
+pub(crate) fn arrow_schema_v2_of(layout: DrawLayout) -> SchemaRef {
+    let names = layout.columns();
+    let base = columns_schema(names[..7].try_into().expect("seven"), DataType::UInt32);
     let mut fields: Vec<Field> = base.fields().iter().map(|f| f.as_ref().clone()).collect();
-    for name in &COLUMNS_V2[7..] {
+    for name in &names[7..] {
         fields.push(Field::new(*name, list_of(DataType::UInt32), false));
     }
     Arc::new(Schema::new(fields))
@@ -137,17 +187,32 @@ fn type_compatible(expected: &DataType, found: &DataType) -> bool {
 
 /// Checks that `found` has exactly the columns of format `version`, in order, with
 /// compatible types.
-pub(crate) fn check_arrow_schema(path: &Path, found: &Schema, version: u32) -> Result<(), Error> {
-    let expected = arrow_schema_of(version);
+/// Returns the draws' layout of a v2 shard (`None` for format 1).
+pub(crate) fn check_arrow_schema(
+    path: &Path,
+    found: &Schema,
+    version: u32,
+) -> Result<Option<DrawLayout>, Error> {
     let want = columns_of(version);
     let names: Vec<&str> = found.fields().iter().map(|f| f.name().as_str()).collect();
-    let legacy = version >= 2 && names == want[..LEGACY_COLUMNS_V2];
-    if names != want && !legacy {
+    let layout = (version >= 2).then(|| DrawLayout::of(&names)).flatten();
+    if names != want && layout.is_none() {
         return Err(Error::schema(
             path,
-            format!("columns are {names:?}, expected {want:?} (format version {version})"),
+            format!(
+                "columns are {names:?}, expected {want:?}{} (format version {version})",
+                if version >= 2 {
+                    format!(" (or ending {DRAW_COLUMNS_REPEATS:?} or {DRAW_COLUMNS_BY_ID:?})")
+                } else {
+                    String::new()
+                }
+            ),
         ));
     }
+    let expected = match layout {
+        Some(l) => arrow_schema_v2_of(l),
+        None => arrow_schema_of(version),
+    };
     for (e, f) in expected.fields().iter().zip(found.fields()) {
         if !type_compatible(e.data_type(), f.data_type()) {
             return Err(Error::schema(
@@ -161,7 +226,7 @@ pub(crate) fn check_arrow_schema(path: &Path, found: &Schema, version: u32) -> R
             ));
         }
     }
-    Ok(())
+    Ok(layout)
 }
 
 /// Machine-readable description of the newest format ([`FORMAT_VERSION`]); see
@@ -184,8 +249,13 @@ pub fn schema_json_of(version: u32) -> Value {
         "Generated from kd_shard::schema_json_of(2); edit the code, then run `KD_BLESS=1 cargo test -p kd-shard schema_file` to rewrite this file."
     );
     v["container"]["value_encodings"] = json!(
-        "written with BYTE_STREAM_SPLIT for topk_ids, topk_logprob_gaps and token_logprob_q and dictionary encoding for input_ids; readers must accept any standard Parquet encoding"
+        "written with BYTE_STREAM_SPLIT for input_ids, topk_ids, topk_logprob_gaps, token_logprob_q, sample_ids, sample_logprob_gaps and sample_token_count and dictionary encoding for sample_counts, without column statistics or an embedded Arrow schema; readers must accept any standard Parquet encoding"
     );
+    // Format 2 is written without the embedded Arrow schema.
+    v["parquet_key_value_metadata"]
+        .as_object_mut()
+        .expect("metadata keys")
+        .remove("ARROW:schema");
     v["parquet_key_value_metadata"][META_TOP_K] = json!({
         "type": "string",
         "description": "k, the number of top entries stored per distilled position, as a decimal integer; 0 when the shard holds sampled targets only (then kd.samples is positive)"
@@ -208,11 +278,11 @@ pub fn schema_json_of(version: u32) -> Value {
         "token_logprob": "token_logprob = -token_logprob_q / S plus the position's shift log((1 - tail) / sum(exp(lp))) from the top-k decoding, so a next token in the top k decodes to its top-k value",
         "error_bound": "every decoded top-k log-prob is within 1/S nats (1/1024 < 1e-3) of the teacher's exact f32 value: the writer rounds -log_prob * S up to an integer and stores the differences of those integers within a position; the shift by the tail is a weighted mean of the rounding errors, so it keeps each entry within the bound; token_logprob, rounded up the same way and given the same shift, is within 1/S too",
         "rank_order": "within a position, entries stay sorted by log-prob descending, so the gaps are non-negative; equal decoded values may come from distinct exact values",
-        "sample_logprobs": "-sample_logprob_q / S, each within 1/S nats of the teacher's exact value",
-        "sampled_targets": "a row's draws are its distinct drawn ids per position, in position order and ascending within a position, with counts: position j owns the entries after the first j*n draws (running sum of sample_counts) up to where the counts sum to (j+1)*n. An id drawn c times is stored once with count c, so p_hat(id) = c / n is an unbiased estimate of the teacher's probability; forward KL at T=1 estimated as sum over distinct ids of c * (log p(id) - log q(id)) / n is unbiased, and so is its gradient q - p_hat. In numpy: ids = np.repeat(sample_ids, sample_counts) and lps = np.repeat(-sample_logprob_q / S, sample_counts) give the n draws of each position, n at a time. Shards without the sample_counts column store every draw with its repeats (counts all 1): caches without draws, and caches written before the column existed."
+        "sample_logprobs": "-cumsum(sample_logprob_gaps within a position) / S for sample_ids and -token_logprob_q / S for the next token's draws, each within 1/S nats of the teacher's exact value",
+        "sampled_targets": "position j's n draws are sample_token_count[j] draws of the next token input_ids[t+1] (log-prob -token_logprob_q[j] / S) and the distinct ids of sample_ids after those of position j-1, taken while their sample_counts add up to n - sample_token_count[j]; their log-probs are -cumsum(sample_logprob_gaps over those entries) / S. An id drawn c times is stored once with count c, so p_hat(id) = c / n is an unbiased estimate of the teacher's probability; forward KL at T=1 estimated as sum over distinct ids of c * (log p(id) - log q(id)) / n is unbiased, and so is its gradient q - p_hat. Readers give each position's n draws sorted by id, each id repeated by its count. Shards written before sample_token_count have the columns sample_ids, sample_logprob_q (ceil(-log_prob * S) of each id) and sample_counts, each position's distinct ids ascending with counts summing to n; shards without draws, and sampled shards written before sample_counts, end at sample_ids and sample_logprob_q with every draw and its repeats (empty lists without draws)."
     });
     v["position_convention"]["description"] = json!(
-        "Distilled position t runs over prompt_len-1 ..= len(input_ids)-2 and holds the teacher's distribution for predicting input_ids[t+1]. Position j = t-(prompt_len-1) owns topk_ids[j*k..(j+1)*k], topk_logprob_gaps[j*k..(j+1)*k], token_logprob_q[j], tail_logmass_q[j], and the distinct draws whose counts (sample_counts) sum to n from the end of position j-1's (see decoding.sampled_targets)."
+        "Distilled position t runs over prompt_len-1 ..= len(input_ids)-2 and holds the teacher's distribution for predicting input_ids[t+1]. Position j = t-(prompt_len-1) owns topk_ids[j*k..(j+1)*k], topk_logprob_gaps[j*k..(j+1)*k], token_logprob_q[j], tail_logmass_q[j], sample_token_count[j], and the distinct draws after position j-1's whose counts (sample_counts) sum to n - sample_token_count[j] (see decoding.sampled_targets)."
     );
     v["manifest"]["fields"]["settings"] = json!(
         "every dump setting; must contain top_k (0 when the cache holds sampled targets only) and samples when it holds sampled targets"
@@ -243,22 +313,29 @@ pub fn schema_json_of(version: u32) -> Value {
         "name": "sample_ids",
         "type": "list<uint32>",
         "nullable": false,
-        "length": "distinct draws of the row's positions (at most n_pos * n)",
-        "description": "sampled targets: n ids drawn per position from the teacher's distribution at T=1 (a stream seeded by the dump's seed, the row id and the position), each distinct id of a position stored once, ascending within a position, positions in order; empty lists when n is 0"
+        "length": "the row's distinct draws other than the next token's (at most n_pos * n)",
+        "description": "sampled targets: n ids drawn per position from the teacher's distribution at T=1 (a stream seeded by the dump's seed, the row id and the position). Per position, in position order: the distinct drawn ids other than the next token input_ids[t+1] (whose draws sample_token_count counts), each once, by log-prob descending (ties by id ascending). The next token is among them only where its draws' log-prob differs from token_logprob_q, which a teacher never writes"
     }));
     cols.push(json!({
-        "name": "sample_logprob_q",
+        "name": "sample_logprob_gaps",
         "type": "list<uint32>",
         "nullable": false,
         "length": "as sample_ids",
-        "description": "ceil(-log_prob * S) of each distinct drawn id's teacher log-probability at T=1, aligned with sample_ids"
+        "description": "the teacher's log-probabilities at T=1 of sample_ids as integer gaps within a position: gap r is ceil(-log_prob[r] * S) - ceil(-log_prob[r-1] * S), the first of a position ceil(-log_prob[0] * S)"
     }));
     cols.push(json!({
         "name": "sample_counts",
         "type": "list<uint32>",
         "nullable": false,
         "length": "as sample_ids",
-        "description": "how many of its position's n draws each id of sample_ids is (at least 1); a position's counts sum to n. Present only in shards with draws (kd.samples > 0); absent in shards without draws (their sample lists are empty) and in shards written before it, whose sample_ids and sample_logprob_q hold every draw with its repeats"
+        "description": "how many of its position's n draws each id of sample_ids is (at least 1); a position's counts and its sample_token_count sum to n"
+    }));
+    cols.push(json!({
+        "name": "sample_token_count",
+        "type": "list<uint32>",
+        "nullable": false,
+        "length": "n_pos",
+        "description": "how many of position j's n draws are the next token input_ids[t+1] (0 to n); their log-prob is -token_logprob_q[j] / S, without the top-k shift"
     }));
     v
 }

@@ -75,7 +75,9 @@ pub fn tiny_rows(n_rows: usize, k: usize) -> Vec<Row> {
 }
 
 /// [`tiny_rows`] (the same rows when `n` is 0) with `n` sampled targets per position drawn
-/// from each position's distribution; `k` may be 0 when `n` is not.
+/// from each position's distribution; `k` may be 0 when `n` is not. With draws, the rows are
+/// a teacher's: at three positions in four the next token is one of the position's draws, and
+/// every next token's log-prob is its position's value.
 pub fn tiny_rows_with_samples(n_rows: usize, k: usize, n: usize) -> Vec<Row> {
     let mut rng = Rng::new(n_rows as u64 * 1000 + k as u64);
     let mut draws = Rng::new(0x5a5a_0000 + n as u64);
@@ -83,7 +85,7 @@ pub fn tiny_rows_with_samples(n_rows: usize, k: usize, n: usize) -> Vec<Row> {
         .map(|i| {
             let len = 2 + (i * 7 + 3) % 23;
             let prompt_len = 1 + (i % 5).min(len - 1);
-            let input_ids: Vec<u32> = (0..len)
+            let mut input_ids: Vec<u32> = (0..len)
                 .map(|_| rng.below(u64::from(TINY_VOCAB)) as u32)
                 .collect();
             let n_pos = len - prompt_len;
@@ -92,7 +94,7 @@ pub fn tiny_rows_with_samples(n_rows: usize, k: usize, n: usize) -> Vec<Row> {
             let mut token_logprob = Vec::with_capacity(n_pos);
             let mut sample_ids = Vec::with_capacity(n_pos * n);
             let mut sample_logprobs = Vec::with_capacity(n_pos * n);
-            for _ in 0..n_pos {
+            for j in 0..n_pos {
                 let logits: Vec<f64> = (0..TINY_VOCAB).map(|_| 3.0 * rng.normal()).collect();
                 let lp = log_softmax(&logits);
                 let (ids, lps) = top_k(&lp, k);
@@ -109,6 +111,13 @@ pub fn tiny_rows_with_samples(n_rows: usize, k: usize, n: usize) -> Vec<Row> {
                     }
                     sample_ids.push(id as u32);
                     sample_logprobs.push(lp[id]);
+                }
+                if n > 0 {
+                    let next = &mut input_ids[prompt_len + j];
+                    if j % 4 != 3 {
+                        *next = sample_ids[j * n + (j * 5) % n];
+                    }
+                    token_logprob[j] = lp[*next as usize];
                 }
             }
             Row {

@@ -132,6 +132,7 @@ fn round_trip_many_row_groups_and_options() {
             format_version: version,
             row_group_rows: 7,
             zstd_level: 1,
+            light_zstd_level: 1,
             float_encoding: enc,
             topk_id_encoding: if enc == ValueEncoding::Dictionary {
                 ValueEncoding::DeltaBinaryPacked
@@ -714,8 +715,9 @@ t = pq.read_table(sys.argv[1])
 md = {k.decode(): v.decode() for k, v in t.schema.metadata.items() if k.decode().startswith("kd.")}
 k, S, T = int(md["kd.top_k"]), int(md["kd.logprob_scale"]), int(md["kd.tail_scale"])
 out = []
-cols = [t.column(c).to_pylist() for c in ("topk_logprob_gaps", "token_logprob_q", "tail_logmass_q", "sample_logprob_q", "sample_counts")]
-for gaps, q, tails, sq, counts in zip(*cols):
+cols = [t.column(c).to_pylist() for c in ("input_ids", "prompt_len", "topk_logprob_gaps", "token_logprob_q", "tail_logmass_q", "sample_ids", "sample_logprob_gaps", "sample_counts", "sample_token_count")]
+n = int(md["kd.samples"])
+for ids, prompt_len, gaps, q, tails, sid, sgaps, counts, tcounts in zip(*cols):
     lps, shifts = [], []
     for j, tq in zip(range(0, len(gaps), k), tails):
         lp = [-c / S for c in accumulate(gaps[j:j + k])]
@@ -723,8 +725,19 @@ for gaps, q, tails, sq, counts in zip(*cols):
         shift = math.log((1 - tail) / sum(math.exp(x) for x in lp))
         lps += [x + shift for x in lp]
         shifts.append(shift)
+    # Draws: the next token's count, then the other ids until the counts make n.
+    draws, at = [], 0
+    for j, (tc, tq) in enumerate(zip(tcounts, q)):
+        pos = [(ids[prompt_len + j], -tq / S, tc)] if tc else []
+        total, acc = tc, 0
+        while total < n:
+            acc += sgaps[at]
+            pos.append((sid[at], -acc / S, counts[at]))
+            total += counts[at]
+            at += 1
+        draws += [lp for _, lp, c in sorted(pos) for _ in range(c)]
     out.append({"topk_logprobs": lps, "token_logprob": [-x / S + s for x, s in zip(q, shifts)],
-                "sample_logprobs": [-x / S for x, c in zip(sq, counts) for _ in range(c)]})
+                "sample_logprobs": draws})
 print(json.dumps({"meta": md, "columns": t.column_names, "rows": out}))
 "#;
     let v = run_python(&py, script, &d.path().join("s.parquet"));
@@ -880,10 +893,12 @@ fn sample_counts_group_repeats() {
     assert_eq!(c, vec![(3, 2, -0.5), (7, 1, -2.0), (9, 3, -0.1)]);
 }
 
-/// Draws are stored once per distinct id with a count; shards written before that, with
-/// every draw and its repeats and no `sample_counts` column, read back to the same rows.
+/// Draws are stored as the next token's count and the other distinct ids with a count each;
+/// shards written before that, with each distinct id (`sample_counts`, ascending ids) or with
+/// every draw and its repeats (no `sample_counts`), read back to the same rows.
 #[test]
 fn draws_are_stored_distinct_and_shards_with_repeats_still_read() {
+    use crate::schema::DrawLayout;
     let d = tempfile::tempdir().unwrap();
     let (k, n) = (3, 12);
     let rows = crate::synth::tiny_rows_with_samples(7, k, n);
@@ -892,16 +907,37 @@ fn draws_are_stored_distinct_and_shards_with_repeats_still_read() {
         .map(|r| r.sample_ids.windows(2).filter(|w| w[0] == w[1]).count())
         .sum();
     assert!(repeats > 0, "the fixture draws some ids more than once");
+    // Distinct (position, id) pairs that are the position's next token.
+    let tokens: usize = rows
+        .iter()
+        .map(|r| {
+            (0..r.n_pos())
+                .filter(|&j| r.sample_ids[j * n..(j + 1) * n].contains(&r.targets()[j]))
+                .count()
+        })
+        .sum();
+    assert!(tokens > 0, "the fixture draws some next tokens");
     let opts = WriteOptions::for_version_with_samples(2, n);
     write_shard_with(d.path(), "new.parquet", k, &rows, &opts).unwrap();
-    crate::writer::legacy::with_repeats(|| {
-        write_shard_with(d.path(), "old.parquet", k, &rows, &opts).unwrap()
-    });
+    for (layout, name) in [
+        (DrawLayout::Repeats, "old.parquet"),
+        (DrawLayout::ById, "by-id.parquet"),
+    ] {
+        crate::writer::legacy::with_layout(layout, || {
+            write_shard_with(d.path(), name, k, &rows, &opts).unwrap()
+        });
+    }
     let new_rows = read_shard(&d.path().join("new.parquet")).unwrap();
-    let old_rows = read_shard(&d.path().join("old.parquet")).unwrap();
     assert_eq!(new_rows, stored(&rows, k, 2));
-    assert_eq!(old_rows, new_rows);
-    // The new file stores fewer sampled entries: one per distinct id.
+    for name in ["old.parquet", "by-id.parquet"] {
+        assert_eq!(
+            read_shard(&d.path().join(name)).unwrap(),
+            new_rows,
+            "{name}"
+        );
+    }
+    // Each layout stores fewer sampled entries: one per distinct id, then without the next
+    // token's.
     let count = |name: &str| {
         let f = std::fs::File::open(d.path().join(name)).unwrap();
         let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
@@ -921,9 +957,63 @@ fn draws_are_stored_distinct_and_shards_with_repeats_still_read() {
                 .unwrap();
             total += c.values().len();
         }
-        (names.len(), total)
+        (names, total)
+    };
+    let names_of = |l: DrawLayout| {
+        l.columns()
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
     };
     let all: usize = rows.iter().map(|r| r.sample_ids.len()).sum();
-    assert_eq!(count("old.parquet"), (10, all));
-    assert_eq!(count("new.parquet"), (11, all - repeats));
+    assert_eq!(count("old.parquet"), (names_of(DrawLayout::Repeats), all));
+    assert_eq!(
+        count("by-id.parquet"),
+        (names_of(DrawLayout::ById), all - repeats)
+    );
+    let new = (names_of(DrawLayout::TokenFirst), all - repeats - tokens);
+    assert_eq!(count("new.parquet"), new);
+}
+
+/// A next token drawn with a log-prob other than its `token_logprob` (not what a teacher
+/// writes, but a valid row) stays among the other draws, and the row reads back exactly;
+/// token-first columns whose counts do not add up are refused naming the file.
+#[test]
+fn draws_of_a_next_token_with_another_log_prob_are_kept_apart() {
+    let d = tempfile::tempdir().unwrap();
+    let (k, n) = (0, 12);
+    let mut rows = crate::synth::tiny_rows_with_samples(5, k, n);
+    let r = rows.iter_mut().find(|r| r.n_pos() > 0).unwrap();
+    let next = r.targets()[0];
+    assert!(
+        r.sample_ids[..n].contains(&next),
+        "position 0 draws its next token"
+    );
+    r.token_logprob[0] -= 0.25;
+    let opts = WriteOptions::for_version_with_samples(2, n);
+    write_shard_with(d.path(), "s.parquet", k, &rows, &opts).unwrap();
+    let back = read_shard(&d.path().join("s.parquet")).unwrap();
+    assert_eq!(back, stored(&rows, k, 2));
+
+    // The same draws decoded from hand-made columns: a count short, an id stored twice.
+    let t = crate::v2::TokenFirst {
+        token_count: vec![2],
+        ids: vec![5],
+        gaps: vec![900],
+        counts: vec![1],
+    };
+    let (ids, q) = crate::v2::expand_token_first(&t, &[9], &[100], 3).unwrap();
+    assert_eq!((ids, q), (vec![5, 9, 9], vec![900, 100, 100]));
+    let short = crate::v2::expand_token_first(&t, &[9], &[100], 4).unwrap_err();
+    assert!(short.contains("3 of 4"), "{short}");
+    let twice = crate::v2::expand_token_first(&t, &[5], &[100], 3).unwrap_err();
+    assert!(twice.contains("twice"), "{twice}");
+    let unused = crate::v2::expand_token_first(&t, &[9], &[100], 2).unwrap_err();
+    assert!(unused.contains("0 used"), "{unused}");
+    let over = crate::v2::TokenFirst {
+        counts: vec![2],
+        ..t
+    };
+    let over = crate::v2::expand_token_first(&over, &[9], &[100], 3).unwrap_err();
+    assert!(over.contains("sum to 4"), "{over}");
 }

@@ -114,6 +114,143 @@ fn distinct_draws(r: &Row) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), String> {
     Ok((ids, q, counts))
 }
 
+/// A row's draws in the columns of [`crate::schema::DrawLayout::TokenFirst`].
+pub(crate) struct TokenFirst {
+    /// `sample_token_count`: per position, how many draws are the next token.
+    pub(crate) token_count: Vec<u32>,
+    /// `sample_ids`: the other distinct ids of each position, by log-prob descending (ties by
+    /// id ascending).
+    pub(crate) ids: Vec<u32>,
+    /// `sample_logprob_gaps`: their `ceil(-lp · S)` as gaps within a position (the first
+    /// from 0).
+    pub(crate) gaps: Vec<u32>,
+    /// `sample_counts`: how many draws each of `ids` is.
+    pub(crate) counts: Vec<u32>,
+}
+
+/// The distinct draws of `e` (one row with `n` draws per position and next tokens
+/// `targets`) in the token-first columns. The next token's draws are counted apart when their
+/// rounded log-prob is the next token's (`token_q`), as it is for every row a teacher writes;
+/// otherwise they stay among the other ids, so the columns hold every row exactly.
+pub(crate) fn token_first(e: &Encoded, targets: &[u32], n: usize) -> TokenFirst {
+    let mut out = TokenFirst {
+        token_count: Vec::with_capacity(e.token_q.len()),
+        ids: Vec::new(),
+        gaps: Vec::new(),
+        counts: Vec::new(),
+    };
+    if n == 0 {
+        return out;
+    }
+    let mut at = 0;
+    let mut others: Vec<(u32, u32, u32)> = Vec::new();
+    for (j, &tq) in e.token_q.iter().enumerate() {
+        let next = targets.get(j).copied();
+        let (mut total, mut token) = (0usize, 0u32);
+        others.clear();
+        while total < n && at < e.sample_ids.len() {
+            let (id, q, c) = (e.sample_ids[at], e.sample_q[at], e.sample_counts[at]);
+            if Some(id) == next && q == tq {
+                token = c;
+            } else {
+                others.push((q, id, c));
+            }
+            total += c as usize;
+            at += 1;
+        }
+        others.sort_unstable();
+        out.token_count.push(token);
+        let mut prev = 0;
+        for &(q, id, c) in &others {
+            out.ids.push(id);
+            out.gaps.push(q - prev);
+            out.counts.push(c);
+            prev = q;
+        }
+    }
+    out
+}
+
+/// The draws of token-first columns as the reader gives them back, `n` per position, sorted
+/// by id with repeats: `(sample_ids, sample_q)`. `targets` and `token_q` are the positions'
+/// next tokens and their `token_logprob_q`. `Err` names what is inconsistent.
+pub(crate) fn expand_token_first(
+    t: &TokenFirst,
+    targets: &[u32],
+    token_q: &[u32],
+    n: usize,
+) -> Result<(Vec<u32>, Vec<u32>), String> {
+    let lens = [t.ids.len(), t.gaps.len(), t.counts.len()];
+    if lens[1] != lens[0] || lens[2] != lens[0] {
+        return Err(format!(
+            "{} sampled ids, {} log-prob gaps and {} counts",
+            lens[0], lens[1], lens[2]
+        ));
+    }
+    if t.token_count.len() != token_q.len() || targets.len() != token_q.len() {
+        return Err(format!(
+            "{} next-token draw counts and {} next tokens for {} positions",
+            t.token_count.len(),
+            targets.len(),
+            token_q.len()
+        ));
+    }
+    let positions = token_q.len();
+    let (mut ids, mut q) = (
+        Vec::with_capacity(positions * n),
+        Vec::with_capacity(positions * n),
+    );
+    let mut draws: Vec<(u32, u32, u32)> = Vec::new();
+    let mut at = 0;
+    for j in 0..positions {
+        let token = t.token_count[j];
+        if token as usize > n {
+            return Err(format!(
+                "position {j}: {token} draws of the next token, more than n = {n}"
+            ));
+        }
+        draws.clear();
+        if token > 0 {
+            draws.push((targets[j], token_q[j], token));
+        }
+        let (mut total, mut acc) = (token as usize, 0u64);
+        while total < n {
+            let Some(&c) = t.counts.get(at) else {
+                return Err(format!("position {j}: {total} of {n} draws stored"));
+            };
+            if c == 0 {
+                return Err(format!("position {j}: a sampled id with count 0"));
+            }
+            acc += u64::from(t.gaps[at]);
+            let lq = u32::try_from(acc)
+                .map_err(|_| format!("position {j}: sampled log-prob gaps overflow"))?;
+            draws.push((t.ids[at], lq, c));
+            total += c as usize;
+            at += 1;
+        }
+        if total != n {
+            return Err(format!("position {j}: counts sum to {total}, not n = {n}"));
+        }
+        draws.sort_unstable_by_key(|d| d.0);
+        if draws.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(format!("position {j}: a sampled id stored twice"));
+        }
+        for &(id, lq, c) in &draws {
+            for _ in 0..c {
+                ids.push(id);
+                q.push(lq);
+            }
+        }
+    }
+    if at != t.ids.len() {
+        return Err(format!(
+            "{} sampled ids stored, {at} used by the positions' counts",
+            t.ids.len()
+        ));
+    }
+    Ok((ids, q))
+}
+
 /// The draws of a row as the reader gives them back, each id repeated by its count:
 /// `(sample_ids, sample_q)` with one entry per draw. `None` when a count is 0 or the lists
 /// differ in length.

@@ -7,6 +7,7 @@ use arrow::array::{ArrayRef, Float32Array, ListArray, RecordBatch, StringArray, 
 use arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_writer::ArrowWriterOptions;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{
@@ -17,8 +18,8 @@ use parquet::schema::types::ColumnPath;
 use crate::fsutil::{HashingWriter, safe_join};
 use crate::manifest::ShardEntry;
 use crate::schema::{
-    LEGACY_COLUMNS_V2, LIST_ITEM, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE,
-    META_SAMPLES, META_TAIL_SCALE, META_TOP_K, arrow_schema_of,
+    DrawLayout, LIST_ITEM, LOGPROB_SCALE, META_FORMAT_VERSION, META_LOGPROB_SCALE, META_SAMPLES,
+    META_TAIL_SCALE, META_TOP_K, arrow_schema_of, arrow_schema_v2_of,
 };
 use crate::{DEFAULT_FORMAT_VERSION, Error, FORMAT_VERSION, Result, Row, Source};
 use kd_fs::write_atomic;
@@ -42,6 +43,9 @@ pub enum ValueEncoding {
 pub struct WriteOptions {
     /// zstd level, 1..=22.
     pub zstd_level: i32,
+    /// zstd level (1..=22) of format 2's lists other than the top-k's: the input ids, the next
+    /// token's log-prob, the tail and the draws, a few values per position each.
+    pub light_zstd_level: i32,
     /// Rows (sequences) per row group at most.
     pub row_group_rows: usize,
     /// Encoding of the log-prob columns' values (v1: `topk_logprobs` and `token_logprob`;
@@ -76,6 +80,7 @@ impl WriteOptions {
     pub fn v1() -> Self {
         WriteOptions {
             zstd_level: 3,
+            light_zstd_level: 19,
             row_group_rows: 256,
             float_encoding: ValueEncoding::ByteStreamSplit,
             topk_id_encoding: ValueEncoding::Dictionary,
@@ -85,7 +90,8 @@ impl WriteOptions {
         }
     }
 
-    /// Format 2: as format 1 with integer log-probs and top-k ids, both BYTE_STREAM_SPLIT.
+    /// Format 2: as format 1 with integer log-probs, top-k ids and input ids, all
+    /// BYTE_STREAM_SPLIT.
     ///
     /// Measured with `cargo run -p kd-shard --release --example encodings out/quickstart`
     /// (a format-1 dump) on the quickstart's 3680 positions at k = 32, all rows in one file,
@@ -94,6 +100,7 @@ impl WriteOptions {
     pub fn v2() -> Self {
         WriteOptions {
             topk_id_encoding: ValueEncoding::ByteStreamSplit,
+            input_id_encoding: ValueEncoding::ByteStreamSplit,
             format_version: 2,
             ..Self::v1()
         }
@@ -177,12 +184,21 @@ fn kd_metadata(k: usize, version: u32, samples: usize) -> Vec<(String, String)> 
 
 fn writer_properties(k: usize, opts: &WriteOptions, path: &Path) -> Result<WriterProperties> {
     let level = ZstdLevel::try_new(opts.zstd_level).map_err(|e| Error::parquet(path, e))?;
+    // Format 2 leaves out the column chunks' min/max statistics and the offset index (one
+    // page per column chunk, nothing to skip): nothing reads them, and in a shard of a few
+    // thousand positions they weigh ~0.5 B/position.
+    let v2 = opts.format_version >= 2;
+    let statistics = match v2 {
+        false => EnabledStatistics::Chunk,
+        true => EnabledStatistics::None,
+    };
     let mut b = WriterProperties::builder()
         .set_writer_version(WriterVersion::PARQUET_1_0)
         .set_created_by(created_by())
         .set_compression(Compression::ZSTD(level))
         .set_max_row_group_row_count(Some(opts.row_group_rows.max(1)))
-        .set_statistics_enabled(EnabledStatistics::Chunk)
+        .set_statistics_enabled(statistics)
+        .set_offset_index_disabled(v2)
         .set_key_value_metadata(Some(
             kd_metadata(k, opts.format_version, opts.samples)
                 .into_iter()
@@ -190,10 +206,38 @@ fn writer_properties(k: usize, opts: &WriteOptions, path: &Path) -> Result<Write
                 .collect(),
         ));
     if opts.format_version >= 2 {
-        b = apply_encoding(b, "topk_logprob_gaps", opts.float_encoding);
-        b = apply_encoding(b, "token_logprob_q", opts.float_encoding);
-        b = apply_encoding(b, "sample_logprob_q", opts.float_encoding);
+        for col in [
+            "topk_logprob_gaps",
+            "token_logprob_q",
+            "sample_logprob_q",
+            "sample_logprob_gaps",
+            "sample_token_count",
+        ] {
+            b = apply_encoding(b, col, opts.float_encoding);
+        }
         b = apply_encoding(b, "sample_ids", opts.topk_id_encoding);
+        // One value per row, or per position of a cache without top-k: a dictionary page
+        // costs more than it saves.
+        for col in ["id", "source", "prompt_len"] {
+            b = b.set_column_dictionary_enabled(ColumnPath::new(vec![col.to_string()]), false);
+        }
+        b = apply_encoding(b, "tail_logmass_q", opts.float_encoding);
+        // Every list but the top-k's holds a few values per position: a slow zstd level
+        // (`light_zstd_level`) costs little time there.
+        let light =
+            ZstdLevel::try_new(opts.light_zstd_level).map_err(|e| Error::parquet(path, e))?;
+        for col in [
+            "input_ids",
+            "token_logprob_q",
+            "tail_logmass_q",
+            "sample_ids",
+            "sample_logprob_q",
+            "sample_logprob_gaps",
+            "sample_counts",
+            "sample_token_count",
+        ] {
+            b = b.set_column_compression(item_path(col), Compression::ZSTD(light));
+        }
     } else {
         b = apply_encoding(b, "topk_logprobs", opts.float_encoding);
         b = apply_encoding(b, "token_logprob", opts.float_encoding);
@@ -264,14 +308,12 @@ fn f32_lists<'a>(lists: impl Iterator<Item = &'a [f32]> + Clone) -> Option<Array
     ))
 }
 
-/// `quantized` holds format 2's integers; with `counts` the draws are stored distinct with
-/// `sample_counts`, without it (a cache without draws, whose lists are all empty) the column
-/// is left out, as before it existed.
+/// `quantized` holds format 2's integers, whose draws go into the columns of `layout`, `n`
+/// draws per position.
 fn record_batch(
     schema: &SchemaRef,
     rows: &[Row],
-    quantized: Option<&[crate::v2::Encoded]>,
-    counts: bool,
+    quantized: Option<(&[crate::v2::Encoded], DrawLayout, usize)>,
     path: &Path,
 ) -> Result<RecordBatch> {
     let id: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.id)));
@@ -293,23 +335,39 @@ fn record_batch(
             columns.push(f32_lists(rows.iter().map(|r| r.topk_logprobs.as_slice())));
             columns.push(f32_lists(rows.iter().map(|r| r.token_logprob.as_slice())));
         }
-        Some(q) => {
+        Some((q, layout, n)) => {
             columns.push(u32_lists(q.iter().map(|r| r.gaps.as_slice())));
             columns.push(u32_lists(q.iter().map(|r| r.token_q.as_slice())));
             columns.push(u32_lists(q.iter().map(|r| r.tail.as_slice())));
-            if counts {
-                columns.push(u32_lists(q.iter().map(|r| r.sample_ids.as_slice())));
-                columns.push(u32_lists(q.iter().map(|r| r.sample_q.as_slice())));
-                columns.push(u32_lists(q.iter().map(|r| r.sample_counts.as_slice())));
-            } else {
-                // Every draw with its repeats (empty lists in a cache without draws).
-                let expanded: Vec<(Vec<u32>, Vec<u32>)> = q
-                    .iter()
-                    .map(|e| crate::v2::expand_draws(&e.sample_ids, &e.sample_q, &e.sample_counts))
-                    .collect::<Option<_>>()
-                    .expect("encoded draws expand");
-                columns.push(u32_lists(expanded.iter().map(|e| e.0.as_slice())));
-                columns.push(u32_lists(expanded.iter().map(|e| e.1.as_slice())));
+            match layout {
+                DrawLayout::TokenFirst => {
+                    let t: Vec<crate::v2::TokenFirst> = q
+                        .iter()
+                        .zip(rows)
+                        .map(|(e, r)| crate::v2::token_first(e, r.targets(), n))
+                        .collect();
+                    columns.push(u32_lists(t.iter().map(|t| t.ids.as_slice())));
+                    columns.push(u32_lists(t.iter().map(|t| t.gaps.as_slice())));
+                    columns.push(u32_lists(t.iter().map(|t| t.counts.as_slice())));
+                    columns.push(u32_lists(t.iter().map(|t| t.token_count.as_slice())));
+                }
+                DrawLayout::ById => {
+                    columns.push(u32_lists(q.iter().map(|r| r.sample_ids.as_slice())));
+                    columns.push(u32_lists(q.iter().map(|r| r.sample_q.as_slice())));
+                    columns.push(u32_lists(q.iter().map(|r| r.sample_counts.as_slice())));
+                }
+                DrawLayout::Repeats => {
+                    // Every draw with its repeats (empty lists in a cache without draws).
+                    let expanded: Vec<(Vec<u32>, Vec<u32>)> = q
+                        .iter()
+                        .map(|e| {
+                            crate::v2::expand_draws(&e.sample_ids, &e.sample_q, &e.sample_counts)
+                        })
+                        .collect::<Option<_>>()
+                        .expect("encoded draws expand");
+                    columns.push(u32_lists(expanded.iter().map(|e| e.0.as_slice())));
+                    columns.push(u32_lists(expanded.iter().map(|e| e.1.as_slice())));
+                }
             }
         }
     }
@@ -332,23 +390,24 @@ fn finish_batch(
     })
 }
 
-/// Tests write sampled shards as they were before `sample_counts`: every draw with its
-/// repeats.
+/// Tests write sampled shards in the layouts of earlier versions.
 #[cfg(test)]
 pub(crate) mod legacy {
     use std::cell::Cell;
 
-    thread_local!(static REPEATS: Cell<bool> = const { Cell::new(false) });
+    use crate::schema::DrawLayout;
 
-    pub(crate) fn draws_with_repeats() -> bool {
-        REPEATS.with(Cell::get)
+    thread_local!(static LAYOUT: Cell<Option<DrawLayout>> = const { Cell::new(None) });
+
+    pub(crate) fn layout() -> Option<DrawLayout> {
+        LAYOUT.with(Cell::get)
     }
 
-    /// Runs `f` with this thread's writes in the former layout.
-    pub(crate) fn with_repeats<T>(f: impl FnOnce() -> T) -> T {
-        REPEATS.with(|r| r.set(true));
+    /// Runs `f` with this thread's sampled shards written in `layout`.
+    pub(crate) fn with_layout<T>(layout: DrawLayout, f: impl FnOnce() -> T) -> T {
+        LAYOUT.with(|l| l.set(Some(layout)));
         let out = f();
-        REPEATS.with(|r| r.set(false));
+        LAYOUT.with(|l| l.set(None));
         out
     }
 }
@@ -432,38 +491,43 @@ pub fn write_shard_with(
         None
     };
     let props = writer_properties(k, opts, &path)?;
-    // The kd.* keys also go into the Arrow schema's metadata, which pyarrow and polars show
-    // as the table's metadata (they read it from the embedded ARROW:schema).
-    // `sample_counts` only where there are draws: a top-k cache keeps the columns it had.
-    let counts = version >= 2 && opts.samples > 0;
-    #[cfg(test)]
-    let counts = counts && !legacy::draws_with_repeats();
-    let schema = arrow_schema_of(version).as_ref().clone();
-    let schema = if version >= 2 && !counts {
-        let fields: Vec<_> = schema
-            .fields()
-            .iter()
-            .take(LEGACY_COLUMNS_V2)
-            .cloned()
-            .collect();
-        arrow::datatypes::Schema::new(fields)
-    } else {
-        schema
+    // The draws' columns only where there are draws: a top-k cache keeps the columns it had.
+    let layout = match opts.samples {
+        0 => DrawLayout::Repeats,
+        _ => DrawLayout::TokenFirst,
     };
+    #[cfg(test)]
+    let layout = match (opts.samples, legacy::layout()) {
+        (1.., Some(l)) => l,
+        _ => layout,
+    };
+    let schema = match version {
+        1 => arrow_schema_of(1),
+        _ => arrow_schema_v2_of(layout),
+    };
+    // The kd.* keys also go into the Arrow schema's metadata. Format 2 leaves out the
+    // embedded Arrow schema (ARROW:schema, ~1.7 kB a file): every column's type follows from
+    // its Parquet type, and readers show the file's key-value metadata in its place.
     let schema = Arc::new(
-        schema.with_metadata(
+        schema.as_ref().clone().with_metadata(
             kd_metadata(k, version, opts.samples)
                 .into_iter()
                 .collect::<std::collections::BTreeMap<_, _>>(),
         ),
     );
+    let options = ArrowWriterOptions::new()
+        .with_properties(props)
+        .with_skip_arrow_metadata(version >= 2);
     let (sha, bytes) = write_atomic::<_, Error>(&path, |file| {
         let pq = |e| Error::parquet(&path, e);
-        let mut w = ArrowWriter::try_new(HashingWriter::new(file), schema.clone(), Some(props))
-            .map_err(pq)?;
+        let mut w =
+            ArrowWriter::try_new_with_options(HashingWriter::new(file), schema.clone(), options)
+                .map_err(pq)?;
         for range in batch_ranges(rows, opts.row_group_rows.max(1)) {
-            let q = quantized.as_deref().map(|q| &q[range.clone()]);
-            w.write(&record_batch(&schema, &rows[range], q, counts, &path)?)
+            let q = quantized
+                .as_deref()
+                .map(|q| (&q[range.clone()], layout, opts.samples));
+            w.write(&record_batch(&schema, &rows[range], q, &path)?)
                 .map_err(pq)?;
         }
         let (file, sha, bytes) = w.into_inner().map_err(pq)?.finish();
