@@ -425,38 +425,40 @@ fn decode_batch(path: &Path, b: &RecordBatch, meta: &ShardMeta) -> Result<Vec<Ro
                 let gaps = a.get(path, names[5], i)?;
                 let q = b.get(path, names[6], i)?;
                 let tail = t.get(path, names[7], i)?;
-                let lists = draws
+                // One list per draw column of the layout (their number was checked above).
+                let mut lists = draws
                     .iter()
                     .enumerate()
                     .map(|(c, col)| col.get(path, names[8 + c], i))
-                    .collect::<Result<Vec<_>>>()?;
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter();
+                let mut next = || lists.next().unwrap_or_default();
                 let corrupt =
                     |what: String| Error::corrupt(path, format!("row {i} of batch: {what}"));
-                let (sample_ids, sample_q) = match (meta.layout, lists.as_slice()) {
-                    (Some(DrawLayout::TokenFirst), [ids, gaps, counts, token_count]) => {
-                        let targets = input.get(prompt as usize..).unwrap_or_default();
+                let (sample_ids, sample_q) = match meta.layout {
+                    Some(DrawLayout::TokenFirst) => {
                         let t = crate::v2::TokenFirst {
-                            token_count: token_count.clone(),
-                            ids: ids.clone(),
-                            gaps: gaps.clone(),
-                            counts: counts.clone(),
+                            ids: next(),
+                            gaps: next(),
+                            counts: next(),
+                            token_count: next(),
                         };
+                        let targets = input.get(prompt as usize..).unwrap_or_default();
                         crate::v2::expand_token_first(&t, targets, &q, meta.samples)
                             .map_err(corrupt)?
                     }
-                    (Some(DrawLayout::ById), [ids, sq, counts]) => crate::v2::expand_draws(
-                        ids, sq, counts,
-                    )
-                    .ok_or_else(|| {
-                        corrupt(format!(
-                            "{} distinct sampled ids, {} log-probs and {} counts (each at least 1)",
-                            ids.len(),
-                            sq.len(),
-                            counts.len()
-                        ))
-                    })?,
-                    (_, [ids, sq]) => (ids.clone(), sq.clone()),
-                    _ => return Err(corrupt("unexpected draw columns".into())),
+                    Some(DrawLayout::ById) => {
+                        let (ids, sq, counts) = (next(), next(), next());
+                        crate::v2::expand_draws(&ids, &sq, &counts).ok_or_else(|| {
+                            corrupt(format!(
+                                "{} distinct sampled ids, {} log-probs and {} counts (each at least 1)",
+                                ids.len(),
+                                sq.len(),
+                                counts.len()
+                            ))
+                        })?
+                    }
+                    _ => (next(), next()),
                 };
                 if sample_q.len() != sample_ids.len() {
                     return Err(corrupt(format!(
