@@ -48,11 +48,26 @@ const PANEL: usize = 16;
 const QK: usize = 32;
 /// Input rows multiplied together by one kernel call.
 const MAX_B: usize = 8;
-/// Input rows kept in cache while every panel of a task passes over them: 64, or 128 for
-/// inputs of at most 1024 columns (≤ 512 KB), so that a large matrix (the 49152-row output
-/// head) is streamed from memory half as often.
+/// Input rows of one AVX-512 call on f32 panels: 12 rows × 2 panels keep 24 of the 32 vector
+/// registers accumulating, so every weight vector loaded serves 12 rows (8 for quantized
+/// panels, whose expansion needs registers of its own). Each output is still one chain of
+/// multiply-adds in the order of its columns, so the bits do not depend on the row count.
+const F32_MAX_B: usize = 12;
+/// Input rows kept in cache while every panel of a task passes over them: 264 for inputs of
+/// at most 1024 columns (≤ 1.1 MB), 132 up to 2048 columns, 64 above. The larger blocks
+/// stream a large matrix (the 49152-row output head) from memory fewer times; multiples of
+/// 12 (and of 8 and 4) leave no short kernel call inside a block.
+pub static TMPXB: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 fn x_block(cols: usize) -> usize {
-    if cols <= 1024 { 128 } else { 64 }
+    let t = TMPXB.load(std::sync::atomic::Ordering::Relaxed);
+    if t > 0 {
+        return t;
+    }
+    match cols {
+        0..=1024 => 264,
+        1025..=2048 => 132,
+        _ => 64,
+    }
 }
 /// From this many input rows on, quantized panels are expanded to f32 once per row block.
 const EXPAND_MIN_ROWS: usize = 16;
@@ -1174,7 +1189,12 @@ impl<'a> PanelView<'a> {
                 };
                 let mut b = xb;
                 while b < xe {
-                    let nb = (xe - b).min(MAX_B);
+                    let cap = if format == PanelFormat::F32 && !avx2 {
+                        F32_MAX_B
+                    } else {
+                        MAX_B
+                    };
+                    let nb = (xe - b).min(cap);
                     let call = Call {
                         w,
                         group_bytes: gb,
@@ -1225,7 +1245,8 @@ impl SendPtr {
     }
 }
 
-/// One kernel invocation: up to two panels against up to eight input rows.
+/// One kernel invocation: up to two panels against up to eight input rows (twelve for f32
+/// panels on AVX-512).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Call {
     w: *const u8,
@@ -1244,8 +1265,8 @@ mod simd {
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// See [`super::PanelMatrix::task`]; `nb` ≤ 8 rows of x (stride `cols`) and of y (stride
-    /// `rows`) are valid, and AVX-512F is present.
+    /// See [`super::PanelMatrix::task`]; `nb` rows of x (stride `cols`) and of y (stride
+    /// `rows`) are valid, `nb` ≤ 8 (≤ 12 for f32 panels), and AVX-512F is present.
     pub(super) unsafe fn dispatch(
         format: PanelFormat,
         blocks: usize,
@@ -1278,6 +1299,21 @@ mod simd {
                     }
                 }
             };
+        }
+        if format == PanelFormat::F32 && nb > MAX_B {
+            unsafe {
+                match (nb, two) {
+                    (12, true) => kernel::<12, 2, 3>(blocks, cols, rows, c),
+                    (11, true) => kernel::<11, 2, 3>(blocks, cols, rows, c),
+                    (10, true) => kernel::<10, 2, 3>(blocks, cols, rows, c),
+                    (_, true) => kernel::<9, 2, 3>(blocks, cols, rows, c),
+                    (12, false) => kernel::<12, 1, 3>(blocks, cols, rows, c),
+                    (11, false) => kernel::<11, 1, 3>(blocks, cols, rows, c),
+                    (10, false) => kernel::<10, 1, 3>(blocks, cols, rows, c),
+                    (_, false) => kernel::<9, 1, 3>(blocks, cols, rows, c),
+                }
+            }
+            return;
         }
         debug_assert!((1..=MAX_B).contains(&nb));
         match format {
