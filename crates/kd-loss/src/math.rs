@@ -108,8 +108,9 @@ mod tests {
 ///
 /// The full-vocabulary softmax takes one exponential per vocabulary entry and position (49152
 /// per position for SmolLM2), and the C library's scalar `exp` made it a quarter of a training
-/// step. This one is branch-free, so it runs four lanes at a time where the CPU has AVX2 and
-/// FMA (chosen at run time) and two elsewhere: `n = round(x·log₂e)`, `r = x − n·ln 2` in two
+/// step. This one is branch-free, so it runs eight lanes at a time where the CPU has AVX-512,
+/// four with AVX2 and FMA (chosen at run time) and two elsewhere, with the same bits at every
+/// width (no fused multiply-add is formed): `n = round(x·log₂e)`, `r = x − n·ln 2` in two
 /// parts, a degree-13 Taylor polynomial on `|r| ≤ ln 2 / 2` (truncation below 2⁻⁵⁶), times
 /// `2ⁿ` built in the exponent bits. Within 2 ulp of the correctly rounded value (a test
 /// checks 1e-15 relative over the whole range); arguments below −708 give 0 instead of a
@@ -117,11 +118,24 @@ mod tests {
 pub fn exp_shifted(x: &[f64], shift: f64, scale: f64, out: &mut [f64]) {
     assert_eq!(x.len(), out.len(), "exp_shifted lengths");
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was detected at run time.
+        unsafe { exp_shifted_avx512(x, shift, scale, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the features were detected at run time.
         unsafe { exp_shifted_avx2(x, shift, scale, out) };
         return;
     }
+    exp_shifted_body(x, shift, scale, out);
+}
+
+/// Eight lanes; the same operations, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shifted_avx512(x: &[f64], shift: f64, scale: f64, out: &mut [f64]) {
     exp_shifted_body(x, shift, scale, out);
 }
 
@@ -205,5 +219,180 @@ mod exp_tests {
         assert!(o[1].is_nan());
         assert_eq!(o[2], 0.0);
         assert!(((o[3] - 2f64.exp()) / 2f64.exp()).abs() < 1e-15);
+    }
+}
+
+/// Lanes of the full-vocabulary reductions: eight partial results, combined in a fixed order,
+/// so every reduction's result depends on the length alone (never on the CPU) and runs
+/// vectorised instead of as one chain of dependent additions.
+const LANES: usize = 8;
+
+/// The largest element (NaN skipped; `-inf` when there is none): the same value as a fold in
+/// any order.
+pub(crate) fn max_of(x: &[f64]) -> f64 {
+    #[inline(always)]
+    fn body(x: &[f64]) -> f64 {
+        let mut acc = [f64::NEG_INFINITY; LANES];
+        let mut it = x.chunks_exact(LANES);
+        for c in &mut it {
+            for i in 0..LANES {
+                acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+            }
+        }
+        let m = acc
+            .iter()
+            .fold(f64::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        it.remainder()
+            .iter()
+            .fold(m, |a, &b| if b > a { b } else { a })
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide(x: &[f64]) -> f64 {
+            body(x)
+        }
+        // SAFETY: the feature was detected at run time.
+        return unsafe { wide(x) };
+    }
+    body(x)
+}
+
+/// Σ x in [`LANES`] partial sums: lane `i` adds the elements at `i`, `i + 8`, …; the lanes
+/// are then added in order, then the remainder.
+pub(crate) fn sum_of(x: &[f64]) -> f64 {
+    #[inline(always)]
+    fn body(x: &[f64]) -> f64 {
+        let mut acc = [0.0f64; LANES];
+        let mut it = x.chunks_exact(LANES);
+        for c in &mut it {
+            for i in 0..LANES {
+                acc[i] += c[i];
+            }
+        }
+        let s = acc.iter().sum::<f64>();
+        it.remainder().iter().fold(s, |a, &b| a + b)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide(x: &[f64]) -> f64 {
+            body(x)
+        }
+        // SAFETY: the feature was detected at run time.
+        return unsafe { wide(x) };
+    }
+    body(x)
+}
+
+/// Over the entries outside the support (`member` false): Σ e (in lanes, as [`sum_of`]) and
+/// the largest z (as [`max_of`]).
+pub(crate) fn complement_sum_max(e: &[f64], member: &[bool], z: &[f64]) -> (f64, f64) {
+    #[inline(always)]
+    fn body(e: &[f64], member: &[bool], z: &[f64]) -> (f64, f64) {
+        let n = e.len().min(member.len()).min(z.len());
+        let (e, member, z) = (&e[..n], &member[..n], &z[..n]);
+        let mut sum = [0.0f64; LANES];
+        let mut max = [f64::NEG_INFINITY; LANES];
+        let full = n / LANES * LANES;
+        for ((ec, mc), zc) in e[..full]
+            .chunks_exact(LANES)
+            .zip(member[..full].chunks_exact(LANES))
+            .zip(z[..full].chunks_exact(LANES))
+        {
+            for i in 0..LANES {
+                // Adding 0 leaves a sum of non-negative terms unchanged; -inf never wins.
+                let (ev, zv) = if mc[i] {
+                    (0.0, f64::NEG_INFINITY)
+                } else {
+                    (ec[i], zc[i])
+                };
+                sum[i] += ev;
+                max[i] = if zv > max[i] { zv } else { max[i] };
+            }
+        }
+        let mut s = sum.iter().sum::<f64>();
+        let mut m = max
+            .iter()
+            .fold(f64::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        for j in full..n {
+            if !member[j] {
+                s += e[j];
+                m = if z[j] > m { z[j] } else { m };
+            }
+        }
+        (s, m)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide(e: &[f64], member: &[bool], z: &[f64]) -> (f64, f64) {
+            body(e, member, z)
+        }
+        // SAFETY: the feature was detected at run time.
+        return unsafe { wide(e, member, z) };
+    }
+    body(e, member, z)
+}
+
+#[cfg(test)]
+mod lane_tests {
+    use super::*;
+
+    /// Values with NaN, infinities and both signs, of every length up to 40.
+    fn inputs() -> Vec<Vec<f64>> {
+        (0..=40)
+            .map(|n| {
+                (0..n)
+                    .map(|i| match (i * 7 + n) % 11 {
+                        0 => f64::NAN,
+                        1 => f64::NEG_INFINITY,
+                        k => (k as f64 - 5.5) * 1.37f64.powi(i as i32 % 9),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lane_reductions_equal_the_sequential_ones() {
+        for x in inputs() {
+            let fold = x
+                .iter()
+                .fold(f64::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+            assert_eq!(max_of(&x).to_bits(), fold.to_bits(), "{x:?}");
+            let finite: Vec<f64> = x
+                .iter()
+                .map(|v| if v.is_finite() { v.abs() } else { 0.5 })
+                .collect();
+            let seq: f64 = finite.iter().sum();
+            let lanes = sum_of(&finite);
+            assert!(
+                (lanes - seq).abs() <= 1e-15 * seq.max(1.0),
+                "{lanes} vs {seq}"
+            );
+            // The lanes' order: lane i sums elements i, i+8, …, lanes added in order.
+            if finite.len() >= 16 {
+                let mut acc = [0.0f64; 8];
+                for (i, v) in finite[..finite.len() / 8 * 8].iter().enumerate() {
+                    acc[i % 8] += v;
+                }
+                let by_hand = finite[finite.len() / 8 * 8..]
+                    .iter()
+                    .fold(acc.iter().sum::<f64>(), |a, b| a + b);
+                assert_eq!(lanes.to_bits(), by_hand.to_bits());
+            }
+            let member: Vec<bool> = (0..x.len()).map(|i| i % 3 == 1).collect();
+            let (s, m) = complement_sum_max(&finite, &member, &x);
+            let (mut s0, mut m0) = (0.0f64, f64::NEG_INFINITY);
+            for j in 0..x.len() {
+                if !member[j] {
+                    s0 += finite[j];
+                    m0 = m0.max(x[j]);
+                }
+            }
+            assert_eq!(m.to_bits(), m0.to_bits(), "{x:?}");
+            assert!((s - s0).abs() <= 1e-15 * s0.max(1.0), "{s} vs {s0}");
+        }
     }
 }

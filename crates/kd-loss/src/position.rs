@@ -300,19 +300,18 @@ struct StudentSums {
 impl StudentSums {
     fn new<Z: Real>(logits: &[Z], in_s: &[bool], tau: f64, bucket: bool, has_tail: bool) -> Self {
         let v = logits.len();
-        // Pass 1: the maximum over V (written so that it vectorises; NaN logits are skipped
-        // as `f64::max` skips them).
+        // Pass 1: the maximum over V (in lanes; NaN logits are skipped as `f64::max` skips
+        // them).
         let zs: Vec<f64> = logits.iter().map(|x| x.to_f64()).collect();
-        let zmax = zs
-            .iter()
-            .fold(f64::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        let zmax = crate::math::max_of(&zs);
         // Pass 2: shifted sums for LSE_V(z), LSE_V(u) and LSE_{j∉S}(u), all shifted by the
         // global maximum, and the maximum over the complement of S: one exponential per
-        // token at τ = 1, two otherwise, batched (`exp_shifted`).
+        // token at τ = 1, two otherwise, batched (`exp_shifted`), and every sum in lanes
+        // (`sum_of`: one order per length, whatever the CPU).
         let same = tau == 1.0;
         let mut e1s = vec![0.0f64; v];
         crate::math::exp_shifted(&zs, zmax, 1.0, &mut e1s);
-        let s1: f64 = e1s.iter().sum();
+        let s1 = crate::math::sum_of(&e1s);
         let mut ets: Vec<f64> = Vec::new();
         let (mut st, mut sc, mut zmax_c) = (0.0f64, 0.0f64, f64::NEG_INFINITY);
         if bucket {
@@ -322,13 +321,8 @@ impl StudentSums {
             }
             let et: &[f64] = if same { &e1s } else { &ets };
             // At τ = 1 the tempered terms are the plain ones, already summed.
-            st = if same { s1 } else { et.iter().sum() };
-            for ((&e, &member), &x) in et.iter().zip(in_s).zip(&zs) {
-                if !member {
-                    sc += e;
-                    zmax_c = zmax_c.max(x);
-                }
-            }
+            st = if same { s1 } else { crate::math::sum_of(et) };
+            (sc, zmax_c) = crate::math::complement_sum_max(et, in_s, &zs);
         }
         let lse1 = zmax + s1.ln();
         let lse_t = zmax / tau + st.ln();
