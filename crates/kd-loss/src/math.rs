@@ -227,6 +227,22 @@ mod exp_tests {
 /// vectorised instead of as one chain of dependent additions.
 const LANES: usize = 8;
 
+/// Runs `body` compiled for AVX2 where the CPU has it: the same operations, wider.
+macro_rules! on_avx2 {
+    ($body:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            #[target_feature(enable = "avx2")]
+            unsafe fn wide($($arg: $ty),*) -> $ret {
+                $body($($arg),*)
+            }
+            // SAFETY: the feature was detected at run time.
+            return unsafe { wide($($arg),*) };
+        }
+        $body($($arg),*)
+    }};
+}
+
 /// The largest element (NaN skipped; `-inf` when there is none): the same value as a fold in
 /// any order.
 pub(crate) fn max_of(x: &[f64]) -> f64 {
@@ -246,16 +262,7 @@ pub(crate) fn max_of(x: &[f64]) -> f64 {
             .iter()
             .fold(m, |a, &b| if b > a { b } else { a })
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn wide(x: &[f64]) -> f64 {
-            body(x)
-        }
-        // SAFETY: the feature was detected at run time.
-        return unsafe { wide(x) };
-    }
-    body(x)
+    on_avx2!(body(x: &[f64]) -> f64)
 }
 
 /// Σ x in [`LANES`] partial sums: lane `i` adds the elements at `i`, `i + 8`, …; the lanes
@@ -273,16 +280,7 @@ pub(crate) fn sum_of(x: &[f64]) -> f64 {
         let s = acc.iter().sum::<f64>();
         it.remainder().iter().fold(s, |a, &b| a + b)
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn wide(x: &[f64]) -> f64 {
-            body(x)
-        }
-        // SAFETY: the feature was detected at run time.
-        return unsafe { wide(x) };
-    }
-    body(x)
+    on_avx2!(body(x: &[f64]) -> f64)
 }
 
 /// Over the entries outside the support (`member` false): Σ e (in lanes, as [`sum_of`]) and
@@ -323,16 +321,7 @@ pub(crate) fn complement_sum_max(e: &[f64], member: &[bool], z: &[f64]) -> (f64,
         }
         (s, m)
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn wide(e: &[f64], member: &[bool], z: &[f64]) -> (f64, f64) {
-            body(e, member, z)
-        }
-        // SAFETY: the feature was detected at run time.
-        return unsafe { wide(e, member, z) };
-    }
-    body(e, member, z)
+    on_avx2!(body(e: &[f64], member: &[bool], z: &[f64]) -> (f64, f64))
 }
 
 #[cfg(test)]
