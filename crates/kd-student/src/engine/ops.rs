@@ -81,8 +81,14 @@ pub fn linear_backward(
 }
 
 /// `dst [cols, rows] = srcᵀ` for row-major `src [rows, cols]`.
+///
+/// Tile by tile: 64 source rows × 16 columns are read as runs of the source rows into a local
+/// tile, then written as 16 runs of 64 destination values, instead of one value per
+/// destination row at a time (rows 4 KB apart fall in one cache set, and such stores thrash
+/// it: 3–4× slower on a training step's `[1024, 576…3072]` gradients).
 pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const B: usize = 16;
+    const R: usize = 64;
     assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
     dst[..rows * cols]
         .par_chunks_mut(B * rows.max(1))
@@ -90,11 +96,15 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
         .for_each(|(cb, out)| {
             let c0 = cb * B;
             let nc = out.len() / rows.max(1);
-            for r0 in (0..rows).step_by(B) {
-                for r in r0..(r0 + B).min(rows) {
-                    let s = &src[r * cols + c0..r * cols + c0 + nc];
-                    for (c, &x) in s.iter().enumerate() {
-                        out[c * rows + r] = x;
+            let mut tile = [[0f32; B]; R];
+            for r0 in (0..rows).step_by(R) {
+                let nr = R.min(rows - r0);
+                for (r, t) in tile.iter_mut().enumerate().take(nr) {
+                    t[..nc].copy_from_slice(&src[(r0 + r) * cols + c0..][..nc]);
+                }
+                for c in 0..nc {
+                    for (r, o) in out[c * rows + r0..][..nr].iter_mut().enumerate() {
+                        *o = tile[r][c];
                     }
                 }
             }
@@ -305,4 +315,23 @@ pub fn sabotage(s: Sabotage) {
 #[inline]
 pub(crate) fn sabotaged(s: Sabotage) -> bool {
     SABOTAGE.load(std::sync::atomic::Ordering::Relaxed) == s as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tiled_transpose_is_the_plain_one() {
+        for (rows, cols) in [(1, 1), (3, 70), (64, 16), (65, 17), (130, 33), (17, 200)] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.5 - 7.0).collect();
+            let (mut a, mut b) = (vec![f32::NAN; rows * cols], vec![0f32; rows * cols]);
+            transpose(&src, rows, cols, &mut a);
+            transpose_serial(&src, rows, cols, &mut b);
+            assert_eq!(a, b, "{rows}x{cols}");
+            for (r, c) in [(0, 0), (rows - 1, cols - 1), (rows / 2, cols / 3)] {
+                assert_eq!(a[c * rows + r], src[r * cols + c]);
+            }
+        }
+    }
 }
