@@ -18,6 +18,14 @@ tokens, every one of the other 461 positions distilled against random top-32 tar
 at lr 1e-4; the rate is timed over the steps after `--warmup` (default 2) steps:
 
     python3 scripts/torch_fit_baseline.py --synthetic --steps 22 --threads 2
+
+`--fit-metrics out/s/metrics.jsonl` also prints `student-fit`'s rate over the same steps as
+the timed ones here (after `--warmup`), from that run's `metrics.jsonl` (its lines carry the
+positions so far and the rate since the first step, so any two logged steps give the rate
+between them; `--warmup` must be a logged step):
+
+    python3 scripts/torch_fit_baseline.py --student out/student-6l-long/student \
+        --shards out/long-scored --steps 22 --warmup 5 --fit-metrics out/student-6l-long/metrics.jsonl
 """
 import argparse
 import glob
@@ -67,6 +75,20 @@ def batches(data, budget, seed):
             longest = max(longest, n)
         if cur:
             yield cur
+
+
+def fit_rate(path, warmup):
+    """student-fit's distilled positions/s over the steps after `warmup`, up to its last logged
+    step, from its `metrics.jsonl`: each training line has `step`, `train_positions` and
+    `positions_per_s` (since the first step), so its time since the first step is their ratio."""
+    lines = [json.loads(x) for x in open(path) if x.strip()]
+    at = {x["step"]: x for x in lines if "positions_per_s" in x and "train_positions" in x}
+    if warmup not in at:
+        raise SystemExit(f"{path}: no training line at step {warmup} (logged: {sorted(at)})")
+    last = at[max(at)]
+    secs = lambda x: x["train_positions"] / x["positions_per_s"]
+    return ((last["train_positions"] - at[warmup]["train_positions"])
+            / (secs(last) - secs(at[warmup])), max(at))
 
 
 def step_loss(model, batch, vocab):
@@ -138,6 +160,8 @@ def main():
                    help="default: 5e-4 on shards, 1e-4 with --synthetic")
     a.add_argument("--threads", type=int, default=2)
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--fit-metrics", help="a student-fit run's metrics.jsonl, to print its rate "
+                   "over the same steps")
     args = a.parse_args()
     if not args.synthetic and not (args.student and args.shards):
         a.error("give --student and --shards, or --synthetic")
@@ -145,6 +169,8 @@ def main():
     lr = args.lr if args.lr is not None else (1e-4 if args.synthetic else 5e-4)
     if args.steps <= warmup:
         a.error(f"--steps must exceed the {warmup} warm-up steps")
+    # Read before the run, so that a wrong path fails at once.
+    fit = fit_rate(args.fit_metrics, warmup) if args.fit_metrics else None
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.synthetic:
@@ -175,6 +201,13 @@ def main():
         "steps_timed": args.steps - warmup, "positions": positions, "seconds": secs,
         "positions_per_s": positions / secs, "peak_rss_bytes": peak,
     }))
+    if fit:
+        rate, last = fit
+        print(json.dumps({
+            "engine": "student-fit", "metrics": args.fit_metrics,
+            "steps_timed": f"{warmup + 1}-{last}", "positions_per_s": rate,
+            "ratio_to_pytorch": rate / (positions / secs),
+        }))
 
 
 if __name__ == "__main__":
